@@ -1,0 +1,121 @@
+"""Running a backend on a case with its VJP, and comparing results with the oracle.
+
+The reference is the oracle computed in float64 on the same values. Where the oracle computed in
+the call's own compute dtype (SPEC.md: float32 for float16/bfloat16/float32) differs from that
+float64 result beyond tolerance, the answer depends on the compute dtype (``exp`` overflow or
+underflow, a coordinate whose rounding crosses an integer): there the backend may match either.
+Non-finite values must match exactly in kind (NaN, +inf, -inf) one of the two.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+import softsplat
+
+from .strategies import Case
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    rtol: float  # relative to the element's scale (see `compare`)
+    atol: float
+
+
+#: One table for the whole suite, by the dtype of the tensor compared. float16/bfloat16 results
+#: are float32 computations rounded once: two units in the last place of their own format.
+#: float32 allows for target coordinates of magnitude ~40 rounded to float32 (ulp ~4e-6).
+TOLERANCES = {
+    torch.float64: Tolerance(rtol=1e-10, atol=1e-12),
+    torch.float32: Tolerance(rtol=2e-5, atol=1e-6),
+    torch.float16: Tolerance(rtol=2e-3, atol=1e-4),
+    torch.bfloat16: Tolerance(rtol=1.6e-2, atol=1e-3),
+}
+
+
+@dataclasses.dataclass
+class Result:
+    output: torch.Tensor
+    grads: dict[str, torch.Tensor]  # by argument name, for those that required grad and got one
+
+
+def run(backend: str, case: Case, cotangent: torch.Tensor, *, dtype=None) -> Result:
+    """``splat`` and its VJP with ``cotangent`` (in the output's dtype) for the flagged arguments.
+
+    With ``dtype``, every tensor is first converted to that dtype (the float64 reference).
+    """
+    names = ("input", "flow", "metric")
+    leaves = {}
+    for name, tensor, flag in zip(names, case.tensors(), case.requires_grad):
+        if tensor is None:
+            continue
+        # detach() keeps the case's strides (channels_last, strided views) for the backend
+        leaf = tensor.detach().to(dtype) if dtype else tensor.detach()
+        leaves[name] = leaf.requires_grad_(flag)
+    out = softsplat.splat(
+        leaves["input"], leaves["flow"], leaves.get("metric"), mode=case.mode, backend=backend
+    )
+    wanted = [name for name in leaves if leaves[name].requires_grad]
+    grads = {}
+    if wanted and out.requires_grad:  # a gradient that is None (unused) is left out: a bug
+        values = torch.autograd.grad(
+            out, [leaves[n] for n in wanted], cotangent.to(out.dtype), allow_unused=True
+        )
+        grads = {name: grad for name, grad in zip(wanted, values) if grad is not None}
+    return Result(out.detach(), grads)
+
+
+def _same_kind(got: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """Elementwise: both NaN, or both the same infinity, or both finite."""
+    both_nan = got.isnan() & expected.isnan()
+    same_inf = got.isinf() & expected.isinf() & (got.sign() == expected.sign())
+    return both_nan | same_inf | (got.isfinite() & expected.isfinite())
+
+
+def _close(got, expected, scale, tol: Tolerance) -> torch.Tensor:
+    finite = got.isfinite() & expected.isfinite()
+    error = (got - expected).abs()
+    within = error <= tol.atol + tol.rtol * scale
+    return _same_kind(got, expected) & (~finite | within)
+
+
+def compare(
+    what: str,
+    got: torch.Tensor,
+    reference: torch.Tensor,
+    compute_dtype_result: torch.Tensor,
+    scale: torch.Tensor,
+) -> None:
+    """Assert ``got`` is close to the float64 ``reference`` or to the compute-dtype result.
+
+    ``scale`` (float64, broadcastable) is the magnitude an element's error is relative to.
+    A failure names the worst element, its index, both expectations and the fraction off.
+    """
+    assert got.shape == reference.shape, f"{what}: shape {tuple(got.shape)} != {tuple(reference.shape)}"
+    if got.numel() == 0:
+        return
+    tol = TOLERANCES[got.dtype]
+    got64, alt64 = got.double().cpu(), compute_dtype_result.double().cpu()
+    reference, scale = reference.double().cpu(), scale.double().cpu().expand_as(reference)
+    ok = _close(got64, reference, scale, tol) | _close(got64, alt64, scale, tol)
+    if bool(ok.all()):
+        return
+    bound = tol.atol + tol.rtol * scale
+    badness = torch.where(ok, 0.0, ((got64 - reference).abs() / bound).nan_to_num(float("inf")))
+    worst = int(badness.flatten().argmax())
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), got.shape))
+    raise AssertionError(
+        f"{what}: {int((~ok).sum())} of {ok.numel()} elements off "
+        f"({float((~ok).double().mean()):.2%}); worst at {index}: got {got64[index].item()!r}, "
+        f"float64 oracle {reference[index].item()!r}, compute-dtype oracle "
+        f"{alt64[index].item()!r}, allowed error {bound[index].item():.3g} "
+        f"(rtol={tol.rtol}, atol={tol.atol}, dtype={str(got.dtype)[6:]})"
+    )
+
+
+def gradient_scale(reference: torch.Tensor) -> torch.Tensor:
+    """Gradients are compared norm-wise: relative to the largest finite reference magnitude."""
+    finite = reference[reference.isfinite()]
+    return finite.abs().max().double() if finite.numel() else torch.tensor(0.0, dtype=torch.float64)

@@ -1,0 +1,45 @@
+"""Every backend's forward and VJP against the oracle, on Hypothesis-drawn cases."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from .compare import compare, gradient_scale, run
+from .strategies import cases, seeds
+
+
+def check_case(backend, case, generator) -> None:
+    """Forward and every requested gradient of ``backend`` against the oracle (see compare.py)."""
+    out_shape = case.input.shape
+    cotangent = torch.randn(out_shape, generator=generator, dtype=torch.float64)
+    cotangent = cotangent.to(case.input.dtype).double().to(case.input.device)  # same values everywhere
+
+    got = run(backend.name, case, cotangent)
+    same_dtype = run("torch", case, cotangent)
+    reference = run("torch", case, cotangent, dtype=torch.float64)
+
+    # An output element's error is relative to the same splat of |input| (no cancellation).
+    magnitude_case = type(case)(
+        case.input.detach().double().abs(),
+        case.flow.detach().double(),
+        None if case.metric is None else case.metric.detach().double(),
+        case.mode,
+        (False, False, False),
+    )
+    scale = run("torch", magnitude_case, cotangent).output.nan_to_num(posinf=0.0)
+    assert got.output.dtype == case.input.dtype and got.output.device == case.input.device
+    compare("output", got.output, reference.output, same_dtype.output, scale)
+    assert set(got.grads) == set(reference.grads), f"gradients {set(got.grads)} != {set(reference.grads)}"
+    for name, grad in got.grads.items():
+        tensor = dict(zip(("input", "flow", "metric"), case.tensors()))[name]
+        assert grad.dtype == tensor.dtype, f"grad of {name}: dtype {grad.dtype}, expected {tensor.dtype}"
+        expected = reference.grads[name]
+        compare(f"grad of {name}", grad, expected, same_dtype.grads[name], gradient_scale(expected))
+
+
+@given(data=st.data())
+def test_matches_oracle(backend, device, data) -> None:
+    case = data.draw(cases(dtypes=backend.dtypes, device=device), label="case")
+    check_case(backend, case, data.draw(seeds(), label="cotangent seed"))

@@ -1,0 +1,118 @@
+"""The public entry: validate, resolve the mode, pick the backend, call it."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import backends
+from .backends.base import FLOATING, Problem, dtype_names
+from .modes import Mode
+
+#: Environment variable that replaces ``backend="auto"`` by a named backend.
+BACKEND_ENV = "SOFTSPLAT_BACKEND"
+
+
+def splat(
+    input: torch.Tensor,
+    flow: torch.Tensor,
+    metric: torch.Tensor | None = None,
+    *,
+    mode: str | Mode,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Forward-warp ``input`` along ``flow`` (softmax splatting and its relatives).
+
+    Args:
+        input: ``[N, C, H, W]``, float16, bfloat16, float32 or float64, any strides.
+        flow: ``[N, 2, H, W]``, floating, same device; channel 0 moves pixels along x (columns),
+            channel 1 along y (rows), in pixels.
+        metric: ``[N, 1, H, W]``, floating, same device; the importance of each source pixel.
+            Required for ``linear`` and ``soft``, must be ``None`` for ``sum`` and ``avg``.
+        mode: ``"sum"``, ``"avg"``, ``"linear"`` or ``"soft"``, the last three optionally with
+            ``"-addeps"`` (the default), ``"-zeroeps"`` or ``"-clipeps"``; or a ``softsplat.Mode``.
+        backend: ``"auto"`` or a name from ``softsplat.backends.names()``. With ``"auto"``, the
+            environment variable ``SOFTSPLAT_BACKEND``, when set, names the backend instead.
+
+    Returns:
+        ``[N, C, H, W]`` in ``input``'s dtype and device. Every source pixel adds its value,
+        weighted bilinearly, to the four target pixels around ``(x + flow_x, y + flow_y)``;
+        ``sum`` returns those sums, the other modes divide the sums of ``input * w`` by the sums
+        of ``w``, with ``w`` = 1 (``avg``), ``metric`` (``linear``) or ``exp(metric)``
+        (``soft``). Differentiable with respect to ``input``, ``flow`` and ``metric``.
+
+    Raises:
+        TypeError, ValueError: a bad argument; the message names it, what was expected and what
+            was given.
+        softsplat.BackendNotSupportedError (a ValueError): the named backend, or with ``auto``
+            every backend, cannot compute this call; the message lists the reasons.
+        RuntimeError: a non-deterministic backend was named under
+            ``torch.use_deterministic_algorithms(True)``.
+    """
+    problem = validate(input, flow, metric, mode)
+    if not isinstance(backend, str):
+        raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
+    argument = "backend"
+    if backend == "auto" and os.environ.get(BACKEND_ENV, "").strip():
+        backend, argument = os.environ[BACKEND_ENV].strip(), BACKEND_ENV
+    return backends.select(problem, backend, argument).run(problem)
+
+
+def softsplat(
+    tenIn: torch.Tensor, tenFlow: torch.Tensor, tenMetric: torch.Tensor | None, strMode: str
+) -> torch.Tensor:
+    """Drop-in for the reference implementation's ``softsplat(tenIn, tenFlow, tenMetric, strMode)``."""
+    return splat(tenIn, tenFlow, tenMetric, mode=strMode)
+
+
+def validate(input, flow, metric, mode) -> Problem:
+    """Check every argument against SPEC.md; the only place where arguments are checked."""
+    mode = Mode.parse(mode)
+    _check_tensor("input", input)
+    N, C, H, W = _check_shape("input", input, "[N, C, H, W]", None)
+    _check_tensor("flow", flow)
+    _check_shape("flow", flow, "[N, 2, H, W]", (N, 2, H, W))
+    _check_device("flow", flow, input)
+    if mode.needs_metric:
+        if metric is None:
+            raise ValueError(f"metric: mode {mode.value!r} needs a metric [N, 1, H, W], got None")
+        _check_tensor("metric", metric)
+        _check_shape("metric", metric, "[N, 1, H, W]", (N, 1, H, W))
+        _check_device("metric", metric, input)
+    elif metric is not None:
+        raise ValueError(
+            f"metric: mode {mode.value!r} takes no metric (expected None), got "
+            f"{type(metric).__name__}"
+            + (f" of shape {tuple(metric.shape)}" if isinstance(metric, torch.Tensor) else "")
+        )
+    return Problem(input, flow, metric, mode)
+
+
+def _check_tensor(name, value) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in FLOATING:
+        raise TypeError(
+            f"{name}: expected a floating tensor ({dtype_names(FLOATING)}), "
+            f"got {dtype_names([value.dtype])}"
+        )
+
+
+def _check_shape(name, value, layout, expected) -> tuple[int, ...]:
+    if value.dim() != 4:
+        raise ValueError(
+            f"{name}: expected a 4-D tensor {layout}, got {value.dim()}-D of shape {tuple(value.shape)}"
+        )
+    if expected is not None and tuple(value.shape) != expected:
+        raise ValueError(
+            f"{name}: expected shape {layout} = {expected} to match input, got {tuple(value.shape)}"
+        )
+    return tuple(value.shape)
+
+
+def _check_device(name, value, input) -> None:
+    if value.device != input.device:
+        raise ValueError(
+            f"{name}: expected a tensor on {input.device} (the device of input), got {value.device}"
+        )

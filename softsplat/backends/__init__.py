@@ -1,0 +1,107 @@
+"""The backend registry and dispatch.
+
+``auto`` walks ``PRIORITY`` and takes the first backend with no reason against the call; a
+backend named by the caller (or by ``SOFTSPLAT_BACKEND``) runs or raises, it never falls back.
+Under ``torch.use_deterministic_algorithms(True)`` a backend that is not deterministic on the
+tensors' device is passed over by ``auto`` and refused with a ``RuntimeError`` when named.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from .base import Backend, Problem
+
+#: Every backend, by name: ``module:class`` (imported on first use, never compiling) or an
+#: instance given to ``register``.
+_REGISTRY: dict[str, str | Backend] = {
+    "torch": "oracle:TorchBackend",
+}
+
+#: The order in which ``auto`` tries backends (the fused kernels first, the oracle last).
+PRIORITY = ("torch",)
+
+
+class BackendNotSupportedError(ValueError):
+    """No backend (or not the named one) can compute this call; the message says why."""
+
+
+def names() -> tuple[str, ...]:
+    """Every registered backend name."""
+    return tuple(_REGISTRY)
+
+
+def get(name: str, argument: str = "backend") -> Backend:
+    """The backend called ``name``; ``ValueError`` naming the known ones otherwise."""
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"{argument}: expected 'auto' or one of {', '.join(map(repr, _REGISTRY))}, got {name!r}"
+        )
+    return _instance(name)
+
+
+def _instance(name: str) -> Backend:
+    entry = _REGISTRY[name]
+    if isinstance(entry, str):
+        module, cls = entry.split(":")
+        entry = _REGISTRY[name] = getattr(importlib.import_module(f".{module}", __name__), cls)()
+    return entry
+
+
+def register(backend: Backend) -> None:
+    """Add (or replace) a backend under ``backend.name``; it is not added to ``PRIORITY``."""
+    _REGISTRY[backend.name] = backend
+
+
+def unregister(name: str) -> None:
+    _REGISTRY.pop(name)
+
+
+def all_backends() -> list[Backend]:
+    return [get(name) for name in _REGISTRY]
+
+
+def _determinism_reason(backend: Backend, problem: Problem) -> str | None:
+    if torch.are_deterministic_algorithms_enabled() and not backend.is_deterministic(
+        problem.device_type
+    ):
+        return (
+            f"backend {backend.name!r} is not deterministic on {problem.device_type}, and "
+            "torch.use_deterministic_algorithms(True) is set"
+        )
+    return None
+
+
+def select(problem: Problem, name: str, argument: str = "backend") -> Backend:
+    """The backend that computes ``problem``: ``name``, or the first fit of ``PRIORITY``.
+
+    ``argument`` is what the user set (``backend`` or the environment variable), for messages.
+    """
+    if name != "auto":
+        backend = get(name, argument)
+        reasons = backend.not_supported_reasons(problem)
+        if reasons:
+            raise BackendNotSupportedError(
+                f"{argument}: {name!r} cannot compute this call: {'; '.join(reasons)}"
+            )
+        nondeterministic = _determinism_reason(backend, problem)
+        if nondeterministic:
+            raise RuntimeError(
+                f"{nondeterministic}. Choose a deterministic backend (softsplat info lists "
+                "them) or backend='auto'."
+            )
+        return backend
+    every_reason = []
+    for candidate in PRIORITY:
+        backend = get(candidate)
+        reasons = backend.not_supported_reasons(problem)
+        nondeterministic = _determinism_reason(backend, problem)
+        reasons += [nondeterministic] if nondeterministic else []
+        if not reasons:
+            return backend
+        every_reason.append(f"{candidate}: {'; '.join(reasons)}")
+    raise BackendNotSupportedError(
+        f"{argument}: no backend can compute this call ('auto'):\n  " + "\n  ".join(every_reason)
+    )

@@ -1,0 +1,85 @@
+"""Backend ``torch``: the oracle. Pure, differentiable torch, written to be read, not to be fast.
+
+This module is the executable form of SPEC.md; every other backend is tested against it, and its
+gradients are whatever autograd makes of it. Where it and SPEC.md disagree, fix one of them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..modes import EPS, Mode
+from .base import Backend, Problem
+
+
+def splat_sum(values: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+    """Summation splatting ``S(values)``: ``values [N, K, H, W]``, ``flow [N, 2, H, W]``, one dtype.
+
+    Every source pixel ``(n, y, x)`` lands at ``(x + flow[n, 0], y + flow[n, 1])`` and adds
+    ``tap weight * values[n, :, y, x]`` to each of the four pixels around it that is in bounds.
+    """
+    N, K, H, W = values.shape
+    xs = torch.arange(W, dtype=values.dtype, device=values.device).view(1, 1, W)
+    ys = torch.arange(H, dtype=values.dtype, device=values.device).view(1, H, 1)
+    fx = xs + flow[:, 0]  # [N, H, W]
+    fy = ys + flow[:, 1]
+    x0, y0 = torch.floor(fx), torch.floor(fy)
+    # Checked in floating point, before any conversion to integers: non-finite and far
+    # out-of-bounds pixels contribute nothing.
+    lands = fx.isfinite() & fy.isfinite() & (x0 >= -1) & (x0 <= W - 1) & (y0 >= -1) & (y0 <= H - 1)
+    # Pixels that do not land get coordinate 0, so their (discarded) taps stay finite and pass
+    # no NaN into the flow gradient; `where` gives them a zero gradient.
+    fx, fy = torch.where(lands, fx, 0), torch.where(lands, fy, 0)
+    x0, y0 = torch.where(lands, x0, 0), torch.where(lands, y0, 0)
+    x1, y1 = x0 + 1, y0 + 1
+    # Tap order: north-west, north-east, south-west, south-east. floor() has zero derivative,
+    # so at integer coordinates the gradient is that of the cell floor() selects.
+    taps = (
+        (x0, y0, (x1 - fx) * (y1 - fy)),
+        (x1, y0, (fx - x0) * (y1 - fy)),
+        (x0, y1, (x1 - fx) * (fy - y0)),
+        (x1, y1, (fx - x0) * (fy - y0)),
+    )
+    batch = torch.arange(N, device=values.device).view(N, 1, 1).expand(N, H, W)
+    per_pixel = values.permute(0, 2, 3, 1)  # [N, H, W, K]
+    out = values.new_zeros(N * H * W, K)
+    for tx, ty, weight in taps:
+        keep = lands & (tx >= 0) & (tx <= W - 1) & (ty >= 0) & (ty <= H - 1)
+        target = (batch[keep] * H + ty[keep].long()) * W + tx[keep].long()
+        out.index_add_(0, target, weight[keep].unsqueeze(1) * per_pixel[keep])
+    return out.view(N, H, W, K).permute(0, 3, 1, 2)
+
+
+def safe_normaliser(normaliser: torch.Tensor, mode: Mode) -> torch.Tensor:
+    """``D'`` of SPEC.md: the normaliser made safe to divide by, as ``mode`` says."""
+    if mode.normalisation == "addeps":
+        return normaliser + EPS
+    if mode.normalisation == "zeroeps":
+        return torch.where(normaliser == 0, torch.ones_like(normaliser), normaliser)
+    return normaliser.clamp_min(EPS)
+
+
+def splat(input, flow, metric, mode: Mode) -> torch.Tensor:
+    """SPEC.md's ``splat``, computed in the compute dtype and returned in ``input``'s dtype."""
+    dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    values, flow = input.to(dtype), flow.to(dtype)
+    if mode.kind == "sum":
+        return splat_sum(values, flow).to(input.dtype)
+    if mode.kind == "avg":
+        weight = torch.ones_like(values[:, :1])
+    elif mode.kind == "linear":
+        weight = metric.to(dtype)
+    else:
+        weight = torch.exp(metric.to(dtype))  # no max subtracted: exactly the reference
+    splatted = splat_sum(torch.cat([values * weight, weight], 1), flow)
+    numerator, normaliser = splatted[:, :-1], splatted[:, -1:]
+    return (numerator / safe_normaliser(normaliser, mode)).to(input.dtype)
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    summary = "pure-torch oracle (index_add_ of four taps), readable, autograd gradients"
+    deterministic_on = ("cpu", "cuda")  # index_add_ is deterministic in deterministic mode
+
+    def run(self, problem: Problem) -> torch.Tensor:
+        return splat(problem.input, problem.flow, problem.metric, problem.mode)

@@ -1,0 +1,38 @@
+"""The command line: ``softsplat info``. Imports only the API and the registry."""
+
+from __future__ import annotations
+
+import argparse
+
+from . import backends
+from .backends.base import dtype_names
+
+
+def info(args: argparse.Namespace) -> int:
+    """Print every backend: availability, devices, dtypes, determinism and reason."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="softsplat backends (auto tries: " + " > ".join(backends.PRIORITY) + ")")
+    for column in ("backend", "available", "devices", "dtypes", "deterministic on", "reason"):
+        table.add_column(column)
+    for backend in backends.all_backends():
+        available = backend.is_available()
+        table.add_row(
+            backend.name,
+            "[green]yes[/]" if available else "[red]no[/]",
+            "/".join(backend.devices()),
+            dtype_names(backend.dtypes),
+            "/".join(backend.deterministic_on) or "-",
+            backend.summary if available else backend.unavailable_reason,
+        )
+    Console(width=max(Console().width, 140)).print(table)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="softsplat", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("info", help=info.__doc__).set_defaults(func=info)
+    args = parser.parse_args(argv)
+    return args.func(args)

@@ -1,0 +1,248 @@
+"""The public API: argument checking, modes, and backend dispatch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import softsplat
+from softsplat import BackendNotSupportedError, Mode, backends
+from softsplat.backends import oracle
+
+
+def _tensors(N=1, C=2, H=3, W=4, dtype=torch.float32):
+    return torch.randn(N, C, H, W, dtype=dtype), torch.randn(N, 2, H, W, dtype=dtype), torch.randn(N, 1, H, W, dtype=dtype)
+
+
+# --- one test per class of bad input (SPEC.md, "Edge cases") -------------------------------
+
+@pytest.mark.parametrize(
+    "argument, bad, expected",
+    [
+        ("input", torch.randn(2, 3, 4), "4-D"),
+        ("flow", torch.randn(1, 2, 3, 4, 1), "4-D"),
+        ("metric", torch.randn(1, 3, 4), "4-D"),
+    ],
+)
+def test_wrong_rank(argument, bad, expected) -> None:
+    input, flow, metric = _tensors()
+    arguments = {"input": input, "flow": flow, "metric": metric, argument: bad}
+    with pytest.raises(ValueError, match=rf"^{argument}: expected a {expected}.*got 3-D|^{argument}: expected a {expected}.*got 5-D"):
+        softsplat.splat(arguments["input"], arguments["flow"], arguments["metric"], mode="soft")
+
+
+@pytest.mark.parametrize(
+    "argument, shape",
+    [("flow", (1, 3, 3, 4)), ("flow", (2, 2, 3, 4)), ("flow", (1, 2, 4, 3)), ("metric", (1, 2, 3, 4)), ("metric", (1, 1, 3, 5))],
+)
+def test_wrong_shape(argument, shape) -> None:
+    input, flow, metric = _tensors()
+    arguments = {"input": input, "flow": flow, "metric": metric, argument: torch.randn(shape)}
+    with pytest.raises(ValueError, match=rf"^{argument}: expected shape .* got \({', '.join(map(str, shape))}\)"):
+        softsplat.splat(arguments["input"], arguments["flow"], arguments["metric"], mode="linear")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a device mix needs a second device type (no CUDA here); the meta-device case below covers the check")
+def test_device_mix_cuda() -> None:
+    input, flow, _ = _tensors()
+    with pytest.raises(ValueError, match=r"^flow: expected a tensor on cpu \(the device of input\), got cuda"):
+        softsplat.splat(input, flow.cuda(), mode="sum")
+
+
+@pytest.mark.parametrize("argument", ["flow", "metric"])
+def test_device_mix(argument) -> None:
+    input, flow, metric = _tensors()
+    arguments = {"input": input, "flow": flow, "metric": metric}
+    arguments[argument] = arguments[argument].to("meta")
+    with pytest.raises(ValueError, match=rf"^{argument}: expected a tensor on cpu \(the device of input\), got meta"):
+        softsplat.splat(arguments["input"], arguments["flow"], arguments["metric"], mode="soft")
+
+
+@pytest.mark.parametrize("argument", ["input", "flow", "metric"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.bool, torch.complex64])
+def test_non_floating_dtype(argument, dtype) -> None:
+    input, flow, metric = _tensors()
+    arguments = {"input": input, "flow": flow, "metric": metric}
+    arguments[argument] = arguments[argument].to(dtype)
+    with pytest.raises(TypeError, match=rf"^{argument}: expected a floating tensor .* got {str(dtype)[6:]}"):
+        softsplat.splat(arguments["input"], arguments["flow"], arguments["metric"], mode="soft")
+
+
+@pytest.mark.parametrize("argument", ["input", "flow", "metric"])
+def test_not_a_tensor(argument) -> None:
+    input, flow, metric = _tensors()
+    arguments = {"input": input, "flow": flow, "metric": metric, argument: [[1.0]]}
+    with pytest.raises(TypeError, match=rf"^{argument}: expected a torch.Tensor, got list"):
+        softsplat.splat(arguments["input"], arguments["flow"], arguments["metric"], mode="soft")
+
+
+@pytest.mark.parametrize("mode", ["linear", "soft", "soft-zeroeps", "softmax"])
+def test_metric_missing(mode) -> None:
+    input, flow, _ = _tensors()
+    with pytest.raises(ValueError, match=r"^metric: mode '\w+-\w+' needs a metric \[N, 1, H, W\], got None"):
+        softsplat.splat(input, flow, mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["sum", "avg", "avg-clipeps", "summation", "average"])
+def test_metric_superfluous(mode) -> None:
+    input, flow, metric = _tensors()
+    with pytest.raises(ValueError, match=r"^metric: mode '[\w-]+' takes no metric \(expected None\), got Tensor of shape \(1, 1, 3, 4\)"):
+        softsplat.splat(input, flow, metric, mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["max", "soft-fooeps", "sum-addeps", "", "soft-", "-addeps"])
+def test_unknown_mode(mode) -> None:
+    input, flow, metric = _tensors()
+    with pytest.raises(ValueError, match=rf"^mode: .*got {mode!r}"):
+        softsplat.splat(input, flow, metric, mode=mode)
+
+
+def test_mode_of_wrong_type() -> None:
+    input, flow, _ = _tensors()
+    with pytest.raises(TypeError, match=r"^mode: expected a str or softsplat.Mode, got int"):
+        softsplat.splat(input, flow, mode=3)
+
+
+def test_unknown_backend() -> None:
+    input, flow, _ = _tensors()
+    with pytest.raises(ValueError, match=r"^backend: expected 'auto' or one of 'torch'.*got 'fast'"):
+        softsplat.splat(input, flow, mode="sum", backend="fast")
+    with pytest.raises(TypeError, match=r"^backend: expected a str, got NoneType"):
+        softsplat.splat(input, flow, mode="sum", backend=None)
+
+
+def test_unknown_backend_from_environment(monkeypatch) -> None:
+    input, flow, _ = _tensors()
+    monkeypatch.setenv("SOFTSPLAT_BACKEND", "fast")
+    with pytest.raises(ValueError, match=r"^SOFTSPLAT_BACKEND: expected 'auto' or one of .*got 'fast'"):
+        softsplat.splat(input, flow, mode="sum")
+
+
+class _Unavailable(oracle.TorchBackend):
+    name = "test-unavailable"
+
+    def _unavailable_reason(self):
+        return "needs the moon"
+
+
+class _GpuOnly(oracle.TorchBackend):
+    name = "test-gpu-only"
+    deterministic_on = ()
+
+    def devices(self):
+        return ("cuda",)
+
+
+@pytest.fixture
+def extra_backends():
+    for backend in (_Unavailable(), _GpuOnly()):
+        backends.register(backend)
+    yield
+    for name in ("test-unavailable", "test-gpu-only"):
+        backends.unregister(name)
+
+
+def test_backend_unavailable(extra_backends) -> None:
+    input, flow, _ = _tensors()
+    with pytest.raises(BackendNotSupportedError, match=r"^backend: 'test-unavailable' cannot compute this call: needs the moon"):
+        softsplat.splat(input, flow, mode="sum", backend="test-unavailable")
+    with pytest.raises(BackendNotSupportedError, match=r"^backend: 'test-gpu-only' cannot compute this call: runs on cuda, the tensors are on cpu"):
+        softsplat.splat(input, flow, mode="sum", backend="test-gpu-only")
+    assert issubclass(BackendNotSupportedError, ValueError)
+
+
+def test_auto_error_lists_every_backends_reasons(extra_backends, monkeypatch) -> None:
+    monkeypatch.setattr(backends, "PRIORITY", ("test-unavailable", "test-gpu-only"))
+    input, flow, _ = _tensors()
+    with pytest.raises(BackendNotSupportedError) as error:
+        softsplat.splat(input, flow, mode="sum")
+    message = str(error.value)
+    assert "test-unavailable: needs the moon" in message
+    assert "test-gpu-only: runs on cuda, the tensors are on cpu" in message
+
+
+def test_named_backend_never_falls_back(extra_backends, monkeypatch) -> None:
+    monkeypatch.setenv("SOFTSPLAT_BACKEND", "test-unavailable")
+    input, flow, _ = _tensors()
+    with pytest.raises(BackendNotSupportedError, match="^SOFTSPLAT_BACKEND: 'test-unavailable' cannot"):
+        softsplat.splat(input, flow, mode="sum")
+
+
+def test_environment_overrides_auto_only(monkeypatch) -> None:
+    calls = []
+    monkeypatch.setattr(oracle.TorchBackend, "run", lambda self, problem: calls.append(self.name) or problem.input)
+    monkeypatch.setenv("SOFTSPLAT_BACKEND", "torch")
+    input, flow, _ = _tensors()
+    softsplat.splat(input, flow, mode="sum")
+    assert calls == ["torch"]
+
+
+def test_deterministic_mode(extra_backends, monkeypatch) -> None:
+    """auto passes over a non-deterministic backend; naming one raises RuntimeError."""
+    monkeypatch.setattr(_GpuOnly, "devices", lambda self: ("cpu",))
+    monkeypatch.setattr(backends, "PRIORITY", ("test-gpu-only", "torch"))
+    input, flow, _ = _tensors()
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert backends.select(softsplat.api.validate(input, flow, None, "sum"), "auto").name == "torch"
+        with pytest.raises(RuntimeError, match="backend 'test-gpu-only' is not deterministic on cpu"):
+            softsplat.splat(input, flow, mode="sum", backend="test-gpu-only")
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    problem = softsplat.api.validate(input, flow, None, "sum")
+    assert backends.select(problem, "auto").name == "test-gpu-only"
+
+
+# --- modes ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "text, mode",
+    [
+        ("sum", Mode.SUM), ("summation", Mode.SUM), ("avg", Mode.AVG), ("average", Mode.AVG),
+        ("avg-zeroeps", Mode.AVG_ZEROEPS), ("linear", Mode.LINEAR), ("linear-clipeps", Mode.LINEAR_CLIPEPS),
+        ("soft", Mode.SOFT), ("softmax", Mode.SOFT), ("softmax-zeroeps", Mode.SOFT_ZEROEPS),
+        ("soft-addeps", Mode.SOFT), (Mode.SOFT_CLIPEPS, Mode.SOFT_CLIPEPS),
+    ],
+)
+def test_mode_parsing(text, mode) -> None:
+    assert Mode.parse(text) is mode
+
+
+def test_mode_properties() -> None:
+    assert Mode.SOFT_ZEROEPS.kind == "soft" and Mode.SOFT_ZEROEPS.normalisation == "zeroeps"
+    assert Mode.SUM.normalisation is None and not Mode.SUM.needs_metric and Mode.LINEAR.needs_metric
+    assert Mode.SOFT == "soft-addeps" and str(Mode.AVG) == "avg-addeps"
+    assert [m.kind_code for m in (Mode.SUM, Mode.AVG, Mode.LINEAR, Mode.SOFT)] == [0, 1, 2, 3]
+    assert [m.normalisation_code for m in (Mode.AVG, Mode.AVG_ZEROEPS, Mode.AVG_CLIPEPS)] == [0, 1, 2]
+
+
+# --- results -------------------------------------------------------------------------------
+
+def test_drop_in_matches_splat() -> None:
+    input, flow, metric = _tensors()
+    torch.testing.assert_close(softsplat.softsplat(input, flow, metric, "soft"), softsplat.splat(input, flow, metric, mode="soft"))
+    torch.testing.assert_close(softsplat.softsplat(input, flow, None, "avg"), softsplat.splat(input, flow, mode="avg"))
+
+
+@pytest.mark.parametrize("shape", [(0, 2, 3, 4), (1, 0, 3, 4), (1, 2, 0, 4), (1, 2, 3, 0)])
+@pytest.mark.parametrize("mode", ["sum", "avg", "soft"])
+def test_zero_size_gives_empty_result(shape, mode) -> None:
+    input, flow, metric = _tensors(*shape)
+    out = softsplat.splat(input, flow, metric if mode == "soft" else None, mode=mode)
+    assert out.shape == shape and out.dtype == input.dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_result_dtype_and_device(dtype) -> None:
+    input, flow, metric = _tensors(dtype=dtype)
+    out = softsplat.splat(input, flow.float(), metric.double(), mode="soft")
+    assert out.dtype == dtype and out.device == input.device
+
+
+def test_avg_variants_all_average() -> None:
+    """Unlike the reference, avg-zeroeps/avg-clipeps keep every channel and average."""
+    input, flow, _ = _tensors()
+    zero_flow = torch.zeros_like(flow)
+    for mode in ("avg-zeroeps", "avg-clipeps"):
+        torch.testing.assert_close(softsplat.splat(input, zero_flow, mode=mode), input)
