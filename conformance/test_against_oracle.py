@@ -6,6 +6,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import softsplat
+
 from .compare import compare, gradient_scale, run
 from .strategies import cases, seeds
 
@@ -30,13 +32,16 @@ def check_case(backend, case, generator) -> None:
     )
     scale = run("torch", magnitude_case, cotangent).output.nan_to_num(posinf=0.0)
     assert got.output.dtype == case.input.dtype and got.output.device == case.input.device
-    compare("output", got.output, reference.output, same_dtype.output, scale)
+    compute_dtype = softsplat.modes.compute_dtype(case.input.dtype)
+    compare("output", got.output, reference.output, same_dtype.output, scale, compute_dtype)
     assert set(got.grads) == set(reference.grads), f"gradients {set(got.grads)} != {set(reference.grads)}"
     for name, grad in got.grads.items():
         tensor = dict(zip(("input", "flow", "metric"), case.tensors()))[name]
         assert grad.dtype == tensor.dtype, f"grad of {name}: dtype {grad.dtype}, expected {tensor.dtype}"
         expected = reference.grads[name]
-        compare(f"grad of {name}", grad, expected, same_dtype.grads[name], gradient_scale(expected))
+        compare(
+            f"grad of {name}", grad, expected, same_dtype.grads[name], gradient_scale(expected), compute_dtype
+        )
 
 
 @given(data=st.data())

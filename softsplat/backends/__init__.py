@@ -18,10 +18,11 @@ from .base import Backend, Problem
 #: instance given to ``register``.
 _REGISTRY: dict[str, str | Backend] = {
     "torch": "oracle:TorchBackend",
+    "cpp": "cpp:CppBackend",
 }
 
 #: The order in which ``auto`` tries backends (the fused kernels first, the oracle last).
-PRIORITY = ("torch",)
+PRIORITY = ("cpp", "torch")
 
 
 class BackendNotSupportedError(ValueError):

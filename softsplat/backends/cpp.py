@@ -1,0 +1,52 @@
+"""Backend ``cpp``: fused C++ kernels (CPU; CUDA where torch has CUDA and a toolkit), built with
+``torch.utils.cpp_extension`` on first use and registered as ``torch.ops.softsplat`` ops.
+
+CPU: bitwise reproducible run to run (see ``csrc/splat_cpu.cpp``). CUDA: atomics in the forward,
+so not deterministic; the backward is a gather and is.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .base import Backend, Problem
+from .extension import OpLibrary, compiler_reason
+
+
+def _cuda_reason() -> str | None:
+    """Why the CUDA kernels are not built into the library here, or None."""
+    if not torch.cuda.is_available():
+        return "torch has no CUDA device"
+    from torch.utils import cpp_extension
+
+    if cpp_extension.CUDA_HOME is None:
+        return "no CUDA toolkit (CUDA_HOME) to build the CUDA kernels"
+    return None
+
+
+@functools.cache
+def library() -> OpLibrary:
+    sources = ["splat_cpu.cpp"] + ([] if _cuda_reason() else ["splat_cuda.cu"])
+    return OpLibrary("softsplat", sources, cuda_cflags=["-O3", "-std=c++17"])
+
+
+class CppBackend(Backend):
+    name = "cpp"
+    deterministic_on = ("cpu",)
+
+    @property
+    def summary(self) -> str:
+        cuda = _cuda_reason()
+        built = "built" if library().is_built() else "builds on first use"
+        return f"fused C++ kernels ({built}); CUDA kernels: " + (f"not built, {cuda}" if cuda else "built")
+
+    def devices(self) -> tuple[str, ...]:
+        return ("cpu",) if _cuda_reason() else ("cpu", "cuda")
+
+    def _unavailable_reason(self) -> str | None:
+        return compiler_reason()
+
+    def run(self, problem: Problem) -> torch.Tensor:
+        return library().forward(problem)

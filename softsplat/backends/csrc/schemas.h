@@ -1,0 +1,15 @@
+// The op schemas, shared by the cpp backend's library (namespace softsplat) and the test-only
+// library that runs the CUDA kernels on the host (namespace softsplat_cuda_host).
+//
+// splat_forward returns the result in the compute dtype (float32, or float64 for float64 input;
+// the Python wrapper casts it to input's dtype) and the raw normaliser D [N, 1, H, W]
+// (an empty tensor for sum). splat_backward returns the gradients of input, flow and metric,
+// an empty tensor for each one output_mask does not ask for.
+#pragma once
+
+#define SOFTSPLAT_DEFINE_OPS(m)                                                                  \
+  m.def("splat_forward(Tensor input, Tensor flow, Tensor? metric, int kind, int normalisation) " \
+        "-> (Tensor, Tensor)");                                                                  \
+  m.def("splat_backward(Tensor grad_out, Tensor? grad_normaliser, Tensor input, Tensor flow, "   \
+        "Tensor? metric, Tensor out, Tensor normaliser, int kind, int normalisation, "           \
+        "bool[3] output_mask) -> (Tensor, Tensor, Tensor)")

@@ -1,0 +1,360 @@
+// The cpp backend's CPU kernels and the `softsplat` op library.
+//
+// Forward: source rows are cut into bands of a fixed height. Each band splats into a private
+// buffer covering only the target rows its pixels reach (pixel-major, the C weighted channels
+// then the normaliser), so no two threads write the same memory; a second pass sums, for every
+// target row, the buffers that cover it in band order, divides and writes NCHW. The band layout
+// depends only on the data, never on the thread count: results are bitwise reproducible.
+// Backward: a pass over target pixels prepares gN = grad / D' and gD, then every source pixel
+// gathers from its four taps and writes only its own gradients: no atomics, no races.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "schemas.h"
+#include "taps.h"
+
+namespace softsplat {
+namespace {
+
+constexpr int64_t kBandRows = 64;
+// Private buffers may cover at most this many times the image's rows; beyond, neighbouring
+// bands are merged (fewer, taller bands), a decision that depends on the data alone.
+constexpr int64_t kBufferRowsPerImageRow = 3;
+
+struct View4 {  // element strides of an [N, C, H, W] tensor
+  int64_t n, c, y, x;
+  explicit View4(const at::Tensor& t) : n(t.stride(0)), c(t.stride(1)), y(t.stride(2)), x(t.stride(3)) {}
+  View4() : n(0), c(0), y(0), x(0) {}
+  int64_t at(int64_t in, int64_t ic, int64_t iy, int64_t ix) const { return in * n + ic * c + iy * y + ix * x; }
+};
+
+struct Band {
+  int64_t n, y_begin, y_end;  // source rows [y_begin, y_end) of image n
+  int64_t lo, hi;             // target rows lo..hi its taps reach (lo > hi: none)
+  int64_t offset;             // of its buffer in the scratch, in elements
+};
+
+template <typename acc_t>
+struct Sources {
+  const acc_t* flow;
+  View4 flow_view;
+  const acc_t* metric;  // null for sum and avg
+  View4 metric_view;
+  int64_t H, W;
+  int kind;
+
+  bool taps(int64_t n, int64_t y, int64_t x, Taps<acc_t, int64_t>& t) const {
+    return make_taps<acc_t, int64_t>(x, y, flow[flow_view.at(n, 0, y, x)],
+                                     flow[flow_view.at(n, 1, y, x)], H, W, t);
+  }
+  acc_t weight(int64_t n, int64_t y, int64_t x) const {
+    return pixel_weight<acc_t>(kind, metric ? metric[metric_view.at(n, 0, y, x)] : acc_t(0));
+  }
+};
+
+template <typename acc_t>
+void find_reach(const Sources<acc_t>& src, Band& band) {
+  band.lo = src.H;
+  band.hi = -1;
+  Taps<acc_t, int64_t> t;
+  for (int64_t y = band.y_begin; y < band.y_end; ++y) {
+    for (int64_t x = 0; x < src.W; ++x) {
+      if (!src.taps(band.n, y, x, t)) continue;
+      if (t.keep[0] || t.keep[1]) band.lo = std::min(band.lo, t.y0), band.hi = std::max(band.hi, t.y0);
+      if (t.keep[2] || t.keep[3]) band.lo = std::min(band.lo, t.y0 + 1), band.hi = std::max(band.hi, t.y0 + 1);
+    }
+  }
+}
+
+int64_t rows_of(const Band& b) { return b.hi >= b.lo ? b.hi - b.lo + 1 : 0; }
+
+template <typename acc_t>
+std::vector<Band> plan_bands(const Sources<acc_t>& src, int64_t N) {
+  std::vector<Band> bands;
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t y = 0; y < src.H; y += kBandRows)
+      bands.push_back({n, y, std::min(src.H, y + kBandRows), 0, -1, 0});
+  at::parallel_for(0, static_cast<int64_t>(bands.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) find_reach(src, bands[i]);
+  });
+  auto total = [&] {
+    int64_t rows = 0;
+    for (const auto& b : bands) rows += rows_of(b);
+    return rows;
+  };
+  while (total() > kBufferRowsPerImageRow * N * src.H) {
+    std::vector<Band> merged;
+    for (size_t i = 0; i < bands.size(); ++i) {
+      Band b = bands[i];
+      if (i + 1 < bands.size() && bands[i + 1].n == b.n) {
+        const Band& next = bands[++i];
+        b.y_end = next.y_end;
+        if (rows_of(next)) b.lo = std::min(b.lo, next.lo), b.hi = std::max(b.hi, next.hi);
+      }
+      merged.push_back(b);
+    }
+    if (merged.size() == bands.size()) break;  // one band per image: nothing left to merge
+    bands.swap(merged);
+  }
+  return bands;
+}
+
+template <typename scalar_t, typename acc_t>
+void forward_kernel(const at::Tensor& input, const Sources<acc_t>& src, int normalisation,
+                    at::Tensor& out, at::Tensor& normaliser) {
+  const int64_t N = input.size(0), C = input.size(1), H = src.H, W = src.W;
+  const bool normalised = src.kind != SUM;
+  const int64_t K = C + (normalised ? 1 : 0);  // channels of a buffer pixel
+  const scalar_t* in = input.data_ptr<scalar_t>();
+  const View4 in_view(input);
+
+  std::vector<Band> bands = plan_bands(src, N);
+  int64_t size = 0;
+  for (auto& b : bands) b.offset = size, size += rows_of(b) * W * K;
+  std::vector<acc_t> scratch(static_cast<size_t>(size));
+
+  at::parallel_for(0, static_cast<int64_t>(bands.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> values(static_cast<size_t>(K));
+    Taps<acc_t, int64_t> t;
+    for (int64_t i = begin; i < end; ++i) {
+      const Band& band = bands[i];
+      acc_t* buffer = scratch.data() + band.offset;  // this band's alone
+      if (!rows_of(band)) continue;
+      for (int64_t y = band.y_begin; y < band.y_end; ++y) {
+        for (int64_t x = 0; x < W; ++x) {
+          if (!src.taps(band.n, y, x, t)) continue;
+          const acc_t w = src.weight(band.n, y, x);
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t v = static_cast<acc_t>(in[in_view.at(band.n, c, y, x)]);
+            values[c] = normalised ? v * w : v;
+          }
+          if (normalised) values[C] = w;
+          for (int k = 0; k < 4; ++k) {
+            if (!t.keep[k]) continue;
+            acc_t* target = buffer + ((tap_y(t, k) - band.lo) * W + tap_x(t, k)) * K;
+            const acc_t b = t.weight[k];
+            for (int64_t c = 0; c < K; ++c) target[c] += b * values[c];
+          }
+        }
+      }
+    }
+  });
+
+  // Image n's bands are contiguous in `bands`, in source-row order.
+  std::vector<int64_t> first(N + 1, static_cast<int64_t>(bands.size()));
+  for (int64_t i = static_cast<int64_t>(bands.size()) - 1; i >= 0; --i) first[bands[i].n] = i;
+  for (int64_t n = N - 1; n >= 0; --n) first[n] = std::min(first[n], first[n + 1]);
+
+  acc_t* out_data = out.data_ptr<acc_t>();
+  acc_t* norm_data = normalised ? normaliser.data_ptr<acc_t>() : nullptr;
+  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> row(static_cast<size_t>(W * K));
+    for (int64_t index = begin; index < end; ++index) {
+      const int64_t n = index / H, y = index % H;
+      std::fill(row.begin(), row.end(), acc_t(0));
+      for (int64_t i = first[n]; i < first[n + 1]; ++i) {  // fixed order: bitwise reproducible
+        const Band& band = bands[i];
+        if (y < band.lo || y > band.hi) continue;
+        const acc_t* part = scratch.data() + band.offset + (y - band.lo) * W * K;
+        for (int64_t j = 0; j < W * K; ++j) row[j] += part[j];
+      }
+      for (int64_t x = 0; x < W; ++x) {
+        const acc_t* pixel = row.data() + x * K;
+        const acc_t divisor = normalised ? safe_normaliser(pixel[C], normalisation) : acc_t(1);
+        for (int64_t c = 0; c < C; ++c)
+          out_data[((n * C + c) * H + y) * W + x] = normalised ? pixel[c] / divisor : pixel[c];
+        if (normalised) norm_data[(n * H + y) * W + x] = pixel[C];
+      }
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void backward_kernel(const at::Tensor& grad_out, const at::Tensor& grad_normaliser,
+                     const at::Tensor& input, const Sources<acc_t>& src, const at::Tensor& out,
+                     const at::Tensor& normaliser, int normalisation, at::Tensor& grad_input,
+                     at::Tensor& grad_flow, at::Tensor& grad_metric) {
+  const int64_t N = input.size(0), C = input.size(1), H = src.H, W = src.W;
+  const bool normalised = src.kind != SUM;
+  const int64_t K = C + (normalised ? 1 : 0);
+
+  // gN (C values) and gD per target pixel, pixel-major for the gathers below.
+  std::vector<acc_t> g(static_cast<size_t>(N * H * W * K));
+  const acc_t* grad = grad_out.data_ptr<acc_t>();
+  const View4 grad_view(grad_out);
+  const acc_t* result = normalised ? out.data_ptr<acc_t>() : nullptr;
+  const View4 result_view = normalised ? View4(out) : View4();
+  const acc_t* norm = normalised ? normaliser.data_ptr<acc_t>() : nullptr;
+  const acc_t* grad_norm = grad_normaliser.defined() ? grad_normaliser.data_ptr<acc_t>() : nullptr;
+  const View4 grad_norm_view = grad_norm ? View4(grad_normaliser) : View4();
+  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t index = begin; index < end; ++index) {
+      const int64_t n = index / H, y = index % H;
+      for (int64_t x = 0; x < W; ++x) {
+        acc_t* pixel = g.data() + ((n * H + y) * W + x) * K;
+        if (!normalised) {
+          for (int64_t c = 0; c < C; ++c) pixel[c] = grad[grad_view.at(n, c, y, x)];
+          continue;
+        }
+        const acc_t D = norm[(n * H + y) * W + x];
+        const acc_t divisor = safe_normaliser(D, normalisation);
+        acc_t gD = 0;
+        for (int64_t c = 0; c < C; ++c) {
+          pixel[c] = grad[grad_view.at(n, c, y, x)] / divisor;
+          gD -= pixel[c] * result[result_view.at(n, c, y, x)];
+        }
+        pixel[C] = normaliser_passes_gradient(D, normalisation) ? gD : acc_t(0);
+        if (grad_norm) pixel[C] += grad_norm[grad_norm_view.at(n, 0, y, x)];
+      }
+    }
+  });
+
+  const scalar_t* in = input.data_ptr<scalar_t>();
+  const View4 in_view(input);
+  scalar_t* gi = grad_input.defined() ? grad_input.data_ptr<scalar_t>() : nullptr;
+  acc_t* gf = grad_flow.defined() ? grad_flow.data_ptr<acc_t>() : nullptr;
+  acc_t* gm = grad_metric.defined() ? grad_metric.data_ptr<acc_t>() : nullptr;
+  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> gathered(static_cast<size_t>(K)), x_values(static_cast<size_t>(C));
+    Taps<acc_t, int64_t> t;
+    acc_t dx[4], dy[4];
+    for (int64_t index = begin; index < end; ++index) {
+      const int64_t n = index / H, y = index % H;
+      for (int64_t x = 0; x < W; ++x) {
+        // Computed for every pixel, landed or not, as autograd does through the oracle: a
+        // pixel that lands nowhere gathers zeros, and 0 * inf stays NaN as it does there.
+        const acc_t w = src.weight(n, y, x);
+        for (int64_t c = 0; c < C; ++c) x_values[c] = static_cast<acc_t>(in[in_view.at(n, c, y, x)]);
+        std::fill(gathered.begin(), gathered.end(), acc_t(0));
+        acc_t grad_fx = 0, grad_fy = 0;
+        if (src.taps(n, y, x, t)) {
+          if (gf) tap_derivatives(t, dx, dy);
+          for (int k = 0; k < 4; ++k) {
+            if (!t.keep[k]) continue;
+            const acc_t* pixel = g.data() + ((n * H + tap_y(t, k)) * W + tap_x(t, k)) * K;
+            const acc_t b = t.weight[k];
+            for (int64_t c = 0; c < K; ++c) gathered[c] += b * pixel[c];
+            if (gf) {
+              acc_t dot = 0;  // d loss / d weight[k]
+              for (int64_t c = 0; c < C; ++c) dot += pixel[c] * (normalised ? x_values[c] * w : x_values[c]);
+              if (normalised) dot += pixel[C] * w;
+              grad_fx += dx[k] * dot;
+              grad_fy += dy[k] * dot;
+            }
+          }
+        }
+        if (gi) {
+          for (int64_t c = 0; c < C; ++c)
+            gi[((n * C + c) * H + y) * W + x] = static_cast<scalar_t>(normalised ? gathered[c] * w : gathered[c]);
+        }
+        if (gf) {
+          gf[((n * 2 + 0) * H + y) * W + x] = grad_fx;
+          gf[((n * 2 + 1) * H + y) * W + x] = grad_fy;
+        }
+        if (gm) {
+          acc_t grad_w = 0;
+          for (int64_t c = 0; c < C; ++c) grad_w += gathered[c] * x_values[c];
+          grad_w += gathered[C];
+          gm[(n * H + y) * W + x] = grad_w * weight_derivative(src.kind, w);
+        }
+      }
+    }
+  });
+}
+
+template <typename acc_t>
+Sources<acc_t> sources(const at::Tensor& flow, const at::Tensor& metric, int64_t kind) {
+  const bool with_metric = metric.defined() && (kind == LINEAR || kind == SOFT);
+  return {flow.data_ptr<acc_t>(), View4(flow), with_metric ? metric.data_ptr<acc_t>() : nullptr,
+          with_metric ? View4(metric) : View4(), flow.size(2), flow.size(3), static_cast<int>(kind)};
+}
+
+void check_arguments(const at::Tensor& input, const at::Tensor& flow,
+                     const std::optional<at::Tensor>& metric, int64_t kind, int64_t normalisation) {
+  // api.py validates user input; these checks guard direct calls of the op.
+  TORCH_CHECK(input.dim() == 4 && flow.dim() == 4, "softsplat: input and flow must be 4-D");
+  TORCH_CHECK(kind >= SUM && kind <= SOFT, "softsplat: kind must be 0..3, got ", kind);
+  TORCH_CHECK(normalisation >= ADDEPS && normalisation <= CLIPEPS, "softsplat: normalisation must be 0..2");
+  const auto compute = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(flow.scalar_type() == compute, "softsplat: flow must be in the compute dtype ", compute);
+  TORCH_CHECK(flow.size(0) == input.size(0) && flow.size(1) == 2 && flow.size(2) == input.size(2) &&
+              flow.size(3) == input.size(3), "softsplat: flow must be [N, 2, H, W]");
+  if (kind == LINEAR || kind == SOFT) {
+    TORCH_CHECK(metric.has_value() && metric->defined(), "softsplat: this mode needs a metric");
+    TORCH_CHECK(metric->scalar_type() == compute, "softsplat: metric must be in the compute dtype");
+    TORCH_CHECK(metric->dim() == 4 && metric->size(0) == input.size(0) && metric->size(1) == 1 &&
+                metric->size(2) == input.size(2) && metric->size(3) == input.size(3),
+                "softsplat: metric must be [N, 1, H, W]");
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> splat_forward_cpu(const at::Tensor& input, const at::Tensor& flow,
+                                                     const std::optional<at::Tensor>& metric,
+                                                     int64_t kind, int64_t normalisation) {
+  check_arguments(input, flow, metric, kind, normalisation);
+  const auto compute = flow.scalar_type();
+  const auto options = input.options().dtype(compute);
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  at::Tensor out = at::empty({N, C, H, W}, options);
+  at::Tensor normaliser = kind == SUM ? at::empty({0}, options) : at::empty({N, 1, H, W}, options);
+  const at::Tensor metric_tensor = metric.has_value() ? *metric : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "splat_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    forward_kernel<scalar_t, acc_t>(input, sources<acc_t>(flow, metric_tensor, kind),
+                                    static_cast<int>(normalisation), out, normaliser);
+  });
+  return {out, normaliser};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> splat_backward_cpu(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_normaliser,
+    const at::Tensor& input, const at::Tensor& flow, const std::optional<at::Tensor>& metric,
+    const at::Tensor& out, const at::Tensor& normaliser, int64_t kind, int64_t normalisation,
+    std::array<bool, 3> output_mask) {
+  check_arguments(input, flow, metric, kind, normalisation);
+  const auto compute = flow.scalar_type();
+  TORCH_CHECK(grad_out.scalar_type() == compute && out.scalar_type() == compute,
+              "softsplat: grad_out and out must be in the compute dtype");
+  TORCH_CHECK(grad_out.sizes() == input.sizes() && out.sizes() == input.sizes(),
+              "softsplat: grad_out and out must be [N, C, H, W]");
+  TORCH_CHECK(kind == SUM || normaliser.sizes() == flow.select(1, 0).unsqueeze(1).sizes(),
+              "softsplat: normaliser must be [N, 1, H, W]");
+  const int64_t N = input.size(0), H = input.size(2), W = input.size(3);
+  const bool want_metric = output_mask[2] && (kind == LINEAR || kind == SOFT);
+  at::Tensor grad_input = at::empty(output_mask[0] ? input.sizes() : at::IntArrayRef{0}, input.options());
+  at::Tensor grad_flow = at::empty(output_mask[1] ? flow.sizes() : at::IntArrayRef{0}, flow.options());
+  at::Tensor grad_metric = at::empty(want_metric ? at::IntArrayRef{N, 1, H, W} : at::IntArrayRef{0}, flow.options());
+  at::Tensor gi = output_mask[0] ? grad_input : at::Tensor();
+  at::Tensor gf = output_mask[1] ? grad_flow : at::Tensor();
+  at::Tensor gm = want_metric ? grad_metric : at::Tensor();
+  at::Tensor gn = grad_normaliser.has_value() && kind != SUM ? *grad_normaliser : at::Tensor();
+  if (gn.defined())
+    TORCH_CHECK(gn.scalar_type() == compute && gn.sizes() == normaliser.sizes(),
+                "softsplat: grad_normaliser must be [N, 1, H, W] in the compute dtype");
+  const at::Tensor metric_tensor = metric.has_value() ? *metric : at::Tensor();
+  if (gi.defined() || gf.defined() || gm.defined()) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "splat_backward_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      backward_kernel<scalar_t, acc_t>(grad_out, gn, input, sources<acc_t>(flow, metric_tensor, kind), out,
+                                       normaliser, static_cast<int>(normalisation), gi, gf, gm);
+    });
+  }
+  return {grad_input, grad_flow, grad_metric};
+}
+
+}  // namespace
+}  // namespace softsplat
+
+TORCH_LIBRARY(softsplat, m) { SOFTSPLAT_DEFINE_OPS(m); }
+
+TORCH_LIBRARY_IMPL(softsplat, CPU, m) {
+  m.impl("splat_forward", &softsplat::splat_forward_cpu);
+  m.impl("splat_backward", &softsplat::splat_backward_cpu);
+}

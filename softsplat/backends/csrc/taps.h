@@ -1,0 +1,126 @@
+// Per-pixel tap math of softmax splatting, shared by every compiled path: the C++ CPU kernels,
+// the CUDA kernels (nvcc for the cpp backend, NVRTC for the CuPy backend) and the host shim that
+// runs the CUDA kernels on the CPU. Free of torch and of the standard library on the device, so
+// NVRTC compiles it without include paths. The pure-torch oracle is the specification.
+#pragma once
+
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#define SOFTSPLAT_HD __host__ __device__ __forceinline__
+#else
+#include <cmath>
+#define SOFTSPLAT_HD inline
+#endif
+
+namespace softsplat {
+
+// Mode codes, in the order of softsplat.modes._KINDS and _NORMALISATIONS.
+enum Kind : int { SUM = 0, AVG = 1, LINEAR = 2, SOFT = 3 };
+enum Normalisation : int { ADDEPS = 0, ZEROEPS = 1, CLIPEPS = 2 };
+
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+SOFTSPLAT_HD float floor_of(float v) { return floorf(v); }
+SOFTSPLAT_HD double floor_of(double v) { return floor(v); }
+SOFTSPLAT_HD float exp_of(float v) { return expf(v); }
+SOFTSPLAT_HD double exp_of(double v) { return exp(v); }
+SOFTSPLAT_HD bool is_finite(float v) { return isfinite(v); }
+SOFTSPLAT_HD bool is_finite(double v) { return isfinite(v); }
+#else
+template <typename T> SOFTSPLAT_HD T floor_of(T v) { return std::floor(v); }
+template <typename T> SOFTSPLAT_HD T exp_of(T v) { return std::exp(v); }
+template <typename T> SOFTSPLAT_HD bool is_finite(T v) { return std::isfinite(v); }
+#endif
+
+// The four bilinear taps of one source pixel. Tap order everywhere: north-west (x0, y0),
+// north-east (x0+1, y0), south-west (x0, y0+1), south-east (x0+1, y0+1).
+template <typename T, typename index_t>
+struct Taps {
+  index_t x0, y0;
+  T fx, fy;        // target coordinates
+  T weight[4];     // bilinear weight of each tap
+  bool keep[4];    // tap inside [0, W) x [0, H)
+};
+
+// Fills `taps` for the pixel at column x, row y moved by (flow_x, flow_y); returns false when the
+// pixel contributes nothing: a non-finite target, or one whose four taps all lie outside. The
+// bounds are checked in floating point before converting to integers, so a huge coordinate is
+// never converted (that conversion is undefined behaviour); after the check
+// -1 <= x0 <= W-1 and -1 <= y0 <= H-1, which fit index_t.
+template <typename T, typename index_t>
+SOFTSPLAT_HD bool make_taps(index_t x, index_t y, T flow_x, T flow_y, index_t H, index_t W,
+                            Taps<T, index_t>& taps) {
+  const T fx = static_cast<T>(x) + flow_x;
+  const T fy = static_cast<T>(y) + flow_y;
+  if (!is_finite(fx) || !is_finite(fy)) return false;
+  const T x0f = floor_of(fx), y0f = floor_of(fy);
+  if (x0f < T(-1) || x0f > static_cast<T>(W - 1) || y0f < T(-1) || y0f > static_cast<T>(H - 1))
+    return false;
+  const index_t x0 = static_cast<index_t>(x0f), y0 = static_cast<index_t>(y0f);
+  const T x1f = x0f + T(1), y1f = y0f + T(1);
+  taps.x0 = x0;
+  taps.y0 = y0;
+  taps.fx = fx;
+  taps.fy = fy;
+  taps.weight[0] = (x1f - fx) * (y1f - fy);
+  taps.weight[1] = (fx - x0f) * (y1f - fy);
+  taps.weight[2] = (x1f - fx) * (fy - y0f);
+  taps.weight[3] = (fx - x0f) * (fy - y0f);
+  const bool west = x0 >= 0, east = x0 + 1 <= W - 1, north = y0 >= 0, south = y0 + 1 <= H - 1;
+  taps.keep[0] = west && north;
+  taps.keep[1] = east && north;
+  taps.keep[2] = west && south;
+  taps.keep[3] = east && south;
+  return true;
+}
+
+// Column and row of tap k.
+template <typename T, typename index_t>
+SOFTSPLAT_HD index_t tap_x(const Taps<T, index_t>& taps, int k) { return taps.x0 + (k & 1); }
+template <typename T, typename index_t>
+SOFTSPLAT_HD index_t tap_y(const Taps<T, index_t>& taps, int k) { return taps.y0 + (k >> 1); }
+
+// d weight[k] / d fx and d fy, in the cell floor() selected (floor has zero derivative).
+template <typename T, typename index_t>
+SOFTSPLAT_HD void tap_derivatives(const Taps<T, index_t>& taps, T dx[4], T dy[4]) {
+  const T x0f = static_cast<T>(taps.x0), y0f = static_cast<T>(taps.y0);
+  const T east = taps.fx - x0f, west = x0f + T(1) - taps.fx;
+  const T south = taps.fy - y0f, north = y0f + T(1) - taps.fy;
+  dx[0] = -north; dy[0] = -west;
+  dx[1] = north;  dy[1] = -east;
+  dx[2] = -south; dy[2] = west;
+  dx[3] = south;  dy[3] = east;
+}
+
+// The per-pixel weight w splatted beside the input: 1, metric or exp(metric). No maximum is
+// subtracted in soft mode: an overflow of exp behaves as the reference's does.
+template <typename T>
+SOFTSPLAT_HD T pixel_weight(int kind, T metric) {
+  return kind == LINEAR ? metric : kind == SOFT ? exp_of(metric) : T(1);
+}
+
+// d w / d metric, given w.
+template <typename T>
+SOFTSPLAT_HD T weight_derivative(int kind, T weight) {
+  return kind == LINEAR ? T(1) : kind == SOFT ? weight : T(0);
+}
+
+template <typename T>
+SOFTSPLAT_HD T eps() { return static_cast<T>(1e-7); }
+
+// D' of SPEC.md: the normaliser made safe to divide by. NaN stays NaN in every variant.
+template <typename T>
+SOFTSPLAT_HD T safe_normaliser(T normaliser, int normalisation) {
+  if (normalisation == ADDEPS) return normaliser + eps<T>();
+  if (normalisation == ZEROEPS) return normaliser == T(0) ? T(1) : normaliser;
+  return normaliser < eps<T>() ? eps<T>() : normaliser;
+}
+
+// Whether d D' / d D is 1 (else 0): not where zeroeps replaced D, nor where clipeps clamped it
+// (as torch.where and clamp_min differentiate: clamp_min passes only where D >= eps).
+template <typename T>
+SOFTSPLAT_HD bool normaliser_passes_gradient(T normaliser, int normalisation) {
+  if (normalisation == ADDEPS) return true;
+  if (normalisation == ZEROEPS) return !(normaliser == T(0));
+  return normaliser >= eps<T>();
+}
+
+}  // namespace softsplat

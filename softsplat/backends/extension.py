@@ -1,0 +1,156 @@
+"""Compiled op libraries: built on first use with ``torch.utils.cpp_extension.load``, cached, and
+given their Python side (``register_fake`` and ``register_autograd``) once loaded.
+
+Shared by the ``cpp`` backend (namespace ``softsplat``) and the test-only ``cuda-host`` backend
+(namespace ``softsplat_cuda_host``): both libraries define the ops of ``csrc/schemas.h``.
+Importing this module never compiles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import shutil
+import sys
+import threading
+
+import torch
+
+from .base import Problem
+
+CSRC = pathlib.Path(__file__).parent / "csrc"
+CFLAGS = ["-O3", "-fopenmp", "-std=c++17"]
+
+
+def compiler_reason() -> str | None:
+    """Why no extension can be built here, or None. Looks for tools only; compiles nothing."""
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler: {compiler!r} is not on PATH (install g++ or set CXX)"
+    from torch.utils import cpp_extension
+
+    if not cpp_extension.is_ninja_available():
+        return "ninja is not installed (pip install ninja), torch.utils.cpp_extension needs it"
+    return None
+
+
+class OpLibrary:
+    """One compiled library of the ``splat_forward``/``splat_backward`` ops in ``namespace``."""
+
+    def __init__(self, namespace: str, sources: list[str], *, cflags=(), cuda_cflags=()):
+        self.namespace = namespace
+        self.sources = [CSRC / s for s in sources]
+        self.cflags = CFLAGS + list(cflags)
+        self.cuda_cflags = list(cuda_cflags)
+        self._lock = threading.Lock()
+        self._ops = None
+
+    def name(self) -> str:
+        """Library name: namespace plus a hash of every source, header and flag that builds it."""
+        digest = hashlib.sha256()
+        for path in sorted(set(self.sources) | set(CSRC.glob("*.h")) | set(CSRC.glob("*.cuh"))):
+            digest.update(path.name.encode() + path.read_bytes())
+        digest.update(" ".join(self.cflags + self.cuda_cflags).encode() + torch.__version__.encode())
+        return f"{self.namespace}_{digest.hexdigest()[:12]}"
+
+    def build_directory(self) -> pathlib.Path:
+        from torch.utils import cpp_extension
+
+        return pathlib.Path(cpp_extension.get_default_build_root()) / "softsplat" / self.name()
+
+    def is_built(self) -> bool:
+        return (self.build_directory() / f"{self.name()}.so").exists()
+
+    def ops(self):
+        """``torch.ops.<namespace>``, building and loading the library on the first call."""
+        if self._ops is None:
+            with self._lock:  # one build, even when many threads make the first call at once
+                if self._ops is None:
+                    self._ops = self._load()
+        return self._ops
+
+    def _load(self):
+        from torch.utils import cpp_extension
+
+        directory = self.build_directory()
+        if not self.is_built():
+            print(
+                f"softsplat: building {self.namespace} ({', '.join(s.name for s in self.sources)}) "
+                f"once, cached in {directory}",
+                file=sys.stderr,
+                flush=True,
+            )
+        directory.mkdir(parents=True, exist_ok=True)
+        cpp_extension.load(
+            name=self.name(),
+            sources=[str(s) for s in self.sources],
+            extra_cflags=self.cflags,
+            extra_cuda_cflags=self.cuda_cflags,
+            extra_ldflags=["-fopenmp"],
+            extra_include_paths=[str(CSRC)],
+            build_directory=str(directory),
+            is_python_module=False,
+            verbose=False,
+        )
+        ops = getattr(torch.ops, self.namespace)
+        _register_python_side(self.namespace)
+        return ops
+
+    def forward(self, problem: Problem) -> torch.Tensor:
+        """The differentiable result of ``problem`` in ``input``'s dtype."""
+        ops = self.ops()
+        dtype = problem.compute_dtype
+        metric = None if problem.metric is None else problem.metric.to(dtype)
+        out, _ = ops.splat_forward(
+            problem.input,
+            problem.flow.to(dtype),
+            metric,
+            problem.mode.kind_code,
+            problem.mode.normalisation_code,
+        )
+        return out.to(problem.input.dtype)
+
+
+def _register_python_side(namespace: str) -> None:
+    """Shapes for fake tensors (torch.compile, opcheck) and the autograd formula of the ops."""
+    forward_name, backward_name = f"{namespace}::splat_forward", f"{namespace}::splat_backward"
+    backward_op = getattr(torch.ops, namespace).splat_backward
+
+    @torch.library.register_fake(forward_name)
+    def _(input, flow, metric, kind, normalisation):
+        out = flow.new_empty((input.shape[0], input.shape[1], *input.shape[2:]))
+        normaliser = flow.new_empty((input.shape[0], 1, *input.shape[2:]) if kind else (0,))
+        return out, normaliser
+
+    @torch.library.register_fake(backward_name)
+    def _(grad_out, grad_normaliser, input, flow, metric, out, normaliser, kind, normalisation, output_mask):
+        wants_metric = output_mask[2] and metric is not None and kind >= 2
+        return (
+            input.new_empty(input.shape if output_mask[0] else (0,)),
+            flow.new_empty(flow.shape if output_mask[1] else (0,)),
+            flow.new_empty((flow.shape[0], 1, *flow.shape[2:]) if wants_metric else (0,)),
+        )
+
+    def setup_context(ctx, inputs, output):
+        input, flow, metric, kind, normalisation = inputs
+        out, normaliser = output
+        ctx.kind, ctx.normalisation = kind, normalisation
+        ctx.save_for_backward(input, flow, metric, out, normaliser)
+
+    def backward(ctx, grad_out, grad_normaliser):
+        input, flow, metric, out, normaliser = ctx.saved_tensors
+        mask = [
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1],
+            metric is not None and ctx.needs_input_grad[2],
+        ]
+        if ctx.kind == 0:  # sum has no normaliser
+            grad_normaliser = None
+        grads = backward_op(
+            grad_out, grad_normaliser, input, flow, metric, out, normaliser,
+            ctx.kind, ctx.normalisation, mask,
+        )
+        return tuple(g if wanted else None for g, wanted in zip(grads, mask)) + (None, None)
+
+    torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
