@@ -7,7 +7,7 @@ import os
 import torch
 
 from . import backends
-from .backends.base import FLOATING, Problem, dtype_names
+from .backends.base import FLOATING, Problem, Signature, dtype_names
 from .modes import Mode
 
 #: Environment variable that replaces ``backend="auto"`` by a named backend.
@@ -56,7 +56,17 @@ def splat(
     argument = "backend"
     if backend == "auto" and os.environ.get(BACKEND_ENV, "").strip():
         backend, argument = os.environ[BACKEND_ENV].strip(), BACKEND_ENV
-    return backends.select(problem, backend, argument).run(problem)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    name = _choose(input.device.type, input.dtype, problem.mode.value, backend, argument, deterministic)
+    return backends.get(name).run(problem)
+
+
+@torch.compiler.assume_constant_result
+def _choose(device_type, dtype, mode: str, backend: str, argument: str, deterministic: bool) -> str:
+    """The name of the backend for this call; under torch.compile, a constant of the graph
+    (so it takes only constants: no tensors, no dataclasses)."""
+    call = Signature(device_type, dtype, Mode(mode))
+    return backends.select(call, backend, argument, deterministic).name
 
 
 def softsplat(
@@ -87,6 +97,8 @@ def validate(input, flow, metric, mode) -> Problem:
             + (f" of shape {tuple(metric.shape)}" if isinstance(metric, torch.Tensor) else "")
         )
     return Problem(input, flow, metric, mode)
+
+
 
 
 def _check_tensor(name, value) -> None:

@@ -1,4 +1,4 @@
-"""The command line: ``softsplat info``. Imports only the API and the registry."""
+"""The command line: ``softsplat info``, ``softsplat build``. Imports only the API and the registry."""
 
 from __future__ import annotations
 
@@ -30,9 +30,27 @@ def info(args: argparse.Namespace) -> int:
     return 0
 
 
+def build(args: argparse.Namespace) -> int:
+    """Build (or find already built) every compiled backend that can be built here."""
+    failed = 0
+    for backend in backends.all_backends():
+        if not backend.is_available():
+            print(f"{backend.name}: skipped, {backend.unavailable_reason}")
+            continue
+        try:
+            backend.prepare()
+        except Exception as error:  # report every backend, then fail
+            failed += 1
+            print(f"{backend.name}: FAILED, {type(error).__name__}: {error}")
+        else:
+            print(f"{backend.name}: ready")
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="softsplat", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help=info.__doc__).set_defaults(func=info)
+    commands.add_parser("build", help=build.__doc__).set_defaults(func=build)
     args = parser.parse_args(argv)
     return args.func(args)

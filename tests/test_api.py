@@ -182,16 +182,17 @@ def test_deterministic_mode(extra_backends, monkeypatch) -> None:
     monkeypatch.setattr(_GpuOnly, "devices", lambda self: ("cpu",))
     monkeypatch.setattr(backends, "PRIORITY", ("test-gpu-only", "torch"))
     input, flow, _ = _tensors()
+    call = softsplat.api.validate(input, flow, None, "sum").signature
+    assert backends.select(call, "auto", deterministic=True).name == "torch"
+    assert backends.select(call, "auto", deterministic=False).name == "test-gpu-only"
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        assert backends.select(softsplat.api.validate(input, flow, None, "sum"), "auto").name == "torch"
         with pytest.raises(RuntimeError, match="backend 'test-gpu-only' is not deterministic on cpu"):
             softsplat.splat(input, flow, mode="sum", backend="test-gpu-only")
+        assert softsplat.api._choose("cpu", torch.float32, "sum", "auto", "backend", True) == "torch"
     finally:
         torch.use_deterministic_algorithms(previous)
-    problem = softsplat.api.validate(input, flow, None, "sum")
-    assert backends.select(problem, "auto").name == "test-gpu-only"
 
 
 # --- modes ---------------------------------------------------------------------------------

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import importlib
 
-import torch
-
-from .base import Backend, Problem
+from .base import Backend, Signature
 
 #: Every backend, by name: ``module:class`` (imported on first use, never compiling) or an
 #: instance given to ``register``.
@@ -64,30 +62,36 @@ def all_backends() -> list[Backend]:
     return [get(name) for name in _REGISTRY]
 
 
-def _determinism_reason(backend: Backend, problem: Problem) -> str | None:
-    if torch.are_deterministic_algorithms_enabled() and not backend.is_deterministic(
-        problem.device_type
-    ):
+def _determinism_reason(backend: Backend, call: Signature, deterministic: bool) -> str | None:
+    if deterministic and not backend.is_deterministic(call.device_type):
         return (
-            f"backend {backend.name!r} is not deterministic on {problem.device_type}, and "
+            f"backend {backend.name!r} is not deterministic on {call.device_type}, and "
             "torch.use_deterministic_algorithms(True) is set"
         )
     return None
 
 
-def select(problem: Problem, name: str, argument: str = "backend") -> Backend:
-    """The backend that computes ``problem``: ``name``, or the first fit of ``PRIORITY``.
+def select(call: Signature, name: str, argument: str = "backend", deterministic: bool = False) -> Backend:
+    """The backend that computes a call like ``call``: ``name``, or the first fit of ``PRIORITY``.
 
-    ``argument`` is what the user set (``backend`` or the environment variable), for messages.
+    ``argument`` is what the user set (``backend`` or the environment variable), for messages;
+    ``deterministic`` is ``torch.are_deterministic_algorithms_enabled()``. The chosen backend
+    is prepared (built, loaded) before it is returned.
     """
+    backend = _choose(call, name, argument, deterministic)
+    backend.prepare()
+    return backend
+
+
+def _choose(call: Signature, name: str, argument: str, deterministic: bool) -> Backend:
     if name != "auto":
         backend = get(name, argument)
-        reasons = backend.not_supported_reasons(problem)
+        reasons = backend.not_supported_reasons(call)
         if reasons:
             raise BackendNotSupportedError(
                 f"{argument}: {name!r} cannot compute this call: {'; '.join(reasons)}"
             )
-        nondeterministic = _determinism_reason(backend, problem)
+        nondeterministic = _determinism_reason(backend, call, deterministic)
         if nondeterministic:
             raise RuntimeError(
                 f"{nondeterministic}. Choose a deterministic backend (softsplat info lists "
@@ -97,8 +101,8 @@ def select(problem: Problem, name: str, argument: str = "backend") -> Backend:
     every_reason = []
     for candidate in PRIORITY:
         backend = get(candidate)
-        reasons = backend.not_supported_reasons(problem)
-        nondeterministic = _determinism_reason(backend, problem)
+        reasons = backend.not_supported_reasons(call)
+        nondeterministic = _determinism_reason(backend, call, deterministic)
         reasons += [nondeterministic] if nondeterministic else []
         if not reasons:
             return backend

@@ -14,6 +14,16 @@ FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclasses.dataclass(frozen=True)
+class Signature:
+    """What decides which backends can compute a call: hashable, free of tensors, so that the
+    choice is cached and is a constant for torch.compile."""
+
+    device_type: str
+    dtype: torch.dtype  # input's
+    mode: Mode
+
+
+@dataclasses.dataclass(frozen=True)
 class Problem:
     """One validated call: shapes, devices and dtypes have been checked by ``api.py``."""
 
@@ -23,16 +33,12 @@ class Problem:
     mode: Mode
 
     @property
-    def device_type(self) -> str:
-        return self.input.device.type
+    def signature(self) -> Signature:
+        return Signature(self.input.device.type, self.input.dtype, self.mode)
 
     @property
     def compute_dtype(self) -> torch.dtype:
         return compute_dtype(self.input.dtype)
-
-    @property
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        return tuple(t for t in (self.input, self.flow, self.metric) if t is not None)
 
 
 class Backend(abc.ABC):
@@ -63,22 +69,25 @@ class Backend(abc.ABC):
     def is_deterministic(self, device_type: str) -> bool:
         return device_type in self.deterministic_on
 
-    def _problem_reasons(self, problem: Problem) -> list[str]:
+    def _call_reasons(self, call: Signature) -> list[str]:
         """Backend-specific reasons beyond availability, device and dtype."""
         return []
 
-    def not_supported_reasons(self, problem: Problem) -> list[str]:
-        """Every reason this backend cannot compute ``problem``; empty when it can."""
+    def not_supported_reasons(self, call: Signature) -> list[str]:
+        """Every reason this backend cannot compute a call like ``call``; empty when it can."""
         if self.unavailable_reason is not None:
             return [self.unavailable_reason]
         reasons = []
-        if problem.device_type not in self.devices():
-            reasons.append(
-                f"runs on {'/'.join(self.devices())}, the tensors are on {problem.device_type}"
-            )
-        if problem.input.dtype not in self.dtypes:
-            reasons.append(f"computes {dtype_names(self.dtypes)}, input is {dtype_names([problem.input.dtype])}")
-        return reasons + self._problem_reasons(problem)
+        if call.device_type not in self.devices():
+            reasons.append(f"runs on {'/'.join(self.devices())}, the tensors are on {call.device_type}")
+        if call.dtype not in self.dtypes:
+            reasons.append(f"computes {dtype_names(self.dtypes)}, input is {dtype_names([call.dtype])}")
+        return reasons + self._call_reasons(call)
+
+    def prepare(self) -> None:
+        """Make ``run`` ready (for example build and load a library). Called once the backend is
+        chosen, outside any torch.compile trace; raises with the reason if it cannot be done."""
+        return None
 
     @abc.abstractmethod
     def run(self, problem: Problem) -> torch.Tensor:

@@ -48,5 +48,9 @@ class CppBackend(Backend):
     def _unavailable_reason(self) -> str | None:
         return compiler_reason()
 
+    def prepare(self) -> None:
+        self._library = library()
+        self._library.ops()
+
     def run(self, problem: Problem) -> torch.Tensor:
-        return library().forward(problem)
+        return self._library.forward(problem)  # prepared by dispatch (torch.compile: eagerly)

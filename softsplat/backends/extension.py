@@ -55,9 +55,11 @@ class OpLibrary:
         return f"{self.namespace}_{digest.hexdigest()[:12]}"
 
     def build_directory(self) -> pathlib.Path:
+        """Under torch's extension directory (``TORCH_EXTENSIONS_DIR`` when set)."""
         from torch.utils import cpp_extension
 
-        return pathlib.Path(cpp_extension.get_default_build_root()) / "softsplat" / self.name()
+        root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+        return pathlib.Path(root) / "softsplat" / self.name()
 
     def is_built(self) -> bool:
         return (self.build_directory() / f"{self.name()}.so").exists()
@@ -99,7 +101,7 @@ class OpLibrary:
 
     def forward(self, problem: Problem) -> torch.Tensor:
         """The differentiable result of ``problem`` in ``input``'s dtype."""
-        ops = self.ops()
+        ops = self._ops if self._ops is not None else self.ops()
         dtype = problem.compute_dtype
         metric = None if problem.metric is None else problem.metric.to(dtype)
         out, _ = ops.splat_forward(
