@@ -17,6 +17,7 @@ from .base import Backend, Signature
 _REGISTRY: dict[str, str | Backend] = {
     "torch": "oracle:TorchBackend",
     "cpp": "cpp:CppBackend",
+    "cuda-host": "cuda_host:CudaHostBackend",  # for tests; not in PRIORITY
 }
 
 #: The order in which ``auto`` tries backends (the fused kernels first, the oracle last).

@@ -1,0 +1,53 @@
+// Runs CUDA kernels on the CPU, for tests: compiled by g++ (C++20) from the very same kernel
+// source as nvcc and NVRTC compile. blockIdx/threadIdx are thread-local; a launch is a parallel
+// loop over blocks, each running its threads one after another; atomicAdd is a real atomic
+// (std::atomic_ref), so blocks on different CPU threads race exactly as they may on a GPU. The
+// splatting kernels use neither shared memory nor __syncthreads, which this shim does not offer.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <atomic>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __restrict__ __restrict
+
+namespace softsplat_host {
+
+struct dim3 {
+  unsigned int x, y, z;
+  dim3(unsigned int x_ = 1, unsigned int y_ = 1, unsigned int z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+inline thread_local dim3 blockIdx, threadIdx, blockDim, gridDim;
+
+template <typename T>
+inline T atomicAdd(T* address, T value) {
+  return std::atomic_ref<T>(*address).fetch_add(value, std::memory_order_relaxed);
+}
+
+template <typename... Parameters, typename... Arguments>
+void launch(void (*kernel)(Parameters...), dim3 grid, dim3 block, Arguments... arguments) {
+  at::parallel_for(0, grid.x, 1, [&](int64_t begin, int64_t end) {
+    gridDim = grid;
+    blockDim = block;
+    for (int64_t b = begin; b < end; ++b) {
+      blockIdx = dim3(static_cast<unsigned int>(b));
+      for (unsigned int t = 0; t < block.x; ++t) {
+        threadIdx = dim3(t);
+        kernel(static_cast<Parameters>(arguments)...);
+      }
+    }
+  });
+}
+
+}  // namespace softsplat_host
+
+using softsplat_host::atomicAdd;
+using softsplat_host::blockDim;
+using softsplat_host::blockIdx;
+using softsplat_host::gridDim;
+using softsplat_host::threadIdx;

@@ -1,0 +1,20 @@
+// Test-only library `softsplat_cuda_host`: the CUDA kernels of splat_kernels.cuh and their
+// launchers, compiled by g++ through the host shim and registered for CPU tensors, so the
+// conformance suite executes the real kernel logic on a machine without a GPU.
+#include "cuda_host_shim.h"
+
+#define SOFTSPLAT_DEVICE_GUARD(tensor)
+#define SOFTSPLAT_LAUNCH(kernel, blocks, threads, ...) \
+  softsplat_host::launch(kernel, softsplat_host::dim3(blocks), softsplat_host::dim3(threads), __VA_ARGS__)
+
+#include <torch/library.h>
+
+#include "schemas.h"
+#include "splat_cuda_launch.h"
+
+TORCH_LIBRARY(softsplat_cuda_host, m) { SOFTSPLAT_DEFINE_OPS(m); }
+
+TORCH_LIBRARY_IMPL(softsplat_cuda_host, CPU, m) {
+  m.impl("splat_forward", &softsplat::launch::splat_forward);
+  m.impl("splat_backward", &softsplat::launch::splat_backward);
+}

@@ -1,0 +1,165 @@
+// Torch-level launchers of the CUDA kernels (splat_kernels.cuh): allocation, dtype and index-type
+// dispatch, launches. Included by splat_cuda.cu (nvcc, real launches on the current stream of the
+// input's device) and by splat_cuda_host.cpp (g++, the host shim). The includer defines
+//   SOFTSPLAT_DEVICE_GUARD(tensor)            make tensor's device current for this scope
+//   SOFTSPLAT_LAUNCH(kernel, blocks, threads, args...)   launch a kernel (a function pointer)
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdlib>
+#include <optional>
+#include <tuple>
+
+#include "splat_kernels.cuh"
+
+namespace softsplat {
+namespace launch {
+
+constexpr int kThreads = 256;
+
+inline unsigned int blocks_for(int64_t total) {
+  const int64_t blocks = (total + kThreads - 1) / kThreads;
+  return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(blocks, 1 << 20)));  // grid-stride beyond
+}
+
+// Largest element offset a kernel forms into `t`, plus one.
+inline int64_t extent(const at::Tensor& t) {
+  if (!t.defined() || t.numel() == 0) return 0;
+  int64_t last = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * std::abs(t.stride(d));
+  return std::max<int64_t>(last + 1, t.numel());
+}
+
+// 32-bit indexing is exact when every offset, and every product of sizes the kernels form
+// (N*C*H*W at most, the gradient buffer N*H*W*(C+1)), stays below 2^31 - 1.
+inline bool fits_int32(std::initializer_list<at::Tensor> tensors, int64_t largest_product) {
+  if (largest_product >= INT_MAX) return false;
+  for (const auto& t : tensors)
+    if (extent(t) >= INT_MAX) return false;
+  return true;
+}
+
+inline void check(const at::Tensor& input, const at::Tensor& flow, const std::optional<at::Tensor>& metric,
+                  int64_t kind, int64_t normalisation) {
+  TORCH_CHECK(input.dim() == 4 && flow.dim() == 4, "softsplat: input and flow must be 4-D");
+  TORCH_CHECK(kind >= SUM && kind <= SOFT && normalisation >= ADDEPS && normalisation <= CLIPEPS,
+              "softsplat: kind must be 0..3 and normalisation 0..2");
+  const auto compute = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(flow.scalar_type() == compute, "softsplat: flow must be in the compute dtype");
+  TORCH_CHECK(flow.size(0) == input.size(0) && flow.size(1) == 2 && flow.size(2) == input.size(2) &&
+              flow.size(3) == input.size(3), "softsplat: flow must be [N, 2, H, W]");
+  TORCH_CHECK(flow.device() == input.device(), "softsplat: flow must be on input's device");
+  if (kind == LINEAR || kind == SOFT) {
+    TORCH_CHECK(metric.has_value() && metric->defined() && metric->scalar_type() == compute &&
+                metric->dim() == 4 && metric->size(0) == input.size(0) && metric->size(1) == 1 &&
+                metric->size(2) == input.size(2) && metric->size(3) == input.size(3) &&
+                metric->device() == input.device(),
+                "softsplat: this mode needs a metric [N, 1, H, W] in the compute dtype on input's device");
+  }
+}
+
+inline std::tuple<at::Tensor, at::Tensor> splat_forward(const at::Tensor& input, const at::Tensor& flow,
+                                                        const std::optional<at::Tensor>& metric_arg,
+                                                        int64_t kind, int64_t normalisation) {
+  check(input, flow, metric_arg, kind, normalisation);
+  SOFTSPLAT_DEVICE_GUARD(input);
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  const auto options = input.options().dtype(flow.scalar_type());
+  at::Tensor out = at::zeros({N, C, H, W}, options);
+  at::Tensor normaliser = kind == SUM ? at::empty({0}, options) : at::zeros({N, 1, H, W}, options);
+  const bool with_metric = kind == LINEAR || kind == SOFT;
+  const at::Tensor metric = with_metric ? *metric_arg : at::Tensor();
+  if (N * H * W == 0) return {out, normaliser};
+  const bool small = fits_int32({input, flow, metric, out}, N * (C + 1) * H * W);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "splat_forward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto run = [&](auto index_zero) {
+      using index_t = decltype(index_zero);
+      auto forward = &splat_forward_kernel<scalar_t, acc_t, index_t>;
+      SOFTSPLAT_LAUNCH(forward, blocks_for(N * H * W), kThreads,
+          input.data_ptr<scalar_t>(), input.stride(0), input.stride(1), input.stride(2), input.stride(3),
+          flow.data_ptr<acc_t>(), flow.stride(0), flow.stride(1), flow.stride(2), flow.stride(3),
+          with_metric ? metric.data_ptr<acc_t>() : nullptr,
+          with_metric ? metric.stride(0) : 0, with_metric ? metric.stride(2) : 0, with_metric ? metric.stride(3) : 0,
+          (index_t)N, (index_t)C, (index_t)H, (index_t)W, (int)kind,
+          out.data_ptr<acc_t>(), kind == SUM ? nullptr : normaliser.data_ptr<acc_t>());
+      if (kind != SUM && C > 0) {
+        auto normalise = &splat_normalise_kernel<acc_t, index_t>;
+        SOFTSPLAT_LAUNCH(normalise, blocks_for(N * C * H * W), kThreads,
+            out.data_ptr<acc_t>(), (const acc_t*)normaliser.data_ptr<acc_t>(),
+            (index_t)N, (index_t)C, (index_t)H, (index_t)W, (int)normalisation);
+      }
+    };
+    if (small) run(int(0)); else run((long long)0);
+  });
+  return {out, normaliser};
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> splat_backward(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_normaliser_arg,
+    const at::Tensor& input, const at::Tensor& flow, const std::optional<at::Tensor>& metric_arg,
+    const at::Tensor& out_arg, const at::Tensor& normaliser_arg, int64_t kind, int64_t normalisation,
+    std::array<bool, 3> output_mask) {
+  check(input, flow, metric_arg, kind, normalisation);
+  SOFTSPLAT_DEVICE_GUARD(input);
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  const bool with_metric = kind == LINEAR || kind == SOFT;
+  const bool normalised = kind != SUM;
+  TORCH_CHECK(grad_out.scalar_type() == flow.scalar_type() && grad_out.sizes() == input.sizes() &&
+              grad_out.device() == input.device(), "softsplat: grad_out must be [N, C, H, W] in the compute dtype");
+  const at::Tensor out = normalised ? out_arg.contiguous() : at::Tensor();
+  const at::Tensor normaliser = normalised ? normaliser_arg.contiguous() : at::Tensor();
+  TORCH_CHECK(!normalised || (out.sizes() == input.sizes() && normaliser.size(1) == 1 && normaliser.numel() == N * H * W),
+              "softsplat: out must be [N, C, H, W] and normaliser [N, 1, H, W]");
+  const at::Tensor metric = with_metric ? *metric_arg : at::Tensor();
+  const at::Tensor grad_normaliser =
+      normalised && grad_normaliser_arg.has_value() && grad_normaliser_arg->defined() ? *grad_normaliser_arg : at::Tensor();
+  TORCH_CHECK(!grad_normaliser.defined() || grad_normaliser.sizes() == normaliser.sizes(),
+              "softsplat: grad_normaliser must be [N, 1, H, W]");
+  const bool want_metric = output_mask[2] && with_metric;
+  at::Tensor grad_input = at::empty(output_mask[0] ? input.sizes() : at::IntArrayRef{0}, input.options());
+  at::Tensor grad_flow = at::empty(output_mask[1] ? flow.sizes() : at::IntArrayRef{0}, flow.options());
+  at::Tensor grad_metric = at::empty(want_metric ? at::IntArrayRef{N, 1, H, W} : at::IntArrayRef{0}, flow.options());
+  if (N * H * W == 0 || !(output_mask[0] || output_mask[1] || want_metric)) return {grad_input, grad_flow, grad_metric};
+  const int64_t K = C + (normalised ? 1 : 0);
+  at::Tensor g = at::empty({N, H, W, K}, flow.options());
+  const bool small = fits_int32({input, flow, metric, grad_out, grad_normaliser, out, g}, N * (C + 1) * H * W);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "splat_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto run = [&](auto index_zero) {
+      using index_t = decltype(index_zero);
+      auto prepare = &splat_backward_prepare_kernel<acc_t, index_t>;
+      SOFTSPLAT_LAUNCH(prepare, blocks_for(N * H * W), kThreads,
+          grad_out.data_ptr<acc_t>(), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), grad_out.stride(3),
+          normalised ? (const acc_t*)out.data_ptr<acc_t>() : nullptr,
+          normalised ? (const acc_t*)normaliser.data_ptr<acc_t>() : nullptr,
+          grad_normaliser.defined() ? (const acc_t*)grad_normaliser.data_ptr<acc_t>() : nullptr,
+          grad_normaliser.defined() ? grad_normaliser.stride(0) : 0,
+          grad_normaliser.defined() ? grad_normaliser.stride(2) : 0,
+          grad_normaliser.defined() ? grad_normaliser.stride(3) : 0,
+          (index_t)N, (index_t)C, (index_t)H, (index_t)W, (int)kind, (int)normalisation, g.data_ptr<acc_t>());
+      auto backward = &splat_backward_kernel<scalar_t, acc_t, index_t>;
+      SOFTSPLAT_LAUNCH(backward, blocks_for(N * H * W), kThreads,
+          input.data_ptr<scalar_t>(), input.stride(0), input.stride(1), input.stride(2), input.stride(3),
+          flow.data_ptr<acc_t>(), flow.stride(0), flow.stride(1), flow.stride(2), flow.stride(3),
+          with_metric ? metric.data_ptr<acc_t>() : nullptr,
+          with_metric ? metric.stride(0) : 0, with_metric ? metric.stride(2) : 0, with_metric ? metric.stride(3) : 0,
+          (const acc_t*)g.data_ptr<acc_t>(), (index_t)N, (index_t)C, (index_t)H, (index_t)W, (int)kind,
+          output_mask[0] ? grad_input.data_ptr<scalar_t>() : nullptr,
+          output_mask[1] ? grad_flow.data_ptr<acc_t>() : nullptr,
+          want_metric ? grad_metric.data_ptr<acc_t>() : nullptr);
+    };
+    if (small) run(int(0)); else run((long long)0);
+  });
+  return {grad_input, grad_flow, grad_metric};
+}
+
+}  // namespace launch
+}  // namespace softsplat

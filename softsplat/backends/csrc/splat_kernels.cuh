@@ -1,0 +1,155 @@
+// CUDA kernels of softmax splatting. Free of torch types: raw pointers, sizes and element strides,
+// templated on the input's scalar type, the accumulation type (float, or double for double) and
+// the index type (int when every offset fits, else long long). The same source is compiled by
+// nvcc for the cpp backend, by NVRTC for the CuPy backend, and by g++ through the host shim
+// (cuda_host_shim.h) so the tests execute it on the CPU.
+//
+// Forward: one thread per source pixel atomically adds its weighted channels and its weight to
+// the four taps (atomics: the order of additions, hence the last bits, vary run to run), then
+// one thread per output element divides. Backward: one thread per target pixel prepares
+// gN = grad / D' and gD, then one thread per source pixel gathers from its taps and writes only
+// its own gradients: no atomics.
+#pragma once
+
+#include "taps.h"
+
+namespace softsplat {
+
+// Grid-stride loop over [0, total) in index_t; blockIdx.x * blockDim.x is formed in index_t so
+// it cannot wrap in 32-bit unsigned arithmetic.
+#define SOFTSPLAT_KERNEL_LOOP(i, total)                                                        \
+  for (index_t i = static_cast<index_t>(blockIdx.x) * static_cast<index_t>(blockDim.x) +     \
+                   static_cast<index_t>(threadIdx.x);                                          \
+       i < (total); i += static_cast<index_t>(blockDim.x) * static_cast<index_t>(gridDim.x))
+
+template <typename scalar_t, typename acc_t, typename index_t>
+__global__ void splat_forward_kernel(
+    const scalar_t* __restrict__ input, long long in_sn, long long in_sc, long long in_sy, long long in_sx,
+    const acc_t* __restrict__ flow, long long fl_sn, long long fl_sc, long long fl_sy, long long fl_sx,
+    const acc_t* __restrict__ metric, long long me_sn, long long me_sy, long long me_sx,
+    index_t N, index_t C, index_t H, index_t W, int kind,
+    acc_t* __restrict__ out,          // [N, C, H, W] contiguous, zeroed
+    acc_t* __restrict__ normaliser) { // [N, 1, H, W] contiguous, zeroed; null for sum
+  SOFTSPLAT_KERNEL_LOOP(pixel, N * H * W) {
+    const index_t x = pixel % W, y = (pixel / W) % H, n = pixel / (W * H);
+    Taps<acc_t, index_t> taps;
+    const acc_t flow_x = flow[n * (index_t)fl_sn + y * (index_t)fl_sy + x * (index_t)fl_sx];
+    const acc_t flow_y = flow[n * (index_t)fl_sn + (index_t)fl_sc + y * (index_t)fl_sy + x * (index_t)fl_sx];
+    if (!make_taps<acc_t, index_t>(x, y, flow_x, flow_y, H, W, taps)) continue;
+    const acc_t w = pixel_weight<acc_t>(
+        kind, metric ? metric[n * (index_t)me_sn + y * (index_t)me_sy + x * (index_t)me_sx] : acc_t(0));
+    for (int k = 0; k < 4; ++k) {
+      if (!taps.keep[k]) continue;
+      const index_t ty = tap_y(taps, k), tx = tap_x(taps, k);
+      const acc_t b = taps.weight[k];
+      for (index_t c = 0; c < C; ++c) {
+        const acc_t v = static_cast<acc_t>(input[n * (index_t)in_sn + c * (index_t)in_sc + y * (index_t)in_sy + x * (index_t)in_sx]);
+        // b * (v * w): the oracle's order of operations
+        atomicAdd(out + ((n * C + c) * H + ty) * W + tx, kind == SUM ? b * v : b * (v * w));
+      }
+      if (kind != SUM) atomicAdd(normaliser + (n * H + ty) * W + tx, b * w);
+    }
+  }
+}
+
+template <typename acc_t, typename index_t>
+__global__ void splat_normalise_kernel(acc_t* __restrict__ out, const acc_t* __restrict__ normaliser,
+                                       index_t N, index_t C, index_t H, index_t W, int normalisation) {
+  SOFTSPLAT_KERNEL_LOOP(element, N * C * H * W) {
+    const index_t pixel = element % (H * W), n = element / (C * H * W);
+    out[element] = out[element] / safe_normaliser(normaliser[n * H * W + pixel], normalisation);
+  }
+}
+
+// g[n, y, x, :] = (gN_0 .. gN_{C-1}, gD) for the normalised kinds, (grad_0 .. grad_{C-1}) for sum.
+template <typename acc_t, typename index_t>
+__global__ void splat_backward_prepare_kernel(
+    const acc_t* __restrict__ grad, long long gr_sn, long long gr_sc, long long gr_sy, long long gr_sx,
+    const acc_t* __restrict__ out,  // [N, C, H, W] contiguous; null for sum
+    const acc_t* __restrict__ normaliser,  // [N, 1, H, W] contiguous; null for sum
+    const acc_t* __restrict__ grad_normaliser, long long gn_sn, long long gn_sy, long long gn_sx,  // may be null
+    index_t N, index_t C, index_t H, index_t W, int kind, int normalisation,
+    acc_t* __restrict__ g) {
+  const index_t K = C + (kind == SUM ? 0 : 1);
+  SOFTSPLAT_KERNEL_LOOP(pixel, N * H * W) {
+    const index_t x = pixel % W, y = (pixel / W) % H, n = pixel / (W * H);
+    acc_t* row = g + pixel * K;
+    if (kind == SUM) {
+      for (index_t c = 0; c < C; ++c)
+        row[c] = grad[n * (index_t)gr_sn + c * (index_t)gr_sc + y * (index_t)gr_sy + x * (index_t)gr_sx];
+      continue;
+    }
+    const acc_t D = normaliser[pixel];
+    const acc_t divisor = safe_normaliser(D, normalisation);
+    acc_t gD = 0;
+    for (index_t c = 0; c < C; ++c) {
+      row[c] = grad[n * (index_t)gr_sn + c * (index_t)gr_sc + y * (index_t)gr_sy + x * (index_t)gr_sx] / divisor;
+      gD -= row[c] * out[((n * C + c) * H + y) * W + x];
+    }
+    row[C] = normaliser_passes_gradient(D, normalisation) ? gD : acc_t(0);
+    if (grad_normaliser) row[C] += grad_normaliser[n * (index_t)gn_sn + y * (index_t)gn_sy + x * (index_t)gn_sx];
+  }
+}
+
+template <typename scalar_t, typename acc_t, typename index_t>
+__global__ void splat_backward_kernel(
+    const scalar_t* __restrict__ input, long long in_sn, long long in_sc, long long in_sy, long long in_sx,
+    const acc_t* __restrict__ flow, long long fl_sn, long long fl_sc, long long fl_sy, long long fl_sx,
+    const acc_t* __restrict__ metric, long long me_sn, long long me_sy, long long me_sx,
+    const acc_t* __restrict__ g,  // from splat_backward_prepare_kernel
+    index_t N, index_t C, index_t H, index_t W, int kind,
+    scalar_t* __restrict__ grad_input,  // [N, C, H, W] contiguous, or null
+    acc_t* __restrict__ grad_flow,      // [N, 2, H, W] contiguous, or null
+    acc_t* __restrict__ grad_metric) {  // [N, 1, H, W] contiguous, or null
+  const bool normalised = kind != SUM;
+  const index_t K = C + (normalised ? 1 : 0);
+  SOFTSPLAT_KERNEL_LOOP(pixel, N * H * W) {
+    const index_t x = pixel % W, y = (pixel / W) % H, n = pixel / (W * H);
+    const scalar_t* values = input + n * (index_t)in_sn + y * (index_t)in_sy + x * (index_t)in_sx;
+    const acc_t w = pixel_weight<acc_t>(
+        kind, metric ? metric[n * (index_t)me_sn + y * (index_t)me_sy + x * (index_t)me_sx] : acc_t(0));
+    Taps<acc_t, index_t> taps;
+    const acc_t flow_x = flow[n * (index_t)fl_sn + y * (index_t)fl_sy + x * (index_t)fl_sx];
+    const acc_t flow_y = flow[n * (index_t)fl_sn + (index_t)fl_sc + y * (index_t)fl_sy + x * (index_t)fl_sx];
+    const bool lands = make_taps<acc_t, index_t>(x, y, flow_x, flow_y, H, W, taps);
+    acc_t dx[4], dy[4];
+    if (lands) tap_derivatives(taps, dx, dy);
+    const acc_t* tap_rows[4];
+    for (int k = 0; k < 4; ++k)
+      tap_rows[k] = lands && taps.keep[k] ? g + ((n * H + tap_y(taps, k)) * W + tap_x(taps, k)) * K : nullptr;
+
+    // Per channel: gathered_c = sum over kept taps of weight * gN_c. Computed for every pixel,
+    // landed or not, as autograd does through the oracle (0 * inf stays NaN there too).
+    acc_t grad_fx = 0, grad_fy = 0, grad_w = 0;
+    for (index_t c = 0; c < C; ++c) {
+      const acc_t v = static_cast<acc_t>(values[c * (index_t)in_sc]);
+      const acc_t splatted = normalised ? v * w : v;
+      acc_t gathered = 0;
+      for (int k = 0; k < 4; ++k) {
+        if (!tap_rows[k]) continue;
+        gathered += taps.weight[k] * tap_rows[k][c];
+        grad_fx += dx[k] * (tap_rows[k][c] * splatted);
+        grad_fy += dy[k] * (tap_rows[k][c] * splatted);
+      }
+      if (grad_input) grad_input[((n * C + c) * H + y) * W + x] = static_cast<scalar_t>(normalised ? gathered * w : gathered);
+      grad_w += gathered * v;
+    }
+    if (normalised) {
+      for (int k = 0; k < 4; ++k) {
+        if (!tap_rows[k]) continue;
+        grad_w += taps.weight[k] * tap_rows[k][C];
+        grad_fx += dx[k] * (tap_rows[k][C] * w);
+        grad_fy += dy[k] * (tap_rows[k][C] * w);
+      }
+    }
+    if (grad_flow) {
+      grad_flow[((n * 2) * H + y) * W + x] = grad_fx;
+      grad_flow[((n * 2 + 1) * H + y) * W + x] = grad_fy;
+    }
+    if (grad_metric) grad_metric[(n * H + y) * W + x] = grad_w * weight_derivative(kind, w);
+  }
+}
+
+#undef SOFTSPLAT_KERNEL_LOOP
+
+}  // namespace softsplat

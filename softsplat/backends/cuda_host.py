@@ -1,0 +1,37 @@
+"""Backend ``cuda-host`` (for tests): the cpp backend's CUDA kernels, compiled by g++ from the
+same source through a host shim and run on CPU tensors. It is how a machine without a GPU
+executes the CUDA kernel logic under the conformance suite; ``auto`` never picks it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .base import Backend, Problem
+from .extension import OpLibrary, compiler_reason
+
+
+@functools.cache
+def library() -> OpLibrary:
+    return OpLibrary("softsplat_cuda_host", ["splat_cuda_host.cpp"], cflags=["-std=c++20"])
+
+
+class CudaHostBackend(Backend):
+    name = "cuda-host"
+    summary = "test only: the CUDA kernels (splat_kernels.cuh) run on the CPU through a host shim"
+    deterministic_on = ()  # atomics in the forward, as on a GPU
+
+    def devices(self) -> tuple[str, ...]:
+        return ("cpu",)
+
+    def _unavailable_reason(self) -> str | None:
+        return compiler_reason()
+
+    def prepare(self) -> None:
+        self._library = library()
+        self._library.ops()
+
+    def run(self, problem: Problem) -> torch.Tensor:
+        return self._library.forward(problem)
