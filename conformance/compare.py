@@ -20,6 +20,7 @@ import dataclasses
 import torch
 
 import softsplat
+from softsplat.backends import oracle
 
 from .strategies import Case
 
@@ -133,6 +134,55 @@ def compare(
 
 
 def gradient_scale(reference: torch.Tensor) -> torch.Tensor:
-    """Gradients are compared norm-wise: relative to the largest finite reference magnitude."""
+    """Norm-wise scale: the largest finite reference magnitude (for hand-made checks)."""
     finite = reference[reference.isfinite()]
     return finite.abs().max().double() if finite.numel() else torch.tensor(0.0, dtype=torch.float64)
+
+
+def _gather(per_target: torch.Tensor, flow: torch.Tensor, weighted: bool) -> torch.Tensor:
+    """Per source pixel: sum over its kept taps of (|tap weight| or 1) * ``per_target[tap]``."""
+    N, K, H, W = per_target.shape
+    table = per_target.permute(0, 2, 3, 1).reshape(N * H * W, K)
+    result = per_target.new_zeros(N, H, W, K)
+    for target, weight, keep in oracle.taps(flow):
+        factor = (weight.abs() if weighted else torch.ones_like(weight)) * keep
+        result += factor.unsqueeze(-1) * table[target]
+    return result.permute(0, 3, 1, 2)
+
+
+@torch.no_grad()
+def gradient_magnitudes(case: Case, cotangent: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per element, the sum of the absolute values of the terms each gradient adds up (float64).
+
+    A gradient element is a sum of products; rounding errs relative to the sum of the terms'
+    magnitudes, not to the result, which may cancel to ~0 (a pixel that alone covers its
+    targets has a metric gradient of exactly 0 made of terms of size 1/D). The tap-weight
+    derivatives are bounded by 1, which bounds the flow gradient's terms.
+    """
+    x, flow = case.input.double().cpu(), case.flow.double().cpu()
+    g = cotangent.double().cpu().abs()
+    mode = case.mode
+    N, _, H, W = x.shape
+    ones = x.new_ones(N, 1, H, W)
+    if mode.kind == "sum":
+        weight = ones
+        g_numerator, g_normaliser = g, torch.zeros_like(ones)
+    else:
+        metric = None if case.metric is None else case.metric.double().cpu()
+        weight = {"avg": ones, "linear": metric, "soft": metric.exp() if metric is not None else None}[mode.kind]
+        splatted = oracle.splat_sum(torch.cat([x * weight, weight], 1), flow)
+        divisor = oracle.safe_normaliser(splatted[:, -1:], mode).abs()
+        out = (splatted[:, :-1] / divisor).abs()
+        g_numerator = g / divisor
+        g_normaliser = (g_numerator * out).sum(1, keepdim=True)
+    w = weight.abs()
+    weighted_n, weighted_d = _gather(g_numerator, flow, True), _gather(g_normaliser, flow, True)
+    unweighted_n, unweighted_d = _gather(g_numerator, flow, False), _gather(g_normaliser, flow, False)
+    magnitudes = {
+        "input": w * weighted_n,
+        "flow": ((x.abs() * w * unweighted_n).sum(1, keepdim=True) + w * unweighted_d).expand(-1, 2, -1, -1),
+    }
+    if case.metric is not None:
+        derivative = weight.abs() if mode.kind == "soft" else torch.ones_like(w)
+        magnitudes["metric"] = derivative * ((x.abs() * weighted_n).sum(1, keepdim=True) + weighted_d)
+    return {name: m.nan_to_num(nan=0.0, posinf=0.0) for name, m in magnitudes.items()}

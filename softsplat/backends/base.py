@@ -50,6 +50,8 @@ class Backend(abc.ABC):
     dtypes: tuple[torch.dtype, ...] = FLOATING
     #: Device types on which the backend is run-to-run deterministic.
     deterministic_on: tuple[str, ...] = ()
+    #: A backend that exists to test something else (never in ``PRIORITY``, not prebuilt).
+    test_only: bool = False
 
     def devices(self) -> tuple[str, ...]:
         """Device types the backend can run on (may depend on the environment)."""

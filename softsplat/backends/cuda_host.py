@@ -22,6 +22,7 @@ class CudaHostBackend(Backend):
     name = "cuda-host"
     summary = "test only: the CUDA kernels (splat_kernels.cuh) run on the CPU through a host shim"
     deterministic_on = ()  # atomics in the forward, as on a GPU
+    test_only = True
 
     def devices(self) -> tuple[str, ...]:
         return ("cpu",)

@@ -20,7 +20,24 @@ import torch
 from .base import Problem
 
 CSRC = pathlib.Path(__file__).parent / "csrc"
-CFLAGS = ["-O3", "-fopenmp", "-std=c++17"]
+# Built on the machine that runs it, so -march=native; the CPU model is part of the cache key.
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
+
+
+def _cpu_model() -> str:
+    """The CPU's model and instruction-set flags (Linux), else what ``platform`` knows."""
+    import platform
+
+    try:
+        lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    first = {}
+    for line in lines:
+        key = line.split(":")[0].strip()
+        if key in ("model name", "flags"):
+            first.setdefault(key, line)
+    return "\n".join(first.values()) or platform.processor() or platform.machine()
 
 
 def compiler_reason() -> str | None:
@@ -52,6 +69,7 @@ class OpLibrary:
         for path in sorted(set(self.sources) | set(CSRC.glob("*.h")) | set(CSRC.glob("*.cuh"))):
             digest.update(path.name.encode() + path.read_bytes())
         digest.update(" ".join(self.cflags + self.cuda_cflags).encode() + torch.__version__.encode())
+        digest.update(_cpu_model().encode())
         return f"{self.namespace}_{digest.hexdigest()[:12]}"
 
     def build_directory(self) -> pathlib.Path:

@@ -12,15 +12,16 @@ from ..modes import EPS, Mode
 from .base import Backend, Problem
 
 
-def splat_sum(values: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
-    """Summation splatting ``S(values)``: ``values [N, K, H, W]``, ``flow [N, 2, H, W]``, one dtype.
+def taps(flow: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """The four bilinear taps of every source pixel of ``flow [N, 2, H, W]``.
 
-    Every source pixel ``(n, y, x)`` lands at ``(x + flow[n, 0], y + flow[n, 1])`` and adds
-    ``tap weight * values[n, :, y, x]`` to each of the four pixels around it that is in bounds.
+    Returns, per tap (north-west, north-east, south-west, south-east), ``(target, weight, keep)``:
+    the flat target index ``(n * H + ty) * W + tx`` where kept, the differentiable bilinear
+    weight ``[N, H, W]``, and whether the tap is kept (the pixel lands and the tap is inside).
     """
-    N, K, H, W = values.shape
-    xs = torch.arange(W, dtype=values.dtype, device=values.device).view(1, 1, W)
-    ys = torch.arange(H, dtype=values.dtype, device=values.device).view(1, H, 1)
+    N, _, H, W = flow.shape
+    xs = torch.arange(W, dtype=flow.dtype, device=flow.device).view(1, 1, W)
+    ys = torch.arange(H, dtype=flow.dtype, device=flow.device).view(1, H, 1)
     fx = xs + flow[:, 0]  # [N, H, W]
     fy = ys + flow[:, 1]
     x0, y0 = torch.floor(fx), torch.floor(fy)
@@ -32,21 +33,34 @@ def splat_sum(values: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     fx, fy = torch.where(lands, fx, 0), torch.where(lands, fy, 0)
     x0, y0 = torch.where(lands, x0, 0), torch.where(lands, y0, 0)
     x1, y1 = x0 + 1, y0 + 1
-    # Tap order: north-west, north-east, south-west, south-east. floor() has zero derivative,
-    # so at integer coordinates the gradient is that of the cell floor() selects.
-    taps = (
+    # floor() has zero derivative, so at integer coordinates the gradient is that of the cell
+    # floor() selects.
+    corners = (
         (x0, y0, (x1 - fx) * (y1 - fy)),
         (x1, y0, (fx - x0) * (y1 - fy)),
         (x0, y1, (x1 - fx) * (fy - y0)),
         (x1, y1, (fx - x0) * (fy - y0)),
     )
-    batch = torch.arange(N, device=values.device).view(N, 1, 1).expand(N, H, W)
+    batch = torch.arange(N, device=flow.device).view(N, 1, 1)
+    result = []
+    for tx, ty, weight in corners:
+        keep = lands & (tx >= 0) & (tx <= W - 1) & (ty >= 0) & (ty <= H - 1)
+        target = (batch * H + torch.where(keep, ty, 0).long()) * W + torch.where(keep, tx, 0).long()
+        result.append((target, weight, keep))
+    return result
+
+
+def splat_sum(values: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+    """Summation splatting ``S(values)``: ``values [N, K, H, W]``, ``flow [N, 2, H, W]``, one dtype.
+
+    Every source pixel ``(n, y, x)`` lands at ``(x + flow[n, 0], y + flow[n, 1])`` and adds
+    ``tap weight * values[n, :, y, x]`` to each of the four pixels around it that is in bounds.
+    """
+    N, K, H, W = values.shape
     per_pixel = values.permute(0, 2, 3, 1)  # [N, H, W, K]
     out = values.new_zeros(N * H * W, K)
-    for tx, ty, weight in taps:
-        keep = lands & (tx >= 0) & (tx <= W - 1) & (ty >= 0) & (ty <= H - 1)
-        target = (batch[keep] * H + ty[keep].long()) * W + tx[keep].long()
-        out.index_add_(0, target, weight[keep].unsqueeze(1) * per_pixel[keep])
+    for target, weight, keep in taps(flow):
+        out.index_add_(0, target[keep], weight[keep].unsqueeze(1) * per_pixel[keep])
     return out.view(N, H, W, K).permute(0, 3, 1, 2)
 
 

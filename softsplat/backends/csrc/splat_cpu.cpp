@@ -1,12 +1,13 @@
 // The cpp backend's CPU kernels and the `softsplat` op library.
 //
-// Forward: source rows are cut into bands of a fixed height. Each band splats into a private
-// buffer covering only the target rows its pixels reach (pixel-major, the C weighted channels
-// then the normaliser), so no two threads write the same memory; a second pass sums, for every
-// target row, the buffers that cover it in band order, divides and writes NCHW. The band layout
-// depends only on the data, never on the thread count: results are bitwise reproducible.
-// Backward: a pass over target pixels prepares gN = grad / D' and gD, then every source pixel
-// gathers from its four taps and writes only its own gradients: no atomics, no races.
+// Forward: source rows are cut into bands. Each band splats into a private buffer covering only
+// the target rows its flows reach, pixel-major (the C weighted channels, then the normaliser, of
+// one target pixel side by side), so a tap is one short contiguous update that the compiler
+// vectorises, and no two threads ever write the same memory. A second pass adds, for every
+// target row, the buffers that cover it in band order, divides and writes NCHW. Band sizes
+// depend on the image size and the flow alone, never on the thread count: results are bitwise
+// reproducible. Backward: a pass over target pixels prepares gN = grad / D' and gD, then every
+// source pixel gathers from its four taps and writes only its own gradients: no atomics.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -15,6 +16,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
+#include <memory>
 #include <vector>
 
 #include "schemas.h"
@@ -23,9 +26,8 @@
 namespace softsplat {
 namespace {
 
-constexpr int64_t kBandRows = 64;
-// Private buffers may cover at most this many times the image's rows; beyond, neighbouring
-// bands are merged (fewer, taller bands), a decision that depends on the data alone.
+// Band buffers may hold at most this many times the image's rows; beyond (flows reaching far),
+// neighbouring bands are merged into taller ones, a decision that depends on the data alone.
 constexpr int64_t kBufferRowsPerImageRow = 3;
 
 struct View4 {  // element strides of an [N, C, H, W] tensor
@@ -33,12 +35,6 @@ struct View4 {  // element strides of an [N, C, H, W] tensor
   explicit View4(const at::Tensor& t) : n(t.stride(0)), c(t.stride(1)), y(t.stride(2)), x(t.stride(3)) {}
   View4() : n(0), c(0), y(0), x(0) {}
   int64_t at(int64_t in, int64_t ic, int64_t iy, int64_t ix) const { return in * n + ic * c + iy * y + ix * x; }
-};
-
-struct Band {
-  int64_t n, y_begin, y_end;  // source rows [y_begin, y_end) of image n
-  int64_t lo, hi;             // target rows lo..hi its taps reach (lo > hi: none)
-  int64_t offset;             // of its buffer in the scratch, in elements
 };
 
 template <typename acc_t>
@@ -59,44 +55,61 @@ struct Sources {
   }
 };
 
+struct Band {
+  int64_t n, y_begin, y_end;  // source rows [y_begin, y_end) of image n
+  int64_t lo, hi;             // target rows its taps may reach: [lo, hi)
+  int64_t offset;             // of its buffer [hi - lo][W][K] in the scratch
+  int64_t rows() const { return hi - lo; }
+};
+
+// Rows floor(y + flow_y) and the one below, over the band's pixels with a finite target row,
+// clamped to the image; computed in floating point, so no huge value is converted to an integer.
 template <typename acc_t>
 void find_reach(const Sources<acc_t>& src, Band& band) {
-  band.lo = src.H;
-  band.hi = -1;
-  Taps<acc_t, int64_t> t;
+  acc_t lowest = std::numeric_limits<acc_t>::infinity(), highest = -lowest;
   for (int64_t y = band.y_begin; y < band.y_end; ++y) {
+    const acc_t* row = src.flow + src.flow_view.at(band.n, 1, y, 0);
     for (int64_t x = 0; x < src.W; ++x) {
-      if (!src.taps(band.n, y, x, t)) continue;
-      if (t.keep[0] || t.keep[1]) band.lo = std::min(band.lo, t.y0), band.hi = std::max(band.hi, t.y0);
-      if (t.keep[2] || t.keep[3]) band.lo = std::min(band.lo, t.y0 + 1), band.hi = std::max(band.hi, t.y0 + 1);
+      const acc_t fy = static_cast<acc_t>(y) + row[x * src.flow_view.x];
+      if (!is_finite(fy)) continue;
+      lowest = std::min(lowest, fy);
+      highest = std::max(highest, fy);
     }
   }
+  band.lo = band.hi = band.y_begin;
+  if (lowest > highest) return;  // no finite target row: an empty buffer
+  const acc_t H = static_cast<acc_t>(src.H);
+  band.lo = static_cast<int64_t>(std::min(std::max(floor_of(lowest), acc_t(0)), H));
+  band.hi = std::max(band.lo, static_cast<int64_t>(std::min(std::max(floor_of(highest) + acc_t(2), acc_t(0)), H)));
 }
-
-int64_t rows_of(const Band& b) { return b.hi >= b.lo ? b.hi - b.lo + 1 : 0; }
 
 template <typename acc_t>
 std::vector<Band> plan_bands(const Sources<acc_t>& src, int64_t N) {
+  // Band height from the image size alone: ~32 bands per image, 8 to 64 rows each.
+  const int64_t height = std::min<int64_t>(64, std::max<int64_t>(8, (src.H + 31) / 32));
   std::vector<Band> bands;
   for (int64_t n = 0; n < N; ++n)
-    for (int64_t y = 0; y < src.H; y += kBandRows)
-      bands.push_back({n, y, std::min(src.H, y + kBandRows), 0, -1, 0});
+    for (int64_t y = 0; y < src.H; y += height)
+      bands.push_back({n, y, std::min(src.H, y + height), y, y, 0});
   at::parallel_for(0, static_cast<int64_t>(bands.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) find_reach(src, bands[i]);
   });
-  auto total = [&] {
+  auto buffer_rows = [&] {
     int64_t rows = 0;
-    for (const auto& b : bands) rows += rows_of(b);
+    for (const auto& b : bands) rows += b.rows();
     return rows;
   };
-  while (total() > kBufferRowsPerImageRow * N * src.H) {
+  while (buffer_rows() > kBufferRowsPerImageRow * N * src.H) {
     std::vector<Band> merged;
     for (size_t i = 0; i < bands.size(); ++i) {
       Band b = bands[i];
       if (i + 1 < bands.size() && bands[i + 1].n == b.n) {
         const Band& next = bands[++i];
         b.y_end = next.y_end;
-        if (rows_of(next)) b.lo = std::min(b.lo, next.lo), b.hi = std::max(b.hi, next.hi);
+        if (next.rows()) {
+          b.lo = b.rows() ? std::min(b.lo, next.lo) : next.lo;
+          b.hi = std::max(b.hi, next.hi);
+        }
       }
       merged.push_back(b);
     }
@@ -106,54 +119,82 @@ std::vector<Band> plan_bands(const Sources<acc_t>& src, int64_t N) {
   return bands;
 }
 
+// target[0..K) += b * values[0..K): one tap. K is a compile-time constant for the common
+// channel counts (KC > 0), so the update is a few vector instructions.
+template <int KC, typename acc_t>
+inline void add_tap(acc_t* __restrict target, const acc_t* __restrict values, acc_t b, int64_t K) {
+  if constexpr (KC > 0) {
+    for (int j = 0; j < KC; ++j) target[j] += b * values[j];
+  } else {
+    for (int64_t j = 0; j < K; ++j) target[j] += b * values[j];
+  }
+}
+
+template <int KC, typename scalar_t, typename acc_t>
+void scatter_band(const Band& band, const scalar_t* in, const View4& in_view, const Sources<acc_t>& src,
+                  int64_t C, int64_t K, acc_t* __restrict buffer, acc_t* __restrict values) {
+  const bool normalised = src.kind != SUM;
+  const int64_t W = src.W, n = band.n;
+  std::fill(buffer, buffer + band.rows() * W * K, acc_t(0));
+  if (!band.rows()) return;
+  Taps<acc_t, int64_t> t;
+  for (int64_t y = band.y_begin; y < band.y_end; ++y) {
+    for (int64_t x = 0; x < W; ++x) {
+      if (!src.taps(n, y, x, t)) continue;
+      const acc_t w = src.weight(n, y, x);
+      const scalar_t* pixel = in + in_view.at(n, 0, y, x);
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t v = static_cast<acc_t>(pixel[c * in_view.c]);
+        values[c] = normalised ? v * w : v;  // then b * (v * w): the oracle's order
+      }
+      if (normalised) values[C] = w;
+      // Taps are pixel (x0, y0) and its right, lower and lower-right neighbours; every kept
+      // tap's row lies in [lo, hi) by construction of the band (find_reach).
+      acc_t* north = buffer + ((t.y0 - band.lo) * W + t.x0) * K;
+      acc_t* south = north + W * K;
+      if (t.keep[0]) add_tap<KC>(north, values, t.weight[0], K);
+      if (t.keep[1]) add_tap<KC>(north + K, values, t.weight[1], K);
+      if (t.keep[2]) add_tap<KC>(south, values, t.weight[2], K);
+      if (t.keep[3]) add_tap<KC>(south + K, values, t.weight[3], K);
+    }
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 void forward_kernel(const at::Tensor& input, const Sources<acc_t>& src, int normalisation,
                     at::Tensor& out, at::Tensor& normaliser) {
-  const int64_t N = input.size(0), C = input.size(1), H = src.H, W = src.W;
+  const int64_t N = input.size(0), C = input.size(1), H = src.H, W = src.W, HW = H * W;
   const bool normalised = src.kind != SUM;
-  const int64_t K = C + (normalised ? 1 : 0);  // channels of a buffer pixel
+  const int64_t K = C + (normalised ? 1 : 0);  // values per buffer pixel: C channels, then D
   const scalar_t* in = input.data_ptr<scalar_t>();
   const View4 in_view(input);
+  acc_t* out_data = out.data_ptr<acc_t>();
+  acc_t* norm_data = normalised ? normaliser.data_ptr<acc_t>() : nullptr;
 
   std::vector<Band> bands = plan_bands(src, N);
   int64_t size = 0;
-  for (auto& b : bands) b.offset = size, size += rows_of(b) * W * K;
-  std::vector<acc_t> scratch(static_cast<size_t>(size));
+  for (auto& b : bands) b.offset = size, size += b.rows() * W * K;
+  std::unique_ptr<acc_t[]> scratch(new acc_t[static_cast<size_t>(size)]);  // zeroed per band
 
   at::parallel_for(0, static_cast<int64_t>(bands.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> values(static_cast<size_t>(K));
-    Taps<acc_t, int64_t> t;
     for (int64_t i = begin; i < end; ++i) {
-      const Band& band = bands[i];
-      acc_t* buffer = scratch.data() + band.offset;  // this band's alone
-      if (!rows_of(band)) continue;
-      for (int64_t y = band.y_begin; y < band.y_end; ++y) {
-        for (int64_t x = 0; x < W; ++x) {
-          if (!src.taps(band.n, y, x, t)) continue;
-          const acc_t w = src.weight(band.n, y, x);
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t v = static_cast<acc_t>(in[in_view.at(band.n, c, y, x)]);
-            values[c] = normalised ? v * w : v;
-          }
-          if (normalised) values[C] = w;
-          for (int k = 0; k < 4; ++k) {
-            if (!t.keep[k]) continue;
-            acc_t* target = buffer + ((tap_y(t, k) - band.lo) * W + tap_x(t, k)) * K;
-            const acc_t b = t.weight[k];
-            for (int64_t c = 0; c < K; ++c) target[c] += b * values[c];
-          }
-        }
+      acc_t* buffer = scratch.get() + bands[i].offset;  // this band's alone
+      switch (K) {
+        case 1: scatter_band<1>(bands[i], in, in_view, src, C, K, buffer, values.data()); break;
+        case 2: scatter_band<2>(bands[i], in, in_view, src, C, K, buffer, values.data()); break;
+        case 3: scatter_band<3>(bands[i], in, in_view, src, C, K, buffer, values.data()); break;
+        case 4: scatter_band<4>(bands[i], in, in_view, src, C, K, buffer, values.data()); break;
+        default: scatter_band<0>(bands[i], in, in_view, src, C, K, buffer, values.data()); break;
       }
     }
   });
 
-  // Image n's bands are contiguous in `bands`, in source-row order.
+  // Image n's bands are contiguous in `bands`, in row order.
   std::vector<int64_t> first(N + 1, static_cast<int64_t>(bands.size()));
   for (int64_t i = static_cast<int64_t>(bands.size()) - 1; i >= 0; --i) first[bands[i].n] = i;
   for (int64_t n = N - 1; n >= 0; --n) first[n] = std::min(first[n], first[n + 1]);
 
-  acc_t* out_data = out.data_ptr<acc_t>();
-  acc_t* norm_data = normalised ? normaliser.data_ptr<acc_t>() : nullptr;
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> row(static_cast<size_t>(W * K));
     for (int64_t index = begin; index < end; ++index) {
@@ -161,16 +202,20 @@ void forward_kernel(const at::Tensor& input, const Sources<acc_t>& src, int norm
       std::fill(row.begin(), row.end(), acc_t(0));
       for (int64_t i = first[n]; i < first[n + 1]; ++i) {  // fixed order: bitwise reproducible
         const Band& band = bands[i];
-        if (y < band.lo || y > band.hi) continue;
-        const acc_t* part = scratch.data() + band.offset + (y - band.lo) * W * K;
+        if (y < band.lo || y >= band.hi) continue;
+        const acc_t* part = scratch.get() + band.offset + (y - band.lo) * W * K;
         for (int64_t j = 0; j < W * K; ++j) row[j] += part[j];
       }
+      acc_t* out_row = out_data + n * C * HW + y * W;
       for (int64_t x = 0; x < W; ++x) {
         const acc_t* pixel = row.data() + x * K;
-        const acc_t divisor = normalised ? safe_normaliser(pixel[C], normalisation) : acc_t(1);
-        for (int64_t c = 0; c < C; ++c)
-          out_data[((n * C + c) * H + y) * W + x] = normalised ? pixel[c] / divisor : pixel[c];
-        if (normalised) norm_data[(n * H + y) * W + x] = pixel[C];
+        if (!normalised) {
+          for (int64_t c = 0; c < C; ++c) out_row[c * HW + x] = pixel[c];
+          continue;
+        }
+        const acc_t divisor = safe_normaliser(pixel[C], normalisation);
+        for (int64_t c = 0; c < C; ++c) out_row[c * HW + x] = pixel[c] / divisor;
+        norm_data[n * HW + y * W + x] = pixel[C];
       }
     }
   });

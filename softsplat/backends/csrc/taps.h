@@ -41,20 +41,23 @@ struct Taps {
 };
 
 // Fills `taps` for the pixel at column x, row y moved by (flow_x, flow_y); returns false when the
-// pixel contributes nothing: a non-finite target, or one whose four taps all lie outside. The
-// bounds are checked in floating point before converting to integers, so a huge coordinate is
-// never converted (that conversion is undefined behaviour); after the check
-// -1 <= x0 <= W-1 and -1 <= y0 <= H-1, which fit index_t.
+// pixel contributes nothing: a non-finite target, or one whose four taps all lie outside
+// (floor(fx) < -1 or > W-1, likewise for y). The bounds are checked in floating point before
+// converting to integers, so a huge coordinate is never converted (that conversion is undefined
+// behaviour); after the check -1 <= x0 <= W-1 and -1 <= y0 <= H-1, which fit index_t.
 template <typename T, typename index_t>
 SOFTSPLAT_HD bool make_taps(index_t x, index_t y, T flow_x, T flow_y, index_t H, index_t W,
                             Taps<T, index_t>& taps) {
   const T fx = static_cast<T>(x) + flow_x;
   const T fy = static_cast<T>(y) + flow_y;
-  if (!is_finite(fx) || !is_finite(fy)) return false;
-  const T x0f = floor_of(fx), y0f = floor_of(fy);
-  if (x0f < T(-1) || x0f > static_cast<T>(W - 1) || y0f < T(-1) || y0f > static_cast<T>(H - 1))
-    return false;
-  const index_t x0 = static_cast<index_t>(x0f), y0 = static_cast<index_t>(y0f);
+  // floor(fx) < -1 <=> fx < -1 and floor(fx) > W-1 <=> fx >= W; NaN fails every comparison
+  // and infinities fail the bounds, so this also drops non-finite targets.
+  if (!(fx >= T(-1) && fx < static_cast<T>(W) && fy >= T(-1) && fy < static_cast<T>(H))) return false;
+  // In range, so the conversion is defined; truncation rounds towards zero, floor downwards.
+  index_t x0 = static_cast<index_t>(fx), y0 = static_cast<index_t>(fy);
+  x0 -= static_cast<T>(x0) > fx ? 1 : 0;
+  y0 -= static_cast<T>(y0) > fy ? 1 : 0;
+  const T x0f = static_cast<T>(x0), y0f = static_cast<T>(y0);
   const T x1f = x0f + T(1), y1f = y0f + T(1);
   taps.x0 = x0;
   taps.y0 = y0;
