@@ -51,14 +51,21 @@ def splat(
             ``torch.use_deterministic_algorithms(True)``.
     """
     problem = validate(input, flow, metric, mode)
+    return backends.get(resolve_backend(input, problem.mode, backend)).run(problem)
+
+
+def resolve_backend(input: torch.Tensor, mode: str | Mode, backend: str = "auto") -> str:
+    """The name of the backend ``splat`` uses for an ``input`` like this one in ``mode``:
+    ``backend``, or with ``"auto"`` the environment variable ``SOFTSPLAT_BACKEND`` when set,
+    else the first fit of ``softsplat.backends.PRIORITY``. Builds the backend if it needs it."""
     if not isinstance(backend, str):
         raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
     argument = "backend"
     if backend == "auto" and os.environ.get(BACKEND_ENV, "").strip():
         backend, argument = os.environ[BACKEND_ENV].strip(), BACKEND_ENV
     deterministic = torch.are_deterministic_algorithms_enabled()
-    name = _choose(input.device.type, input.dtype, problem.mode.value, backend, argument, deterministic)
-    return backends.get(name).run(problem)
+    mode = Mode.parse(mode)
+    return _choose(input.device.type, input.dtype, mode.value, backend, argument, deterministic)
 
 
 @torch.compiler.assume_constant_result

@@ -1,4 +1,4 @@
-"""The command line: ``softsplat info``, ``softsplat build``. Imports only the API and the registry."""
+"""The command line: ``softsplat info``, ``build``, ``demo``. Imports only downward."""
 
 from __future__ import annotations
 
@@ -49,10 +49,25 @@ def build(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def demo(args: argparse.Namespace) -> int:
+    from . import demo as demo_module
+
+    return demo_module.run(args)
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from . import demo as demo_module
+
+    demo_module.add_arguments(parser)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="softsplat", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help=info.__doc__).set_defaults(func=info)
     commands.add_parser("build", help=build.__doc__).set_defaults(func=build)
+    demo_parser = commands.add_parser("demo", help="warp an embedded scene (or your frames) with all four modes")
+    _demo_arguments(demo_parser)
+    demo_parser.set_defaults(func=demo)
     args = parser.parse_args(argv)
     return args.func(args)

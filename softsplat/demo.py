@@ -1,0 +1,295 @@
+"""``softsplat demo``: summation, average, linear and softmax splatting side by side.
+
+With no arguments the demo renders an embedded synthetic scene: two textured objects moving over
+a textured, panning background. Because the scene is generated in code, the forward flow is
+exact, occlusions are known, and the true frame exists at any time ``t``, so every mode's result
+is scored by its PSNR against the truth. Frame one is warped to ``t`` with the four modes; the
+metric follows the paper: brightness constancy ``|I0 - backwarp(I1, F)|``, used as
+``-alpha * error`` by ``soft`` and as a clipped positive weight by ``linear``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from . import api
+from .modes import Mode
+
+MODES = ("sum", "avg", "linear", "soft")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """A rigidly translating textured shape; ``None`` shape means the whole (background) plane."""
+
+    velocity: tuple[float, float]  # pixels per unit time (x, y); the flow from t=0 to t=1
+    centre: tuple[float, float] = (0.0, 0.0)  # at t = 0
+    shape: str | None = None  # "disc" or "box"
+    size: tuple[float, float] = (0.0, 0.0)  # radius, or half width and half height
+    seed: int = 0
+
+
+def _texture(u: torch.Tensor, v: torch.Tensor, seed: int) -> torch.Tensor:
+    """An RGB texture of the coordinates (u, v), values in [0, 1]: [3, H, W]. Seed 1 gives a
+    muted, smooth background; other seeds bold two-colour patterns (checks or stripes) that
+    stand out from it."""
+    generator = torch.Generator().manual_seed(seed)
+    detail = torch.zeros_like(u)
+    for _ in range(5):
+        fu, fv = (torch.rand(2, generator=generator) - 0.5) * 0.6
+        phase = torch.rand(1, generator=generator).item() * 2 * math.pi
+        detail = detail + torch.sin(u * fu + v * fv + phase) / 5
+    if seed == 1:
+        base = torch.tensor([0.35, 0.45, 0.55], dtype=u.dtype).view(3, 1, 1)
+        return (base + 0.15 * detail + 0.05 * torch.sign(torch.sin(0.2 * u - 0.1 * v))).clamp(0, 1)
+    if seed % 2 == 0:  # checks
+        pattern = (torch.floor(u / 9) + torch.floor(v / 9)) % 2
+        first, second = torch.tensor([0.95, 0.8, 0.1]), torch.tensor([0.8, 0.1, 0.15])
+    else:  # stripes
+        pattern = (torch.floor((u + 0.5 * v) / 7) % 2)
+        first, second = torch.tensor([0.1, 0.85, 0.4]), torch.tensor([0.95, 0.95, 0.9])
+    colour = torch.where(pattern.bool(), first.to(u.dtype).view(3, 1, 1), second.to(u.dtype).view(3, 1, 1))
+    return (colour + 0.08 * detail).clamp(0, 1)
+
+
+def _inside(layer: Layer, x: torch.Tensor, y: torch.Tensor, t: float) -> torch.Tensor:
+    if layer.shape is None:
+        return torch.ones_like(x, dtype=torch.bool)
+    cx = layer.centre[0] + layer.velocity[0] * t
+    cy = layer.centre[1] + layer.velocity[1] * t
+    if layer.shape == "disc":
+        return (x - cx) ** 2 + (y - cy) ** 2 <= layer.size[0] ** 2
+    return ((x - cx).abs() <= layer.size[0]) & ((y - cy).abs() <= layer.size[1])
+
+
+@dataclasses.dataclass
+class Scene:
+    height: int = 270
+    width: int = 480
+    layers: tuple[Layer, ...] = ()  # back to front
+
+    @classmethod
+    def default(cls, height: int = 270, width: int = 480) -> Scene:
+        s = min(height, width) / 270
+        return cls(height, width, (
+            Layer(velocity=(6.0 * s, -3.0 * s), seed=1),  # panning background
+            Layer(velocity=(32.0 * s, 10.0 * s), centre=(0.36 * width, 0.45 * height), shape="disc", size=(48 * s, 0), seed=2),
+            Layer(velocity=(-30.0 * s, 6.0 * s), centre=(0.64 * width, 0.55 * height), shape="box", size=(58 * s, 40 * s), seed=3),
+        ))
+
+    def _grid(self):
+        y, x = torch.meshgrid(torch.arange(self.height, dtype=torch.float64), torch.arange(self.width, dtype=torch.float64), indexing="ij")
+        return x, y
+
+    def frame(self, t: float) -> torch.Tensor:
+        """The exact frame at time ``t``: [1, 3, H, W] float32 in [0, 1]."""
+        x, y = self._grid()
+        image = torch.zeros(3, self.height, self.width, dtype=torch.float64)
+        for layer in self.layers:
+            u = x - layer.velocity[0] * t - layer.centre[0]
+            v = y - layer.velocity[1] * t - layer.centre[1]
+            image = torch.where(_inside(layer, x, y, t), _texture(u, v, layer.seed), image)
+        return image.float().unsqueeze(0)
+
+    def flow(self) -> torch.Tensor:
+        """The exact forward flow from t=0 to t=1 of the surface visible at t=0: [1, 2, H, W]."""
+        x, y = self._grid()
+        flow = torch.zeros(2, self.height, self.width, dtype=torch.float64)
+        for layer in self.layers:
+            moving = torch.tensor(layer.velocity, dtype=torch.float64).view(2, 1, 1).expand_as(flow)
+            flow = torch.where(_inside(layer, x, y, 0.0), moving, flow)
+        return flow.float().unsqueeze(0)
+
+
+def backwarp(image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+    """``image`` sampled at ``p + flow(p)`` (bilinear, border padding): [N, C, H, W]."""
+    N, _, H, W = image.shape
+    y, x = torch.meshgrid(torch.arange(H, dtype=image.dtype), torch.arange(W, dtype=image.dtype), indexing="ij")
+    gx = (x + flow[:, 0]) / max(W - 1, 1) * 2 - 1
+    gy = (y + flow[:, 1]) / max(H - 1, 1) * 2 - 1
+    return F.grid_sample(image, torch.stack([gx, gy], -1), mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def metrics(one: torch.Tensor, two: torch.Tensor, flow: torch.Tensor, alpha: float) -> dict[str, torch.Tensor | None]:
+    """The per-pixel metric of each mode: brightness constancy, as the paper uses it."""
+    error = (one - backwarp(two, flow)).abs().mean(1, keepdim=True)
+    return {"sum": None, "avg": None, "linear": (1.0 - alpha * error).clamp(1e-3, 1.0), "soft": -alpha * error}
+
+
+def psnr(result: torch.Tensor, truth: torch.Tensor) -> float:
+    mse = float(((result.clamp(0, 1) - truth) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def warp_all(one, flow, metric_by_mode, t: float, backend: str) -> dict[str, torch.Tensor]:
+    return {
+        mode: api.splat(one, flow * t, metric_by_mode[mode], mode=mode, backend=backend)
+        for mode in MODES
+    }
+
+
+def flow_to_rgb(flow: torch.Tensor) -> torch.Tensor:
+    """Direction as hue, magnitude as saturation: [H, W, 3] in [0, 1]."""
+    from matplotlib.colors import hsv_to_rgb
+
+    fx, fy = flow[0, 0], flow[0, 1]
+    magnitude = torch.sqrt(fx**2 + fy**2)
+    hue = (torch.atan2(-fy, -fx) / math.pi + 1) / 2
+    saturation = (magnitude / magnitude.max().clamp_min(1e-6)).clamp(0, 1)
+    return torch.from_numpy(hsv_to_rgb(torch.stack([hue, saturation, torch.ones_like(hue)], -1).numpy()))
+
+
+def figure(path, one, two, flow, truth, results, scores, t, backend_name) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def show(axis, image, title):
+        if image.dim() == 2:  # an error map
+            axis.imshow(image.numpy(), cmap="magma", vmin=0, vmax=0.5)
+        else:
+            axis.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
+        axis.set_title(title, fontsize=9)
+        axis.axis("off")
+
+    fig, axes = plt.subplots(3, 4, figsize=(16, 8.6))
+    show(axes[0, 0], one[0], "frame one (t = 0)")
+    show(axes[0, 1], two[0], "frame two (t = 1)")
+    axes[0, 2].imshow(flow_to_rgb(flow).numpy())
+    axes[0, 2].set_title("forward flow (hue: direction)", fontsize=9)
+    axes[0, 2].axis("off")
+    show(axes[0, 3], truth[0], f"true frame at t = {t:g}")
+    for column, mode in enumerate(MODES):
+        show(axes[1, column], results[mode][0], f"{mode} splatting: PSNR {scores[mode]:.2f} dB")
+        show(axes[2, column], (results[mode][0].clamp(0, 1) - truth[0]).abs().mean(0), f"{mode}: |error|")
+    fig.suptitle(f"softsplat demo: frame one warped to t = {t:g} (backend: {backend_name})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def animation(path, one, flow, metric_by_mode, times, backend) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.animation import FuncAnimation, PillowWriter
+
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
+    images = []
+    for axis, mode in zip(axes, MODES):
+        axis.axis("off")
+        axis.set_title(mode)
+        images.append(axis.imshow(one[0].permute(1, 2, 0).numpy()))
+
+    def draw(t):
+        for image, (mode, result) in zip(images, warp_all(one, flow, metric_by_mode, t, backend).items()):
+            image.set_data(result[0].clamp(0, 1).permute(1, 2, 0).numpy())
+        fig.suptitle(f"t = {t:.2f}")
+        return images
+
+    FuncAnimation(fig, draw, frames=list(times)).save(path, writer=PillowWriter(fps=4))
+    plt.close(fig)
+
+
+def load_image(path) -> torch.Tensor:
+    import matplotlib.image
+
+    image = torch.from_numpy(matplotlib.image.imread(path)).float()
+    if image.dim() == 2:
+        image = image.unsqueeze(-1).expand(-1, -1, 3)
+    image = image[..., :3]
+    if image.max() > 1:
+        image = image / 255
+    return image.permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def estimate_flow(one: torch.Tensor, two: torch.Tensor) -> torch.Tensor:
+    """Forward flow one -> two with OpenCV's DIS optical flow (the ``demo`` extra)."""
+    try:
+        import cv2
+    except ImportError as error:
+        raise SystemExit(
+            "softsplat demo: --flow was not given and OpenCV is not installed to estimate it; "
+            'install the demo extra (pip install "softsplat[demo]") or pass --flow F.flo'
+        ) from error
+    import numpy as np
+
+    def grey(image):
+        return (image[0].mean(0).numpy() * 255).astype(np.uint8)
+
+    dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+    flow = dis.calc(grey(one), grey(two), None)
+    return torch.from_numpy(flow).permute(2, 0, 1).unsqueeze(0).float()
+
+
+def run(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from . import io
+
+    console = Console()
+    started = time.perf_counter()
+    times = [float(v) for v in args.times.split(",")] if args.times else [args.t]
+    if args.one or args.two:
+        if not (args.one and args.two):
+            raise SystemExit("softsplat demo: --one and --two go together")
+        one, two = load_image(args.one), load_image(args.two)
+        if one.shape != two.shape:
+            raise SystemExit(f"softsplat demo: --one is {tuple(one.shape[2:])}, --two is {tuple(two.shape[2:])}")
+        flow = io.read_flo(args.flow).unsqueeze(0) if args.flow else estimate_flow(one, two)
+        if flow.shape[2:] != one.shape[2:]:
+            raise SystemExit(f"softsplat demo: the flow is {tuple(flow.shape[2:])}, the images {tuple(one.shape[2:])}")
+        truth_at = None
+    else:
+        scene = Scene.default(args.height, args.width)
+        one, two, flow = scene.frame(0.0), scene.frame(1.0), scene.flow()
+        truth_at = scene.frame
+    metric_by_mode = metrics(one, two, flow, args.alpha)
+    backend = api.resolve_backend(one, Mode.SOFT, args.backend)
+    console.print(f"softsplat demo: backend [bold]{backend}[/] ({'picked by auto' if args.backend == 'auto' else 'chosen'})")
+
+    table = Table(title="PSNR against the true frame (dB)" if truth_at else "PSNR against frame two at t = 1 (dB)")
+    table.add_column("t")
+    for mode in MODES:
+        table.add_column(mode, justify="right")
+    shown = None
+    for t in times:
+        results = warp_all(one, flow, metric_by_mode, t, backend)
+        truth = truth_at(t) if truth_at else (two if t == 1 else None)
+        scores = {m: psnr(r, truth) if truth is not None else float("nan") for m, r in results.items()}
+        best = max(scores.values())
+        table.add_row(f"{t:g}", *(f"[bold]{scores[m]:.2f}[/]" if scores[m] == best else f"{scores[m]:.2f}" for m in MODES))
+        if shown is None or t == args.t:
+            shown = (t, results, truth if truth is not None else one, scores)
+    console.print(table)
+    t, results, truth, scores = shown
+    figure(args.out, one, two, flow, truth, results, scores, t, backend)
+    console.print(f"figure: {args.out}")
+    if args.gif:
+        sweep = times if len(times) > 1 else [i / 8 for i in range(9)]
+        animation(args.gif, one, flow, metric_by_mode, sweep, backend)
+        console.print(f"animation: {args.gif}")
+    console.print(f"done in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--t", type=float, default=0.5, help="time to warp frame one to (default 0.5)")
+    parser.add_argument("--times", default="", help="comma-separated times for a sweep, e.g. 0,0.25,0.5,0.75,1")
+    parser.add_argument("--alpha", type=float, default=20.0, help="metric scale: soft uses -alpha * brightness error")
+    parser.add_argument("--out", default="softsplat-demo.png", help="figure to write (default softsplat-demo.png)")
+    parser.add_argument("--gif", default=None, help="also write the time sweep as an animated GIF")
+    parser.add_argument("--backend", default="auto", help="backend to use (default auto)")
+    parser.add_argument("--one", help="first frame (PNG) instead of the embedded scene")
+    parser.add_argument("--two", help="second frame (PNG)")
+    parser.add_argument("--flow", help="forward flow one -> two (.flo); estimated with OpenCV if omitted")
+    parser.add_argument("--height", type=int, default=270, help="embedded scene height (default 270)")
+    parser.add_argument("--width", type=int, default=480, help="embedded scene width (default 480)")

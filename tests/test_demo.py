@@ -1,0 +1,106 @@
+"""The main job: `softsplat demo`, and the .flo reader/writer it uses for user data."""
+
+from __future__ import annotations
+
+import argparse
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from softsplat import demo, io
+
+
+def _arguments(tmp_path, **overrides) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    args = parser.parse_args([])
+    args.out = str(tmp_path / "figure.png")
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args
+
+
+def test_soft_beats_avg_beats_sum_on_the_embedded_scene() -> None:
+    scene = demo.Scene.default()
+    one, two, flow = scene.frame(0.0), scene.frame(1.0), scene.flow()
+    metric = demo.metrics(one, two, flow, alpha=20.0)
+    for t in (0.5, 0.75):  # the default time, and one later
+        results = demo.warp_all(one, flow, metric, t, backend="auto")
+        truth = scene.frame(t)
+        scores = {mode: demo.psnr(result, truth) for mode, result in results.items()}
+        assert scores["soft"] > scores["avg"] > scores["sum"], (t, scores)
+
+
+def test_scene_flow_is_exact_where_nothing_is_occluded() -> None:
+    """Backward-warping frame two by the exact flow gives frame one wherever the background
+    stays visible (its motion is a whole number of pixels at the default size: no resampling)."""
+    scene = demo.Scene.default()
+    one, two, flow = scene.frame(0.0), scene.frame(1.0), scene.flow()
+    background = scene.layers[0].velocity
+    x, y = scene._grid()
+    far = torch.ones_like(one[:, :1], dtype=torch.bool)
+    for layer in scene.layers[1:]:  # background at p at t=0, and still visible where it goes at t=1
+        far &= ~demo._inside(layer, x, y, 0.0)
+        far &= ~demo._inside(layer, x + background[0], y + background[1], 1.0)
+    far[..., :12, :] = far[..., -12:, :] = far[..., :, :12] = far[..., :, -12:] = False
+    error = (demo.backwarp(two, flow) - one).abs().mean(1, keepdim=True)
+    assert background != (0, 0) and far.sum() > 0.5 * far.numel()
+    assert float(error[far].max()) < 1e-5  # grid_sample's coordinate rounding
+
+
+def test_demo_command_writes_figure_table_and_gif(tmp_path) -> None:
+    out, gif = tmp_path / "demo.png", tmp_path / "sweep.gif"
+    result = subprocess.run(
+        [sys.executable, "-m", "softsplat", "demo", "--out", str(out), "--gif", str(gif), "--times", "0.25,0.5",
+         "--height", "90", "--width", "160", "--backend", "torch"],
+        capture_output=True, text=True, timeout=300, env={"COLUMNS": "120", "PATH": ""},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "backend torch (chosen)" in result.stdout and "PSNR" in result.stdout
+    assert out.stat().st_size > 10_000 and gif.read_bytes()[:6] in (b"GIF89a", b"GIF87a")
+
+
+def test_demo_on_user_frames_with_a_flo_file(tmp_path) -> None:
+    import matplotlib.image
+
+    scene = demo.Scene.default(60, 100)
+    for name, t in (("a.png", 0.0), ("b.png", 1.0)):
+        matplotlib.image.imsave(tmp_path / name, scene.frame(t)[0].permute(1, 2, 0).numpy())
+    io.write_flo(tmp_path / "f.flo", scene.flow())
+    args = _arguments(tmp_path, one=str(tmp_path / "a.png"), two=str(tmp_path / "b.png"), flow=str(tmp_path / "f.flo"), backend="torch")
+    assert demo.run(args) == 0 and (tmp_path / "figure.png").exists()
+
+
+def test_flo_round_trip(tmp_path) -> None:
+    flow = torch.randn(2, 7, 11)
+    flow[0, 0, 0] = float("inf")
+    io.write_flo(tmp_path / "x.flo", flow)
+    assert torch.equal(io.read_flo(tmp_path / "x.flo"), flow)
+    io.write_flo(tmp_path / "y.flo", flow.unsqueeze(0))
+    assert torch.equal(io.read_flo(tmp_path / "y.flo"), flow)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "expected a .flo header of 12 bytes, got a file of 0 bytes"),
+        (b"JUNK" + struct.pack("<ii", 2, 2), "expected the .flo magic 202021.25"),
+        (struct.pack("<fii", 202021.25, 3, 2) + b"\0" * 40, r"a 3 x 2 flow needs 60 bytes, the file has 52 \(truncated\)"),
+        (struct.pack("<fii", 202021.25, 1, 1) + b"\0" * 12, r"needs 20 bytes, the file has 24 \(trailing data\)"),
+        (struct.pack("<fii", 202021.25, -1, 5), r"expected a width and height in \[0, 65536\], got -1 x 5"),
+    ],
+)
+def test_flo_rejects_corrupt_files(tmp_path, content, message) -> None:
+    path = tmp_path / "bad.flo"
+    path.write_bytes(content)
+    with pytest.raises(io.FloError, match=message) as error:
+        io.read_flo(path)
+    assert str(path) in str(error.value) and isinstance(error.value, ValueError)
+
+
+def test_write_flo_rejects_bad_shapes(tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"^flow: expected a tensor \[2, H, W\], got shape \(3, 4, 5\)"):
+        io.write_flo(tmp_path / "z.flo", torch.zeros(3, 4, 5))
