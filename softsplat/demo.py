@@ -189,7 +189,7 @@ def animation(path, one, flow, metric_by_mode, times, backend) -> None:
         images.append(axis.imshow(one[0].permute(1, 2, 0).numpy()))
 
     def draw(t):
-        for image, (mode, result) in zip(images, warp_all(one, flow, metric_by_mode, t, backend).items()):
+        for image, result in zip(images, warp_all(one, flow, metric_by_mode, t, backend).values()):
             image.set_data(result[0].clamp(0, 1).permute(1, 2, 0).numpy())
         fig.suptitle(f"t = {t:.2f}")
         return images
