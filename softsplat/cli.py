@@ -61,6 +61,18 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     demo_module.add_arguments(parser)
 
 
+def bench(args: argparse.Namespace) -> int:
+    from . import bench as bench_module
+
+    return bench_module.run(args)
+
+
+def _bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from . import bench as bench_module
+
+    bench_module.add_arguments(parser)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="softsplat", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -69,5 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     demo_parser = commands.add_parser("demo", help="warp an embedded scene (or your frames) with all four modes")
     _demo_arguments(demo_parser)
     demo_parser.set_defaults(func=demo)
+    bench_parser = commands.add_parser("bench", help="time every available backend side by side")
+    _bench_arguments(bench_parser)
+    bench_parser.set_defaults(func=bench)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -1,0 +1,85 @@
+"""asv benchmarks of softsplat.splat: backend x mode x size x dtype x pass.
+
+Times are synchronised with the device. Unavailable backends, dtypes a backend does not declare,
+and combinations too slow to time here raise NotImplementedError in setup, which asv reports as
+skipped. SOFTSPLAT_ASV_TINY=1 replaces every size by 16x24 (the test suite runs each parameter
+set once that way, without timing).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+import softsplat
+from softsplat import backends, bench
+
+BACKENDS = [name for name in backends.names() if not backends.get(name).test_only]
+MODES = ["sum", "soft"]
+SIZES = ["256x448", "1080x1920", "2160x3840"]
+DTYPES = ["float32", "float16"]
+PASSES = ["forward", "forward+backward"]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _size(name: str) -> tuple[int, int]:
+    return (16, 24) if os.environ.get("SOFTSPLAT_ASV_TINY") else bench.parse_size(name)
+
+
+def _check(backend_name: str, mode: str, size: str, dtype_name: str) -> torch.dtype:
+    backend = backends.get(backend_name)
+    dtype = getattr(torch, dtype_name)
+    reasons = backend.not_supported_reasons(backends.Signature(DEVICE, dtype, softsplat.Mode.parse(mode)))
+    if reasons:
+        raise NotImplementedError("; ".join(reasons))
+    if backend_name == "triton" and DEVICE == "cpu":
+        raise NotImplementedError("triton runs in its interpreter on CPU: times mean nothing")
+    if backend_name == "torch" and DEVICE == "cpu" and size == "2160x3840" and not os.environ.get("SOFTSPLAT_ASV_TINY"):
+        raise NotImplementedError("the oracle at 4K on CPU takes minutes per sample")
+    return dtype
+
+
+class Splat:
+    params = [BACKENDS, MODES, SIZES, DTYPES, PASSES]
+    param_names = ["backend", "mode", "size", "dtype", "pass"]
+    number = 1
+    repeat = (2, 5, 30.0)
+    warmup_time = 0.0
+    timeout = 600
+
+    def setup(self, backend, mode, size, dtype, pass_):
+        dtype = _check(backend, mode, size, dtype)
+        self.size = _size(size)
+        self.tensors = bench.inputs(self.size, dtype=dtype, device=DEVICE)
+        forward, forward_backward = bench.passes(bench.splat_call(backend), self.tensors, mode)
+        self.function = forward if pass_ == "forward" else forward_backward
+        self.function()  # warm-up: builds and caches what the backend needs
+        self.mode, self.dtype = mode, dtype
+
+    def time_splat(self, *params):
+        self.function()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+
+    def track_bandwidth_fraction(self, backend, mode, size, dtype, pass_):
+        """Fraction of the machine's copy bandwidth the forward achieves (1.0 = at the bound)."""
+        if pass_ != "forward":
+            raise NotImplementedError("bandwidth is tracked for the forward pass only")
+        seconds = bench.timed(self.function, DEVICE, repeats=3)
+        return bench.forward_bytes(self.size, dtype=self.dtype, mode=self.mode) / seconds / bench.copy_bandwidth(DEVICE)
+
+    track_bandwidth_fraction.unit = "fraction"
+
+    def peakmem_splat(self, *params):
+        self.function()
+
+    def track_peak_cuda_memory(self, *params):
+        """Peak bytes allocated on the GPU by one call (CUDA only; peakmem_splat covers CPU)."""
+        if DEVICE != "cuda":
+            raise NotImplementedError("CUDA memory is tracked on CUDA devices only")
+        torch.cuda.reset_peak_memory_stats()
+        self.function()
+        return torch.cuda.max_memory_allocated()
+
+    track_peak_cuda_memory.unit = "bytes"

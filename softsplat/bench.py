@@ -1,0 +1,187 @@
+"""``softsplat bench``: every available backend side by side, timed in one run on this machine.
+
+Also the helpers the asv benchmarks (``asv_bench/``) share: inputs, a plain pure-torch port to
+compare against, synchronised timing, and the memory-bandwidth bound of the fused forward.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from . import api, backends
+from .modes import EPS, Mode
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"1080x1920"`` -> ``(1080, 1920)`` (height x width)."""
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"size: expected HEIGHTxWIDTH such as 1080x1920, got {text!r}") from None
+    if height <= 0 or width <= 0:
+        raise ValueError(f"size: expected positive sizes, got {text!r}")
+    return height, width
+
+
+def inputs(size, channels=3, batch=1, dtype=torch.float32, device="cpu", seed=0):
+    """Input, a smooth flow of up to ~10 pixels (as optical flow is) and a metric."""
+    height, width = size
+    generator = torch.Generator().manual_seed(seed)
+    input = torch.rand((batch, channels, height, width), generator=generator)
+    coarse = torch.randn((batch, 2, max(2, height // 64), max(2, width // 64)), generator=generator) * 6
+    flow = F.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False)
+    metric = torch.randn((batch, 1, height, width), generator=generator)
+    return tuple(t.to(device=device, dtype=dtype) for t in (input, flow, metric))
+
+
+def naive_port(input, flow, metric, mode: str = "soft") -> torch.Tensor:
+    """How ports commonly write it in plain torch: ``index_add_`` of the four taps over
+    ``cat([input * exp(metric), exp(metric)])`` (no fused kernel, no eps variants). Only for
+    timing comparisons; the oracle, not this, is the specification."""
+    N, _, H, W = input.shape
+    if mode == "sum":
+        values = input
+    else:
+        weight = metric.exp() if mode == "soft" else (metric if mode == "linear" else torch.ones_like(metric))
+        values = torch.cat([input * weight, weight], 1)
+    K = values.shape[1]
+    ys, xs = torch.meshgrid(torch.arange(H, device=input.device, dtype=input.dtype),
+                            torch.arange(W, device=input.device, dtype=input.dtype), indexing="ij")
+    fx, fy = xs + flow[:, 0], ys + flow[:, 1]
+    x0, y0 = fx.floor(), fy.floor()
+    out = values.new_zeros(N, K, H * W)
+    flat = values.reshape(N, K, H * W)
+    for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
+        tx, ty = x0 + dx, y0 + dy
+        weight = (1 - (fx - tx).abs()) * (1 - (fy - ty).abs())
+        inside = (tx >= 0) & (tx < W) & (ty >= 0) & (ty < H)
+        index = (ty.clamp(0, H - 1) * W + tx.clamp(0, W - 1)).long().reshape(N, H * W)
+        contribution = flat * (weight * inside).reshape(N, 1, H * W)
+        for n in range(N):
+            out[n].index_add_(1, index[n], contribution[n])
+    out = out.view(N, K, H, W)
+    return out if mode == "sum" else out[:, :-1] / (out[:, -1:] + EPS)
+
+
+def _synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(function, device="cpu", repeats: int = 3) -> float:
+    """Median seconds of ``function()`` over ``repeats`` runs after one warm-up, synchronised."""
+    function()
+    _synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def passes(call, tensors, mode):
+    """(forward, forward+backward) closures of ``call(input, flow, metric_or_None, mode)``."""
+    metric = tensors[2] if mode in ("linear", "soft") else None
+
+    def forward():
+        with torch.no_grad():
+            call(tensors[0], tensors[1], metric, mode)
+
+    def forward_backward():
+        leaves = [t.detach().requires_grad_() for t in (tensors[0], tensors[1])]
+        leaves.append(metric.detach().requires_grad_() if metric is not None else None)
+        call(*leaves, mode).float().sum().backward()
+
+    return forward, forward_backward
+
+
+def splat_call(backend: str):
+    return lambda input, flow, metric, mode: api.splat(input, flow, metric, mode=mode, backend=backend)
+
+
+def copy_bandwidth(device="cpu") -> float:
+    """Measured bytes per second of a large tensor copy (read + write)."""
+    source = torch.empty(64 * 1024 * 1024 // 4, device=device)
+    target = torch.empty_like(source)
+    seconds = timed(lambda: target.copy_(source), device, repeats=5)
+    return 2 * source.numel() * 4 / seconds
+
+
+def forward_bytes(size, channels=3, batch=1, dtype=torch.float32, mode="soft") -> int:
+    """Bytes the fused forward must move at least: read input, flow and metric, write the
+    result (compute dtype) and the normaliser."""
+    height, width = size
+    pixels = batch * height * width
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    metric = 4 if mode in ("linear", "soft") else 0
+    normaliser = 4 if mode != "sum" else 0
+    return pixels * (channels * itemsize + 2 * 4 + metric + channels * 4 + normaliser)
+
+
+def run(args) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    console = Console(width=max(Console().width, 150))
+    sizes = [parse_size(s) for s in args.sizes.split(",")]
+    modes = args.modes.split(",")
+    device = args.device
+    dtype = getattr(torch, args.dtype)
+    candidates = [b for b in backends.all_backends() if not b.test_only]
+    if args.backends:
+        candidates = [backends.get(name) for name in args.backends.split(",")]
+    runnable, skipped = [], []
+    for backend in candidates:
+        call = backends.Signature(torch.device(device).type, dtype, Mode.parse(modes[0]))
+        reasons = backend.not_supported_reasons(call)
+        if backend.name == "triton" and not torch.cuda.is_available():
+            reasons.append("runs in the Triton interpreter here: its times mean nothing")
+        (skipped if reasons else runnable).append((backend, reasons))
+    for backend, reasons in skipped:
+        console.print(f"[yellow]skipped {backend.name}[/]: {'; '.join(reasons)}")
+    bandwidth = copy_bandwidth(device)
+    contenders = [(b.name, splat_call(b.name)) for b, _ in runnable] + [("naive port", naive_port)]
+    rows = []
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("timing", total=len(sizes) * len(modes) * len(contenders))
+        for size in sizes:
+            for mode in modes:
+                tensors = inputs(size, dtype=dtype, device=device)
+                measured = {}
+                for name, call in contenders:
+                    progress.update(task, description=f"{name} {size[0]}x{size[1]} {mode}")
+                    forward, forward_backward = passes(call, tensors, mode)
+                    measured[name] = (timed(forward, device, args.repeats), timed(forward_backward, device, args.repeats))
+                    progress.advance(task)
+                bound = forward_bytes(size, dtype=dtype, mode=mode) / bandwidth
+                rows.append((size, mode, measured, bound))
+    table = Table(title=f"softsplat bench on {device}, {args.dtype}, median of {args.repeats} (ratios: how many times faster)")
+    for column in ("size", "mode", "backend", "forward ms", "fwd+bwd ms", "vs torch oracle fwd / fwd+bwd", "vs naive port fwd / fwd+bwd", "forward / bandwidth bound"):
+        table.add_column(column, justify="right")
+    for size, mode, measured, bound in rows:
+        oracle, naive = measured.get("torch"), measured["naive port"]
+        for name, (forward, both) in measured.items():
+            versus_oracle = f"{oracle[0] / forward:.1f}x / {oracle[1] / both:.1f}x" if oracle else "-"
+            table.add_row(
+                f"{size[0]}x{size[1]}", mode, name, f"{forward * 1e3:.1f}", f"{both * 1e3:.1f}", versus_oracle,
+                f"{naive[0] / forward:.1f}x / {naive[1] / both:.1f}x", f"{forward / bound:.1f}x",
+            )
+    console.print(table)
+    console.print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; bound = bytes the fused forward must move / that bandwidth")
+    return 0
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--sizes", default="256x448,1080x1920", help="HEIGHTxWIDTH,... (default 256x448,1080x1920)")
+    parser.add_argument("--modes", default="soft", help="comma-separated modes (default soft)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the median is shown")
+    parser.add_argument("--backends", default="", help="comma-separated backends (default: every available one)")
