@@ -40,3 +40,14 @@ def lint(session: nox.Session) -> None:
     """ruff over the whole tree."""
     session.install("ruff")
     session.run("ruff", "check", ".", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """asv on the current commit in this session's environment, then the HTML dashboard."""
+    _install(session, "bench")
+    commit = session.run("git", "rev-parse", "HEAD", silent=True, external=True).strip()
+    with session.chdir("asv_bench"):
+        session.run("asv", "machine", "--yes")
+        session.run("asv", "run", "--python=same", "--set-commit-hash", commit, *session.posargs)
+        session.run("asv", "publish")
