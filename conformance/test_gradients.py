@@ -39,7 +39,11 @@ def test_gradcheck_float64(backend, device, mode) -> None:
     def function(*tensors):
         return softsplat.splat(*tensors, mode=mode, backend=backend.name)
 
-    assert torch.autograd.gradcheck(function, arguments, eps=1e-6, atol=1e-6, rtol=1e-5)
+    # Triton's interpreter spends ~10 ms per kernel launch: the full numerical Jacobian (one
+    # forward per input element) would take minutes, so there gradcheck checks random
+    # directional derivatives instead (fast_mode), with the same tolerances.
+    slow = backend.name == "triton" and device == "cpu"
+    assert torch.autograd.gradcheck(function, arguments, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=slow)
 
 
 def _integer_case(backend, device, mode: Mode) -> Case:

@@ -17,11 +17,12 @@ from .base import Backend, Signature
 _REGISTRY: dict[str, str | Backend] = {
     "torch": "oracle:TorchBackend",
     "cpp": "cpp:CppBackend",
+    "triton": "triton_backend:TritonBackend",
     "cuda-host": "cuda_host:CudaHostBackend",  # for tests; not in PRIORITY
 }
 
 #: The order in which ``auto`` tries backends (the fused kernels first, the oracle last).
-PRIORITY = ("cpp", "torch")
+PRIORITY = ("cpp", "triton", "torch")
 
 
 class BackendNotSupportedError(ValueError):

@@ -1,0 +1,140 @@
+"""Backend ``triton``: fused Triton kernels (``triton_kernels.py``) registered with
+``torch.library.triton_op`` and ``wrap_triton``, so ``torch.compile(fullgraph=True)`` sees
+through them, with an autograd formula. Triton is imported on first use only.
+
+On CUDA devices it runs the compiled kernels. With ``TRITON_INTERPRET=1`` set before Triton is
+imported, it runs them in Triton's interpreter on CPU tensors instead (how the test suite checks
+it without a GPU); ``opcheck`` and ``torch.compile`` need a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+from .base import Backend, Problem
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def _ops():
+    """Define the ``softsplat_triton`` ops (once)."""
+    import triton
+    from torch.library import triton_op, wrap_triton
+
+    from . import triton_kernels as k
+
+    # Large blocks in the interpreter: each program costs milliseconds there, whatever its size.
+    block = 4096 if interpreted() else 256
+
+    def acc(dtype):
+        return k.tl.float64 if dtype == torch.float64 else k.tl.float32
+
+    def metric_strides(metric):
+        return (metric.stride(0), metric.stride(2), metric.stride(3)) if metric is not None else (0, 0, 0)
+
+    @triton_op("softsplat_triton::splat_forward", mutates_args=())
+    def splat_forward(
+        input: torch.Tensor, flow: torch.Tensor, metric: torch.Tensor | None, kind: int, normalisation: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        N, C, H, W = input.shape
+        out = torch.zeros((N, C, H, W), dtype=flow.dtype, device=input.device)
+        normaliser = torch.zeros((N, 1, H, W) if kind else (0,), dtype=flow.dtype, device=input.device)
+        pixels = N * H * W
+        if pixels == 0:
+            return out, normaliser
+        metric_arg = metric if metric is not None else flow  # never read when kind < 2
+        wrap_triton(k._splat_fwd_kernel)[(triton.cdiv(pixels, block),)](
+            input, *input.stride(), flow, *flow.stride(), metric_arg, *metric_strides(metric),
+            out, normaliser if kind else out, N, C, H, W,
+            KIND=kind, ACC=acc(flow.dtype), BLOCK=block,
+        )
+        if kind and C:
+            wrap_triton(k._splat_normalise_kernel)[(triton.cdiv(pixels * C, block),)](
+                out, normaliser, N, C, H, W, NORM=normalisation, BLOCK=block,
+            )
+        return out, normaliser
+
+    @triton_op("softsplat_triton::splat_backward", mutates_args=())
+    def splat_backward(
+        grad_out: torch.Tensor, grad_normaliser: torch.Tensor | None, input: torch.Tensor, flow: torch.Tensor,
+        metric: torch.Tensor | None, out: torch.Tensor, normaliser: torch.Tensor, kind: int, normalisation: int,
+        output_mask: list[bool],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        N, C, H, W = input.shape
+        want_metric = bool(output_mask[2]) and metric is not None and kind >= 2
+        grad_input = torch.empty(input.shape if output_mask[0] else (0,), dtype=input.dtype, device=input.device)
+        grad_flow = torch.empty(flow.shape if output_mask[1] else (0,), dtype=flow.dtype, device=flow.device)
+        grad_metric = torch.empty((N, 1, H, W) if want_metric else (0,), dtype=flow.dtype, device=flow.device)
+        pixels = N * H * W
+        if pixels == 0 or not (output_mask[0] or output_mask[1] or want_metric):
+            return grad_input, grad_flow, grad_metric
+        g = torch.empty((N, H, W, C + (1 if kind else 0)), dtype=flow.dtype, device=flow.device)
+        has_gnorm = grad_normaliser is not None and kind != 0
+        gnorm = grad_normaliser if has_gnorm else g
+        grid = (triton.cdiv(pixels, block),)
+        out = out.contiguous()
+        wrap_triton(k._splat_bwd_prepare_kernel)[grid](
+            grad_out, *grad_out.stride(), out, normaliser.contiguous() if kind else out,
+            gnorm, *(metric_strides(gnorm) if has_gnorm else (0, 0, 0)), g, N, C, H, W,
+            KIND=kind, NORM=normalisation, HAS_GNORM=has_gnorm, ACC=acc(flow.dtype), BLOCK=block,
+        )
+        metric_arg = metric if metric is not None else flow
+        wrap_triton(k._splat_bwd_kernel)[grid](
+            input, *input.stride(), flow, *flow.stride(), metric_arg, *metric_strides(metric), g,
+            grad_input if output_mask[0] else g, grad_flow if output_mask[1] else g,
+            grad_metric if want_metric else g, N, C, H, W,
+            KIND=kind, WANT_INPUT=bool(output_mask[0]), WANT_FLOW=bool(output_mask[1]),
+            WANT_METRIC=want_metric, ACC=acc(flow.dtype), BLOCK=block,
+        )
+        return grad_input, grad_flow, grad_metric
+
+    def setup_context(ctx, inputs, output):
+        input, flow, metric, kind, normalisation = inputs
+        ctx.kind, ctx.normalisation = kind, normalisation
+        ctx.save_for_backward(input, flow, metric, *output)
+
+    def backward(ctx, grad_out, grad_normaliser):
+        input, flow, metric, out, normaliser = ctx.saved_tensors
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], metric is not None and ctx.needs_input_grad[2]]
+        grads = splat_backward(
+            grad_out, grad_normaliser if ctx.kind else None, input, flow, metric, out, normaliser,
+            ctx.kind, ctx.normalisation, mask,
+        )
+        return tuple(g if wanted else None for g, wanted in zip(grads, mask)) + (None, None)
+
+    splat_forward.register_autograd(backward, setup_context=setup_context)
+    return splat_forward
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    summary = "fused Triton kernels (triton_op), atomics in the forward, gather backward"
+    deterministic_on = ()
+
+    def devices(self) -> tuple[str, ...]:
+        return ("cpu",) if interpreted() else ("cuda",)
+
+    def _unavailable_reason(self) -> str | None:
+        if importlib.util.find_spec("triton") is None:
+            return "Triton is not installed (pip install 'softsplat[triton]')"
+        if not interpreted() and not torch.cuda.is_available():
+            return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter on CPU)"
+        return None
+
+    def prepare(self) -> None:
+        self._forward = _ops()
+
+    def run(self, problem: Problem) -> torch.Tensor:
+        dtype = problem.compute_dtype
+        metric = None if problem.metric is None else problem.metric.to(dtype)
+        out, _ = self._forward(
+            problem.input, problem.flow.to(dtype), metric, problem.mode.kind_code, problem.mode.normalisation_code
+        )
+        return out.to(problem.input.dtype)

@@ -1,0 +1,238 @@
+"""Triton kernels of softmax splatting: the same fused design and math as the CUDA kernels
+(``csrc/splat_kernels.cuh``, ``csrc/taps.h``); this module imports Triton, so only the Triton
+backend imports it, lazily.
+
+Forward: one lane per source pixel adds its weighted channels and weight to its four taps with
+``tl.atomic_add``, then one lane per output element divides. Backward: one lane per target pixel
+prepares ``gN = grad / D'`` and ``gD``, then one lane per source pixel gathers from its taps and
+writes only its own gradients: no atomics. Pixel indices are 64-bit throughout.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+SUM, AVG, LINEAR, SOFT = 0, 1, 2, 3
+ADDEPS, ZEROEPS, CLIPEPS = 0, 1, 2
+EPS = 1e-7
+
+
+@triton.jit
+def _taps(pixel, flow_ptr, sfn, sfc, sfy, sfx, H, W, ACC: tl.constexpr):
+    """Target coordinates, corner and bilinear weights of every pixel; `lands` is false for a
+    non-finite target or one entirely outside (checked in floating point, before conversion)."""
+    x = pixel % W
+    y = (pixel // W) % H
+    n = pixel // (W * H)
+    base = n * sfn + y * sfy + x * sfx
+    fx = x.to(ACC) + tl.load(flow_ptr + base).to(ACC)
+    fy = y.to(ACC) + tl.load(flow_ptr + base + sfc).to(ACC)
+    lands = (fx >= -1.0) & (fx < W.to(ACC)) & (fy >= -1.0) & (fy < H.to(ACC))  # NaN fails
+    fx = tl.where(lands, fx, 0.0)
+    fy = tl.where(lands, fy, 0.0)
+    x0f = tl.floor(fx)
+    y0f = tl.floor(fy)
+    x0 = x0f.to(tl.int64)
+    y0 = y0f.to(tl.int64)
+    east = fx - x0f
+    west = x0f + 1.0 - fx
+    south = fy - y0f
+    north = y0f + 1.0 - fy
+    return n, x, y, lands, x0, y0, east, west, south, north
+
+
+@triton.jit
+def _weight(metric_ptr, n, x, y, smn, smy, smx, mask, KIND: tl.constexpr, ACC: tl.constexpr):
+    """1, metric or exp(metric); no maximum subtracted, exactly the reference."""
+    if KIND == 2:
+        return tl.load(metric_ptr + n * smn + y * smy + x * smx, mask=mask, other=0.0).to(ACC)
+    elif KIND == 3:
+        return tl.exp(tl.load(metric_ptr + n * smn + y * smy + x * smx, mask=mask, other=0.0).to(ACC))
+    else:
+        return tl.full(x.shape, 1.0, ACC)
+
+
+@triton.jit
+def _splat_fwd_kernel(
+    input_ptr, sin_n, sin_c, sin_y, sin_x,
+    flow_ptr, sfn, sfc, sfy, sfx,
+    metric_ptr, smn, smy, smx,
+    out_ptr, norm_ptr,  # [N, C, H, W] and [N, 1, H, W], contiguous, zeroed
+    N, C, H, W,
+    KIND: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pixel = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    valid = pixel < N * H * W
+    pixel = tl.where(valid, pixel, 0)
+    n, x, y, lands, x0, y0, east, west, south, north = _taps(pixel, flow_ptr, sfn, sfc, sfy, sfx, H, W, ACC)
+    lands = lands & valid
+    w = _weight(metric_ptr, n, x, y, smn, smy, smx, valid, KIND, ACC)
+    in_w = x0 >= 0
+    in_e = x0 + 1 <= W - 1
+    in_n = y0 >= 0
+    in_s = y0 + 1 <= H - 1
+    keep_nw = lands & in_w & in_n
+    keep_ne = lands & in_e & in_n
+    keep_sw = lands & in_w & in_s
+    keep_se = lands & in_e & in_s
+    HW = H * W
+    t_nw = n * C * HW + y0 * W + x0  # channel-0 offsets of the taps; masked where not kept
+    t_ne = t_nw + 1
+    t_sw = t_nw + W
+    t_se = t_sw + 1
+    b_nw = west * north
+    b_ne = east * north
+    b_sw = west * south
+    b_se = east * south
+    source = input_ptr + n * sin_n + y * sin_y + x * sin_x
+    for c in range(0, C):
+        v = tl.load(source + c * sin_c, mask=lands, other=0.0).to(ACC)
+        if KIND != 0:
+            v = v * w  # then b * (v * w): the oracle's order
+        plane = out_ptr + c * HW
+        tl.atomic_add(plane + t_nw, b_nw * v, mask=keep_nw)
+        tl.atomic_add(plane + t_ne, b_ne * v, mask=keep_ne)
+        tl.atomic_add(plane + t_sw, b_sw * v, mask=keep_sw)
+        tl.atomic_add(plane + t_se, b_se * v, mask=keep_se)
+    if KIND != 0:
+        d_nw = n * HW + y0 * W + x0
+        tl.atomic_add(norm_ptr + d_nw, b_nw * w, mask=keep_nw)
+        tl.atomic_add(norm_ptr + d_nw + 1, b_ne * w, mask=keep_ne)
+        tl.atomic_add(norm_ptr + d_nw + W, b_sw * w, mask=keep_sw)
+        tl.atomic_add(norm_ptr + d_nw + W + 1, b_se * w, mask=keep_se)
+
+
+@triton.jit
+def _safe(D, NORM: tl.constexpr):
+    """D' of SPEC.md; NaN stays NaN."""
+    if NORM == 0:
+        return D + 1e-7
+    elif NORM == 1:
+        return tl.where(D == 0.0, 1.0, D)
+    else:
+        return tl.where(D < 1e-7, 1e-7, D)
+
+
+@triton.jit
+def _splat_normalise_kernel(out_ptr, norm_ptr, N, C, H, W, NORM: tl.constexpr, BLOCK: tl.constexpr):
+    element = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    valid = element < N * C * H * W
+    HW = H * W
+    D = tl.load(norm_ptr + (element // (C * HW)) * HW + element % HW, mask=valid, other=1.0)
+    value = tl.load(out_ptr + element, mask=valid, other=0.0)
+    tl.store(out_ptr + element, value / _safe(D, NORM), mask=valid)
+
+
+@triton.jit
+def _splat_bwd_prepare_kernel(
+    grad_ptr, sgn, sgc, sgy, sgx,
+    out_ptr, norm_ptr,  # contiguous; unused for sum
+    gnorm_ptr, sdn, sdy, sdx,  # gradient of the normaliser output; HAS_GNORM
+    g_ptr,  # [N, H, W, K] with K = C (+1 for the normalised kinds)
+    N, C, H, W,
+    KIND: tl.constexpr, NORM: tl.constexpr, HAS_GNORM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pixel = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    valid = pixel < N * H * W
+    x = pixel % W
+    y = (pixel // W) % H
+    n = pixel // (W * H)
+    HW = H * W
+    K = C + (1 if KIND != 0 else 0)
+    row = g_ptr + pixel * K
+    if KIND == 0:
+        for c in range(0, C):
+            grad = tl.load(grad_ptr + n * sgn + c * sgc + y * sgy + x * sgx, mask=valid, other=0.0).to(ACC)
+            tl.store(row + c, grad, mask=valid)
+    else:
+        D = tl.load(norm_ptr + pixel, mask=valid, other=1.0).to(ACC)
+        divisor = _safe(D, NORM)
+        gD = tl.zeros(x.shape, ACC)
+        for c in range(0, C):
+            gN = tl.load(grad_ptr + n * sgn + c * sgc + y * sgy + x * sgx, mask=valid, other=0.0).to(ACC) / divisor
+            tl.store(row + c, gN, mask=valid)
+            gD -= gN * tl.load(out_ptr + (n * C + c) * HW + y * W + x, mask=valid, other=0.0).to(ACC)
+        if NORM == 1:
+            gD = tl.where(D == 0.0, 0.0, gD)
+        if NORM == 2:
+            gD = tl.where(D >= 1e-7, gD, 0.0)
+        if HAS_GNORM:
+            gD += tl.load(gnorm_ptr + n * sdn + y * sdy + x * sdx, mask=valid, other=0.0).to(ACC)
+        tl.store(row + C, gD, mask=valid)
+
+
+@triton.jit
+def _splat_bwd_kernel(
+    input_ptr, sin_n, sin_c, sin_y, sin_x,
+    flow_ptr, sfn, sfc, sfy, sfx,
+    metric_ptr, smn, smy, smx,
+    g_ptr,
+    grad_input_ptr, grad_flow_ptr, grad_metric_ptr,  # contiguous
+    N, C, H, W,
+    KIND: tl.constexpr, WANT_INPUT: tl.constexpr, WANT_FLOW: tl.constexpr, WANT_METRIC: tl.constexpr,
+    ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pixel = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    valid = pixel < N * H * W
+    pixel = tl.where(valid, pixel, 0)
+    n, x, y, lands, x0, y0, east, west, south, north = _taps(pixel, flow_ptr, sfn, sfc, sfy, sfx, H, W, ACC)
+    lands = lands & valid
+    w = _weight(metric_ptr, n, x, y, smn, smy, smx, valid, KIND, ACC)
+    keep_nw = lands & (x0 >= 0) & (y0 >= 0)
+    keep_ne = lands & (x0 + 1 <= W - 1) & (y0 >= 0)
+    keep_sw = lands & (x0 >= 0) & (y0 + 1 <= H - 1)
+    keep_se = lands & (x0 + 1 <= W - 1) & (y0 + 1 <= H - 1)
+    K = C + (1 if KIND != 0 else 0)
+    g_nw = g_ptr + (n * H * W + y0 * W + x0) * K
+    g_ne = g_nw + K
+    g_sw = g_nw + W * K
+    g_se = g_sw + K
+    b_nw = west * north
+    b_ne = east * north
+    b_sw = west * south
+    b_se = east * south
+    grad_fx = tl.zeros(x.shape, ACC)
+    grad_fy = tl.zeros(x.shape, ACC)
+    grad_w = tl.zeros(x.shape, ACC)
+    source = input_ptr + n * sin_n + y * sin_y + x * sin_x
+    for c in range(0, C):
+        v = tl.load(source + c * sin_c, mask=valid, other=0.0).to(ACC)
+        splatted = v * w if KIND != 0 else v
+        q_nw = tl.load(g_nw + c, mask=keep_nw, other=0.0)
+        q_ne = tl.load(g_ne + c, mask=keep_ne, other=0.0)
+        q_sw = tl.load(g_sw + c, mask=keep_sw, other=0.0)
+        q_se = tl.load(g_se + c, mask=keep_se, other=0.0)
+        # Computed for every pixel, landed or not, as autograd does through the oracle; a tap
+        # that is not kept adds nothing (not even 0 * inf).
+        gathered = b_nw * q_nw + b_ne * q_ne + b_sw * q_sw + b_se * q_se
+        p_nw = tl.where(keep_nw, q_nw * splatted, 0.0)
+        p_ne = tl.where(keep_ne, q_ne * splatted, 0.0)
+        p_sw = tl.where(keep_sw, q_sw * splatted, 0.0)
+        p_se = tl.where(keep_se, q_se * splatted, 0.0)
+        grad_fx += (-north) * p_nw + north * p_ne + (-south) * p_sw + south * p_se
+        grad_fy += (-west) * p_nw + (-east) * p_ne + west * p_sw + east * p_se
+        if WANT_INPUT:
+            result = gathered * w if KIND != 0 else gathered
+            tl.store(grad_input_ptr + ((n * C + c) * H + y) * W + x, result.to(grad_input_ptr.dtype.element_ty), mask=valid)
+        grad_w += gathered * v
+    if KIND != 0:
+        q_nw = tl.load(g_nw + C, mask=keep_nw, other=0.0)
+        q_ne = tl.load(g_ne + C, mask=keep_ne, other=0.0)
+        q_sw = tl.load(g_sw + C, mask=keep_sw, other=0.0)
+        q_se = tl.load(g_se + C, mask=keep_se, other=0.0)
+        grad_w += b_nw * q_nw + b_ne * q_ne + b_sw * q_sw + b_se * q_se
+        p_nw = tl.where(keep_nw, q_nw * w, 0.0)
+        p_ne = tl.where(keep_ne, q_ne * w, 0.0)
+        p_sw = tl.where(keep_sw, q_sw * w, 0.0)
+        p_se = tl.where(keep_se, q_se * w, 0.0)
+        grad_fx += (-north) * p_nw + north * p_ne + (-south) * p_sw + south * p_se
+        grad_fy += (-west) * p_nw + (-east) * p_ne + west * p_sw + east * p_se
+    if WANT_FLOW:
+        grad_fx = tl.where(lands, grad_fx, 0.0)
+        grad_fy = tl.where(lands, grad_fy, 0.0)
+        tl.store(grad_flow_ptr + ((n * 2) * H + y) * W + x, grad_fx, mask=valid)
+        tl.store(grad_flow_ptr + ((n * 2 + 1) * H + y) * W + x, grad_fy, mask=valid)
+    if WANT_METRIC:
+        derivative = w if KIND == 3 else tl.full(x.shape, 1.0, ACC)
+        tl.store(grad_metric_ptr + (n * H + y) * W + x, grad_w * derivative, mask=valid)
