@@ -18,11 +18,12 @@ _REGISTRY: dict[str, str | Backend] = {
     "torch": "oracle:TorchBackend",
     "cpp": "cpp:CppBackend",
     "triton": "triton_backend:TritonBackend",
+    "cupy": "cupy_backend:CupyBackend",
     "cuda-host": "cuda_host:CudaHostBackend",  # for tests; not in PRIORITY
 }
 
 #: The order in which ``auto`` tries backends (the fused kernels first, the oracle last).
-PRIORITY = ("cpp", "triton", "torch")
+PRIORITY = ("cpp", "triton", "cupy", "torch")
 
 
 class BackendNotSupportedError(ValueError):

@@ -18,6 +18,7 @@ import threading
 import torch
 
 from .base import Problem
+from .ops import register_python_side, run_forward
 
 CSRC = pathlib.Path(__file__).parent / "csrc"
 # Built on the machine that runs it, so -march=native; the CPU model is part of the cache key.
@@ -114,63 +115,10 @@ class OpLibrary:
             verbose=False,
         )
         ops = getattr(torch.ops, self.namespace)
-        _register_python_side(self.namespace)
+        register_python_side(self.namespace)
         return ops
 
     def forward(self, problem: Problem) -> torch.Tensor:
         """The differentiable result of ``problem`` in ``input``'s dtype."""
         ops = self._ops if self._ops is not None else self.ops()
-        dtype = problem.compute_dtype
-        metric = None if problem.metric is None else problem.metric.to(dtype)
-        out, _ = ops.splat_forward(
-            problem.input,
-            problem.flow.to(dtype),
-            metric,
-            problem.mode.kind_code,
-            problem.mode.normalisation_code,
-        )
-        return out.to(problem.input.dtype)
-
-
-def _register_python_side(namespace: str) -> None:
-    """Shapes for fake tensors (torch.compile, opcheck) and the autograd formula of the ops."""
-    forward_name, backward_name = f"{namespace}::splat_forward", f"{namespace}::splat_backward"
-    backward_op = getattr(torch.ops, namespace).splat_backward
-
-    @torch.library.register_fake(forward_name)
-    def _(input, flow, metric, kind, normalisation):
-        out = flow.new_empty((input.shape[0], input.shape[1], *input.shape[2:]))
-        normaliser = flow.new_empty((input.shape[0], 1, *input.shape[2:]) if kind else (0,))
-        return out, normaliser
-
-    @torch.library.register_fake(backward_name)
-    def _(grad_out, grad_normaliser, input, flow, metric, out, normaliser, kind, normalisation, output_mask):
-        wants_metric = output_mask[2] and metric is not None and kind >= 2
-        return (
-            input.new_empty(input.shape if output_mask[0] else (0,)),
-            flow.new_empty(flow.shape if output_mask[1] else (0,)),
-            flow.new_empty((flow.shape[0], 1, *flow.shape[2:]) if wants_metric else (0,)),
-        )
-
-    def setup_context(ctx, inputs, output):
-        input, flow, metric, kind, normalisation = inputs
-        out, normaliser = output
-        ctx.kind, ctx.normalisation = kind, normalisation
-        ctx.save_for_backward(input, flow, metric, out, normaliser)
-
-    def backward(ctx, grad_out, grad_normaliser):
-        input, flow, metric, out, normaliser = ctx.saved_tensors
-        mask = [
-            ctx.needs_input_grad[0],
-            ctx.needs_input_grad[1],
-            metric is not None and ctx.needs_input_grad[2],
-        ]
-        if ctx.kind == 0:  # sum has no normaliser
-            grad_normaliser = None
-        grads = backward_op(
-            grad_out, grad_normaliser, input, flow, metric, out, normaliser,
-            ctx.kind, ctx.normalisation, mask,
-        )
-        return tuple(g if wanted else None for g, wanted in zip(grads, mask)) + (None, None)
-
-    torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
+        return run_forward(ops.splat_forward, problem)

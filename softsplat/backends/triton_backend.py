@@ -16,6 +16,7 @@ import os
 import torch
 
 from .base import Backend, Problem
+from .ops import run_forward
 
 
 def interpreted() -> bool:
@@ -132,9 +133,4 @@ class TritonBackend(Backend):
         self._forward = _ops()
 
     def run(self, problem: Problem) -> torch.Tensor:
-        dtype = problem.compute_dtype
-        metric = None if problem.metric is None else problem.metric.to(dtype)
-        out, _ = self._forward(
-            problem.input, problem.flow.to(dtype), metric, problem.mode.kind_code, problem.mode.normalisation_code
-        )
-        return out.to(problem.input.dtype)
+        return run_forward(self._forward, problem)

@@ -1,0 +1,291 @@
+"""Backend ``cupy``: the cpp backend's CUDA kernels (``csrc/splat_kernels.cuh``, one source of
+truth) compiled by NVRTC through ``cupy.RawModule`` and launched on torch's tensors in place.
+
+Unlike the reference implementation: one compilation per (device, dtype), never per shape
+(sizes and strides are kernel arguments); launches go to the input's device and to torch's
+current stream on it (no state keyed on the first device used); tensors are handed over as raw
+pointers, without copies. Autograd through ``torch.library.custom_op`` ops with the shared fake
+and autograd registration. CuPy is imported on first use only.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import pathlib
+import threading
+
+import torch
+
+from .base import Backend, Problem
+from .extension import CSRC
+from .ops import register_python_side, run_forward
+
+#: What the backend hands to NVRTC: the shared kernel header and its fp16/bf16 types.
+KERNEL_SOURCE = '#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n#include "splat_kernels.cuh"\n'
+SCALAR_TYPES = {
+    torch.float16: "__half",
+    torch.bfloat16: "__nv_bfloat16",
+    torch.float32: "float",
+    torch.float64: "double",
+}
+INT32_MAX = 2**31 - 1
+THREADS = 256
+
+
+def kernel_names(dtype: torch.dtype) -> dict[tuple[str, str], str]:
+    """NVRTC name expressions of every kernel instantiation for input ``dtype``, by
+    (kernel, index type)."""
+    scalar = SCALAR_TYPES[dtype]
+    acc = "double" if dtype == torch.float64 else "float"
+    names = {}
+    for index in ("int", "long long"):
+        names["forward", index] = f"softsplat::splat_forward_kernel<{scalar}, {acc}, {index}>"
+        names["normalise", index] = f"softsplat::splat_normalise_kernel<{acc}, {index}>"
+        names["prepare", index] = f"softsplat::splat_backward_prepare_kernel<{acc}, {index}>"
+        names["backward", index] = f"softsplat::splat_backward_kernel<{scalar}, {acc}, {index}>"
+    return names
+
+
+def cuda_include() -> str | None:
+    """A directory with cuda_fp16.h: the nvidia-cuda-runtime-cu12 wheel's, or CUDA_PATH's."""
+    spec = importlib.util.find_spec("nvidia")
+    for root in list(spec.submodule_search_locations or []) if spec else []:
+        candidate = pathlib.Path(root) / "cuda_runtime" / "include"
+        if (candidate / "cuda_fp16.h").exists():
+            return str(candidate)
+    for variable in ("CUDA_PATH", "CUDA_HOME"):
+        candidate = pathlib.Path(os.environ.get(variable, "/nonexistent")) / "include"
+        if (candidate / "cuda_fp16.h").exists():
+            return str(candidate)
+    return None
+
+
+def nvrtc_options() -> tuple[str, ...]:
+    include = cuda_include()
+    return ("-std=c++17", f"-I{CSRC}") + ((f"-I{include}",) if include else ())
+
+
+_modules: dict[tuple[int, torch.dtype], object] = {}
+_modules_lock = threading.Lock()
+
+
+def module_for(device_index: int, dtype: torch.dtype):
+    """The compiled module of every kernel for ``dtype`` on device ``device_index``: built once
+    per (device, dtype) and cached. Its key holds no size: shapes never recompile."""
+    key = (device_index, dtype)
+    with _modules_lock:
+        if key not in _modules:
+            import cupy
+
+            _modules[key] = cupy.RawModule(
+                code=KERNEL_SOURCE,
+                options=nvrtc_options(),
+                name_expressions=list(kernel_names(dtype).values()),
+            )
+        return _modules[key]
+
+
+def _fits_int32(tensors, largest_product: int) -> bool:
+    """As splat_cuda_launch.h: 32-bit indexing when every offset and product fits."""
+    if largest_product >= INT32_MAX:
+        return False
+    for t in tensors:
+        if (
+            t is not None
+            and t.numel()
+            and sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) + 1 >= INT32_MAX
+        ):
+            return False
+    return True
+
+
+def _current_stream(device_index: int) -> int:
+    """torch's current stream on the device, as a raw handle."""
+    return torch.cuda.current_stream(device_index).cuda_stream
+
+
+def _launch(device: torch.device, dtype: torch.dtype, kernel: str, index: str, total: int, *args) -> None:
+    """Launch ``kernel`` on ``device`` and torch's current stream there; tensors are passed
+    as raw pointers (zero copy), sizes in the kernel's index type."""
+    import cupy
+    import numpy as np
+
+    index_type = np.int32 if index == "int" else np.int64
+    converted = []
+    for value in args:
+        if isinstance(value, torch.Tensor):
+            converted.append(np.uint64(value.data_ptr()))
+        elif value is None:
+            converted.append(np.uint64(0))
+        elif isinstance(value, tuple) and value[0] == "index":
+            converted.append(index_type(value[1]))
+        elif isinstance(value, tuple) and value[0] == "int":
+            converted.append(np.int32(value[1]))
+        else:
+            converted.append(np.int64(value))  # strides: long long
+    blocks = max(1, min((total + THREADS - 1) // THREADS, 1 << 20))
+    device_index = device.index if device.index is not None else torch.cuda.current_device()
+    with cupy.cuda.Device(device_index):
+        function = module_for(device_index, dtype).get_function(kernel_names(dtype)[kernel, index])
+        stream = cupy.cuda.ExternalStream(_current_stream(device_index), device_index)
+        function((blocks,), (THREADS,), tuple(converted), stream=stream)
+
+
+def _metric_strides(metric):
+    return (metric.stride(0), metric.stride(2), metric.stride(3)) if metric is not None else (0, 0, 0)
+
+
+def forward_impl(
+    input: torch.Tensor, flow: torch.Tensor, metric: torch.Tensor | None, kind: int, normalisation: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    N, C, H, W = input.shape
+    out = torch.zeros((N, C, H, W), dtype=flow.dtype, device=input.device)
+    normaliser = torch.zeros((N, 1, H, W) if kind else (0,), dtype=flow.dtype, device=input.device)
+    if N * H * W == 0:
+        return out, normaliser
+    metric = metric if kind >= 2 else None
+    index = "int" if _fits_int32((input, flow, metric, out), N * (C + 1) * H * W) else "long long"
+    sizes = tuple(("index", v) for v in (N, C, H, W))
+    _launch(
+        input.device,
+        input.dtype,
+        "forward",
+        index,
+        N * H * W,
+        input,
+        *input.stride(),
+        flow,
+        *flow.stride(),
+        metric,
+        *_metric_strides(metric),
+        *sizes,
+        ("int", kind),
+        out,
+        normaliser if kind else None,
+    )
+    if kind and C:
+        _launch(
+            input.device,
+            input.dtype,
+            "normalise",
+            index,
+            N * C * H * W,
+            out,
+            normaliser,
+            *sizes,
+            ("int", normalisation),
+        )
+    return out, normaliser
+
+
+def backward_impl(
+    grad_out: torch.Tensor,
+    grad_normaliser: torch.Tensor | None,
+    input: torch.Tensor,
+    flow: torch.Tensor,
+    metric: torch.Tensor | None,
+    out: torch.Tensor,
+    normaliser: torch.Tensor,
+    kind: int,
+    normalisation: int,
+    output_mask: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    N, C, H, W = input.shape
+    want_metric = bool(output_mask[2]) and metric is not None and kind >= 2
+    grad_input = torch.empty(input.shape if output_mask[0] else (0,), dtype=input.dtype, device=input.device)
+    grad_flow = torch.empty(flow.shape if output_mask[1] else (0,), dtype=flow.dtype, device=flow.device)
+    grad_metric = torch.empty((N, 1, H, W) if want_metric else (0,), dtype=flow.dtype, device=flow.device)
+    if N * H * W == 0 or not (output_mask[0] or output_mask[1] or want_metric):
+        return grad_input, grad_flow, grad_metric
+    g = torch.empty((N, H, W, C + (1 if kind else 0)), dtype=flow.dtype, device=flow.device)
+    out, normaliser = out.contiguous(), normaliser.contiguous()
+    metric = metric if kind >= 2 else None
+    grad_normaliser = grad_normaliser if kind and grad_normaliser is not None else None
+    index = (
+        "int"
+        if _fits_int32((input, flow, metric, grad_out, grad_normaliser, out, g), N * (C + 1) * H * W)
+        else "long long"
+    )
+    sizes = tuple(("index", v) for v in (N, C, H, W))
+    _launch(
+        input.device,
+        input.dtype,
+        "prepare",
+        index,
+        N * H * W,
+        grad_out,
+        *grad_out.stride(),
+        out if kind else None,
+        normaliser if kind else None,
+        grad_normaliser,
+        *_metric_strides(grad_normaliser),
+        *sizes,
+        ("int", kind),
+        ("int", normalisation),
+        g,
+    )
+    _launch(
+        input.device,
+        input.dtype,
+        "backward",
+        index,
+        N * H * W,
+        input,
+        *input.stride(),
+        flow,
+        *flow.stride(),
+        metric,
+        *_metric_strides(metric),
+        g,
+        *sizes,
+        ("int", kind),
+        grad_input if output_mask[0] else None,
+        grad_flow if output_mask[1] else None,
+        grad_metric if want_metric else None,
+    )
+    return grad_input, grad_flow, grad_metric
+
+
+@functools.cache
+def _define_ops():
+    """Define the ``softsplat_cupy`` ops (once) and their fake and autograd registrations."""
+    forward = torch.library.custom_op(
+        "softsplat_cupy::splat_forward", forward_impl, mutates_args=(), device_types="cuda"
+    )
+    torch.library.custom_op(
+        "softsplat_cupy::splat_backward", backward_impl, mutates_args=(), device_types="cuda"
+    )
+    register_python_side("softsplat_cupy")
+    return forward
+
+
+class CupyBackend(Backend):
+    name = "cupy"
+    summary = "the CUDA kernels of splat_kernels.cuh through NVRTC (cupy.RawModule), per device and dtype"
+    deterministic_on = ()  # atomics in the forward
+
+    def devices(self) -> tuple[str, ...]:
+        return ("cuda",)
+
+    def _unavailable_reason(self) -> str | None:
+        if importlib.util.find_spec("cupy") is None:
+            return "CuPy is not installed (pip install 'softsplat[cupy]')"
+        try:
+            from cupy_backends.cuda.libs import nvrtc
+
+            nvrtc.getVersion()
+        except Exception as error:  # a missing libnvrtc shows up as any of several errors
+            return (
+                f"NVRTC is not usable ({type(error).__name__}: {error}); pip install nvidia-cuda-nvrtc-cu12"
+            )
+        if not torch.cuda.is_available():
+            return "no CUDA device"
+        return None
+
+    def prepare(self) -> None:
+        self._forward = _define_ops()
+
+    def run(self, problem: Problem) -> torch.Tensor:
+        return run_forward(self._forward, problem)

@@ -1,0 +1,102 @@
+"""The CuPy backend without a GPU: the exact source it hands to NVRTC compiles for compute_75,
+compute_80 and compute_90 with no warning; compiled programs are cached per (device, dtype),
+never per shape; the ops are defined with their fake and autograd registrations; `softsplat
+info` reports why it cannot run here. The kernel logic itself runs on the CPU as `cuda-host`."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from softsplat import backends
+from softsplat.backends import cupy_backend
+
+needs_cupy = pytest.mark.skipif(importlib.util.find_spec("cupy") is None, reason="CuPy is not installed (pip install 'softsplat[cupy]')")
+
+
+@needs_cupy
+@pytest.mark.parametrize("architecture", ["compute_75", "compute_80", "compute_90"])
+def test_kernel_source_compiles_with_nvrtc(architecture) -> None:
+    from cupy_backends.cuda.libs import nvrtc
+
+    names = [name for dtype in cupy_backend.SCALAR_TYPES for name in cupy_backend.kernel_names(dtype).values()]
+    program = nvrtc.createProgram(cupy_backend.KERNEL_SOURCE, "softsplat_kernels.cu", (), ())
+    try:
+        for name in names:
+            nvrtc.addNameExpression(program, name)
+        try:
+            nvrtc.compileProgram(program, (*cupy_backend.nvrtc_options(), f"--gpu-architecture={architecture}"))
+        except nvrtc.NVRTCError as error:
+            pytest.fail(f"NVRTC failed for {architecture}: {error}\n{nvrtc.getProgramLog(program)}")
+        log = nvrtc.getProgramLog(program)
+        assert "warning" not in log.lower(), f"NVRTC warnings (treated as errors):\n{log}"
+        assert len(nvrtc.getPTX(program)) > 10_000
+        for name in names:  # every instantiation the backend launches exists
+            assert nvrtc.getLoweredName(program, name).startswith("_Z")
+    finally:
+        nvrtc.destroyProgram(program)
+
+
+class _FakeModule:
+    """Stands in for cupy.RawModule: counts compilations, records launches."""
+
+    built: list = []
+
+    def __init__(self, code, options, name_expressions):
+        assert code == cupy_backend.KERNEL_SOURCE
+        _FakeModule.built.append(self)
+        self.launches = []
+
+    def get_function(self, name):
+        return lambda grid, block, args, stream: self.launches.append((name, grid, block, len(args)))
+
+
+@needs_cupy
+def test_two_shapes_share_one_compiled_program(monkeypatch) -> None:
+    import cupy
+
+    monkeypatch.setattr(cupy, "RawModule", _FakeModule)
+    monkeypatch.setattr(cupy.cuda, "Device", lambda index: contextlib.nullcontext())
+    monkeypatch.setattr(cupy.cuda, "ExternalStream", lambda handle, device: ("stream", handle, device))
+    monkeypatch.setattr(cupy_backend, "_current_stream", lambda index: 1234)
+    monkeypatch.setattr(cupy_backend, "_modules", {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    _FakeModule.built = []
+    for shape in [(1, 3, 8, 10), (2, 3, 17, 5)]:
+        N, C, H, W = shape
+        input, flow, metric = torch.randn(shape), torch.randn(N, 2, H, W), torch.randn(N, 1, H, W)
+        out, normaliser = cupy_backend.forward_impl(input, flow, metric, 3, 0)
+        assert out.shape == shape and normaliser.shape == (N, 1, H, W)
+        cupy_backend.backward_impl(torch.ones(shape), None, input, flow, metric, out, normaliser, 3, 0, [True, True, True])
+    assert len(_FakeModule.built) == 1, "a new shape compiled a new program"
+    assert list(cupy_backend._modules) == [(0, torch.float32)]
+    launched = [name for name, *_ in _FakeModule.built[0].launches]
+    assert launched == 2 * [
+        "softsplat::splat_forward_kernel<float, float, int>", "softsplat::splat_normalise_kernel<float, int>",
+        "softsplat::splat_backward_prepare_kernel<float, int>", "softsplat::splat_backward_kernel<float, float, int>",
+    ]
+    cupy_backend.forward_impl(input.half(), flow, metric, 3, 0)
+    assert len(_FakeModule.built) == 2 and (0, torch.float16) in cupy_backend._modules
+
+
+@needs_cupy
+def test_ops_are_defined_with_fake_and_autograd() -> None:
+    cupy_backend._define_ops()
+    input, flow, metric = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4), torch.randn(1, 1, 3, 4)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fakes = [mode.from_tensor(t) for t in (input, flow, metric)]
+        out, normaliser = torch.ops.softsplat_cupy.splat_forward(*fakes, 3, 0)
+    assert out.shape == (1, 2, 3, 4) and normaliser.shape == (1, 1, 3, 4)
+
+
+def test_info_shows_cupy_and_its_reason() -> None:
+    result = subprocess.run([sys.executable, "-m", "softsplat", "info"], capture_output=True, text=True, check=True, env={"COLUMNS": "250", "PATH": ""})
+    line = next(line for line in result.stdout.splitlines() if "│ cupy" in line)
+    reason = backends.get("cupy").unavailable_reason
+    if reason:
+        assert "no" in line and reason.split()[0] in line
