@@ -51,3 +51,10 @@ def bench(session: nox.Session) -> None:
         session.run("asv", "machine", "--yes")
         session.run("asv", "run", "--python=same", "--set-commit-hash", commit, *session.posargs)
         session.run("asv", "publish")
+
+
+@nox.session
+def sanitize(session: nox.Session) -> None:
+    """C++ and host-run CUDA kernels under AddressSanitizer + UBSan, on the conformance edge cases."""
+    _install(session, "test")
+    session.run("pytest", "tests/test_sanitizers.py", *session.posargs)

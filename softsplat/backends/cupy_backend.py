@@ -88,15 +88,15 @@ def module_for(device_index: int, dtype: torch.dtype):
 
 
 def _fits_int32(tensors, largest_product: int) -> bool:
-    """As splat_cuda_launch.h: 32-bit indexing when every offset and product fits."""
+    """As splat_cuda_launch.h: 32-bit indexing only when every product of sizes the kernels
+    form, every element count and every element offset stays below 2^31 - 1."""
     if largest_product >= INT32_MAX:
         return False
     for t in tensors:
-        if (
-            t is not None
-            and t.numel()
-            and sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) + 1 >= INT32_MAX
-        ):
+        if t is None or t.numel() == 0:
+            continue
+        extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) + 1
+        if max(extent, t.numel()) >= INT32_MAX:
             return False
     return True
 

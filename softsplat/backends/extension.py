@@ -25,6 +25,13 @@ CSRC = pathlib.Path(__file__).parent / "csrc"
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
 
 
+#: Set (to 1) to build AddressSanitizer + UndefinedBehaviorSanitizer libraries (`nox -s sanitize`);
+#: the process must preload gcc's libasan and libubsan.
+SANITIZE_ENV = "SOFTSPLAT_SANITIZE"
+SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
+SANITIZE_LDFLAGS = ["-fsanitize=address,undefined"]
+
+
 def _cpu_model() -> str:
     """The CPU's model and instruction-set flags (Linux), else what ``platform`` knows."""
     import platform
@@ -59,7 +66,8 @@ class OpLibrary:
     def __init__(self, namespace: str, sources: list[str], *, cflags=(), cuda_cflags=()):
         self.namespace = namespace
         self.sources = [CSRC / s for s in sources]
-        self.cflags = CFLAGS + list(cflags)
+        self.cflags = CFLAGS + list(cflags) + (SANITIZE_FLAGS if os.environ.get(SANITIZE_ENV) else [])
+        self.ldflags = ["-fopenmp"] + (SANITIZE_LDFLAGS if os.environ.get(SANITIZE_ENV) else [])
         self.cuda_cflags = list(cuda_cflags)
         self._lock = threading.Lock()
         self._ops = None
@@ -108,7 +116,7 @@ class OpLibrary:
             sources=[str(s) for s in self.sources],
             extra_cflags=self.cflags,
             extra_cuda_cflags=self.cuda_cflags,
-            extra_ldflags=["-fopenmp"],
+            extra_ldflags=self.ldflags,
             extra_include_paths=[str(CSRC)],
             build_directory=str(directory),
             is_python_module=False,
