@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
 
 from . import backends
+from .backends import oracle
 from .backends.base import FLOATING, Problem, Signature, dtype_names
 from .modes import Mode
 
@@ -21,7 +23,8 @@ def splat(
     *,
     mode: str | Mode,
     backend: str = "auto",
-) -> torch.Tensor:
+    return_normaliser: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Forward-warp ``input`` along ``flow`` (softmax splatting and its relatives).
 
     Args:
@@ -34,9 +37,13 @@ def splat(
             ``"-addeps"`` (the default), ``"-zeroeps"`` or ``"-clipeps"``; or a ``softsplat.Mode``.
         backend: ``"auto"`` or a name from ``softsplat.backends.names()``. With ``"auto"``, the
             environment variable ``SOFTSPLAT_BACKEND``, when set, names the backend instead.
+        return_normaliser: also return the normaliser ``D`` ``[N, 1, H, W]`` (the splatted
+            weights: 0 where nothing landed, a coverage / hole mask), differentiable, in the
+            compute dtype (float32, or float64 for float64 input). Normalised modes only.
 
     Returns:
-        ``[N, C, H, W]`` in ``input``'s dtype and device. Every source pixel adds its value,
+        ``[N, C, H, W]`` in ``input``'s dtype and device (with ``return_normaliser``, the pair
+        ``(result, normaliser)``). Every source pixel adds its value,
         weighted bilinearly, to the four target pixels around ``(x + flow_x, y + flow_y)``;
         ``sum`` returns those sums, the other modes divide the sums of ``input * w`` by the sums
         of ``w``, with ``w`` = 1 (``avg``), ``metric`` (``linear``) or ``exp(metric)``
@@ -51,7 +58,63 @@ def splat(
             ``torch.use_deterministic_algorithms(True)``.
     """
     problem = validate(input, flow, metric, mode)
-    return backends.get(resolve_backend(input, problem.mode, backend)).run(problem)
+    _check_return_normaliser(return_normaliser, problem.mode)
+    out, normaliser = backends.get(resolve_backend(input, problem.mode, backend)).run(problem)
+    return (out, normaliser) if return_normaliser else out
+
+
+def splat_many(
+    sources,
+    *,
+    mode: str | Mode,
+    backend: str = "auto",
+    return_normaliser: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Joint splatting: several sources warped into one target and normalised together.
+
+    Args:
+        sources: a sequence of ``(input, flow, metric)`` (``metric`` None for sum and avg), each
+            as for ``splat``; every ``input`` has the same shape, dtype and device. For example
+            frame 0 with the flow to time t and frame 1 with the flow back to t, or K flows of
+            one frame.
+        mode, backend, return_normaliser: as for ``splat``.
+
+    Returns:
+        ``sum``: the sum of the sources' ``splat``. Normalised modes: the sources' numerators
+        and normalisers are summed, then divided once (``eps`` as the mode says), so that where
+        several sources land, the metric decides between them as it does within one.
+    """
+    if not isinstance(sources, (list, tuple)) or not sources:
+        raise ValueError(f"sources: expected a non-empty list of (input, flow, metric), got {sources!r:.80}")
+    problems = []
+    for i, source in enumerate(sources):
+        if not isinstance(source, (list, tuple)) or len(source) != 3:
+            raise ValueError(f"sources[{i}]: expected (input, flow, metric), got {type(source).__name__}")
+        problem = validate(*source, mode)
+        first = problems[0].input if problems else problem.input
+        if (problem.input.shape, problem.input.dtype, problem.input.device) != (first.shape, first.dtype, first.device):
+            raise ValueError(
+                f"sources[{i}]: expected input of shape {tuple(first.shape)}, {first.dtype} on {first.device} "
+                f"like sources[0], got {tuple(problem.input.shape)}, {problem.input.dtype} on {problem.input.device}"
+            )
+        problems.append(dataclasses.replace(problem, raw=True))
+    mode = problems[0].mode
+    _check_return_normaliser(return_normaliser, mode)
+    chosen = backends.get(resolve_backend(problems[0].input, mode, backend))
+    parts = [chosen.run(problem) for problem in problems]
+    numerator = torch.stack([part[0] for part in parts]).sum(0)
+    if mode.kind == "sum":
+        return numerator.to(problems[0].input.dtype)
+    normaliser = torch.stack([part[1] for part in parts]).sum(0)
+    out = (numerator / oracle.safe_normaliser(normaliser, mode)).to(problems[0].input.dtype)
+    return (out, normaliser) if return_normaliser else out
+
+
+def _check_return_normaliser(value, mode: Mode) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"return_normaliser: expected a bool, got {type(value).__name__}")
+    if value and mode.kind == "sum":
+        raise ValueError("return_normaliser: mode 'sum' has no normaliser (expected False), got True")
 
 
 def resolve_backend(input: torch.Tensor, mode: str | Mode, backend: str = "auto") -> str:

@@ -14,6 +14,9 @@ EPS = 1e-7
 
 _KINDS = ("sum", "avg", "linear", "soft")
 _NORMALISATIONS = ("addeps", "zeroeps", "clipeps")
+#: The compiled kernels' normalisation code for "no division": they return the numerator and
+#: the normaliser as they are (how splat_many sums several sources before dividing).
+RAW_CODE = 3
 # Names the reference implementation's users and papers also use.
 _ALIASES = {"summation": "sum", "average": "avg", "softmax": "soft"}
 

@@ -170,7 +170,7 @@ def test_named_backend_never_falls_back(extra_backends, monkeypatch) -> None:
 
 def test_environment_overrides_auto_only(monkeypatch) -> None:
     calls = []
-    monkeypatch.setattr(oracle.TorchBackend, "run", lambda self, problem: calls.append(self.name) or problem.input)
+    monkeypatch.setattr(oracle.TorchBackend, "run", lambda self, problem: calls.append(self.name) or (problem.input, None))
     monkeypatch.setenv("SOFTSPLAT_BACKEND", "torch")
     input, flow, _ = _tensors()
     softsplat.splat(input, flow, mode="sum")
@@ -247,3 +247,50 @@ def test_avg_variants_all_average() -> None:
     zero_flow = torch.zeros_like(flow)
     for mode in ("avg-zeroeps", "avg-clipeps"):
         torch.testing.assert_close(softsplat.splat(input, zero_flow, mode=mode), input)
+
+
+# --- normaliser output and joint splatting ---------------------------------------------------
+
+def test_return_normaliser_is_the_coverage() -> None:
+    input, flow, metric = _tensors()
+    out, normaliser = softsplat.splat(input, torch.zeros_like(flow), metric, mode="soft", return_normaliser=True)
+    torch.testing.assert_close(normaliser, metric.exp())  # zero flow: each pixel covers itself
+    assert normaliser.shape == (1, 1, 3, 4) and normaliser.dtype == torch.float32
+    holes = softsplat.splat(input, torch.full_like(flow, 100.0), mode="avg", return_normaliser=True)[1]
+    assert torch.equal(holes, torch.zeros_like(holes))
+
+
+def test_return_normaliser_errors() -> None:
+    input, flow, _ = _tensors()
+    with pytest.raises(ValueError, match=r"^return_normaliser: mode 'sum' has no normaliser"):
+        softsplat.splat(input, flow, mode="sum", return_normaliser=True)
+    with pytest.raises(TypeError, match=r"^return_normaliser: expected a bool, got int"):
+        softsplat.splat(input, flow, mode="avg", return_normaliser=1)
+
+
+def test_splat_many_of_one_source_is_splat() -> None:
+    input, flow, metric = _tensors()
+    for mode in ("sum", "avg-zeroeps", "soft"):
+        m = metric if mode == "soft" else None
+        torch.testing.assert_close(softsplat.splat_many([(input, flow, m)], mode=mode), softsplat.splat(input, flow, m, mode=mode))
+
+
+def test_splat_many_normalises_jointly() -> None:
+    """Two sources landing on the same pixels: a joint average, not an average of averages."""
+    input = torch.ones(1, 1, 2, 2)
+    zero = torch.zeros(1, 2, 2, 2)
+    out, normaliser = softsplat.splat_many([(input, zero, None), (3 * input, zero, None)], mode="avg", return_normaliser=True)
+    torch.testing.assert_close(out, torch.full_like(input, 2.0), rtol=1e-6, atol=0)
+    torch.testing.assert_close(normaliser, torch.full_like(input, 2.0))
+
+
+def test_splat_many_errors() -> None:
+    input, flow, metric = _tensors()
+    with pytest.raises(ValueError, match=r"^sources: expected a non-empty list"):
+        softsplat.splat_many([], mode="avg")
+    with pytest.raises(ValueError, match=r"^sources\[1\]: expected \(input, flow, metric\), got Tensor"):
+        softsplat.splat_many([(input, flow, None), input], mode="avg")
+    with pytest.raises(ValueError, match=r"^sources\[1\]: expected input of shape \(1, 2, 3, 4\)"):
+        softsplat.splat_many([(input, flow, None), (input[:, :1], flow, None)], mode="avg")
+    with pytest.raises(ValueError, match=r"^metric: mode 'soft-addeps' needs a metric"):
+        softsplat.splat_many([(input, flow, metric), (input, flow, None)], mode="soft")

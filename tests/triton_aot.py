@@ -44,7 +44,7 @@ def specialisations():
                     "WANT_METRIC": "constexpr", "ACC": "constexpr", "BLOCK": "constexpr",
                 }, {"KIND": kind, "WANT_INPUT": want[0], "WANT_FLOW": want[1], "WANT_METRIC": want[2] and kind >= 2,
                     "ACC": acc_tl, "BLOCK": 256}
-        for norm in (k.ADDEPS, k.ZEROEPS, k.CLIPEPS):
+        for norm in (k.ADDEPS, k.ZEROEPS, k.CLIPEPS, k.RAW):
             if dtype != acc:
                 continue  # normalise and prepare work in the compute dtype only
             yield k._splat_normalise_kernel, {

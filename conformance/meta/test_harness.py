@@ -33,7 +33,7 @@ class _Wrong(oracle.TorchBackend):
             mode = Mode(f"{mode.kind}-zeroeps")
         elif self.bug == "detached-metric" and metric is not None:
             metric = metric.detach()
-        return oracle.splat(input, flow, metric, mode)
+        return oracle.splat_with_normaliser(input, flow, metric, mode, problem.raw)
 
 
 BUGS = ["nonfinite-as-zero-flow", "flow-off-by-1e-3", "no-eps", "detached-metric"]

@@ -8,7 +8,7 @@ import functools
 
 import torch
 
-from ..modes import Mode, compute_dtype
+from ..modes import RAW_CODE, Mode, compute_dtype
 
 FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -31,6 +31,12 @@ class Problem:
     flow: torch.Tensor  # [N, 2, H, W]
     metric: torch.Tensor | None  # [N, 1, H, W] for linear and soft, else None
     mode: Mode
+    #: Return the numerator instead of the normalised result (no division; splat_many).
+    raw: bool = False
+
+    @property
+    def normalisation_code(self) -> int:
+        return RAW_CODE if self.raw else self.mode.normalisation_code
 
     @property
     def signature(self) -> Signature:
@@ -92,8 +98,10 @@ class Backend(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def run(self, problem: Problem) -> torch.Tensor:
-        """The differentiable result ``[N, C, H, W]`` in ``input``'s dtype and device."""
+    def run(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(result, normaliser)``, both differentiable: the result ``[N, C, H, W]`` in
+        ``input``'s dtype (with ``problem.raw``: the numerator, in the compute dtype), the
+        normaliser ``D`` ``[N, 1, H, W]`` in the compute dtype (None for sum)."""
 
 
 def dtype_names(dtypes) -> str:

@@ -34,5 +34,5 @@ class CudaHostBackend(Backend):
         self._library = library()
         self._library.ops()
 
-    def run(self, problem: Problem) -> torch.Tensor:
+    def run(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self._library.forward(problem)

@@ -287,5 +287,5 @@ class CupyBackend(Backend):
     def prepare(self) -> None:
         self._forward = _define_ops()
 
-    def run(self, problem: Problem) -> torch.Tensor:
+    def run(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None]:
         return run_forward(self._forward, problem)

@@ -126,7 +126,7 @@ class OpLibrary:
         register_python_side(self.namespace)
         return ops
 
-    def forward(self, problem: Problem) -> torch.Tensor:
-        """The differentiable result of ``problem`` in ``input``'s dtype."""
+    def forward(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``Backend.run`` of ``problem`` through this library's ops."""
         ops = self._ops if self._ops is not None else self.ops()
         return run_forward(ops.splat_forward, problem)

@@ -9,18 +9,19 @@ import torch
 from .base import Problem
 
 
-def run_forward(forward_op, problem: Problem) -> torch.Tensor:
-    """``splat`` through ``forward_op`` (schema of ``splat_forward``), in ``input``'s dtype.
+def run_forward(forward_op, problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``Backend.run`` through ``forward_op`` (schema of ``splat_forward``).
 
     ``flow`` and ``metric`` are read in the compute dtype (a no-op when they already are);
     the op returns the compute dtype, cast here so that autograd casts gradients back.
     """
     dtype = problem.compute_dtype
     metric = None if problem.metric is None else problem.metric.to(dtype)
-    out, _ = forward_op(
-        problem.input, problem.flow.to(dtype), metric, problem.mode.kind_code, problem.mode.normalisation_code
+    out, normaliser = forward_op(
+        problem.input, problem.flow.to(dtype), metric, problem.mode.kind_code, problem.normalisation_code
     )
-    return out.to(problem.input.dtype)
+    normaliser = None if problem.mode.kind == "sum" else normaliser
+    return (out if problem.raw else out.to(problem.input.dtype)), normaliser
 
 
 def register_python_side(namespace: str) -> None:

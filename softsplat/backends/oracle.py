@@ -75,19 +75,28 @@ def safe_normaliser(normaliser: torch.Tensor, mode: Mode) -> torch.Tensor:
 
 def splat(input, flow, metric, mode: Mode) -> torch.Tensor:
     """SPEC.md's ``splat``, computed in the compute dtype and returned in ``input``'s dtype."""
+    return splat_with_normaliser(input, flow, metric, mode)[0]
+
+
+def splat_with_normaliser(input, flow, metric, mode: Mode, raw: bool = False):
+    """``(result, D)``: the result in ``input``'s dtype (``raw``: the numerator, not divided, in
+    the compute dtype) and the normaliser ``D`` in the compute dtype (None for sum)."""
     dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
     values, flow = input.to(dtype), flow.to(dtype)
     if mode.kind == "sum":
-        return splat_sum(values, flow).to(input.dtype)
+        out = splat_sum(values, flow)
+        return (out if raw else out.to(input.dtype)), None
     if mode.kind == "avg":
-        weight = torch.ones_like(values[:, :1])
+        weight = values.new_ones(values.shape[0], 1, *values.shape[2:])
     elif mode.kind == "linear":
         weight = metric.to(dtype)
     else:
         weight = torch.exp(metric.to(dtype))  # no max subtracted: exactly the reference
     splatted = splat_sum(torch.cat([values * weight, weight], 1), flow)
     numerator, normaliser = splatted[:, :-1], splatted[:, -1:]
-    return (numerator / safe_normaliser(normaliser, mode)).to(input.dtype)
+    if raw:
+        return numerator, normaliser
+    return (numerator / safe_normaliser(normaliser, mode)).to(input.dtype), normaliser
 
 
 class TorchBackend(Backend):
@@ -95,5 +104,5 @@ class TorchBackend(Backend):
     summary = "pure-torch oracle (index_add_ of four taps), readable, autograd gradients"
     deterministic_on = ("cpu", "cuda")  # index_add_ is deterministic in deterministic mode
 
-    def run(self, problem: Problem) -> torch.Tensor:
-        return splat(problem.input, problem.flow, problem.metric, problem.mode)
+    def run(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return splat_with_normaliser(problem.input, problem.flow, problem.metric, problem.mode, problem.raw)

@@ -132,5 +132,5 @@ class TritonBackend(Backend):
     def prepare(self) -> None:
         self._forward = _ops()
 
-    def run(self, problem: Problem) -> torch.Tensor:
+    def run(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None]:
         return run_forward(self._forward, problem)

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 SUM, AVG, LINEAR, SOFT = 0, 1, 2, 3
-ADDEPS, ZEROEPS, CLIPEPS = 0, 1, 2
+ADDEPS, ZEROEPS, CLIPEPS, RAW = 0, 1, 2, 3
 EPS = 1e-7
 
 
@@ -108,6 +108,8 @@ def _safe(D, NORM: tl.constexpr):
     """D' of SPEC.md; NaN stays NaN."""
     if NORM == 0:
         return D + 1e-7
+    elif NORM == 3:  # raw: no division
+        return tl.full(D.shape, 1.0, D.dtype)
     elif NORM == 1:
         return tl.where(D == 0.0, 1.0, D)
     else:
@@ -157,6 +159,8 @@ def _splat_bwd_prepare_kernel(
             gD = tl.where(D == 0.0, 0.0, gD)
         if NORM == 2:
             gD = tl.where(D >= 1e-7, gD, 0.0)
+        if NORM == 3:
+            gD = tl.zeros(x.shape, ACC)
         if HAS_GNORM:
             gD += tl.load(gnorm_ptr + n * sdn + y * sdy + x * sdx, mask=valid, other=0.0).to(ACC)
         tl.store(row + C, gD, mask=valid)

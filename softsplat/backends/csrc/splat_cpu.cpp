@@ -326,7 +326,7 @@ void check_arguments(const at::Tensor& input, const at::Tensor& flow,
   // api.py validates user input; these checks guard direct calls of the op.
   TORCH_CHECK(input.dim() == 4 && flow.dim() == 4, "softsplat: input and flow must be 4-D");
   TORCH_CHECK(kind >= SUM && kind <= SOFT, "softsplat: kind must be 0..3, got ", kind);
-  TORCH_CHECK(normalisation >= ADDEPS && normalisation <= CLIPEPS, "softsplat: normalisation must be 0..2");
+  TORCH_CHECK(normalisation >= ADDEPS && normalisation <= RAW, "softsplat: normalisation must be 0..3");
   const auto compute = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(flow.scalar_type() == compute, "softsplat: flow must be in the compute dtype ", compute);
   TORCH_CHECK(flow.size(0) == input.size(0) && flow.size(1) == 2 && flow.size(2) == input.size(2) &&

@@ -49,8 +49,8 @@ inline bool fits_int32(std::initializer_list<at::Tensor> tensors, int64_t larges
 inline void check(const at::Tensor& input, const at::Tensor& flow, const std::optional<at::Tensor>& metric,
                   int64_t kind, int64_t normalisation) {
   TORCH_CHECK(input.dim() == 4 && flow.dim() == 4, "softsplat: input and flow must be 4-D");
-  TORCH_CHECK(kind >= SUM && kind <= SOFT && normalisation >= ADDEPS && normalisation <= CLIPEPS,
-              "softsplat: kind must be 0..3 and normalisation 0..2");
+  TORCH_CHECK(kind >= SUM && kind <= SOFT && normalisation >= ADDEPS && normalisation <= RAW,
+              "softsplat: kind must be 0..3 and normalisation 0..3");
   const auto compute = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(flow.scalar_type() == compute, "softsplat: flow must be in the compute dtype");
   TORCH_CHECK(flow.size(0) == input.size(0) && flow.size(1) == 2 && flow.size(2) == input.size(2) &&

@@ -15,7 +15,8 @@ namespace softsplat {
 
 // Mode codes, in the order of softsplat.modes._KINDS and _NORMALISATIONS.
 enum Kind : int { SUM = 0, AVG = 1, LINEAR = 2, SOFT = 3 };
-enum Normalisation : int { ADDEPS = 0, ZEROEPS = 1, CLIPEPS = 2 };
+// RAW: no division; the kernels return the numerator and the normaliser as they are.
+enum Normalisation : int { ADDEPS = 0, ZEROEPS = 1, CLIPEPS = 2, RAW = 3 };
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
 SOFTSPLAT_HD float floor_of(float v) { return floorf(v); }
@@ -113,6 +114,7 @@ SOFTSPLAT_HD T eps() { return static_cast<T>(1e-7); }
 template <typename T>
 SOFTSPLAT_HD T safe_normaliser(T normaliser, int normalisation) {
   if (normalisation == ADDEPS) return normaliser + eps<T>();
+  if (normalisation == RAW) return T(1);
   if (normalisation == ZEROEPS) return normaliser == T(0) ? T(1) : normaliser;
   return normaliser < eps<T>() ? eps<T>() : normaliser;
 }
@@ -122,6 +124,7 @@ SOFTSPLAT_HD T safe_normaliser(T normaliser, int normalisation) {
 template <typename T>
 SOFTSPLAT_HD bool normaliser_passes_gradient(T normaliser, int normalisation) {
   if (normalisation == ADDEPS) return true;
+  if (normalisation == RAW) return false;  // the result does not depend on D
   if (normalisation == ZEROEPS) return !(normaliser == T(0));
   return normaliser >= eps<T>();
 }

@@ -1,0 +1,111 @@
+"""The normaliser output (``return_normaliser=True``) and joint splatting (``splat_many``),
+every backend, forward and gradients against the oracle."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import softsplat
+from softsplat import Mode
+from softsplat.backends import oracle
+from softsplat.modes import compute_dtype
+
+from .compare import compare, gradient_magnitudes
+from .strategies import Case, cases, seeds
+
+NORMALISED = tuple(m for m in Mode if m.normalisation)
+NAMES = ("input", "flow", "metric")
+
+
+def _leaves(case: Case, dtype=None):
+    leaves = []
+    for tensor, flag in zip(case.tensors(), case.requires_grad):
+        leaf = None if tensor is None else (tensor.detach().to(dtype) if dtype else tensor.detach())
+        leaves.append(leaf.requires_grad_(flag) if leaf is not None else None)
+    return leaves
+
+
+def _grads(outputs, cotangents, leaves):
+    """Gradients of the outputs (with their cotangents) for every leaf requiring grad, with
+    the leaves' positions in ``leaves``."""
+    positions = [i for i, leaf in enumerate(leaves) if leaf is not None and leaf.requires_grad]
+    wanted = [leaves[i] for i in positions]
+    connected = [o for o in outputs if o.requires_grad]
+    if not wanted or not connected:
+        return [None] * len(wanted), positions
+    grads = torch.autograd.grad(
+        [o for o in outputs if o.requires_grad],
+        wanted,
+        [c.to(o.dtype) for o, c in zip(outputs, cotangents) if o.requires_grad],
+        allow_unused=True,
+    )
+    return list(grads), positions
+
+
+@given(data=st.data())
+def test_normaliser_output(backend, device, data) -> None:
+    case = data.draw(cases(dtypes=backend.dtypes, modes=NORMALISED, device=device), label="case")
+    generator = data.draw(seeds())
+    N, C, H, W = case.input.shape
+    cot_out = torch.randn((N, C, H, W), generator=generator, dtype=torch.float64).to(case.input.dtype).double()
+    cot_norm = torch.randn((N, 1, H, W), generator=generator, dtype=torch.float64)
+    results = {}
+    for name, backend_name, dtype in (("got", backend.name, None), ("same", "torch", None), ("ref", "torch", torch.float64)):
+        leaves = _leaves(case, dtype)
+        out, normaliser = softsplat.splat(*leaves, mode=case.mode, backend=backend_name, return_normaliser=True)
+        grads, positions = _grads([out, normaliser], [cot_out.to(device), cot_norm.to(device)], leaves)
+        results[name] = (out.detach(), normaliser.detach(), {NAMES[i]: g for i, g in zip(positions, grads)})
+    got, same, ref = results["got"], results["same"], results["ref"]
+    cd = compute_dtype(case.input.dtype)
+    assert got[1].dtype == cd and got[1].shape == (N, 1, H, W)
+    magnitude = oracle.splat_with_normaliser(case.input.double().abs(), case.flow.double(), None if case.metric is None else case.metric.double(), case.mode)
+    compare("output", got[0], ref[0], same[0], magnitude[0].nan_to_num(posinf=0.0), cd)
+    compare("normaliser", got[1], ref[1], same[1], ref[1].abs().nan_to_num(posinf=0.0), cd)
+    magnitudes = gradient_magnitudes(case, cot_out, cot_norm)
+    assert set(got[2]) == set(ref[2])
+    for name, grad in got[2].items():
+        assert grad is not None, f"no gradient for {name}"
+        compare(f"grad of {name}", grad, ref[2][name], same[2][name], magnitudes[name], cd)
+
+
+@given(data=st.data())
+def test_splat_many(backend, device, data) -> None:
+    first = data.draw(cases(dtypes=backend.dtypes, device=device), label="first source")
+    second = data.draw(cases(dtypes=(first.input.dtype,), modes=(first.mode,), device=device), label="second source")
+    if second.input.shape != first.input.shape:  # the second source gets the first's shape
+        generator = data.draw(seeds())
+        N, C, H, W = first.input.shape
+        second = Case(
+            torch.randn(first.input.shape, generator=generator).to(first.input.dtype).to(device),
+            (torch.randn((N, 2, H, W), generator=generator) * 3).to(device),
+            None if first.metric is None else (torch.rand((N, 1, H, W), generator=generator) * 5).to(device),
+            first.mode, second.requires_grad[:2] + (second.requires_grad[2] and first.metric is not None,),
+        )
+    generator = data.draw(seeds())
+    cotangent = torch.randn(first.input.shape, generator=generator, dtype=torch.float64).to(first.input.dtype).double()
+    results = {}
+    for name, backend_name, dtype in (("got", backend.name, None), ("same", "torch", None), ("ref", "torch", torch.float64)):
+        sources = [_leaves(first, dtype), _leaves(second, dtype)]
+        out = softsplat.splat_many([tuple(s) for s in sources], mode=first.mode, backend=backend_name)
+        flat = [leaf for source in sources for leaf in source]
+        grads, positions = _grads([out], [cotangent.to(device)], flat)
+        results[name] = (out.detach(), {f"{NAMES[i % 3]} of source {i // 3}": g for i, g in zip(positions, grads)})
+    cd = compute_dtype(first.input.dtype)
+    magnitude_sources = [tuple(None if t is None else t.detach().double() for t in c.tensors()) for c in (first, second)]
+    magnitude_sources = [(s[0].abs(), s[1], s[2]) for s in magnitude_sources]
+    scale = softsplat.splat_many(magnitude_sources, mode=first.mode, backend="torch").nan_to_num(posinf=0.0)
+    compare("output", results["got"][0], results["ref"][0], results["same"][0], scale, cd)
+    joint = None
+    if first.mode.kind != "sum":
+        _, normaliser = softsplat.splat_many(magnitude_sources, mode=first.mode, backend="torch", return_normaliser=True)
+        joint = (oracle.safe_normaliser(normaliser, first.mode), scale)
+    for index, case in enumerate((first, second)):
+        magnitudes = gradient_magnitudes(case, cotangent, joint=joint)
+        for name in NAMES:
+            label = f"{name} of source {index}"
+            if label in results["ref"][1]:
+                got = results["got"][1].get(label)
+                assert got is not None, f"no gradient for {label}"
+                compare(f"grad of {label}", got, results["ref"][1][label], results["same"][1][label], magnitudes[name], cd)
