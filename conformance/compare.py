@@ -62,7 +62,7 @@ def run(backend: str, case: Case, cotangent: torch.Tensor, *, dtype=None) -> Res
         leaf = tensor.detach().to(dtype) if dtype else tensor.detach()
         leaves[name] = leaf.requires_grad_(flag)
     out = softsplat.splat(
-        leaves["input"], leaves["flow"], leaves.get("metric"), mode=case.mode, backend=backend
+        leaves["input"], leaves["flow"], leaves.get("metric"), mode=case.mode, backend=backend, stable=case.stable
     )
     wanted = [name for name in leaves if leaves[name].requires_grad]
     grads = {}
@@ -142,13 +142,18 @@ def gradient_scale(reference: torch.Tensor) -> torch.Tensor:
     return finite.abs().max().double() if finite.numel() else torch.tensor(0.0, dtype=torch.float64)
 
 
-def _gather(per_target: torch.Tensor, flow: torch.Tensor, weighted: bool) -> torch.Tensor:
-    """Per source pixel: sum over its kept taps of (|tap weight| or 1) * ``per_target[tap]``."""
+def _gather(per_target: torch.Tensor, flow: torch.Tensor, weighted: bool, stable=None) -> torch.Tensor:
+    """Per source pixel: sum over its kept taps of (|tap weight| or 1) * ``per_target[tap]``,
+    times the tap's stable weight exp(metric - M(tap)) when ``stable`` is ``(metric, M)``."""
     N, K, H, W = per_target.shape
     table = per_target.permute(0, 2, 3, 1).reshape(N * H * W, K)
     result = per_target.new_zeros(N, H, W, K)
     for target, weight, keep in oracle.taps(flow):
         factor = (weight.abs() if weighted else torch.ones_like(weight)) * keep
+        if stable is not None:
+            metric, maximum = stable
+            reached = maximum.reshape(-1)[target]
+            factor = factor * torch.where(keep & (reached > float("-inf")), torch.exp(metric[:, 0] - reached), 0.0)
         result += factor.unsqueeze(-1) * table[target]
     return result.permute(0, 3, 1, 2)
 
@@ -171,16 +176,20 @@ def gradient_magnitudes(
     mode = case.mode
     N, _, H, W = x.shape
     ones = x.new_ones(N, 1, H, W)
+    stable = None
     if mode.kind == "sum":
         weight = ones
         g_numerator, g_normaliser = g, torch.zeros_like(ones)
     else:
         metric = None if case.metric is None else case.metric.double().cpu()
         weight = {"avg": ones, "linear": metric, "soft": metric.exp() if metric is not None else None}[mode.kind]
+        if case.stable:  # per-tap weights: gathered below; the per-pixel factor is 1
+            stable = (metric, oracle.splat_maximum(metric, flow))
+            weight = ones
         if joint is None:
-            splatted = oracle.splat_sum(torch.cat([x * weight, weight], 1), flow)
-            divisor = oracle.safe_normaliser(splatted[:, -1:], mode).abs()
-            out = (splatted[:, :-1] / divisor).abs()
+            numerator, normaliser = oracle.splat_with_normaliser(x, flow, metric, mode, raw=True, stable=case.stable)
+            divisor = oracle.safe_normaliser(normaliser, mode).abs()
+            out = (numerator / divisor).abs()
         else:
             divisor, out = (t.double().cpu().abs() for t in joint)
         g_numerator = g / divisor
@@ -188,13 +197,13 @@ def gradient_magnitudes(
         if normaliser_cotangent is not None:
             g_normaliser = g_normaliser + normaliser_cotangent.double().cpu().abs()
     w = weight.abs()
-    weighted_n, weighted_d = _gather(g_numerator, flow, True), _gather(g_normaliser, flow, True)
-    unweighted_n, unweighted_d = _gather(g_numerator, flow, False), _gather(g_normaliser, flow, False)
+    weighted_n, weighted_d = _gather(g_numerator, flow, True, stable), _gather(g_normaliser, flow, True, stable)
+    unweighted_n, unweighted_d = _gather(g_numerator, flow, False, stable), _gather(g_normaliser, flow, False, stable)
     magnitudes = {
         "input": w * weighted_n,
         "flow": ((x.abs() * w * unweighted_n).sum(1, keepdim=True) + w * unweighted_d).expand(-1, 2, -1, -1),
     }
     if case.metric is not None:
-        derivative = weight.abs() if mode.kind == "soft" else torch.ones_like(w)
+        derivative = weight.abs() if mode.kind == "soft" and not case.stable else torch.ones_like(w)
         magnitudes["metric"] = derivative * ((x.abs() * weighted_n).sum(1, keepdim=True) + weighted_d)
     return {name: m.nan_to_num(nan=0.0, posinf=0.0) for name, m in magnitudes.items()}

@@ -34,6 +34,7 @@ class Case:
     metric: torch.Tensor | None
     mode: Mode
     requires_grad: tuple[bool, bool, bool]  # input, flow, metric
+    stable: bool = False  # stable soft splatting (soft modes only)
 
     def __repr__(self) -> str:  # what Hypothesis prints for a falsifying example
         def describe(t):
@@ -42,7 +43,7 @@ class Case:
             return f"{tuple(t.shape)} {str(t.dtype)[6:]} strides={t.stride()}\n{t.detach()}"
 
         return (
-            f"Case(mode={self.mode.value!r}, requires_grad={self.requires_grad},\n"
+            f"Case(mode={self.mode.value!r}, stable={self.stable}, requires_grad={self.requires_grad},\n"
             f" input={describe(self.input)},\n flow={describe(self.flow)},\n"
             f" metric={describe(self.metric)})"
         )
@@ -147,4 +148,5 @@ def cases(draw, dtypes=DTYPES, modes=tuple(Mode), max_side: int = 9, device: str
         draw(st.booleans()),
         draw(st.booleans()) and metric is not None,
     )
-    return Case(input, flow, metric, mode, requires_grad)
+    stable = mode.kind == "soft" and draw(st.booleans())
+    return Case(input, flow, metric, mode, requires_grad, stable)

@@ -29,6 +29,7 @@ def check_case(backend, case, generator) -> None:
         None if case.metric is None else case.metric.detach().double(),
         case.mode,
         (False, False, False),
+        case.stable,
     )
     scale = run("torch", magnitude_case, cotangent).output.nan_to_num(posinf=0.0)
     assert got.output.dtype == case.input.dtype and got.output.device == case.input.device

@@ -54,13 +54,18 @@ def test_normaliser_output(backend, device, data) -> None:
     results = {}
     for name, backend_name, dtype in (("got", backend.name, None), ("same", "torch", None), ("ref", "torch", torch.float64)):
         leaves = _leaves(case, dtype)
-        out, normaliser = softsplat.splat(*leaves, mode=case.mode, backend=backend_name, return_normaliser=True)
+        out, normaliser = softsplat.splat(
+            *leaves, mode=case.mode, backend=backend_name, return_normaliser=True, stable=case.stable
+        )
         grads, positions = _grads([out, normaliser], [cot_out.to(device), cot_norm.to(device)], leaves)
         results[name] = (out.detach(), normaliser.detach(), {NAMES[i]: g for i, g in zip(positions, grads)})
     got, same, ref = results["got"], results["same"], results["ref"]
     cd = compute_dtype(case.input.dtype)
     assert got[1].dtype == cd and got[1].shape == (N, 1, H, W)
-    magnitude = oracle.splat_with_normaliser(case.input.double().abs(), case.flow.double(), None if case.metric is None else case.metric.double(), case.mode)
+    magnitude = oracle.splat_with_normaliser(
+        case.input.double().abs(), case.flow.double(), None if case.metric is None else case.metric.double(),
+        case.mode, stable=case.stable,
+    )
     compare("output", got[0], ref[0], same[0], magnitude[0].nan_to_num(posinf=0.0), cd)
     compare("normaliser", got[1], ref[1], same[1], ref[1].abs().nan_to_num(posinf=0.0), cd)
     magnitudes = gradient_magnitudes(case, cot_out, cot_norm)
@@ -83,23 +88,26 @@ def test_splat_many(backend, device, data) -> None:
             None if first.metric is None else (torch.rand((N, 1, H, W), generator=generator) * 5).to(device),
             first.mode, second.requires_grad[:2] + (second.requires_grad[2] and first.metric is not None,),
         )
+    second = Case(*second.tensors(), first.mode, second.requires_grad, first.stable)
     generator = data.draw(seeds())
     cotangent = torch.randn(first.input.shape, generator=generator, dtype=torch.float64).to(first.input.dtype).double()
     results = {}
     for name, backend_name, dtype in (("got", backend.name, None), ("same", "torch", None), ("ref", "torch", torch.float64)):
         sources = [_leaves(first, dtype), _leaves(second, dtype)]
-        out = softsplat.splat_many([tuple(s) for s in sources], mode=first.mode, backend=backend_name)
+        out = softsplat.splat_many([tuple(s) for s in sources], mode=first.mode, backend=backend_name, stable=first.stable)
         flat = [leaf for source in sources for leaf in source]
         grads, positions = _grads([out], [cotangent.to(device)], flat)
         results[name] = (out.detach(), {f"{NAMES[i % 3]} of source {i // 3}": g for i, g in zip(positions, grads)})
     cd = compute_dtype(first.input.dtype)
     magnitude_sources = [tuple(None if t is None else t.detach().double() for t in c.tensors()) for c in (first, second)]
     magnitude_sources = [(s[0].abs(), s[1], s[2]) for s in magnitude_sources]
-    scale = softsplat.splat_many(magnitude_sources, mode=first.mode, backend="torch").nan_to_num(posinf=0.0)
+    scale = softsplat.splat_many(magnitude_sources, mode=first.mode, backend="torch", stable=first.stable).nan_to_num(posinf=0.0)
     compare("output", results["got"][0], results["ref"][0], results["same"][0], scale, cd)
     joint = None
     if first.mode.kind != "sum":
-        _, normaliser = softsplat.splat_many(magnitude_sources, mode=first.mode, backend="torch", return_normaliser=True)
+        _, normaliser = softsplat.splat_many(
+            magnitude_sources, mode=first.mode, backend="torch", return_normaliser=True, stable=first.stable
+        )
         joint = (oracle.safe_normaliser(normaliser, first.mode), scale)
     for index, case in enumerate((first, second)):
         magnitudes = gradient_magnitudes(case, cotangent, joint=joint)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import torch
@@ -24,6 +25,7 @@ def splat(
     mode: str | Mode,
     backend: str = "auto",
     return_normaliser: bool = False,
+    stable: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Forward-warp ``input`` along ``flow`` (softmax splatting and its relatives).
 
@@ -40,6 +42,10 @@ def splat(
         return_normaliser: also return the normaliser ``D`` ``[N, 1, H, W]`` (the splatted
             weights: 0 where nothing landed, a coverage / hole mask), differentiable, in the
             compute dtype (float32, or float64 for float64 input). Normalised modes only.
+        stable: ``soft`` modes only: subtract from every metric the largest metric landing on
+            the same target pixel, ``exp(metric - M(target))`` (``M`` passes no gradient), so
+            that no ``exp`` overflows; equal to ``soft`` wherever that is finite, up to the eps
+            effect (``D`` is divided by ``exp(M)``, so ``addeps`` weighs eps differently).
 
     Returns:
         ``[N, C, H, W]`` in ``input``'s dtype and device (with ``return_normaliser``, the pair
@@ -59,6 +65,7 @@ def splat(
     """
     problem = validate(input, flow, metric, mode)
     _check_return_normaliser(return_normaliser, problem.mode)
+    problem = dataclasses.replace(problem, stable=_check_stable(stable, problem.mode))
     out, normaliser = backends.get(resolve_backend(input, problem.mode, backend)).run(problem)
     return (out, normaliser) if return_normaliser else out
 
@@ -69,6 +76,7 @@ def splat_many(
     mode: str | Mode,
     backend: str = "auto",
     return_normaliser: bool = False,
+    stable: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Joint splatting: several sources warped into one target and normalised together.
 
@@ -78,6 +86,7 @@ def splat_many(
             frame 0 with the flow to time t and frame 1 with the flow back to t, or K flows of
             one frame.
         mode, backend, return_normaliser: as for ``splat``.
+        stable: as for ``splat``, with each target's maximum taken over every source.
 
     Returns:
         ``sum``: the sum of the sources' ``splat``. Normalised modes: the sources' numerators
@@ -101,6 +110,10 @@ def splat_many(
     mode = problems[0].mode
     _check_return_normaliser(return_normaliser, mode)
     chosen = backends.get(resolve_backend(problems[0].input, mode, backend))
+    if _check_stable(stable, mode):
+        maxima = [chosen.maximum(dataclasses.replace(p, stable=True)) for p in problems]
+        joint = functools.reduce(torch.maximum, maxima)  # NaN propagates, as in one source
+        problems = [dataclasses.replace(p, stable=True, maximum=joint) for p in problems]
     parts = [chosen.run(problem) for problem in problems]
     numerator = torch.stack([part[0] for part in parts]).sum(0)
     if mode.kind == "sum":
@@ -108,6 +121,14 @@ def splat_many(
     normaliser = torch.stack([part[1] for part in parts]).sum(0)
     out = (numerator / oracle.safe_normaliser(normaliser, mode)).to(problems[0].input.dtype)
     return (out, normaliser) if return_normaliser else out
+
+
+def _check_stable(value, mode: Mode) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"stable: expected a bool, got {type(value).__name__}")
+    if value and mode.kind != "soft":
+        raise ValueError(f"stable: only soft modes subtract a maximum (expected False), got True with mode {mode.value!r}")
+    return value
 
 
 def _check_return_normaliser(value, mode: Mode) -> None:

@@ -40,8 +40,10 @@ def inputs(size, channels=3, batch=1, dtype=torch.float32, device="cpu", seed=0)
 
 def naive_port(input, flow, metric, mode: str = "soft") -> torch.Tensor:
     """How ports commonly write it in plain torch: ``index_add_`` of the four taps over
-    ``cat([input * exp(metric), exp(metric)])`` (no fused kernel, no eps variants). Only for
-    timing comparisons; the oracle, not this, is the specification."""
+    ``cat([input * exp(metric), exp(metric)])`` (no fused kernel, no eps variants, no stable
+    variant: ``soft+stable`` times plain soft). Only for timing comparisons; the oracle, not
+    this, is the specification."""
+    mode = mode.removesuffix(STABLE_SUFFIX)
     N, _, H, W = input.shape
     if mode == "sum":
         values = input
@@ -87,7 +89,7 @@ def timed(function, device="cpu", repeats: int = 3) -> float:
 
 def passes(call, tensors, mode):
     """(forward, forward+backward) closures of ``call(input, flow, metric_or_None, mode)``."""
-    metric = tensors[2] if mode in ("linear", "soft") else None
+    metric = tensors[2] if mode.startswith(("linear", "soft")) else None
 
     def forward():
         with torch.no_grad():
@@ -101,8 +103,17 @@ def passes(call, tensors, mode):
     return forward, forward_backward
 
 
+STABLE_SUFFIX = "+stable"
+
+
 def splat_call(backend: str):
-    return lambda input, flow, metric, mode: api.splat(input, flow, metric, mode=mode, backend=backend)
+    """``splat`` on ``backend``; a mode ending in ``+stable`` (``soft+stable``) runs stable soft."""
+
+    def call(input, flow, metric, mode):
+        stable = mode.endswith(STABLE_SUFFIX)
+        return api.splat(input, flow, metric, mode=mode.removesuffix(STABLE_SUFFIX), backend=backend, stable=stable)
+
+    return call
 
 
 def copy_bandwidth(device="cpu") -> float:
@@ -119,7 +130,7 @@ def forward_bytes(size, channels=3, batch=1, dtype=torch.float32, mode="soft") -
     height, width = size
     pixels = batch * height * width
     itemsize = torch.empty((), dtype=dtype).element_size()
-    metric = 4 if mode in ("linear", "soft") else 0
+    metric = 4 if mode.startswith(("linear", "soft")) else 0
     normaliser = 4 if mode != "sum" else 0
     return pixels * (channels * itemsize + 2 * 4 + metric + channels * 4 + normaliser)
 
@@ -139,7 +150,7 @@ def run(args) -> int:
         candidates = [backends.get(name) for name in args.backends.split(",")]
     runnable, skipped = [], []
     for backend in candidates:
-        call = backends.Signature(torch.device(device).type, dtype, Mode.parse(modes[0]))
+        call = backends.Signature(torch.device(device).type, dtype, Mode.parse(modes[0].removesuffix(STABLE_SUFFIX)))
         reasons = backend.not_supported_reasons(call)
         if backend.name == "triton" and not torch.cuda.is_available():
             reasons.append("runs in the Triton interpreter here: its times mean nothing")
@@ -180,7 +191,7 @@ def run(args) -> int:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--sizes", default="256x448,1080x1920", help="HEIGHTxWIDTH,... (default 256x448,1080x1920)")
-    parser.add_argument("--modes", default="soft", help="comma-separated modes (default soft)")
+    parser.add_argument("--modes", default="soft", help="comma-separated modes, soft+stable for stable soft (default soft)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the median is shown")

@@ -17,6 +17,9 @@ _NORMALISATIONS = ("addeps", "zeroeps", "clipeps")
 #: The compiled kernels' normalisation code for "no division": they return the numerator and
 #: the normaliser as they are (how splat_many sums several sources before dividing).
 RAW_CODE = 3
+#: The compiled kernels' kind code for stable soft splatting (soft with each target's maximum
+#: metric subtracted).
+STABLE_CODE = 4
 # Names the reference implementation's users and papers also use.
 _ALIASES = {"summation": "sum", "average": "avg", "softmax": "soft"}
 

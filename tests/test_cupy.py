@@ -86,7 +86,8 @@ def test_two_shapes_share_one_compiled_program(monkeypatch) -> None:
 
 @needs_cupy
 def test_ops_are_defined_with_fake_and_autograd() -> None:
-    cupy_backend._define_ops()
+    ops = cupy_backend._define_ops()
+    assert ops is torch.ops.softsplat_cupy
     input, flow, metric = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4), torch.randn(1, 1, 3, 4)
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
         fakes = [mode.from_tensor(t) for t in (input, flow, metric)]

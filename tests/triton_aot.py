@@ -24,11 +24,11 @@ def specialisations():
     for dtype in POINTER:
         acc = compute(dtype)
         acc_ptr, acc_tl = POINTER[acc], getattr(k.tl, acc)
-        for kind in (k.SUM, k.AVG, k.LINEAR, k.SOFT):
+        for kind in (k.SUM, k.AVG, k.LINEAR, k.SOFT, k.STABLE):
             yield k._splat_fwd_kernel, {
                 "input_ptr": POINTER[dtype], "sin_n": "i64", "sin_c": "i64", "sin_y": "i64", "sin_x": "i64",
                 "flow_ptr": acc_ptr, "sfn": "i64", "sfc": "i64", "sfy": "i64", "sfx": "i64",
-                "metric_ptr": acc_ptr, "smn": "i64", "smy": "i64", "smx": "i64",
+                "metric_ptr": acc_ptr, "smn": "i64", "smy": "i64", "smx": "i64", "max_ptr": acc_ptr,
                 "out_ptr": acc_ptr, "norm_ptr": acc_ptr, "N": "i64", "C": "i64", "H": "i64", "W": "i64",
                 "KIND": "constexpr", "ACC": "constexpr", "BLOCK": "constexpr",
             }, {"KIND": kind, "ACC": acc_tl, "BLOCK": 256}
@@ -37,6 +37,7 @@ def specialisations():
                     "input_ptr": POINTER[dtype], "sin_n": "i64", "sin_c": "i64", "sin_y": "i64", "sin_x": "i64",
                     "flow_ptr": acc_ptr, "sfn": "i64", "sfc": "i64", "sfy": "i64", "sfx": "i64",
                     "metric_ptr": acc_ptr, "smn": "i64", "smy": "i64", "smx": "i64", "g_ptr": acc_ptr,
+                    "max_ptr": acc_ptr,
                     "grad_input_ptr": POINTER[dtype] if want[0] else acc_ptr,
                     "grad_flow_ptr": acc_ptr, "grad_metric_ptr": acc_ptr,
                     "N": "i64", "C": "i64", "H": "i64", "W": "i64",
@@ -44,6 +45,12 @@ def specialisations():
                     "WANT_METRIC": "constexpr", "ACC": "constexpr", "BLOCK": "constexpr",
                 }, {"KIND": kind, "WANT_INPUT": want[0], "WANT_FLOW": want[1], "WANT_METRIC": want[2] and kind >= 2,
                     "ACC": acc_tl, "BLOCK": 256}
+        if dtype == acc:  # the scatter-max works in the compute dtype only
+            yield k._splat_max_kernel, {
+                "flow_ptr": acc_ptr, "sfn": "i64", "sfc": "i64", "sfy": "i64", "sfx": "i64",
+                "metric_ptr": acc_ptr, "smn": "i64", "smy": "i64", "smx": "i64", "max_ptr": acc_ptr,
+                "N": "i64", "H": "i64", "W": "i64", "ACC": "constexpr", "BLOCK": "constexpr",
+            }, {"ACC": acc_tl, "BLOCK": 256}
         for norm in (k.ADDEPS, k.ZEROEPS, k.CLIPEPS, k.RAW):
             if dtype != acc:
                 continue  # normalise and prepare work in the compute dtype only

@@ -8,7 +8,7 @@ import functools
 
 import torch
 
-from ..modes import RAW_CODE, Mode, compute_dtype
+from ..modes import RAW_CODE, STABLE_CODE, Mode, compute_dtype
 
 FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -33,6 +33,14 @@ class Problem:
     mode: Mode
     #: Return the numerator instead of the normalised result (no division; splat_many).
     raw: bool = False
+    #: Stable soft splatting: subtract each target's maximum metric (soft modes only).
+    stable: bool = False
+    #: A given per-target maximum [N, 1, H, W] for stable (splat_many's joint one), else None.
+    maximum: torch.Tensor | None = None
+
+    @property
+    def kind_code(self) -> int:
+        return STABLE_CODE if self.stable else self.mode.kind_code
 
     @property
     def normalisation_code(self) -> int:
@@ -96,6 +104,11 @@ class Backend(abc.ABC):
         """Make ``run`` ready (for example build and load a library). Called once the backend is
         chosen, outside any torch.compile trace; raises with the reason if it cannot be done."""
         return None
+
+    def maximum(self, problem: Problem) -> torch.Tensor:
+        """``M`` of stable soft splatting for ``problem`` ([N, 1, H, W], compute dtype, no
+        gradient): what ``run`` computes first when ``problem.maximum`` is None."""
+        raise NotImplementedError(f"backend {self.name!r} has no stable soft splatting")
 
     @abc.abstractmethod
     def run(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -29,7 +29,7 @@ def _cuda_reason() -> str | None:
 @functools.cache
 def library() -> OpLibrary:
     sources = ["splat_cpu.cpp"] + ([] if _cuda_reason() else ["splat_cuda.cu"])
-    return OpLibrary("softsplat", sources, cuda_cflags=["-O3", "-std=c++17"])
+    return OpLibrary("softsplat", sources, cflags=["-std=c++20"], cuda_cflags=["-O3", "-std=c++20"])
 
 
 class CppBackend(Backend):
@@ -51,6 +51,9 @@ class CppBackend(Backend):
     def prepare(self) -> None:
         self._library = library()
         self._library.ops()
+
+    def maximum(self, problem: Problem) -> torch.Tensor:
+        return self._library.maximum(problem)
 
     def run(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self._library.forward(problem)  # prepared by dispatch (torch.compile: eagerly)

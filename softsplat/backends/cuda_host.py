@@ -34,5 +34,8 @@ class CudaHostBackend(Backend):
         self._library = library()
         self._library.ops()
 
+    def maximum(self, problem: Problem) -> torch.Tensor:
+        return self._library.maximum(problem)
+
     def run(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self._library.forward(problem)

@@ -20,7 +20,7 @@ import torch
 
 from .base import Backend, Problem
 from .extension import CSRC
-from .ops import register_python_side, run_forward
+from .ops import register_python_side, run_forward, scatter_maximum
 
 #: What the backend hands to NVRTC: the shared kernel header and its fp16/bf16 types.
 KERNEL_SOURCE = '#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n#include "splat_kernels.cuh"\n'
@@ -43,6 +43,7 @@ def kernel_names(dtype: torch.dtype) -> dict[tuple[str, str], str]:
     for index in ("int", "long long"):
         names["forward", index] = f"softsplat::splat_forward_kernel<{scalar}, {acc}, {index}>"
         names["normalise", index] = f"softsplat::splat_normalise_kernel<{acc}, {index}>"
+        names["maximum", index] = f"softsplat::splat_maximum_kernel<{acc}, {index}>"
         names["prepare", index] = f"softsplat::splat_backward_prepare_kernel<{acc}, {index}>"
         names["backward", index] = f"softsplat::splat_backward_kernel<{scalar}, {acc}, {index}>"
     return names
@@ -137,8 +138,25 @@ def _metric_strides(metric):
     return (metric.stride(0), metric.stride(2), metric.stride(3)) if metric is not None else (0, 0, 0)
 
 
+def maximum_impl(flow: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
+    N, _, H, W = flow.shape
+    maximum = torch.full((N, 1, H, W), float("-inf"), dtype=flow.dtype, device=flow.device)
+    if N * H * W == 0:
+        return maximum
+    index = "int" if _fits_int32((flow, metric, maximum), N * H * W) else "long long"
+    dtype = torch.float64 if flow.dtype == torch.float64 else torch.float32
+    _launch(flow.device, dtype, "maximum", index, N * H * W, flow, *flow.stride(), metric,
+            *_metric_strides(metric), *(("index", v) for v in (N, H, W)), maximum)
+    return maximum
+
+
 def forward_impl(
-    input: torch.Tensor, flow: torch.Tensor, metric: torch.Tensor | None, kind: int, normalisation: int
+    input: torch.Tensor,
+    flow: torch.Tensor,
+    metric: torch.Tensor | None,
+    kind: int,
+    normalisation: int,
+    maximum: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     N, C, H, W = input.shape
     out = torch.zeros((N, C, H, W), dtype=flow.dtype, device=input.device)
@@ -162,6 +180,7 @@ def forward_impl(
         *_metric_strides(metric),
         *sizes,
         ("int", kind),
+        maximum.contiguous() if kind == 4 else None,
         out,
         normaliser if kind else None,
     )
@@ -191,6 +210,7 @@ def backward_impl(
     kind: int,
     normalisation: int,
     output_mask: list[bool],
+    maximum: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     N, C, H, W = input.shape
     want_metric = bool(output_mask[2]) and metric is not None and kind >= 2
@@ -241,6 +261,7 @@ def backward_impl(
         g,
         *sizes,
         ("int", kind),
+        maximum.contiguous() if kind == 4 else None,
         grad_input if output_mask[0] else None,
         grad_flow if output_mask[1] else None,
         grad_metric if want_metric else None,
@@ -257,8 +278,9 @@ def _define_ops():
     torch.library.custom_op(
         "softsplat_cupy::splat_backward", backward_impl, mutates_args=(), device_types="cuda"
     )
+    torch.library.custom_op("softsplat_cupy::splat_maximum", maximum_impl, mutates_args=(), device_types="cuda")
     register_python_side("softsplat_cupy")
-    return forward
+    return torch.ops.softsplat_cupy
 
 
 class CupyBackend(Backend):
@@ -285,7 +307,10 @@ class CupyBackend(Backend):
         return None
 
     def prepare(self) -> None:
-        self._forward = _define_ops()
+        self._ops = _define_ops()
+
+    def maximum(self, problem: Problem) -> torch.Tensor:
+        return scatter_maximum(self._ops, problem)
 
     def run(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return run_forward(self._forward, problem)
+        return run_forward(self._ops, problem)

@@ -9,16 +9,28 @@ import torch
 from .base import Problem
 
 
-def run_forward(forward_op, problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``Backend.run`` through ``forward_op`` (schema of ``splat_forward``).
+def scatter_maximum(ops, problem: Problem) -> torch.Tensor:
+    """``Backend.maximum`` through ``ops.splat_maximum``."""
+    dtype = problem.compute_dtype
+    return ops.splat_maximum(problem.flow.detach().to(dtype), problem.metric.detach().to(dtype))
+
+
+def run_forward(ops, problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``Backend.run`` through ``ops`` (``torch.ops.<namespace>``, the ops of schemas.h).
 
     ``flow`` and ``metric`` are read in the compute dtype (a no-op when they already are);
-    the op returns the compute dtype, cast here so that autograd casts gradients back.
+    the op returns the compute dtype, cast here so that autograd casts gradients back. For
+    stable soft splatting, the scatter-max pass runs first unless a (joint) maximum is given.
     """
     dtype = problem.compute_dtype
+    flow = problem.flow.to(dtype)
     metric = None if problem.metric is None else problem.metric.to(dtype)
-    out, normaliser = forward_op(
-        problem.input, problem.flow.to(dtype), metric, problem.mode.kind_code, problem.normalisation_code
+    maximum = None
+    if problem.stable:
+        given = problem.maximum
+        maximum = (given if given is not None else scatter_maximum(ops, problem)).to(dtype)
+    out, normaliser = ops.splat_forward(
+        problem.input, flow, metric, problem.kind_code, problem.normalisation_code, maximum
     )
     normaliser = None if problem.mode.kind == "sum" else normaliser
     return (out if problem.raw else out.to(problem.input.dtype)), normaliser
@@ -29,14 +41,18 @@ def register_python_side(namespace: str) -> None:
     forward_name, backward_name = f"{namespace}::splat_forward", f"{namespace}::splat_backward"
     backward_op = getattr(torch.ops, namespace).splat_backward
 
+    @torch.library.register_fake(f"{namespace}::splat_maximum")
+    def _(flow, metric):
+        return flow.new_empty((flow.shape[0], 1, *flow.shape[2:]))
+
     @torch.library.register_fake(forward_name)
-    def _(input, flow, metric, kind, normalisation):
+    def _(input, flow, metric, kind, normalisation, maximum=None):
         out = flow.new_empty((input.shape[0], input.shape[1], *input.shape[2:]))
         normaliser = flow.new_empty((input.shape[0], 1, *input.shape[2:]) if kind else (0,))
         return out, normaliser
 
     @torch.library.register_fake(backward_name)
-    def _(grad_out, grad_normaliser, input, flow, metric, out, normaliser, kind, normalisation, output_mask):
+    def _(grad_out, grad_normaliser, input, flow, metric, out, normaliser, kind, normalisation, output_mask, maximum=None):
         wants_metric = output_mask[2] and metric is not None and kind >= 2
         return (
             input.new_empty(input.shape if output_mask[0] else (0,)),
@@ -45,13 +61,14 @@ def register_python_side(namespace: str) -> None:
         )
 
     def setup_context(ctx, inputs, output):
-        input, flow, metric, kind, normalisation = inputs
+        input, flow, metric, kind, normalisation, *rest = inputs
+        maximum = rest[0] if rest else None
         out, normaliser = output
         ctx.kind, ctx.normalisation = kind, normalisation
-        ctx.save_for_backward(input, flow, metric, out, normaliser)
+        ctx.save_for_backward(input, flow, metric, out, normaliser, maximum)
 
     def backward(ctx, grad_out, grad_normaliser):
-        input, flow, metric, out, normaliser = ctx.saved_tensors
+        input, flow, metric, out, normaliser, maximum = ctx.saved_tensors
         mask = [
             ctx.needs_input_grad[0],
             ctx.needs_input_grad[1],
@@ -61,8 +78,8 @@ def register_python_side(namespace: str) -> None:
             grad_normaliser = None
         grads = backward_op(
             grad_out, grad_normaliser, input, flow, metric, out, normaliser,
-            ctx.kind, ctx.normalisation, mask,
+            ctx.kind, ctx.normalisation, mask, maximum,
         )
-        return tuple(g if wanted else None for g, wanted in zip(grads, mask)) + (None, None)
+        return tuple(g if wanted else None for g, wanted in zip(grads, mask)) + (None, None, None)
 
     torch.library.register_autograd(forward_name, backward, setup_context=setup_context)

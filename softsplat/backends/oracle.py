@@ -64,6 +64,33 @@ def splat_sum(values: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     return out.view(N, H, W, K).permute(0, 3, 1, 2)
 
 
+def splat_maximum(metric: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+    """``M`` of stable soft splatting: per target pixel, the maximum metric over the source
+    pixels with a kept tap on it; -inf where nothing lands; NaN propagates. No gradient."""
+    N, _, H, W = flow.shape
+    maximum = torch.full((N * H * W,), float("-inf"), dtype=flow.dtype, device=flow.device)
+    values = metric.detach().to(flow.dtype)[:, 0]
+    for target, _, keep in taps(flow.detach()):
+        maximum.scatter_reduce_(0, target[keep], values[keep], "amax")
+    return maximum.view(N, 1, H, W)
+
+
+def splat_stable(values: torch.Tensor, metric: torch.Tensor, flow: torch.Tensor, maximum: torch.Tensor):
+    """``(S(values * w), S(w))`` with per-tap weights ``w = exp(metric - M(target))``, ``M``
+    given and detached (0 where ``M`` is -inf: only metrics of -inf landed there)."""
+    N, K, H, W = values.shape
+    per_pixel = values.permute(0, 2, 3, 1)  # [N, H, W, K]
+    flat_maximum = maximum.detach().reshape(-1)
+    numerator = values.new_zeros(N * H * W, K)
+    normaliser = values.new_zeros(N * H * W, 1)
+    for target, weight, keep in taps(flow):
+        reached = flat_maximum[target[keep]]
+        w = torch.where(reached == float("-inf"), 0.0, torch.exp(metric[:, 0][keep] - reached))
+        numerator.index_add_(0, target[keep], weight[keep].unsqueeze(1) * (per_pixel[keep] * w.unsqueeze(1)))
+        normaliser.index_add_(0, target[keep], weight[keep].unsqueeze(1) * w.unsqueeze(1))
+    return (numerator.view(N, H, W, K).permute(0, 3, 1, 2), normaliser.view(N, H, W, 1).permute(0, 3, 1, 2))
+
+
 def safe_normaliser(normaliser: torch.Tensor, mode: Mode) -> torch.Tensor:
     """``D'`` of SPEC.md: the normaliser made safe to divide by, as ``mode`` says."""
     if mode.normalisation == "addeps":
@@ -78,11 +105,20 @@ def splat(input, flow, metric, mode: Mode) -> torch.Tensor:
     return splat_with_normaliser(input, flow, metric, mode)[0]
 
 
-def splat_with_normaliser(input, flow, metric, mode: Mode, raw: bool = False):
+def splat_with_normaliser(input, flow, metric, mode: Mode, raw: bool = False, stable: bool = False, maximum=None):
     """``(result, D)``: the result in ``input``'s dtype (``raw``: the numerator, not divided, in
-    the compute dtype) and the normaliser ``D`` in the compute dtype (None for sum)."""
+    the compute dtype) and the normaliser ``D`` in the compute dtype (None for sum). ``stable``
+    (soft only) subtracts each target's maximum metric: ``maximum`` if given (a joint one),
+    else this call's ``splat_maximum``."""
     dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
     values, flow = input.to(dtype), flow.to(dtype)
+    if stable:
+        metric = metric.to(dtype)
+        maximum = splat_maximum(metric, flow) if maximum is None else maximum.to(dtype)
+        numerator, normaliser = splat_stable(values, metric, flow, maximum)
+        if raw:
+            return numerator, normaliser
+        return (numerator / safe_normaliser(normaliser, mode)).to(input.dtype), normaliser
     if mode.kind == "sum":
         out = splat_sum(values, flow)
         return (out if raw else out.to(input.dtype)), None
@@ -104,5 +140,11 @@ class TorchBackend(Backend):
     summary = "pure-torch oracle (index_add_ of four taps), readable, autograd gradients"
     deterministic_on = ("cpu", "cuda")  # index_add_ is deterministic in deterministic mode
 
+    def maximum(self, problem: Problem) -> torch.Tensor:
+        dtype = problem.compute_dtype
+        return splat_maximum(problem.metric.to(dtype), problem.flow.to(dtype))
+
     def run(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return splat_with_normaliser(problem.input, problem.flow, problem.metric, problem.mode, problem.raw)
+        return splat_with_normaliser(
+            problem.input, problem.flow, problem.metric, problem.mode, problem.raw, problem.stable, problem.maximum
+        )

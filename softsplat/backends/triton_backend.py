@@ -16,7 +16,7 @@ import os
 import torch
 
 from .base import Backend, Problem
-from .ops import run_forward
+from .ops import run_forward, scatter_maximum
 
 
 def interpreted() -> bool:
@@ -40,9 +40,21 @@ def _ops():
     def metric_strides(metric):
         return (metric.stride(0), metric.stride(2), metric.stride(3)) if metric is not None else (0, 0, 0)
 
+    @triton_op("softsplat_triton::splat_maximum", mutates_args=())
+    def splat_maximum(flow: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
+        N, _, H, W = flow.shape
+        maximum = torch.full((N, 1, H, W), float("-inf"), dtype=flow.dtype, device=flow.device)
+        if N * H * W:
+            wrap_triton(k._splat_max_kernel)[(triton.cdiv(N * H * W, block),)](
+                flow, *flow.stride(), metric, *metric_strides(metric), maximum, N, H, W,
+                ACC=acc(flow.dtype), BLOCK=block,
+            )
+        return maximum
+
     @triton_op("softsplat_triton::splat_forward", mutates_args=())
     def splat_forward(
-        input: torch.Tensor, flow: torch.Tensor, metric: torch.Tensor | None, kind: int, normalisation: int
+        input: torch.Tensor, flow: torch.Tensor, metric: torch.Tensor | None, kind: int, normalisation: int,
+        maximum: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         N, C, H, W = input.shape
         out = torch.zeros((N, C, H, W), dtype=flow.dtype, device=input.device)
@@ -51,9 +63,10 @@ def _ops():
         if pixels == 0:
             return out, normaliser
         metric_arg = metric if metric is not None else flow  # never read when kind < 2
+        maximum_arg = maximum.contiguous() if kind == k.STABLE else out  # only read when stable
         wrap_triton(k._splat_fwd_kernel)[(triton.cdiv(pixels, block),)](
             input, *input.stride(), flow, *flow.stride(), metric_arg, *metric_strides(metric),
-            out, normaliser if kind else out, N, C, H, W,
+            maximum_arg, out, normaliser if kind else out, N, C, H, W,
             KIND=kind, ACC=acc(flow.dtype), BLOCK=block,
         )
         if kind and C:
@@ -66,7 +79,7 @@ def _ops():
     def splat_backward(
         grad_out: torch.Tensor, grad_normaliser: torch.Tensor | None, input: torch.Tensor, flow: torch.Tensor,
         metric: torch.Tensor | None, out: torch.Tensor, normaliser: torch.Tensor, kind: int, normalisation: int,
-        output_mask: list[bool],
+        output_mask: list[bool], maximum: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         N, C, H, W = input.shape
         want_metric = bool(output_mask[2]) and metric is not None and kind >= 2
@@ -89,6 +102,7 @@ def _ops():
         metric_arg = metric if metric is not None else flow
         wrap_triton(k._splat_bwd_kernel)[grid](
             input, *input.stride(), flow, *flow.stride(), metric_arg, *metric_strides(metric), g,
+            maximum.contiguous() if kind == k.STABLE else g,
             grad_input if output_mask[0] else g, grad_flow if output_mask[1] else g,
             grad_metric if want_metric else g, N, C, H, W,
             KIND=kind, WANT_INPUT=bool(output_mask[0]), WANT_FLOW=bool(output_mask[1]),
@@ -97,21 +111,21 @@ def _ops():
         return grad_input, grad_flow, grad_metric
 
     def setup_context(ctx, inputs, output):
-        input, flow, metric, kind, normalisation = inputs
+        input, flow, metric, kind, normalisation, *rest = inputs
         ctx.kind, ctx.normalisation = kind, normalisation
-        ctx.save_for_backward(input, flow, metric, *output)
+        ctx.save_for_backward(input, flow, metric, *output, rest[0] if rest else None)
 
     def backward(ctx, grad_out, grad_normaliser):
-        input, flow, metric, out, normaliser = ctx.saved_tensors
+        input, flow, metric, out, normaliser, maximum = ctx.saved_tensors
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], metric is not None and ctx.needs_input_grad[2]]
         grads = splat_backward(
             grad_out, grad_normaliser if ctx.kind else None, input, flow, metric, out, normaliser,
-            ctx.kind, ctx.normalisation, mask,
+            ctx.kind, ctx.normalisation, mask, maximum,
         )
-        return tuple(g if wanted else None for g, wanted in zip(grads, mask)) + (None, None)
+        return tuple(g if wanted else None for g, wanted in zip(grads, mask)) + (None, None, None)
 
     splat_forward.register_autograd(backward, setup_context=setup_context)
-    return splat_forward
+    return torch.ops.softsplat_triton
 
 
 class TritonBackend(Backend):
@@ -130,7 +144,10 @@ class TritonBackend(Backend):
         return None
 
     def prepare(self) -> None:
-        self._forward = _ops()
+        self._ops = _ops()
+
+    def maximum(self, problem: Problem) -> torch.Tensor:
+        return scatter_maximum(self._ops, problem)
 
     def run(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return run_forward(self._forward, problem)
+        return run_forward(self._ops, problem)

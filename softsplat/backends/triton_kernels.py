@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-SUM, AVG, LINEAR, SOFT = 0, 1, 2, 3
+SUM, AVG, LINEAR, SOFT, STABLE = 0, 1, 2, 3, 4
 ADDEPS, ZEROEPS, CLIPEPS, RAW = 0, 1, 2, 3
 EPS = 1e-7
 
@@ -44,8 +44,9 @@ def _taps(pixel, flow_ptr, sfn, sfc, sfy, sfx, H, W, ACC: tl.constexpr):
 
 @triton.jit
 def _weight(metric_ptr, n, x, y, smn, smy, smx, mask, KIND: tl.constexpr, ACC: tl.constexpr):
-    """1, metric or exp(metric); no maximum subtracted, exactly the reference."""
-    if KIND == 2:
+    """1, metric or exp(metric); no maximum subtracted, exactly the reference. STABLE: the
+    metric itself (each tap's weight is _stable_weight)."""
+    if KIND == 2 or KIND == 4:
         return tl.load(metric_ptr + n * smn + y * smy + x * smx, mask=mask, other=0.0).to(ACC)
     elif KIND == 3:
         return tl.exp(tl.load(metric_ptr + n * smn + y * smy + x * smx, mask=mask, other=0.0).to(ACC))
@@ -54,10 +55,37 @@ def _weight(metric_ptr, n, x, y, smn, smy, smx, mask, KIND: tl.constexpr, ACC: t
 
 
 @triton.jit
+def _stable_weight(m, max_ptr, target, keep):
+    """exp(metric - M(target)); 0 where M is -inf (only metrics of -inf landed there)."""
+    reached = tl.load(max_ptr + target, mask=keep, other=float("-inf"))
+    return tl.where(keep & (reached != float("-inf")), tl.exp(m - reached), 0.0)  # NaN stays NaN
+
+
+@triton.jit
+def _splat_max_kernel(flow_ptr, sfn, sfc, sfy, sfx, metric_ptr, smn, smy, smx, max_ptr, N, H, W,
+                      ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """M of stable splatting, into max_ptr filled with -inf: an atomic max per kept tap.
+    (NaN metrics: the interpreter's max propagates NaN like the other backends; compiled float
+    atomic_max follows the hardware's ordering.)"""
+    pixel = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    valid = pixel < N * H * W
+    pixel = tl.where(valid, pixel, 0)
+    n, x, y, lands, x0, y0, east, west, south, north = _taps(pixel, flow_ptr, sfn, sfc, sfy, sfx, H, W, ACC)
+    lands = lands & valid
+    m = tl.load(metric_ptr + n * smn + y * smy + x * smx, mask=valid, other=0.0).to(ACC)
+    t_nw = n * H * W + y0 * W + x0
+    tl.atomic_max(max_ptr + t_nw, m, mask=lands & (x0 >= 0) & (y0 >= 0))
+    tl.atomic_max(max_ptr + t_nw + 1, m, mask=lands & (x0 + 1 <= W - 1) & (y0 >= 0))
+    tl.atomic_max(max_ptr + t_nw + W, m, mask=lands & (x0 >= 0) & (y0 + 1 <= H - 1))
+    tl.atomic_max(max_ptr + t_nw + W + 1, m, mask=lands & (x0 + 1 <= W - 1) & (y0 + 1 <= H - 1))
+
+
+@triton.jit
 def _splat_fwd_kernel(
     input_ptr, sin_n, sin_c, sin_y, sin_x,
     flow_ptr, sfn, sfc, sfy, sfx,
     metric_ptr, smn, smy, smx,
+    max_ptr,  # STABLE: M [N, 1, H, W] contiguous
     out_ptr, norm_ptr,  # [N, C, H, W] and [N, 1, H, W], contiguous, zeroed
     N, C, H, W,
     KIND: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
@@ -85,22 +113,36 @@ def _splat_fwd_kernel(
     b_ne = east * north
     b_sw = west * south
     b_se = east * south
+    d_nw = n * HW + y0 * W + x0  # tap offsets in [N, H, W]
+    if KIND == 4:  # a weight per tap
+        w_nw = _stable_weight(w, max_ptr, d_nw, keep_nw)
+        w_ne = _stable_weight(w, max_ptr, d_nw + 1, keep_ne)
+        w_sw = _stable_weight(w, max_ptr, d_nw + W, keep_sw)
+        w_se = _stable_weight(w, max_ptr, d_nw + W + 1, keep_se)
+    else:
+        w_nw = w
+        w_ne = w
+        w_sw = w
+        w_se = w
     source = input_ptr + n * sin_n + y * sin_y + x * sin_x
     for c in range(0, C):
         v = tl.load(source + c * sin_c, mask=lands, other=0.0).to(ACC)
-        if KIND != 0:
-            v = v * w  # then b * (v * w): the oracle's order
         plane = out_ptr + c * HW
-        tl.atomic_add(plane + t_nw, b_nw * v, mask=keep_nw)
-        tl.atomic_add(plane + t_ne, b_ne * v, mask=keep_ne)
-        tl.atomic_add(plane + t_sw, b_sw * v, mask=keep_sw)
-        tl.atomic_add(plane + t_se, b_se * v, mask=keep_se)
+        if KIND == 0:
+            tl.atomic_add(plane + t_nw, b_nw * v, mask=keep_nw)
+            tl.atomic_add(plane + t_ne, b_ne * v, mask=keep_ne)
+            tl.atomic_add(plane + t_sw, b_sw * v, mask=keep_sw)
+            tl.atomic_add(plane + t_se, b_se * v, mask=keep_se)
+        else:  # b * (v * w): the oracle's order
+            tl.atomic_add(plane + t_nw, b_nw * (v * w_nw), mask=keep_nw)
+            tl.atomic_add(plane + t_ne, b_ne * (v * w_ne), mask=keep_ne)
+            tl.atomic_add(plane + t_sw, b_sw * (v * w_sw), mask=keep_sw)
+            tl.atomic_add(plane + t_se, b_se * (v * w_se), mask=keep_se)
     if KIND != 0:
-        d_nw = n * HW + y0 * W + x0
-        tl.atomic_add(norm_ptr + d_nw, b_nw * w, mask=keep_nw)
-        tl.atomic_add(norm_ptr + d_nw + 1, b_ne * w, mask=keep_ne)
-        tl.atomic_add(norm_ptr + d_nw + W, b_sw * w, mask=keep_sw)
-        tl.atomic_add(norm_ptr + d_nw + W + 1, b_se * w, mask=keep_se)
+        tl.atomic_add(norm_ptr + d_nw, b_nw * w_nw, mask=keep_nw)
+        tl.atomic_add(norm_ptr + d_nw + 1, b_ne * w_ne, mask=keep_ne)
+        tl.atomic_add(norm_ptr + d_nw + W, b_sw * w_sw, mask=keep_sw)
+        tl.atomic_add(norm_ptr + d_nw + W + 1, b_se * w_se, mask=keep_se)
 
 
 @triton.jit
@@ -172,6 +214,7 @@ def _splat_bwd_kernel(
     flow_ptr, sfn, sfc, sfy, sfx,
     metric_ptr, smn, smy, smx,
     g_ptr,
+    max_ptr,  # STABLE: M [N, 1, H, W] contiguous
     grad_input_ptr, grad_flow_ptr, grad_metric_ptr,  # contiguous
     N, C, H, W,
     KIND: tl.constexpr, WANT_INPUT: tl.constexpr, WANT_FLOW: tl.constexpr, WANT_METRIC: tl.constexpr,
@@ -196,6 +239,22 @@ def _splat_bwd_kernel(
     b_ne = east * north
     b_sw = west * south
     b_se = east * south
+    if KIND == 4:  # per-tap weights, folded into the gathers; the per-pixel factor is then 1
+        d_nw = n * H * W + y0 * W + x0
+        w_nw = _stable_weight(w, max_ptr, d_nw, keep_nw)
+        w_ne = _stable_weight(w, max_ptr, d_nw + 1, keep_ne)
+        w_sw = _stable_weight(w, max_ptr, d_nw + W, keep_sw)
+        w_se = _stable_weight(w, max_ptr, d_nw + W + 1, keep_se)
+        b_nw = b_nw * w_nw
+        b_ne = b_ne * w_ne
+        b_sw = b_sw * w_sw
+        b_se = b_se * w_se
+        w = tl.full(x.shape, 1.0, ACC)
+    else:
+        w_nw = tl.full(x.shape, 1.0, ACC)
+        w_ne = w_nw
+        w_sw = w_nw
+        w_se = w_nw
     grad_fx = tl.zeros(x.shape, ACC)
     grad_fy = tl.zeros(x.shape, ACC)
     grad_w = tl.zeros(x.shape, ACC)
@@ -210,10 +269,10 @@ def _splat_bwd_kernel(
         # Computed for every pixel, landed or not, as autograd does through the oracle; a tap
         # that is not kept adds nothing (not even 0 * inf).
         gathered = b_nw * q_nw + b_ne * q_ne + b_sw * q_sw + b_se * q_se
-        p_nw = tl.where(keep_nw, q_nw * splatted, 0.0)
-        p_ne = tl.where(keep_ne, q_ne * splatted, 0.0)
-        p_sw = tl.where(keep_sw, q_sw * splatted, 0.0)
-        p_se = tl.where(keep_se, q_se * splatted, 0.0)
+        p_nw = tl.where(keep_nw, q_nw * (splatted * w_nw), 0.0)
+        p_ne = tl.where(keep_ne, q_ne * (splatted * w_ne), 0.0)
+        p_sw = tl.where(keep_sw, q_sw * (splatted * w_sw), 0.0)
+        p_se = tl.where(keep_se, q_se * (splatted * w_se), 0.0)
         grad_fx += (-north) * p_nw + north * p_ne + (-south) * p_sw + south * p_se
         grad_fy += (-west) * p_nw + (-east) * p_ne + west * p_sw + east * p_se
         if WANT_INPUT:
@@ -226,10 +285,10 @@ def _splat_bwd_kernel(
         q_sw = tl.load(g_sw + C, mask=keep_sw, other=0.0)
         q_se = tl.load(g_se + C, mask=keep_se, other=0.0)
         grad_w += b_nw * q_nw + b_ne * q_ne + b_sw * q_sw + b_se * q_se
-        p_nw = tl.where(keep_nw, q_nw * w, 0.0)
-        p_ne = tl.where(keep_ne, q_ne * w, 0.0)
-        p_sw = tl.where(keep_sw, q_sw * w, 0.0)
-        p_se = tl.where(keep_se, q_se * w, 0.0)
+        p_nw = tl.where(keep_nw, q_nw * (w * w_nw), 0.0)
+        p_ne = tl.where(keep_ne, q_ne * (w * w_ne), 0.0)
+        p_sw = tl.where(keep_sw, q_sw * (w * w_sw), 0.0)
+        p_se = tl.where(keep_se, q_se * (w * w_se), 0.0)
         grad_fx += (-north) * p_nw + north * p_ne + (-south) * p_sw + south * p_se
         grad_fy += (-west) * p_nw + (-east) * p_ne + west * p_sw + east * p_se
     if WANT_FLOW:
@@ -238,5 +297,5 @@ def _splat_bwd_kernel(
         tl.store(grad_flow_ptr + ((n * 2) * H + y) * W + x, grad_fx, mask=valid)
         tl.store(grad_flow_ptr + ((n * 2 + 1) * H + y) * W + x, grad_fy, mask=valid)
     if WANT_METRIC:
-        derivative = w if KIND == 3 else tl.full(x.shape, 1.0, ACC)
+        derivative = w if KIND == 3 else tl.full(x.shape, 1.0, ACC)  # STABLE: w_k folded in
         tl.store(grad_metric_ptr + (n * H + y) * W + x, grad_w * derivative, mask=valid)

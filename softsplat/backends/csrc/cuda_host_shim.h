@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 
 #include <atomic>
+#include <bit>
 
 #define __global__
 #define __device__
@@ -29,6 +30,17 @@ inline T atomicAdd(T* address, T value) {
   return std::atomic_ref<T>(*address).fetch_add(value, std::memory_order_relaxed);
 }
 
+template <typename T>
+inline T atomicCAS(T* address, T compare, T value) {  // returns the value seen, as CUDA's does
+  std::atomic_ref<T>(*address).compare_exchange_strong(compare, value, std::memory_order_relaxed);
+  return compare;
+}
+
+inline unsigned int __float_as_uint(float v) { return std::bit_cast<unsigned int>(v); }
+inline float __uint_as_float(unsigned int v) { return std::bit_cast<float>(v); }
+inline long long __double_as_longlong(double v) { return std::bit_cast<long long>(v); }
+inline double __longlong_as_double(long long v) { return std::bit_cast<double>(v); }
+
 template <typename... Parameters, typename... Arguments>
 void launch(void (*kernel)(Parameters...), dim3 grid, dim3 block, Arguments... arguments) {
   at::parallel_for(0, grid.x, 1, [&](int64_t begin, int64_t end) {
@@ -46,7 +58,12 @@ void launch(void (*kernel)(Parameters...), dim3 grid, dim3 block, Arguments... a
 
 }  // namespace softsplat_host
 
+using softsplat_host::__double_as_longlong;
+using softsplat_host::__float_as_uint;
+using softsplat_host::__longlong_as_double;
+using softsplat_host::__uint_as_float;
 using softsplat_host::atomicAdd;
+using softsplat_host::atomicCAS;
 using softsplat_host::blockDim;
 using softsplat_host::blockIdx;
 using softsplat_host::gridDim;

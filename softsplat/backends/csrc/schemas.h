@@ -4,12 +4,15 @@
 // splat_forward returns the result in the compute dtype (float32, or float64 for float64 input;
 // the Python wrapper casts it to input's dtype) and the raw normaliser D [N, 1, H, W]
 // (an empty tensor for sum). splat_backward returns the gradients of input, flow and metric,
-// an empty tensor for each one output_mask does not ask for.
+// an empty tensor for each one output_mask does not ask for. Kind 4 (stable soft) needs
+// `maximum`, the per-target maximum metric M [N, 1, H, W] that splat_maximum computes (-inf
+// where nothing lands); it passes no gradient.
 #pragma once
 
 #define SOFTSPLAT_DEFINE_OPS(m)                                                                  \
-  m.def("splat_forward(Tensor input, Tensor flow, Tensor? metric, int kind, int normalisation) " \
-        "-> (Tensor, Tensor)");                                                                  \
+  m.def("splat_forward(Tensor input, Tensor flow, Tensor? metric, int kind, int normalisation, " \
+        "Tensor? maximum=None) -> (Tensor, Tensor)");                                           \
   m.def("splat_backward(Tensor grad_out, Tensor? grad_normaliser, Tensor input, Tensor flow, "   \
         "Tensor? metric, Tensor out, Tensor normaliser, int kind, int normalisation, "           \
-        "bool[3] output_mask) -> (Tensor, Tensor, Tensor)")
+        "bool[3] output_mask, Tensor? maximum=None) -> (Tensor, Tensor, Tensor)");               \
+  m.def("splat_maximum(Tensor flow, Tensor metric) -> Tensor")

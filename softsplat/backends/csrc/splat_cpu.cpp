@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <limits>
 #include <memory>
 #include <vector>
@@ -45,13 +46,21 @@ struct Sources {
   View4 metric_view;
   int64_t H, W;
   int kind;
+  const acc_t* maximum;  // stable: M [N, 1, H, W] contiguous; else null
 
   bool taps(int64_t n, int64_t y, int64_t x, Taps<acc_t, int64_t>& t) const {
     return make_taps<acc_t, int64_t>(x, y, flow[flow_view.at(n, 0, y, x)],
                                      flow[flow_view.at(n, 1, y, x)], H, W, t);
   }
+  acc_t metric_at(int64_t n, int64_t y, int64_t x) const {
+    return metric ? metric[metric_view.at(n, 0, y, x)] : acc_t(0);
+  }
+  // The per-pixel weight; for stable, the metric itself (each tap's weight is tap_weight).
   acc_t weight(int64_t n, int64_t y, int64_t x) const {
-    return pixel_weight<acc_t>(kind, metric ? metric[metric_view.at(n, 0, y, x)] : acc_t(0));
+    return kind == STABLE ? metric_at(n, y, x) : pixel_weight<acc_t>(kind, metric_at(n, y, x));
+  }
+  acc_t tap_weight(int64_t n, int64_t ty, int64_t tx, acc_t metric_value) const {
+    return stable_weight(metric_value, maximum[(n * H + ty) * W + tx]);
   }
 };
 
@@ -143,15 +152,26 @@ void scatter_band(const Band& band, const scalar_t* in, const View4& in_view, co
       if (!src.taps(n, y, x, t)) continue;
       const acc_t w = src.weight(n, y, x);
       const scalar_t* pixel = in + in_view.at(n, 0, y, x);
+      // Taps are pixel (x0, y0) and its right, lower and lower-right neighbours; every kept
+      // tap's row lies in [lo, hi) by construction of the band (find_reach).
+      acc_t* north = buffer + ((t.y0 - band.lo) * W + t.x0) * K;
+      acc_t* south = north + W * K;
+      if (src.kind == STABLE) {  // a weight per tap: exp(metric - M(tap))
+        acc_t* targets[4] = {north, north + K, south, south + K};
+        for (int k = 0; k < 4; ++k) {
+          if (!t.keep[k]) continue;
+          const acc_t tap_w = src.tap_weight(n, tap_y(t, k), tap_x(t, k), w);
+          for (int64_t c = 0; c < C; ++c) values[c] = static_cast<acc_t>(pixel[c * in_view.c]) * tap_w;
+          values[C] = tap_w;
+          add_tap<KC>(targets[k], values, t.weight[k], K);
+        }
+        continue;
+      }
       for (int64_t c = 0; c < C; ++c) {
         const acc_t v = static_cast<acc_t>(pixel[c * in_view.c]);
         values[c] = normalised ? v * w : v;  // then b * (v * w): the oracle's order
       }
       if (normalised) values[C] = w;
-      // Taps are pixel (x0, y0) and its right, lower and lower-right neighbours; every kept
-      // tap's row lies in [lo, hi) by construction of the band (find_reach).
-      acc_t* north = buffer + ((t.y0 - band.lo) * W + t.x0) * K;
-      acc_t* south = north + W * K;
       if (t.keep[0]) add_tap<KC>(north, values, t.weight[0], K);
       if (t.keep[1]) add_tap<KC>(north + K, values, t.weight[1], K);
       if (t.keep[2]) add_tap<KC>(south, values, t.weight[2], K);
@@ -285,6 +305,18 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& grad_normalis
             if (!t.keep[k]) continue;
             const acc_t* pixel = g.data() + ((n * H + tap_y(t, k)) * W + tap_x(t, k)) * K;
             const acc_t b = t.weight[k];
+            if (src.kind == STABLE) {  // per-tap weight; gathered[] then already holds it
+              const acc_t tap_w = src.tap_weight(n, tap_y(t, k), tap_x(t, k), w);
+              for (int64_t c = 0; c < K; ++c) gathered[c] += b * (tap_w * pixel[c]);
+              if (gf) {
+                acc_t dot = 0;
+                for (int64_t c = 0; c < C; ++c) dot += pixel[c] * (x_values[c] * tap_w);
+                dot += pixel[C] * tap_w;
+                grad_fx += dx[k] * dot;
+                grad_fy += dy[k] * dot;
+              }
+              continue;
+            }
             for (int64_t c = 0; c < K; ++c) gathered[c] += b * pixel[c];
             if (gf) {
               acc_t dot = 0;  // d loss / d weight[k]
@@ -295,9 +327,10 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& grad_normalis
             }
           }
         }
+        const bool per_pixel = normalised && src.kind != STABLE;  // w multiplies once, here
         if (gi) {
           for (int64_t c = 0; c < C; ++c)
-            gi[((n * C + c) * H + y) * W + x] = static_cast<scalar_t>(normalised ? gathered[c] * w : gathered[c]);
+            gi[((n * C + c) * H + y) * W + x] = static_cast<scalar_t>(per_pixel ? gathered[c] * w : gathered[c]);
         }
         if (gf) {
           gf[((n * 2 + 0) * H + y) * W + x] = grad_fx;
@@ -307,7 +340,8 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& grad_normalis
           acc_t grad_w = 0;
           for (int64_t c = 0; c < C; ++c) grad_w += gathered[c] * x_values[c];
           grad_w += gathered[C];
-          gm[(n * H + y) * W + x] = grad_w * weight_derivative(src.kind, w);
+          // stable: d exp(m - M) / dm is the tap weight, already in gathered[]
+          gm[(n * H + y) * W + x] = src.kind == STABLE ? grad_w : grad_w * weight_derivative(src.kind, w);
         }
       }
     }
@@ -315,23 +349,60 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& grad_normalis
 }
 
 template <typename acc_t>
-Sources<acc_t> sources(const at::Tensor& flow, const at::Tensor& metric, int64_t kind) {
-  const bool with_metric = metric.defined() && (kind == LINEAR || kind == SOFT);
+Sources<acc_t> sources(const at::Tensor& flow, const at::Tensor& metric, int64_t kind, const at::Tensor& maximum) {
+  const bool with_metric = metric.defined() && kind >= LINEAR;
   return {flow.data_ptr<acc_t>(), View4(flow), with_metric ? metric.data_ptr<acc_t>() : nullptr,
-          with_metric ? View4(metric) : View4(), flow.size(2), flow.size(3), static_cast<int>(kind)};
+          with_metric ? View4(metric) : View4(), flow.size(2), flow.size(3), static_cast<int>(kind),
+          kind == STABLE ? maximum.data_ptr<acc_t>() : nullptr};
+}
+
+// M of stable splatting: per target, the maximum metric over the pixels with a kept tap on it
+// (-inf where none). Max is exact and order-free, so racing threads still agree bitwise;
+// compare-and-swap makes each update atomic.
+template <typename acc_t>
+void maximum_kernel(const Sources<acc_t>& src, int64_t N, acc_t* maximum) {
+  const int64_t H = src.H, W = src.W;
+  std::fill(maximum, maximum + N * H * W, -std::numeric_limits<acc_t>::infinity());
+  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+    Taps<acc_t, int64_t> t;
+    for (int64_t index = begin; index < end; ++index) {
+      const int64_t n = index / H, y = index % H;
+      for (int64_t x = 0; x < W; ++x) {
+        if (!src.taps(n, y, x, t)) continue;
+        const acc_t value = src.metric_at(n, y, x);
+        for (int k = 0; k < 4; ++k) {
+          if (!t.keep[k]) continue;
+          std::atomic_ref<acc_t> target(maximum[(n * H + tap_y(t, k)) * W + tap_x(t, k)]);
+          acc_t current = target.load(std::memory_order_relaxed);
+          while (replaces_maximum(current, value) &&
+                 !target.compare_exchange_weak(current, value, std::memory_order_relaxed)) {
+          }
+        }
+      }
+    }
+  });
+}
+
+at::Tensor checked_maximum(const at::Tensor& flow, const std::optional<at::Tensor>& maximum, int64_t kind) {
+  if (kind != STABLE) return at::Tensor();
+  TORCH_CHECK(maximum.has_value() && maximum->defined(), "softsplat: stable splatting needs the maximum");
+  TORCH_CHECK(maximum->scalar_type() == flow.scalar_type() && maximum->dim() == 4 && maximum->size(0) == flow.size(0) &&
+              maximum->size(1) == 1 && maximum->size(2) == flow.size(2) && maximum->size(3) == flow.size(3),
+              "softsplat: maximum must be [N, 1, H, W] in the compute dtype");
+  return maximum->contiguous();
 }
 
 void check_arguments(const at::Tensor& input, const at::Tensor& flow,
                      const std::optional<at::Tensor>& metric, int64_t kind, int64_t normalisation) {
   // api.py validates user input; these checks guard direct calls of the op.
   TORCH_CHECK(input.dim() == 4 && flow.dim() == 4, "softsplat: input and flow must be 4-D");
-  TORCH_CHECK(kind >= SUM && kind <= SOFT, "softsplat: kind must be 0..3, got ", kind);
+  TORCH_CHECK(kind >= SUM && kind <= STABLE, "softsplat: kind must be 0..4, got ", kind);
   TORCH_CHECK(normalisation >= ADDEPS && normalisation <= RAW, "softsplat: normalisation must be 0..3");
   const auto compute = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(flow.scalar_type() == compute, "softsplat: flow must be in the compute dtype ", compute);
   TORCH_CHECK(flow.size(0) == input.size(0) && flow.size(1) == 2 && flow.size(2) == input.size(2) &&
               flow.size(3) == input.size(3), "softsplat: flow must be [N, 2, H, W]");
-  if (kind == LINEAR || kind == SOFT) {
+  if (kind >= LINEAR) {
     TORCH_CHECK(metric.has_value() && metric->defined(), "softsplat: this mode needs a metric");
     TORCH_CHECK(metric->scalar_type() == compute, "softsplat: metric must be in the compute dtype");
     TORCH_CHECK(metric->dim() == 4 && metric->size(0) == input.size(0) && metric->size(1) == 1 &&
@@ -340,10 +411,24 @@ void check_arguments(const at::Tensor& input, const at::Tensor& flow,
   }
 }
 
+at::Tensor splat_maximum_cpu(const at::Tensor& flow, const at::Tensor& metric) {
+  TORCH_CHECK(flow.dim() == 4 && flow.size(1) == 2 && metric.dim() == 4 && metric.size(1) == 1 &&
+              metric.size(0) == flow.size(0) && metric.size(2) == flow.size(2) && metric.size(3) == flow.size(3) &&
+              metric.scalar_type() == flow.scalar_type() && flow.is_floating_point(),
+              "softsplat: splat_maximum takes flow [N, 2, H, W] and metric [N, 1, H, W] of one floating dtype");
+  at::Tensor maximum = at::empty({flow.size(0), 1, flow.size(2), flow.size(3)}, flow.options());
+  AT_DISPATCH_FLOATING_TYPES(flow.scalar_type(), "splat_maximum_cpu", [&] {
+    maximum_kernel<scalar_t>(sources<scalar_t>(flow, metric, LINEAR, at::Tensor()), flow.size(0), maximum.data_ptr<scalar_t>());
+  });
+  return maximum;
+}
+
 std::tuple<at::Tensor, at::Tensor> splat_forward_cpu(const at::Tensor& input, const at::Tensor& flow,
                                                      const std::optional<at::Tensor>& metric,
-                                                     int64_t kind, int64_t normalisation) {
+                                                     int64_t kind, int64_t normalisation,
+                                                     const std::optional<at::Tensor>& maximum_arg) {
   check_arguments(input, flow, metric, kind, normalisation);
+  const at::Tensor maximum = checked_maximum(flow, maximum_arg, kind);
   const auto compute = flow.scalar_type();
   const auto options = input.options().dtype(compute);
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
@@ -352,7 +437,7 @@ std::tuple<at::Tensor, at::Tensor> splat_forward_cpu(const at::Tensor& input, co
   const at::Tensor metric_tensor = metric.has_value() ? *metric : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "splat_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    forward_kernel<scalar_t, acc_t>(input, sources<acc_t>(flow, metric_tensor, kind),
+    forward_kernel<scalar_t, acc_t>(input, sources<acc_t>(flow, metric_tensor, kind, maximum),
                                     static_cast<int>(normalisation), out, normaliser);
   });
   return {out, normaliser};
@@ -362,8 +447,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> splat_backward_cpu(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_normaliser,
     const at::Tensor& input, const at::Tensor& flow, const std::optional<at::Tensor>& metric,
     const at::Tensor& out, const at::Tensor& normaliser, int64_t kind, int64_t normalisation,
-    std::array<bool, 3> output_mask) {
+    std::array<bool, 3> output_mask, const std::optional<at::Tensor>& maximum_arg) {
   check_arguments(input, flow, metric, kind, normalisation);
+  const at::Tensor maximum = checked_maximum(flow, maximum_arg, kind);
   const auto compute = flow.scalar_type();
   TORCH_CHECK(grad_out.scalar_type() == compute && out.scalar_type() == compute,
               "softsplat: grad_out and out must be in the compute dtype");
@@ -372,7 +458,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> splat_backward_cpu(
   TORCH_CHECK(kind == SUM || normaliser.sizes() == flow.select(1, 0).unsqueeze(1).sizes(),
               "softsplat: normaliser must be [N, 1, H, W]");
   const int64_t N = input.size(0), H = input.size(2), W = input.size(3);
-  const bool want_metric = output_mask[2] && (kind == LINEAR || kind == SOFT);
+  const bool want_metric = output_mask[2] && kind >= LINEAR;
   at::Tensor grad_input = at::empty(output_mask[0] ? input.sizes() : at::IntArrayRef{0}, input.options());
   at::Tensor grad_flow = at::empty(output_mask[1] ? flow.sizes() : at::IntArrayRef{0}, flow.options());
   at::Tensor grad_metric = at::empty(want_metric ? at::IntArrayRef{N, 1, H, W} : at::IntArrayRef{0}, flow.options());
@@ -387,7 +473,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> splat_backward_cpu(
   if (gi.defined() || gf.defined() || gm.defined()) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "splat_backward_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      backward_kernel<scalar_t, acc_t>(grad_out, gn, input, sources<acc_t>(flow, metric_tensor, kind), out,
+      backward_kernel<scalar_t, acc_t>(grad_out, gn, input, sources<acc_t>(flow, metric_tensor, kind, maximum), out,
                                        normaliser, static_cast<int>(normalisation), gi, gf, gm);
     });
   }
@@ -402,4 +488,5 @@ TORCH_LIBRARY(softsplat, m) { SOFTSPLAT_DEFINE_OPS(m); }
 TORCH_LIBRARY_IMPL(softsplat, CPU, m) {
   m.impl("splat_forward", &softsplat::splat_forward_cpu);
   m.impl("splat_backward", &softsplat::splat_backward_cpu);
+  m.impl("splat_maximum", &softsplat::splat_maximum_cpu);
 }

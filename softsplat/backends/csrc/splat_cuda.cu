@@ -17,4 +17,5 @@
 TORCH_LIBRARY_IMPL(softsplat, CUDA, m) {
   m.impl("splat_forward", &softsplat::launch::splat_forward);
   m.impl("splat_backward", &softsplat::launch::splat_backward);
+  m.impl("splat_maximum", &softsplat::launch::splat_maximum);
 }

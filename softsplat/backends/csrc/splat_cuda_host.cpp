@@ -17,4 +17,5 @@ TORCH_LIBRARY(softsplat_cuda_host, m) { SOFTSPLAT_DEFINE_OPS(m); }
 TORCH_LIBRARY_IMPL(softsplat_cuda_host, CPU, m) {
   m.impl("splat_forward", &softsplat::launch::splat_forward);
   m.impl("splat_backward", &softsplat::launch::splat_backward);
+  m.impl("splat_maximum", &softsplat::launch::splat_maximum);
 }

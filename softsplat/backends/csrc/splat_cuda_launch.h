@@ -9,7 +9,10 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
+
+#include <limits>
 
 #include <algorithm>
 #include <climits>
@@ -49,14 +52,14 @@ inline bool fits_int32(std::initializer_list<at::Tensor> tensors, int64_t larges
 inline void check(const at::Tensor& input, const at::Tensor& flow, const std::optional<at::Tensor>& metric,
                   int64_t kind, int64_t normalisation) {
   TORCH_CHECK(input.dim() == 4 && flow.dim() == 4, "softsplat: input and flow must be 4-D");
-  TORCH_CHECK(kind >= SUM && kind <= SOFT && normalisation >= ADDEPS && normalisation <= RAW,
-              "softsplat: kind must be 0..3 and normalisation 0..3");
+  TORCH_CHECK(kind >= SUM && kind <= STABLE && normalisation >= ADDEPS && normalisation <= RAW,
+              "softsplat: kind must be 0..4 and normalisation 0..3");
   const auto compute = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(flow.scalar_type() == compute, "softsplat: flow must be in the compute dtype");
   TORCH_CHECK(flow.size(0) == input.size(0) && flow.size(1) == 2 && flow.size(2) == input.size(2) &&
               flow.size(3) == input.size(3), "softsplat: flow must be [N, 2, H, W]");
   TORCH_CHECK(flow.device() == input.device(), "softsplat: flow must be on input's device");
-  if (kind == LINEAR || kind == SOFT) {
+  if (kind >= LINEAR) {
     TORCH_CHECK(metric.has_value() && metric->defined() && metric->scalar_type() == compute &&
                 metric->dim() == 4 && metric->size(0) == input.size(0) && metric->size(1) == 1 &&
                 metric->size(2) == input.size(2) && metric->size(3) == input.size(3) &&
@@ -65,16 +68,53 @@ inline void check(const at::Tensor& input, const at::Tensor& flow, const std::op
   }
 }
 
+// The stable kind's maximum, checked; undefined for the other kinds.
+inline at::Tensor checked_maximum(const at::Tensor& flow, const std::optional<at::Tensor>& maximum, int64_t kind) {
+  if (kind != STABLE) return at::Tensor();
+  TORCH_CHECK(maximum.has_value() && maximum->defined() && maximum->scalar_type() == flow.scalar_type() &&
+              maximum->dim() == 4 && maximum->size(0) == flow.size(0) && maximum->size(1) == 1 &&
+              maximum->size(2) == flow.size(2) && maximum->size(3) == flow.size(3) && maximum->device() == flow.device(),
+              "softsplat: stable splatting needs the maximum [N, 1, H, W] in the compute dtype");
+  return maximum->contiguous();
+}
+
+inline at::Tensor splat_maximum(const at::Tensor& flow, const at::Tensor& metric) {
+  TORCH_CHECK(flow.dim() == 4 && flow.size(1) == 2 && metric.dim() == 4 && metric.size(1) == 1 &&
+              metric.size(0) == flow.size(0) && metric.size(2) == flow.size(2) && metric.size(3) == flow.size(3) &&
+              metric.scalar_type() == flow.scalar_type() && metric.device() == flow.device() &&
+              (flow.scalar_type() == at::kFloat || flow.scalar_type() == at::kDouble),
+              "softsplat: splat_maximum takes flow [N, 2, H, W] and metric [N, 1, H, W], float32 or float64");
+  SOFTSPLAT_DEVICE_GUARD(flow);
+  const int64_t N = flow.size(0), H = flow.size(2), W = flow.size(3);
+  at::Tensor maximum = at::full({N, 1, H, W}, -std::numeric_limits<double>::infinity(), flow.options());
+  if (N * H * W == 0) return maximum;
+  const bool small = fits_int32({flow, metric, maximum}, N * H * W);
+  AT_DISPATCH_FLOATING_TYPES(flow.scalar_type(), "splat_maximum_cuda", [&] {
+    auto run = [&](auto index_zero) {
+      using index_t = decltype(index_zero);
+      auto kernel = &splat_maximum_kernel<scalar_t, index_t>;
+      SOFTSPLAT_LAUNCH(kernel, blocks_for(N * H * W), kThreads,
+          flow.data_ptr<scalar_t>(), flow.stride(0), flow.stride(1), flow.stride(2), flow.stride(3),
+          metric.data_ptr<scalar_t>(), metric.stride(0), metric.stride(2), metric.stride(3),
+          (index_t)N, (index_t)H, (index_t)W, maximum.data_ptr<scalar_t>());
+    };
+    if (small) run(int(0)); else run((long long)0);
+  });
+  return maximum;
+}
+
 inline std::tuple<at::Tensor, at::Tensor> splat_forward(const at::Tensor& input, const at::Tensor& flow,
                                                         const std::optional<at::Tensor>& metric_arg,
-                                                        int64_t kind, int64_t normalisation) {
+                                                        int64_t kind, int64_t normalisation,
+                                                        const std::optional<at::Tensor>& maximum_arg) {
   check(input, flow, metric_arg, kind, normalisation);
+  const at::Tensor maximum = checked_maximum(flow, maximum_arg, kind);
   SOFTSPLAT_DEVICE_GUARD(input);
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
   const auto options = input.options().dtype(flow.scalar_type());
   at::Tensor out = at::zeros({N, C, H, W}, options);
   at::Tensor normaliser = kind == SUM ? at::empty({0}, options) : at::zeros({N, 1, H, W}, options);
-  const bool with_metric = kind == LINEAR || kind == SOFT;
+  const bool with_metric = kind >= LINEAR;
   const at::Tensor metric = with_metric ? *metric_arg : at::Tensor();
   if (N * H * W == 0) return {out, normaliser};
   const bool small = fits_int32({input, flow, metric, out}, N * (C + 1) * H * W);
@@ -89,6 +129,7 @@ inline std::tuple<at::Tensor, at::Tensor> splat_forward(const at::Tensor& input,
           with_metric ? metric.data_ptr<acc_t>() : nullptr,
           with_metric ? metric.stride(0) : 0, with_metric ? metric.stride(2) : 0, with_metric ? metric.stride(3) : 0,
           (index_t)N, (index_t)C, (index_t)H, (index_t)W, (int)kind,
+          kind == STABLE ? (const acc_t*)maximum.data_ptr<acc_t>() : nullptr,
           out.data_ptr<acc_t>(), kind == SUM ? nullptr : normaliser.data_ptr<acc_t>());
       if (kind != SUM && C > 0) {
         auto normalise = &splat_normalise_kernel<acc_t, index_t>;
@@ -106,11 +147,12 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> splat_backward(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_normaliser_arg,
     const at::Tensor& input, const at::Tensor& flow, const std::optional<at::Tensor>& metric_arg,
     const at::Tensor& out_arg, const at::Tensor& normaliser_arg, int64_t kind, int64_t normalisation,
-    std::array<bool, 3> output_mask) {
+    std::array<bool, 3> output_mask, const std::optional<at::Tensor>& maximum_arg) {
   check(input, flow, metric_arg, kind, normalisation);
+  const at::Tensor maximum = checked_maximum(flow, maximum_arg, kind);
   SOFTSPLAT_DEVICE_GUARD(input);
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
-  const bool with_metric = kind == LINEAR || kind == SOFT;
+  const bool with_metric = kind >= LINEAR;
   const bool normalised = kind != SUM;
   TORCH_CHECK(grad_out.scalar_type() == flow.scalar_type() && grad_out.sizes() == input.sizes() &&
               grad_out.device() == input.device(), "softsplat: grad_out must be [N, C, H, W] in the compute dtype");
@@ -152,6 +194,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> splat_backward(
           with_metric ? metric.data_ptr<acc_t>() : nullptr,
           with_metric ? metric.stride(0) : 0, with_metric ? metric.stride(2) : 0, with_metric ? metric.stride(3) : 0,
           (const acc_t*)g.data_ptr<acc_t>(), (index_t)N, (index_t)C, (index_t)H, (index_t)W, (int)kind,
+          kind == STABLE ? (const acc_t*)maximum.data_ptr<acc_t>() : nullptr,
           output_mask[0] ? grad_input.data_ptr<scalar_t>() : nullptr,
           output_mask[1] ? grad_flow.data_ptr<acc_t>() : nullptr,
           want_metric ? grad_metric.data_ptr<acc_t>() : nullptr);

@@ -28,6 +28,7 @@ __global__ void splat_forward_kernel(
     const acc_t* __restrict__ flow, long long fl_sn, long long fl_sc, long long fl_sy, long long fl_sx,
     const acc_t* __restrict__ metric, long long me_sn, long long me_sy, long long me_sx,
     index_t N, index_t C, index_t H, index_t W, int kind,
+    const acc_t* __restrict__ maximum,  // stable: M [N, 1, H, W] contiguous; else null
     acc_t* __restrict__ out,          // [N, C, H, W] contiguous, zeroed
     acc_t* __restrict__ normaliser) { // [N, 1, H, W] contiguous, zeroed; null for sum
   SOFTSPLAT_KERNEL_LOOP(pixel, N * H * W) {
@@ -36,11 +37,12 @@ __global__ void splat_forward_kernel(
     const acc_t flow_x = flow[n * (index_t)fl_sn + y * (index_t)fl_sy + x * (index_t)fl_sx];
     const acc_t flow_y = flow[n * (index_t)fl_sn + (index_t)fl_sc + y * (index_t)fl_sy + x * (index_t)fl_sx];
     if (!make_taps<acc_t, index_t>(x, y, flow_x, flow_y, H, W, taps)) continue;
-    const acc_t w = pixel_weight<acc_t>(
-        kind, metric ? metric[n * (index_t)me_sn + y * (index_t)me_sy + x * (index_t)me_sx] : acc_t(0));
+    const acc_t m = metric ? metric[n * (index_t)me_sn + y * (index_t)me_sy + x * (index_t)me_sx] : acc_t(0);
     for (int k = 0; k < 4; ++k) {
       if (!taps.keep[k]) continue;
       const index_t ty = tap_y(taps, k), tx = tap_x(taps, k);
+      // stable: each tap's weight is exp(metric - M(tap)); otherwise one weight per pixel
+      const acc_t w = kind == STABLE ? stable_weight(m, maximum[(n * H + ty) * W + tx]) : pixel_weight<acc_t>(kind, m);
       const acc_t b = taps.weight[k];
       for (index_t c = 0; c < C; ++c) {
         const acc_t v = static_cast<acc_t>(input[n * (index_t)in_sn + c * (index_t)in_sc + y * (index_t)in_sy + x * (index_t)in_sx]);
@@ -49,6 +51,48 @@ __global__ void splat_forward_kernel(
       }
       if (kind != SUM) atomicAdd(normaliser + (n * H + ty) * W + tx, b * w);
     }
+  }
+}
+
+// max(*address, value) with replaces_maximum's NaN rule, atomically: an ordered
+// compare-and-swap on the value's bits.
+__device__ __forceinline__ void atomic_maximum(float* address, float value) {
+  unsigned int* bits = reinterpret_cast<unsigned int*>(address);
+  unsigned int observed = *bits;
+  while (replaces_maximum(__uint_as_float(observed), value)) {
+    const unsigned int seen = atomicCAS(bits, observed, __float_as_uint(value));
+    if (seen == observed) return;
+    observed = seen;
+  }
+}
+
+__device__ __forceinline__ void atomic_maximum(double* address, double value) {
+  unsigned long long* bits = reinterpret_cast<unsigned long long*>(address);
+  unsigned long long observed = *bits;
+  while (replaces_maximum(__longlong_as_double(static_cast<long long>(observed)), value)) {
+    const unsigned long long seen =
+        atomicCAS(bits, observed, static_cast<unsigned long long>(__double_as_longlong(value)));
+    if (seen == observed) return;
+    observed = seen;
+  }
+}
+
+// M of stable splatting: per target, the maximum metric over the pixels with a kept tap on it.
+// `maximum` is filled with -inf beforehand. Max is exact and order-free: deterministic.
+template <typename acc_t, typename index_t>
+__global__ void splat_maximum_kernel(
+    const acc_t* __restrict__ flow, long long fl_sn, long long fl_sc, long long fl_sy, long long fl_sx,
+    const acc_t* __restrict__ metric, long long me_sn, long long me_sy, long long me_sx,
+    index_t N, index_t H, index_t W, acc_t* __restrict__ maximum) {
+  SOFTSPLAT_KERNEL_LOOP(pixel, N * H * W) {
+    const index_t x = pixel % W, y = (pixel / W) % H, n = pixel / (W * H);
+    Taps<acc_t, index_t> taps;
+    const acc_t flow_x = flow[n * (index_t)fl_sn + y * (index_t)fl_sy + x * (index_t)fl_sx];
+    const acc_t flow_y = flow[n * (index_t)fl_sn + (index_t)fl_sc + y * (index_t)fl_sy + x * (index_t)fl_sx];
+    if (!make_taps<acc_t, index_t>(x, y, flow_x, flow_y, H, W, taps)) continue;
+    const acc_t m = metric[n * (index_t)me_sn + y * (index_t)me_sy + x * (index_t)me_sx];
+    for (int k = 0; k < 4; ++k)
+      if (taps.keep[k]) atomic_maximum(maximum + (n * H + tap_y(taps, k)) * W + tap_x(taps, k), m);
   }
 }
 
@@ -98,6 +142,7 @@ __global__ void splat_backward_kernel(
     const acc_t* __restrict__ metric, long long me_sn, long long me_sy, long long me_sx,
     const acc_t* __restrict__ g,  // from splat_backward_prepare_kernel
     index_t N, index_t C, index_t H, index_t W, int kind,
+    const acc_t* __restrict__ maximum,  // stable: M [N, 1, H, W] contiguous; else null
     scalar_t* __restrict__ grad_input,  // [N, C, H, W] contiguous, or null
     acc_t* __restrict__ grad_flow,      // [N, 2, H, W] contiguous, or null
     acc_t* __restrict__ grad_metric) {  // [N, 1, H, W] contiguous, or null
@@ -106,8 +151,9 @@ __global__ void splat_backward_kernel(
   SOFTSPLAT_KERNEL_LOOP(pixel, N * H * W) {
     const index_t x = pixel % W, y = (pixel / W) % H, n = pixel / (W * H);
     const scalar_t* values = input + n * (index_t)in_sn + y * (index_t)in_sy + x * (index_t)in_sx;
-    const acc_t w = pixel_weight<acc_t>(
-        kind, metric ? metric[n * (index_t)me_sn + y * (index_t)me_sy + x * (index_t)me_sx] : acc_t(0));
+    const bool stable = kind == STABLE;
+    const acc_t m = metric ? metric[n * (index_t)me_sn + y * (index_t)me_sy + x * (index_t)me_sx] : acc_t(0);
+    const acc_t w = stable ? acc_t(1) : pixel_weight<acc_t>(kind, m);  // stable: per tap, below
     Taps<acc_t, index_t> taps;
     const acc_t flow_x = flow[n * (index_t)fl_sn + y * (index_t)fl_sy + x * (index_t)fl_sx];
     const acc_t flow_y = flow[n * (index_t)fl_sn + (index_t)fl_sc + y * (index_t)fl_sy + x * (index_t)fl_sx];
@@ -115,8 +161,12 @@ __global__ void splat_backward_kernel(
     acc_t dx[4], dy[4];
     if (lands) tap_derivatives(taps, dx, dy);
     const acc_t* tap_rows[4];
-    for (int k = 0; k < 4; ++k)
-      tap_rows[k] = lands && taps.keep[k] ? g + ((n * H + tap_y(taps, k)) * W + tap_x(taps, k)) * K : nullptr;
+    acc_t tap_w[4];  // stable: exp(metric - M(tap)), folded into the gathers; else 1
+    for (int k = 0; k < 4; ++k) {
+      const bool kept = lands && taps.keep[k];
+      tap_rows[k] = kept ? g + ((n * H + tap_y(taps, k)) * W + tap_x(taps, k)) * K : nullptr;
+      tap_w[k] = kept && stable ? stable_weight(m, maximum[(n * H + tap_y(taps, k)) * W + tap_x(taps, k)]) : acc_t(1);
+    }
 
     // Per channel: gathered_c = sum over kept taps of weight * gN_c. Computed for every pixel,
     // landed or not, as autograd does through the oracle (0 * inf stays NaN there too).
@@ -127,26 +177,32 @@ __global__ void splat_backward_kernel(
       acc_t gathered = 0;
       for (int k = 0; k < 4; ++k) {
         if (!tap_rows[k]) continue;
-        gathered += taps.weight[k] * tap_rows[k][c];
-        grad_fx += dx[k] * (tap_rows[k][c] * splatted);
-        grad_fy += dy[k] * (tap_rows[k][c] * splatted);
+        const acc_t q = tap_rows[k][c];
+        gathered += taps.weight[k] * (stable ? tap_w[k] * q : q);
+        const acc_t tap_splatted = stable ? v * tap_w[k] : splatted;
+        grad_fx += dx[k] * (q * tap_splatted);
+        grad_fy += dy[k] * (q * tap_splatted);
       }
-      if (grad_input) grad_input[((n * C + c) * H + y) * W + x] = static_cast<scalar_t>(normalised ? gathered * w : gathered);
+      if (grad_input)
+        grad_input[((n * C + c) * H + y) * W + x] = static_cast<scalar_t>(normalised && !stable ? gathered * w : gathered);
       grad_w += gathered * v;
     }
     if (normalised) {
       for (int k = 0; k < 4; ++k) {
         if (!tap_rows[k]) continue;
-        grad_w += taps.weight[k] * tap_rows[k][C];
-        grad_fx += dx[k] * (tap_rows[k][C] * w);
-        grad_fy += dy[k] * (tap_rows[k][C] * w);
+        const acc_t q = tap_rows[k][C];
+        grad_w += taps.weight[k] * (stable ? tap_w[k] * q : q);
+        const acc_t tap_weight = stable ? tap_w[k] : w;
+        grad_fx += dx[k] * (q * tap_weight);
+        grad_fy += dy[k] * (q * tap_weight);
       }
     }
     if (grad_flow) {
       grad_flow[((n * 2) * H + y) * W + x] = grad_fx;
       grad_flow[((n * 2 + 1) * H + y) * W + x] = grad_fy;
     }
-    if (grad_metric) grad_metric[(n * H + y) * W + x] = grad_w * weight_derivative(kind, w);
+    // stable: d exp(m - M) / dm is the tap weight, already folded into grad_w
+    if (grad_metric) grad_metric[(n * H + y) * W + x] = stable ? grad_w : grad_w * weight_derivative(kind, w);
   }
 }
 

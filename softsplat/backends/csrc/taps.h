@@ -13,8 +13,10 @@
 
 namespace softsplat {
 
-// Mode codes, in the order of softsplat.modes._KINDS and _NORMALISATIONS.
-enum Kind : int { SUM = 0, AVG = 1, LINEAR = 2, SOFT = 3 };
+// Mode codes, in the order of softsplat.modes._KINDS and _NORMALISATIONS. STABLE is soft
+// splatting with each target's maximum metric M(t) subtracted: a tap's weight is
+// exp(metric - M(t)), given M (from the scatter-max pass). Kinds >= LINEAR read a metric.
+enum Kind : int { SUM = 0, AVG = 1, LINEAR = 2, SOFT = 3, STABLE = 4 };
 // RAW: no division; the kernels return the numerator and the normaliser as they are.
 enum Normalisation : int { ADDEPS = 0, ZEROEPS = 1, CLIPEPS = 2, RAW = 3 };
 
@@ -104,7 +106,23 @@ SOFTSPLAT_HD T pixel_weight(int kind, T metric) {
 // d w / d metric, given w.
 template <typename T>
 SOFTSPLAT_HD T weight_derivative(int kind, T weight) {
-  return kind == LINEAR ? T(1) : kind == SOFT ? weight : T(0);
+  return kind == LINEAR ? T(1) : (kind == SOFT || kind == STABLE) ? weight : T(0);
+}
+
+// The stable weight of a tap on a target whose maximum metric is `maximum` (M passes no
+// gradient). A target reached only by metrics of -inf has M = -inf: its weights are 0, as
+// exp(-inf) is in soft mode (not exp(-inf + inf) = NaN).
+template <typename T>
+SOFTSPLAT_HD T stable_weight(T metric, T maximum) {
+  const bool minus_infinity = maximum < T(0) && !(maximum - maximum == T(0));  // -inf - -inf is NaN
+  return minus_infinity ? T(0) : exp_of(metric - maximum);
+}
+
+// max(current, value) as the scatter-max computes it: NaN wins (NaN propagates as
+// torch.scatter_reduce's amax propagates it), then the larger value.
+template <typename T>
+SOFTSPLAT_HD bool replaces_maximum(T current, T value) {
+  return !(current != current) && (value != value || value > current);
 }
 
 template <typename T>
