@@ -272,7 +272,7 @@ def backward_impl(
 @functools.cache
 def _define_ops():
     """Define the ``softsplat_cupy`` ops (once) and their fake and autograd registrations."""
-    forward = torch.library.custom_op(
+    torch.library.custom_op(
         "softsplat_cupy::splat_forward", forward_impl, mutates_args=(), device_types="cuda"
     )
     torch.library.custom_op(
