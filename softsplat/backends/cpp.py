@@ -11,8 +11,8 @@ import functools
 
 import torch
 
-from .base import Backend, Problem
 from .extension import OpLibrary, compiler_reason
+from .ops import OpsBackend
 
 
 def _cuda_reason() -> str | None:
@@ -32,7 +32,7 @@ def library() -> OpLibrary:
     return OpLibrary("softsplat", sources, cflags=["-std=c++20"], cuda_cflags=["-O3", "-std=c++20"])
 
 
-class CppBackend(Backend):
+class CppBackend(OpsBackend):
     name = "cpp"
     deterministic_on = ("cpu",)
 
@@ -48,12 +48,5 @@ class CppBackend(Backend):
     def _unavailable_reason(self) -> str | None:
         return compiler_reason()
 
-    def prepare(self) -> None:
-        self._library = library()
-        self._library.ops()
-
-    def maximum(self, problem: Problem) -> torch.Tensor:
-        return self._library.maximum(problem)
-
-    def run(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self._library.forward(problem)  # prepared by dispatch (torch.compile: eagerly)
+    def load_ops(self):
+        return library().ops()

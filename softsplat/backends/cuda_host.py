@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import functools
 
-import torch
-
-from .base import Backend, Problem
 from .extension import OpLibrary, compiler_reason
+from .ops import OpsBackend
 
 
 @functools.cache
@@ -18,7 +16,7 @@ def library() -> OpLibrary:
     return OpLibrary("softsplat_cuda_host", ["splat_cuda_host.cpp"], cflags=["-std=c++20"])
 
 
-class CudaHostBackend(Backend):
+class CudaHostBackend(OpsBackend):
     name = "cuda-host"
     summary = "test only: the CUDA kernels (splat_kernels.cuh) run on the CPU through a host shim"
     deterministic_on = ()  # atomics in the forward, as on a GPU
@@ -30,12 +28,5 @@ class CudaHostBackend(Backend):
     def _unavailable_reason(self) -> str | None:
         return compiler_reason()
 
-    def prepare(self) -> None:
-        self._library = library()
-        self._library.ops()
-
-    def maximum(self, problem: Problem) -> torch.Tensor:
-        return self._library.maximum(problem)
-
-    def run(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self._library.forward(problem)
+    def load_ops(self):
+        return library().ops()

@@ -18,9 +18,8 @@ import threading
 
 import torch
 
-from .base import Backend, Problem
 from .extension import CSRC
-from .ops import register_python_side, run_forward, scatter_maximum
+from .ops import OpsBackend, register_python_side
 
 #: What the backend hands to NVRTC: the shared kernel header and its fp16/bf16 types.
 KERNEL_SOURCE = '#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n#include "splat_kernels.cuh"\n'
@@ -283,7 +282,7 @@ def _define_ops():
     return torch.ops.softsplat_cupy
 
 
-class CupyBackend(Backend):
+class CupyBackend(OpsBackend):
     name = "cupy"
     summary = "the CUDA kernels of splat_kernels.cuh through NVRTC (cupy.RawModule), per device and dtype"
     deterministic_on = ()  # atomics in the forward
@@ -306,11 +305,5 @@ class CupyBackend(Backend):
             return "no CUDA device"
         return None
 
-    def prepare(self) -> None:
-        self._ops = _define_ops()
-
-    def maximum(self, problem: Problem) -> torch.Tensor:
-        return scatter_maximum(self._ops, problem)
-
-    def run(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return run_forward(self._ops, problem)
+    def load_ops(self):
+        return _define_ops()

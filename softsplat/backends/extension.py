@@ -17,8 +17,7 @@ import threading
 
 import torch
 
-from .base import Problem
-from .ops import register_python_side, run_forward, scatter_maximum
+from .ops import register_python_side
 
 CSRC = pathlib.Path(__file__).parent / "csrc"
 # Built on the machine that runs it, so -march=native; the CPU model is part of the cache key.
@@ -126,10 +125,4 @@ class OpLibrary:
         register_python_side(self.namespace)
         return ops
 
-    def forward(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``Backend.run`` of ``problem`` through this library's ops."""
-        return run_forward(self._ops if self._ops is not None else self.ops(), problem)
 
-    def maximum(self, problem: Problem) -> torch.Tensor:
-        """``Backend.maximum`` through this library's ``splat_maximum``."""
-        return scatter_maximum(self._ops if self._ops is not None else self.ops(), problem)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Problem
+from .base import Backend, Problem
 
 
 def scatter_maximum(ops, problem: Problem) -> torch.Tensor:
@@ -34,6 +34,23 @@ def run_forward(ops, problem: Problem) -> tuple[torch.Tensor, torch.Tensor | Non
     )
     normaliser = None if problem.mode.kind == "sum" else normaliser
     return (out if problem.raw else out.to(problem.input.dtype)), normaliser
+
+
+class OpsBackend(Backend):
+    """A backend whose work is the ops of schemas.h in one ``torch.ops`` namespace."""
+
+    def load_ops(self):
+        """``torch.ops.<namespace>``, defined (built, loaded, registered) if need be."""
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        self._ops = self.load_ops()
+
+    def maximum(self, problem: Problem) -> torch.Tensor:
+        return scatter_maximum(self._ops, problem)
+
+    def run(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return run_forward(self._ops, problem)  # prepared by dispatch (torch.compile: eagerly)
 
 
 def register_python_side(namespace: str) -> None:

@@ -15,8 +15,7 @@ import os
 
 import torch
 
-from .base import Backend, Problem
-from .ops import run_forward, scatter_maximum
+from .ops import OpsBackend
 
 
 def interpreted() -> bool:
@@ -128,7 +127,7 @@ def _ops():
     return torch.ops.softsplat_triton
 
 
-class TritonBackend(Backend):
+class TritonBackend(OpsBackend):
     name = "triton"
     summary = "fused Triton kernels (triton_op), atomics in the forward, gather backward"
     deterministic_on = ()
@@ -143,11 +142,5 @@ class TritonBackend(Backend):
             return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter on CPU)"
         return None
 
-    def prepare(self) -> None:
-        self._ops = _ops()
-
-    def maximum(self, problem: Problem) -> torch.Tensor:
-        return scatter_maximum(self._ops, problem)
-
-    def run(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return run_forward(self._ops, problem)
+    def load_ops(self):
+        return _ops()
