@@ -96,13 +96,15 @@ class Scene:
             image = torch.where(_inside(layer, x, y, t), _texture(u, v, layer.seed), image)
         return image.float().unsqueeze(0)
 
-    def flow(self) -> torch.Tensor:
-        """The exact forward flow from t=0 to t=1 of the surface visible at t=0: [1, 2, H, W]."""
+    def flow(self, backward: bool = False) -> torch.Tensor:
+        """The exact flow of the visible surface: from t=0 to t=1, or with ``backward`` from
+        t=1 to t=0: [1, 2, H, W]."""
         x, y = self._grid()
         flow = torch.zeros(2, self.height, self.width, dtype=torch.float64)
+        sign, start = (-1.0, 1.0) if backward else (1.0, 0.0)
         for layer in self.layers:
-            moving = torch.tensor(layer.velocity, dtype=torch.float64).view(2, 1, 1).expand_as(flow)
-            flow = torch.where(_inside(layer, x, y, 0.0), moving, flow)
+            moving = sign * torch.tensor(layer.velocity, dtype=torch.float64).view(2, 1, 1).expand_as(flow)
+            flow = torch.where(_inside(layer, x, y, start), moving, flow)
         return flow.float().unsqueeze(0)
 
 
@@ -129,6 +131,17 @@ def psnr(result: torch.Tensor, truth: torch.Tensor) -> float:
 def warp_all(one, flow, metric_by_mode, t: float, backend: str) -> dict[str, torch.Tensor]:
     return {
         mode: api.splat(one, flow * t, metric_by_mode[mode], mode=mode, backend=backend)
+        for mode in MODES
+    }
+
+
+def warp_both(one, two, flow, flow_back, metric_one, metric_two, t: float, backend: str) -> dict[str, torch.Tensor]:
+    """Joint splatting (``splat_many``): frame one forward to ``t`` and frame two backward to
+    ``t``, normalised together, so each fills the other's disocclusions."""
+    return {
+        mode: api.splat_many(
+            [(one, flow * t, metric_one[mode]), (two, flow_back * (1 - t), metric_two[mode])], mode=mode, backend=backend
+        )
         for mode in MODES
     }
 
@@ -247,10 +260,11 @@ def run(args) -> int:
         flow = io.read_flo(args.flow).unsqueeze(0) if args.flow else estimate_flow(one, two)
         if flow.shape[2:] != one.shape[2:]:
             raise SystemExit(f"softsplat demo: the flow is {tuple(flow.shape[2:])}, the images {tuple(one.shape[2:])}")
+        flow_back = estimate_flow(two, one) if args.bidirectional else None
         truth_at = None
     else:
         scene = Scene.default(args.height, args.width)
-        one, two, flow = scene.frame(0.0), scene.frame(1.0), scene.flow()
+        one, two, flow, flow_back = scene.frame(0.0), scene.frame(1.0), scene.flow(), scene.flow(backward=True)
         truth_at = scene.frame
     metric_by_mode = metrics(one, two, flow, args.alpha)
     backend = api.resolve_backend(one, Mode.SOFT, args.backend)
@@ -270,6 +284,17 @@ def run(args) -> int:
         if shown is None or t == args.t:
             shown = (t, results, truth if truth is not None else one, scores)
     console.print(table)
+    if args.bidirectional:
+        metric_two = metrics(two, one, flow_back, args.alpha)
+        both = Table(title="Bidirectional (splat_many of both frames): PSNR (dB)")
+        both.add_column("t")
+        for mode in MODES:
+            both.add_column(mode, justify="right")
+        for t in times:
+            truth = truth_at(t) if truth_at else (two if t == 1 else None)
+            joint = warp_both(one, two, flow, flow_back, metric_by_mode, metric_two, t, backend)
+            both.add_row(f"{t:g}", *(f"{psnr(joint[m], truth):.2f}" if truth is not None else "nan" for m in MODES))
+        console.print(both)
     t, results, truth, scores = shown
     figure(args.out, one, two, flow, truth, results, scores, t, backend)
     console.print(f"figure: {args.out}")
@@ -291,5 +316,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--one", help="first frame (PNG) instead of the embedded scene")
     parser.add_argument("--two", help="second frame (PNG)")
     parser.add_argument("--flow", help="forward flow one -> two (.flo); estimated with OpenCV if omitted")
+    parser.add_argument("--bidirectional", action="store_true",
+                        help="also warp frame two backward and splat both jointly (splat_many), with its PSNR")
     parser.add_argument("--height", type=int, default=270, help="embedded scene height (default 270)")
     parser.add_argument("--width", type=int, default=480, help="embedded scene width (default 480)")

@@ -104,3 +104,15 @@ def test_flo_rejects_corrupt_files(tmp_path, content, message) -> None:
 def test_write_flo_rejects_bad_shapes(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"^flow: expected a tensor \[2, H, W\], got shape \(3, 4, 5\)"):
         io.write_flo(tmp_path / "z.flo", torch.zeros(3, 4, 5))
+
+
+def test_bidirectional_joint_splatting_fills_the_holes() -> None:
+    scene = demo.Scene.default(135, 240)
+    one, two = scene.frame(0.0), scene.frame(1.0)
+    flow, flow_back = scene.flow(), scene.flow(backward=True)
+    metric_one, metric_two = demo.metrics(one, two, flow, 20.0), demo.metrics(two, one, flow_back, 20.0)
+    truth = scene.frame(0.5)
+    single = demo.warp_all(one, flow, metric_one, 0.5, backend="auto")
+    both = demo.warp_both(one, two, flow, flow_back, metric_one, metric_two, 0.5, backend="auto")
+    for mode in ("avg", "linear", "soft"):
+        assert demo.psnr(both[mode], truth) > demo.psnr(single[mode], truth) + 3, mode
