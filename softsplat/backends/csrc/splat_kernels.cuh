@@ -22,6 +22,19 @@ namespace softsplat {
                    static_cast<index_t>(threadIdx.x);                                          \
        i < (total); i += static_cast<index_t>(blockDim.x) * static_cast<index_t>(gridDim.x))
 
+// Decodes `pixel`, an index into [N, H, W], and fills its taps from `flow`; false when the
+// pixel lands nowhere. The one entry of every kernel into the tap math of taps.h.
+template <typename acc_t, typename index_t>
+__device__ __forceinline__ bool source_taps(index_t pixel, const acc_t* flow, long long fl_sn, long long fl_sc,
+                                            long long fl_sy, long long fl_sx, index_t H, index_t W, index_t& n,
+                                            index_t& y, index_t& x, Taps<acc_t, index_t>& taps) {
+  x = pixel % W;
+  y = (pixel / W) % H;
+  n = pixel / (W * H);
+  const acc_t* source = flow + n * (index_t)fl_sn + y * (index_t)fl_sy + x * (index_t)fl_sx;
+  return make_taps<acc_t, index_t>(x, y, source[0], source[(index_t)fl_sc], H, W, taps);
+}
+
 template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void splat_forward_kernel(
     const scalar_t* __restrict__ input, long long in_sn, long long in_sc, long long in_sy, long long in_sx,
@@ -32,11 +45,9 @@ __global__ void splat_forward_kernel(
     acc_t* __restrict__ out,          // [N, C, H, W] contiguous, zeroed
     acc_t* __restrict__ normaliser) { // [N, 1, H, W] contiguous, zeroed; null for sum
   SOFTSPLAT_KERNEL_LOOP(pixel, N * H * W) {
-    const index_t x = pixel % W, y = (pixel / W) % H, n = pixel / (W * H);
+    index_t n, y, x;
     Taps<acc_t, index_t> taps;
-    const acc_t flow_x = flow[n * (index_t)fl_sn + y * (index_t)fl_sy + x * (index_t)fl_sx];
-    const acc_t flow_y = flow[n * (index_t)fl_sn + (index_t)fl_sc + y * (index_t)fl_sy + x * (index_t)fl_sx];
-    if (!make_taps<acc_t, index_t>(x, y, flow_x, flow_y, H, W, taps)) continue;
+    if (!source_taps(pixel, flow, fl_sn, fl_sc, fl_sy, fl_sx, H, W, n, y, x, taps)) continue;
     const acc_t m = metric ? metric[n * (index_t)me_sn + y * (index_t)me_sy + x * (index_t)me_sx] : acc_t(0);
     for (int k = 0; k < 4; ++k) {
       if (!taps.keep[k]) continue;
@@ -85,11 +96,9 @@ __global__ void splat_maximum_kernel(
     const acc_t* __restrict__ metric, long long me_sn, long long me_sy, long long me_sx,
     index_t N, index_t H, index_t W, acc_t* __restrict__ maximum) {
   SOFTSPLAT_KERNEL_LOOP(pixel, N * H * W) {
-    const index_t x = pixel % W, y = (pixel / W) % H, n = pixel / (W * H);
+    index_t n, y, x;
     Taps<acc_t, index_t> taps;
-    const acc_t flow_x = flow[n * (index_t)fl_sn + y * (index_t)fl_sy + x * (index_t)fl_sx];
-    const acc_t flow_y = flow[n * (index_t)fl_sn + (index_t)fl_sc + y * (index_t)fl_sy + x * (index_t)fl_sx];
-    if (!make_taps<acc_t, index_t>(x, y, flow_x, flow_y, H, W, taps)) continue;
+    if (!source_taps(pixel, flow, fl_sn, fl_sc, fl_sy, fl_sx, H, W, n, y, x, taps)) continue;
     const acc_t m = metric[n * (index_t)me_sn + y * (index_t)me_sy + x * (index_t)me_sx];
     for (int k = 0; k < 4; ++k)
       if (taps.keep[k]) atomic_maximum(maximum + (n * H + tap_y(taps, k)) * W + tap_x(taps, k), m);
@@ -149,15 +158,13 @@ __global__ void splat_backward_kernel(
   const bool normalised = kind != SUM;
   const index_t K = C + (normalised ? 1 : 0);
   SOFTSPLAT_KERNEL_LOOP(pixel, N * H * W) {
-    const index_t x = pixel % W, y = (pixel / W) % H, n = pixel / (W * H);
+    index_t n, y, x;
+    Taps<acc_t, index_t> taps;
+    const bool lands = source_taps(pixel, flow, fl_sn, fl_sc, fl_sy, fl_sx, H, W, n, y, x, taps);
     const scalar_t* values = input + n * (index_t)in_sn + y * (index_t)in_sy + x * (index_t)in_sx;
     const bool stable = kind == STABLE;
     const acc_t m = metric ? metric[n * (index_t)me_sn + y * (index_t)me_sy + x * (index_t)me_sx] : acc_t(0);
     const acc_t w = stable ? acc_t(1) : pixel_weight<acc_t>(kind, m);  // stable: per tap, below
-    Taps<acc_t, index_t> taps;
-    const acc_t flow_x = flow[n * (index_t)fl_sn + y * (index_t)fl_sy + x * (index_t)fl_sx];
-    const acc_t flow_y = flow[n * (index_t)fl_sn + (index_t)fl_sc + y * (index_t)fl_sy + x * (index_t)fl_sx];
-    const bool lands = make_taps<acc_t, index_t>(x, y, flow_x, flow_y, H, W, taps);
     acc_t dx[4], dy[4];
     if (lands) tap_derivatives(taps, dx, dy);
     const acc_t* tap_rows[4];
