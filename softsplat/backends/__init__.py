@@ -9,6 +9,7 @@ tensors' device is passed over by ``auto`` and refused with a ``RuntimeError`` w
 from __future__ import annotations
 
 import importlib
+import threading
 
 from .base import Backend, Signature
 
@@ -21,6 +22,8 @@ _REGISTRY: dict[str, str | Backend] = {
     "cupy": "cupy_backend:CupyBackend",
     "cuda-host": "cuda_host:CudaHostBackend",  # for tests; not in PRIORITY
 }
+
+_REGISTRY_LOCK = threading.Lock()
 
 #: The order in which ``auto`` tries backends (the fused kernels first, the oracle last).
 PRIORITY = ("cpp", "triton", "cupy", "torch")
@@ -47,8 +50,11 @@ def get(name: str, argument: str = "backend") -> Backend:
 def _instance(name: str) -> Backend:
     entry = _REGISTRY[name]
     if isinstance(entry, str):
-        module, cls = entry.split(":")
-        entry = _REGISTRY[name] = getattr(importlib.import_module(f".{module}", __name__), cls)()
+        with _REGISTRY_LOCK:  # one instance per backend, even when threads race to the first call
+            entry = _REGISTRY[name]
+            if isinstance(entry, str):
+                module, cls = entry.split(":")
+                entry = _REGISTRY[name] = getattr(importlib.import_module(f".{module}", __name__), cls)()
     return entry
 
 

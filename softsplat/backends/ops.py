@@ -39,6 +39,8 @@ def run_forward(ops, problem: Problem) -> tuple[torch.Tensor, torch.Tensor | Non
 class OpsBackend(Backend):
     """A backend whose work is the ops of schemas.h in one ``torch.ops`` namespace."""
 
+    _ops = None  # set by prepare(), which dispatch calls before run()
+
     def load_ops(self):
         """``torch.ops.<namespace>``, defined (built, loaded, registered) if need be."""
         raise NotImplementedError
@@ -47,10 +49,14 @@ class OpsBackend(Backend):
         self._ops = self.load_ops()
 
     def maximum(self, problem: Problem) -> torch.Tensor:
+        if self._ops is None:
+            self.prepare()
         return scatter_maximum(self._ops, problem)
 
     def run(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return run_forward(self._ops, problem)  # prepared by dispatch (torch.compile: eagerly)
+        if self._ops is None:  # only when called without dispatch; dispatch prepares first
+            self.prepare()
+        return run_forward(self._ops, problem)
 
 
 def register_python_side(namespace: str) -> None:
