@@ -19,7 +19,7 @@ import threading
 import torch
 
 from .extension import CSRC
-from .ops import OpsBackend, register_python_side
+from .ops import OpsBackend, gradient_buffers, register_python_side
 
 #: What the backend hands to NVRTC: the shared kernel header and its fp16/bf16 types.
 KERNEL_SOURCE = '#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n#include "splat_kernels.cuh"\n'
@@ -212,10 +212,7 @@ def backward_impl(
     maximum: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     N, C, H, W = input.shape
-    want_metric = bool(output_mask[2]) and metric is not None and kind >= 2
-    grad_input = torch.empty(input.shape if output_mask[0] else (0,), dtype=input.dtype, device=input.device)
-    grad_flow = torch.empty(flow.shape if output_mask[1] else (0,), dtype=flow.dtype, device=flow.device)
-    grad_metric = torch.empty((N, 1, H, W) if want_metric else (0,), dtype=flow.dtype, device=flow.device)
+    (grad_input, grad_flow, grad_metric), want_metric = gradient_buffers(input, flow, metric, kind, output_mask)
     if N * H * W == 0 or not (output_mask[0] or output_mask[1] or want_metric):
         return grad_input, grad_flow, grad_metric
     g = torch.empty((N, H, W, C + (1 if kind else 0)), dtype=flow.dtype, device=flow.device)

@@ -9,6 +9,19 @@ import torch
 from .base import Backend, Problem
 
 
+def gradient_buffers(input, flow, metric, kind: int, output_mask) -> tuple[tuple[torch.Tensor, ...], bool]:
+    """The three tensors ``splat_backward`` returns, uninitialised (shape ``[0]`` for a
+    gradient ``output_mask`` does not ask for), and whether the metric's is asked for."""
+    N, _, H, W = input.shape
+    want_metric = bool(output_mask[2]) and metric is not None and kind >= 2
+    buffers = (
+        input.new_empty(input.shape if output_mask[0] else (0,)),
+        flow.new_empty(flow.shape if output_mask[1] else (0,)),
+        flow.new_empty((N, 1, H, W) if want_metric else (0,)),
+    )
+    return buffers, want_metric
+
+
 def scatter_maximum(ops, problem: Problem) -> torch.Tensor:
     """``Backend.maximum`` through ``ops.splat_maximum``."""
     dtype = problem.compute_dtype
@@ -76,12 +89,7 @@ def register_python_side(namespace: str) -> None:
 
     @torch.library.register_fake(backward_name)
     def _(grad_out, grad_normaliser, input, flow, metric, out, normaliser, kind, normalisation, output_mask, maximum=None):
-        wants_metric = output_mask[2] and metric is not None and kind >= 2
-        return (
-            input.new_empty(input.shape if output_mask[0] else (0,)),
-            flow.new_empty(flow.shape if output_mask[1] else (0,)),
-            flow.new_empty((flow.shape[0], 1, *flow.shape[2:]) if wants_metric else (0,)),
-        )
+        return gradient_buffers(input, flow, metric, kind, output_mask)[0]
 
     def setup_context(ctx, inputs, output):
         input, flow, metric, kind, normalisation, *rest = inputs

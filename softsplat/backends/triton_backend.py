@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from .ops import OpsBackend
+from .ops import OpsBackend, gradient_buffers
 
 
 def interpreted() -> bool:
@@ -81,10 +81,7 @@ def _ops():
         output_mask: list[bool], maximum: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         N, C, H, W = input.shape
-        want_metric = bool(output_mask[2]) and metric is not None and kind >= 2
-        grad_input = torch.empty(input.shape if output_mask[0] else (0,), dtype=input.dtype, device=input.device)
-        grad_flow = torch.empty(flow.shape if output_mask[1] else (0,), dtype=flow.dtype, device=flow.device)
-        grad_metric = torch.empty((N, 1, H, W) if want_metric else (0,), dtype=flow.dtype, device=flow.device)
+        (grad_input, grad_flow, grad_metric), want_metric = gradient_buffers(input, flow, metric, kind, output_mask)
         pixels = N * H * W
         if pixels == 0 or not (output_mask[0] or output_mask[1] or want_metric):
             return grad_input, grad_flow, grad_metric
