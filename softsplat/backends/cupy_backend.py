@@ -137,6 +137,12 @@ def _metric_strides(metric):
     return (metric.stride(0), metric.stride(2), metric.stride(3)) if metric is not None else (0, 0, 0)
 
 
+def _source_arguments(input, flow, metric) -> tuple:
+    """The leading kernel arguments of the forward and backward kernels: input, flow and
+    metric with their strides."""
+    return (input, *input.stride(), flow, *flow.stride(), metric, *_metric_strides(metric))
+
+
 def maximum_impl(flow: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
     N, _, H, W = flow.shape
     maximum = torch.full((N, 1, H, W), float("-inf"), dtype=flow.dtype, device=flow.device)
@@ -171,12 +177,7 @@ def forward_impl(
         "forward",
         index,
         N * H * W,
-        input,
-        *input.stride(),
-        flow,
-        *flow.stride(),
-        metric,
-        *_metric_strides(metric),
+        *_source_arguments(input, flow, metric),
         *sizes,
         ("int", kind),
         maximum.contiguous() if kind == 4 else None,
@@ -248,12 +249,7 @@ def backward_impl(
         "backward",
         index,
         N * H * W,
-        input,
-        *input.stride(),
-        flow,
-        *flow.stride(),
-        metric,
-        *_metric_strides(metric),
+        *_source_arguments(input, flow, metric),
         g,
         *sizes,
         ("int", kind),

@@ -209,6 +209,26 @@ def _splat_bwd_prepare_kernel(
 
 
 @triton.jit
+def _tap_terms(g_nw, g_ne, g_sw, g_se, offset, keep_nw, keep_ne, keep_sw, keep_se, b_nw, b_ne, b_sw, b_se,
+               a_nw, a_ne, a_sw, a_se, north, south, west, east):
+    """For value ``offset`` of the taps' prepared gradients q: the gather sum(b * q) and the
+    flow terms sum(d b / d fx, fy * q * a), with ``a`` the value each tap splatted. A tap that
+    is not kept adds nothing (not even 0 * inf)."""
+    q_nw = tl.load(g_nw + offset, mask=keep_nw, other=0.0)
+    q_ne = tl.load(g_ne + offset, mask=keep_ne, other=0.0)
+    q_sw = tl.load(g_sw + offset, mask=keep_sw, other=0.0)
+    q_se = tl.load(g_se + offset, mask=keep_se, other=0.0)
+    gathered = b_nw * q_nw + b_ne * q_ne + b_sw * q_sw + b_se * q_se
+    p_nw = tl.where(keep_nw, q_nw * a_nw, 0.0)
+    p_ne = tl.where(keep_ne, q_ne * a_ne, 0.0)
+    p_sw = tl.where(keep_sw, q_sw * a_sw, 0.0)
+    p_se = tl.where(keep_se, q_se * a_se, 0.0)
+    dfx = (-north) * p_nw + north * p_ne + (-south) * p_sw + south * p_se
+    dfy = (-west) * p_nw + (-east) * p_ne + west * p_sw + east * p_se
+    return gathered, dfx, dfy
+
+
+@triton.jit
 def _splat_bwd_kernel(
     input_ptr, sin_n, sin_c, sin_y, sin_x,
     flow_ptr, sfn, sfc, sfy, sfx,
@@ -262,35 +282,25 @@ def _splat_bwd_kernel(
     for c in range(0, C):
         v = tl.load(source + c * sin_c, mask=valid, other=0.0).to(ACC)
         splatted = v * w if KIND != 0 else v
-        q_nw = tl.load(g_nw + c, mask=keep_nw, other=0.0)
-        q_ne = tl.load(g_ne + c, mask=keep_ne, other=0.0)
-        q_sw = tl.load(g_sw + c, mask=keep_sw, other=0.0)
-        q_se = tl.load(g_se + c, mask=keep_se, other=0.0)
-        # Computed for every pixel, landed or not, as autograd does through the oracle; a tap
-        # that is not kept adds nothing (not even 0 * inf).
-        gathered = b_nw * q_nw + b_ne * q_ne + b_sw * q_sw + b_se * q_se
-        p_nw = tl.where(keep_nw, q_nw * (splatted * w_nw), 0.0)
-        p_ne = tl.where(keep_ne, q_ne * (splatted * w_ne), 0.0)
-        p_sw = tl.where(keep_sw, q_sw * (splatted * w_sw), 0.0)
-        p_se = tl.where(keep_se, q_se * (splatted * w_se), 0.0)
-        grad_fx += (-north) * p_nw + north * p_ne + (-south) * p_sw + south * p_se
-        grad_fy += (-west) * p_nw + (-east) * p_ne + west * p_sw + east * p_se
+        # Computed for every pixel, landed or not, as autograd does through the oracle.
+        gathered, dfx, dfy = _tap_terms(
+            g_nw, g_ne, g_sw, g_se, c, keep_nw, keep_ne, keep_sw, keep_se, b_nw, b_ne, b_sw, b_se,
+            splatted * w_nw, splatted * w_ne, splatted * w_sw, splatted * w_se, north, south, west, east,
+        )
+        grad_fx += dfx
+        grad_fy += dfy
         if WANT_INPUT:
             result = gathered * w if KIND != 0 else gathered
             tl.store(grad_input_ptr + ((n * C + c) * H + y) * W + x, result.to(grad_input_ptr.dtype.element_ty), mask=valid)
         grad_w += gathered * v
     if KIND != 0:
-        q_nw = tl.load(g_nw + C, mask=keep_nw, other=0.0)
-        q_ne = tl.load(g_ne + C, mask=keep_ne, other=0.0)
-        q_sw = tl.load(g_sw + C, mask=keep_sw, other=0.0)
-        q_se = tl.load(g_se + C, mask=keep_se, other=0.0)
-        grad_w += b_nw * q_nw + b_ne * q_ne + b_sw * q_sw + b_se * q_se
-        p_nw = tl.where(keep_nw, q_nw * (w * w_nw), 0.0)
-        p_ne = tl.where(keep_ne, q_ne * (w * w_ne), 0.0)
-        p_sw = tl.where(keep_sw, q_sw * (w * w_sw), 0.0)
-        p_se = tl.where(keep_se, q_se * (w * w_se), 0.0)
-        grad_fx += (-north) * p_nw + north * p_ne + (-south) * p_sw + south * p_se
-        grad_fy += (-west) * p_nw + (-east) * p_ne + west * p_sw + east * p_se
+        gathered, dfx, dfy = _tap_terms(
+            g_nw, g_ne, g_sw, g_se, C, keep_nw, keep_ne, keep_sw, keep_se, b_nw, b_ne, b_sw, b_se,
+            w * w_nw, w * w_ne, w * w_sw, w * w_se, north, south, west, east,
+        )
+        grad_w += gathered
+        grad_fx += dfx
+        grad_fy += dfy
     if WANT_FLOW:
         grad_fx = tl.where(lands, grad_fx, 0.0)
         grad_fy = tl.where(lands, grad_fy, 0.0)
