@@ -1,24 +1,32 @@
 // The cpp backend's CPU kernels and the `softsplat` op library.
 //
-// Forward: source rows are cut into bands. Each band splats into a private buffer covering only
-// the target rows its flows reach, pixel-major (the C weighted channels, then the normaliser, of
-// one target pixel side by side), so a tap is one short contiguous update that the compiler
-// vectorises, and no two threads ever write the same memory. A second pass adds, for every
-// target row, the buffers that cover it in band order, divides and writes NCHW. Band sizes
-// depend on the image size and the flow alone, never on the thread count: results are bitwise
-// reproducible. Backward: a pass over target pixels prepares gN = grad / D' and gD, then every
-// source pixel gathers from its four taps and writes only its own gradients: no atomics.
+// Schedule: source rows are cut into bands (their height from the image size alone) and each
+// band's reach, the target rows its taps can land on, is read from the flow. Bands alternate
+// between two phases; while two bands of one phase (and image) reach a common row, neighbouring
+// bands are merged (at worst into one band per image). The bands of a phase then run in parallel
+// and add straight into the NCHW result and the normaliser: no atomics, no per-thread copies of
+// the output. Every target receives the contributions of at most one band per phase, each in its
+// pixel order, phase 0 first: the same sums, bitwise, whatever the thread count. A last pass
+// divides. The scatter-max of stable splatting runs on the same schedule.
+// Backward: a pass over target pixels prepares gN = grad / D' and gD, then every source pixel
+// gathers from its four taps and writes only its own gradients: no atomics either.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#include <sleef.h>  // the vectorised math ATen's own CPU kernels use, shipped with torch
+#endif
+
 #include <algorithm>
-#include <atomic>
 #include <limits>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "schemas.h"
@@ -27,10 +35,6 @@
 namespace softsplat {
 namespace {
 
-// Band buffers may hold at most this many times the image's rows; beyond (flows reaching far),
-// neighbouring bands are merged into taller ones, a decision that depends on the data alone.
-constexpr int64_t kBufferRowsPerImageRow = 3;
-
 struct View4 {  // element strides of an [N, C, H, W] tensor
   int64_t n, c, y, x;
   explicit View4(const at::Tensor& t) : n(t.stride(0)), c(t.stride(1)), y(t.stride(2)), x(t.stride(3)) {}
@@ -38,208 +42,426 @@ struct View4 {  // element strides of an [N, C, H, W] tensor
   int64_t at(int64_t in, int64_t ic, int64_t iy, int64_t ix) const { return in * n + ic * c + iy * y + ix * x; }
 };
 
+// exp of a[0..n) in place with Sleef's vectorised exp (1 ulp) where the CPU has AVX2 or AVX-512,
+// else std::exp. The tail goes through the same vector function, so every value does.
+template <typename T, int Lanes, typename Load, typename Exp, typename Store>
+inline void exp_lanes(T* a, int64_t n, Load load, Exp exp, Store store) {
+  int64_t i = 0;
+  for (; i + Lanes <= n; i += Lanes) store(a + i, exp(load(a + i)));
+  if (i == n) return;
+  T tail[Lanes] = {};
+  std::copy(a + i, a + n, tail);
+  store(tail, exp(load(tail)));
+  std::copy(tail, tail + (n - i), a + i);
+}
+
+inline void exp_inplace(float* a, int64_t n) {
+#if defined(__AVX512F__)
+  exp_lanes<float, 16>(a, n, [](const float* p) { return _mm512_loadu_ps(p); }, Sleef_expf16_u10,
+                       [](float* p, __m512 v) { _mm512_storeu_ps(p, v); });
+#elif defined(__AVX2__)
+  exp_lanes<float, 8>(a, n, [](const float* p) { return _mm256_loadu_ps(p); }, Sleef_expf8_u10,
+                      [](float* p, __m256 v) { _mm256_storeu_ps(p, v); });
+#else
+  for (int64_t i = 0; i < n; ++i) a[i] = std::exp(a[i]);
+#endif
+}
+
+inline void exp_inplace(double* a, int64_t n) {
+#if defined(__AVX512F__)
+  exp_lanes<double, 8>(a, n, [](const double* p) { return _mm512_loadu_pd(p); }, Sleef_expd8_u10,
+                       [](double* p, __m512d v) { _mm512_storeu_pd(p, v); });
+#elif defined(__AVX2__)
+  exp_lanes<double, 4>(a, n, [](const double* p) { return _mm256_loadu_pd(p); }, Sleef_expd4_u10,
+                       [](double* p, __m256d v) { _mm256_storeu_pd(p, v); });
+#else
+  for (int64_t i = 0; i < n; ++i) a[i] = std::exp(a[i]);
+#endif
+}
+
+// The flow [N, 2, H, W] and metric [N, 1, H, W] (null for sum and avg), both contiguous.
 template <typename acc_t>
 struct Sources {
   const acc_t* flow;
-  View4 flow_view;
-  const acc_t* metric;  // null for sum and avg
-  View4 metric_view;
+  const acc_t* metric;
   int64_t H, W;
   int kind;
   const acc_t* maximum;  // stable: M [N, 1, H, W] contiguous; else null
 
+  const acc_t* flow_row(int64_t n, int64_t component, int64_t y) const { return flow + ((n * 2 + component) * H + y) * W; }
   bool taps(int64_t n, int64_t y, int64_t x, Taps<acc_t, int64_t>& t) const {
-    return make_taps<acc_t, int64_t>(x, y, flow[flow_view.at(n, 0, y, x)],
-                                     flow[flow_view.at(n, 1, y, x)], H, W, t);
+    return make_taps<acc_t, int64_t>(x, y, flow_row(n, 0, y)[x], flow_row(n, 1, y)[x], H, W, t);
   }
-  acc_t metric_at(int64_t n, int64_t y, int64_t x) const {
-    return metric ? metric[metric_view.at(n, 0, y, x)] : acc_t(0);
+  const acc_t* metric_row(int64_t n, int64_t y) const { return metric + (n * H + y) * W; }
+
+  // The per-pixel weights w of source row y: pixel_weight (1, metric or exp(metric)), computed
+  // a row at a time so that exp vectorises. Stable: the metric (TapChunk::stable_weights).
+  void row_weights(int64_t n, int64_t y, acc_t* w) const {
+    if (!metric) {
+      std::fill(w, w + W, acc_t(1));
+      return;
+    }
+    std::copy(metric_row(n, y), metric_row(n, y) + W, w);
+    if (kind == SOFT) exp_inplace(w, W);
   }
-  // The per-pixel weight; for stable, the metric itself (each tap's weight is tap_weight).
-  acc_t weight(int64_t n, int64_t y, int64_t x) const {
-    return kind == STABLE ? metric_at(n, y, x) : pixel_weight<acc_t>(kind, metric_at(n, y, x));
+};
+
+// The order in which the scatters visit a chunk's pixels: even columns, then odd ones. Pixels
+// side by side usually share two targets; visited one after the other, each update would wait
+// for the previous one's store. Fixed, so sums stay reproducible.
+inline int64_t pixel_order(int64_t j, int64_t count) {
+  const int64_t evens = (count + 1) / 2;
+  return j < evens ? 2 * j : 2 * (j - evens) + 1;
+}
+
+// The taps of up to kChunk neighbouring source pixels of one row, as arrays: make_taps's
+// values, computed in a loop the compiler vectorises; the scatter then only adds.
+constexpr int64_t kChunk = 256;
+template <typename acc_t>
+struct TapChunk {
+  int64_t corner[kChunk];          // flat index y0 * W + x0 of the north-west tap in the image
+  acc_t weight[4][kChunk];         // bilinear weight of each tap
+  unsigned char keep[kChunk];      // bit k: tap k is kept (0: the pixel lands nowhere)
+  acc_t stable[4][kChunk];         // stable: exp(metric - M(tap)), 0 for dropped taps
+  int64_t x0[kChunk], y0[kChunk];  // with coordinates: the rest of make_taps's Taps
+  acc_t fx[kChunk], fy[kChunk];
+
+  static constexpr unsigned char kAll = 15;
+
+  void fill(const Sources<acc_t>& src, int64_t n, int64_t y, int64_t x_begin, int64_t count, bool coordinates = false) {
+    const acc_t* flow_x = src.flow_row(n, 0, y) + x_begin;
+    const acc_t* flow_y = src.flow_row(n, 1, y) + x_begin;
+    for (int64_t i = 0; i < count; ++i) {
+      Taps<acc_t, int64_t> t;
+      const bool lands = make_taps<acc_t, int64_t>(x_begin + i, y, flow_x[i], flow_y[i], src.H, src.W, t);
+      corner[i] = t.y0 * src.W + t.x0;
+      for (int k = 0; k < 4; ++k) weight[k][i] = t.weight[k];
+      keep[i] = lands ? static_cast<unsigned char>(t.keep[0] | t.keep[1] << 1 | t.keep[2] << 2 | t.keep[3] << 3) : 0;
+      if (coordinates) {
+        x0[i] = t.x0;
+        y0[i] = t.y0;
+        fx[i] = t.fx;
+        fy[i] = t.fy;
+      }
+    }
   }
-  acc_t tap_weight(int64_t n, int64_t ty, int64_t tx, acc_t metric_value) const {
-    return stable_weight(metric_value, maximum[(n * H + ty) * W + tx]);
+
+  // make_taps's Taps of pixel i (filled with coordinates), for tap_derivatives.
+  Taps<acc_t, int64_t> taps(int64_t i) const {
+    Taps<acc_t, int64_t> t;
+    t.x0 = x0[i];
+    t.y0 = y0[i];
+    t.fx = fx[i];
+    t.fy = fy[i];
+    return t;
+  }
+
+  // stable[k][i] = exp(metric - M(target of tap k)) for the kept taps, 0 for the others: the
+  // values of stable_weight (0 where M is -inf), with a vectorised exp. `maximum`: image n's M.
+  void fill_stable(const acc_t* maximum, const acc_t* metric, int64_t W, int64_t count) {
+    const acc_t minus_infinity = -std::numeric_limits<acc_t>::infinity();
+    const int64_t offset[4] = {0, 1, W, W + 1};
+    for (int k = 0; k < 4; ++k) {
+      for (int64_t i = 0; i < count; ++i) {
+        const acc_t M = keep[i] >> k & 1 ? maximum[corner[i] + offset[k]] : minus_infinity;
+        stable[k][i] = M == minus_infinity ? minus_infinity : metric[i] - M;
+      }
+      exp_inplace(stable[k], count);
+    }
   }
 };
 
 struct Band {
   int64_t n, y_begin, y_end;  // source rows [y_begin, y_end) of image n
-  int64_t lo, hi;             // target rows its taps may reach: [lo, hi)
-  int64_t offset;             // of its buffer [hi - lo][W][K] in the scratch
-  int64_t rows() const { return hi - lo; }
+  int64_t lo, hi;             // target rows its taps may reach: [lo, hi), empty if lo == hi
+  bool empty() const { return hi <= lo; }
 };
 
-// Rows floor(y + flow_y) and the one below, over the band's pixels with a finite target row,
-// clamped to the image; computed in floating point, so no huge value is converted to an integer.
+// Rows floor(y + flow_y) and the one below, over the band's pixels whose target row is in
+// [-1, H) (no other pixel lands), clamped to the image. Kept per lane, so the loop vectorises.
 template <typename acc_t>
 void find_reach(const Sources<acc_t>& src, Band& band) {
-  acc_t lowest = std::numeric_limits<acc_t>::infinity(), highest = -lowest;
-  for (int64_t y = band.y_begin; y < band.y_end; ++y) {
-    const acc_t* row = src.flow + src.flow_view.at(band.n, 1, y, 0);
-    for (int64_t x = 0; x < src.W; ++x) {
-      const acc_t fy = static_cast<acc_t>(y) + row[x * src.flow_view.x];
-      if (!is_finite(fy)) continue;
-      lowest = std::min(lowest, fy);
-      highest = std::max(highest, fy);
-    }
-  }
-  band.lo = band.hi = band.y_begin;
-  if (lowest > highest) return;  // no finite target row: an empty buffer
+  constexpr int kLanes = 16;
   const acc_t H = static_cast<acc_t>(src.H);
-  band.lo = static_cast<int64_t>(std::min(std::max(floor_of(lowest), acc_t(0)), H));
-  band.hi = std::max(band.lo, static_cast<int64_t>(std::min(std::max(floor_of(highest) + acc_t(2), acc_t(0)), H)));
+  acc_t lowest[kLanes], highest[kLanes];
+  std::fill(lowest, lowest + kLanes, std::numeric_limits<acc_t>::infinity());
+  std::fill(highest, highest + kLanes, -std::numeric_limits<acc_t>::infinity());
+  auto update = [&](int lane, acc_t fy) {
+    const bool lands = fy >= acc_t(-1) && fy < H;  // false for NaN and infinities
+    lowest[lane] = lands && fy < lowest[lane] ? fy : lowest[lane];
+    highest[lane] = lands && fy > highest[lane] ? fy : highest[lane];
+  };
+  for (int64_t y = band.y_begin; y < band.y_end; ++y) {
+    const acc_t* row = src.flow_row(band.n, 1, y);
+    const acc_t row_y = static_cast<acc_t>(y);
+    int64_t x = 0;
+    for (; x + kLanes <= src.W; x += kLanes)
+      for (int lane = 0; lane < kLanes; ++lane) update(lane, row_y + row[x + lane]);
+    for (; x < src.W; ++x) update(0, row_y + row[x]);
+  }
+  const acc_t low = *std::min_element(lowest, lowest + kLanes), high = *std::max_element(highest, highest + kLanes);
+  band.lo = band.hi = band.y_begin;
+  if (low > high) return;  // nothing lands
+  band.lo = std::max<int64_t>(0, static_cast<int64_t>(floor_of(low)));
+  band.hi = std::min<int64_t>(src.H, static_cast<int64_t>(floor_of(high)) + 2);
 }
+
+// Whether two bands of one phase (every other band of one image) reach a common row.
+bool phases_overlap(const std::vector<Band>& image) {
+  for (size_t parity = 0; parity < 2; ++parity) {
+    std::vector<std::pair<int64_t, int64_t>> reach;
+    for (size_t i = parity; i < image.size(); i += 2)
+      if (!image[i].empty()) reach.emplace_back(image[i].lo, image[i].hi);
+    std::sort(reach.begin(), reach.end());
+    for (size_t i = 1; i < reach.size(); ++i)
+      if (reach[i].first < reach[i - 1].second) return true;  // sorted and so far disjoint
+  }
+  return false;
+}
+
+// Neighbouring bands of one image merged pairwise, their reach the union.
+std::vector<Band> merged(const std::vector<Band>& image) {
+  std::vector<Band> result;
+  for (size_t i = 0; i < image.size(); i += 2) {
+    Band b = image[i];
+    if (i + 1 < image.size()) {
+      const Band& next = image[i + 1];
+      b.y_end = next.y_end;
+      if (!next.empty()) {
+        b.lo = b.empty() ? next.lo : std::min(b.lo, next.lo);
+        b.hi = std::max(b.hi, next.hi);
+      }
+    }
+    result.push_back(b);
+  }
+  return result;
+}
+
+struct Schedule {
+  std::vector<Band> phase[2];  // no two bands of a phase write a common target
+
+  // work(band) for every band: the phases in order, the bands of a phase in parallel.
+  template <typename Work>
+  void run(const Work& work) const {
+    for (const auto& bands : phase)
+      at::parallel_for(0, static_cast<int64_t>(bands.size()), 1, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) work(bands[i]);
+      });
+  }
+};
 
 template <typename acc_t>
-std::vector<Band> plan_bands(const Sources<acc_t>& src, int64_t N) {
-  // Band height from the image size alone: ~32 bands per image, 8 to 64 rows each.
+Schedule plan(const Sources<acc_t>& src, int64_t N) {
+  // ~32 bands per image, 8 to 64 rows each: a function of the image size alone.
   const int64_t height = std::min<int64_t>(64, std::max<int64_t>(8, (src.H + 31) / 32));
-  std::vector<Band> bands;
+  std::vector<Band> all;
   for (int64_t n = 0; n < N; ++n)
-    for (int64_t y = 0; y < src.H; y += height)
-      bands.push_back({n, y, std::min(src.H, y + height), y, y, 0});
-  at::parallel_for(0, static_cast<int64_t>(bands.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) find_reach(src, bands[i]);
+    for (int64_t y = 0; y < src.H; y += height) all.push_back({n, y, std::min(src.H, y + height), y, y});
+  at::parallel_for(0, static_cast<int64_t>(all.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) find_reach(src, all[i]);
   });
-  auto buffer_rows = [&] {
-    int64_t rows = 0;
-    for (const auto& b : bands) rows += b.rows();
-    return rows;
-  };
-  while (buffer_rows() > kBufferRowsPerImageRow * N * src.H) {
-    std::vector<Band> merged;
-    for (size_t i = 0; i < bands.size(); ++i) {
-      Band b = bands[i];
-      if (i + 1 < bands.size() && bands[i + 1].n == b.n) {
-        const Band& next = bands[++i];
-        b.y_end = next.y_end;
-        if (next.rows()) {
-          b.lo = b.rows() ? std::min(b.lo, next.lo) : next.lo;
-          b.hi = std::max(b.hi, next.hi);
-        }
-      }
-      merged.push_back(b);
-    }
-    if (merged.size() == bands.size()) break;  // one band per image: nothing left to merge
-    bands.swap(merged);
+  Schedule schedule;
+  for (int64_t n = 0; n < N; ++n) {
+    std::vector<Band> image;
+    for (const Band& b : all)
+      if (b.n == n) image.push_back(b);
+    while (image.size() > 1 && phases_overlap(image)) image = merged(image);
+    for (size_t i = 0; i < image.size(); ++i) schedule.phase[i % 2].push_back(image[i]);
   }
-  return bands;
+  return schedule;
 }
 
-// target[0..K) += b * values[0..K): one tap. K is a compile-time constant for the common
-// channel counts (KC > 0), so the update is a few vector instructions.
-template <int KC, typename acc_t>
-inline void add_tap(acc_t* __restrict target, const acc_t* __restrict values, acc_t b, int64_t K) {
-  if constexpr (KC > 0) {
-    for (int j = 0; j < KC; ++j) target[j] += b * values[j];
-  } else {
-    for (int64_t j = 0; j < K; ++j) target[j] += b * values[j];
-  }
-}
-
-template <int KC, typename scalar_t, typename acc_t>
+// One band's contributions, added into out [N, C, H, W] and norm [N, 1, H, W] (null for sum),
+// both contiguous. CC is C when it is a compile-time constant (the common channel counts).
+template <int CC, typename scalar_t, typename acc_t>
 void scatter_band(const Band& band, const scalar_t* in, const View4& in_view, const Sources<acc_t>& src,
-                  int64_t C, int64_t K, acc_t* __restrict buffer, acc_t* __restrict values) {
-  const bool normalised = src.kind != SUM;
-  const int64_t W = src.W, n = band.n;
-  std::fill(buffer, buffer + band.rows() * W * K, acc_t(0));
-  if (!band.rows()) return;
-  Taps<acc_t, int64_t> t;
+                  int64_t C, acc_t* out, acc_t* norm) {
+  const int64_t W = src.W, HW = src.H * src.W, n = band.n;
+  const int64_t channels = CC > 0 ? CC : C;
+  const bool stable = src.kind == STABLE, weighted = src.kind != SUM;
+  std::vector<acc_t> w(W);
+  auto chunk = std::make_unique<TapChunk<acc_t>>();
+  acc_t* out_n = out + n * channels * HW;
+  acc_t* norm_n = norm ? norm + n * HW : nullptr;
+  const int64_t offset[4] = {0, 1, W, W + 1};  // of tap k from the north-west one
   for (int64_t y = band.y_begin; y < band.y_end; ++y) {
-    for (int64_t x = 0; x < W; ++x) {
-      if (!src.taps(n, y, x, t)) continue;
-      const acc_t w = src.weight(n, y, x);
-      const scalar_t* pixel = in + in_view.at(n, 0, y, x);
-      // Taps are pixel (x0, y0) and its right, lower and lower-right neighbours; every kept
-      // tap's row lies in [lo, hi) by construction of the band (find_reach).
-      acc_t* north = buffer + ((t.y0 - band.lo) * W + t.x0) * K;
-      acc_t* south = north + W * K;
-      if (src.kind == STABLE) {  // a weight per tap: exp(metric - M(tap))
-        acc_t* targets[4] = {north, north + K, south, south + K};
-        for (int k = 0; k < 4; ++k) {
-          if (!t.keep[k]) continue;
-          const acc_t tap_w = src.tap_weight(n, tap_y(t, k), tap_x(t, k), w);
-          for (int64_t c = 0; c < C; ++c) values[c] = static_cast<acc_t>(pixel[c * in_view.c]) * tap_w;
-          values[C] = tap_w;
-          add_tap<KC>(targets[k], values, t.weight[k], K);
+    src.row_weights(n, y, w.data());
+    const scalar_t* in_row = in + in_view.at(n, 0, y, 0);
+    for (int64_t x_begin = 0; x_begin < W; x_begin += kChunk) {
+      const int64_t count = std::min(kChunk, W - x_begin);
+      chunk->fill(src, n, y, x_begin, count);
+      if (stable) chunk->fill_stable(src.maximum + n * HW, w.data() + x_begin, W, count);
+      for (int64_t j = 0; j < count; ++j) {
+        const int64_t i = pixel_order(j, count);
+        const unsigned keep = chunk->keep[i];
+        if (!keep) continue;
+        const int64_t x = x_begin + i, corner = chunk->corner[i];
+        const acc_t b[4] = {chunk->weight[0][i], chunk->weight[1][i], chunk->weight[2][i], chunk->weight[3][i]};
+        const scalar_t* pixel = in_row + x * in_view.x;
+        if (stable) {  // a weight per tap: b * (input * exp(metric - M)) and b * exp(metric - M)
+          for (int k = 0; k < 4; ++k) {
+            if (!(keep >> k & 1)) continue;
+            const acc_t tap_w = chunk->stable[k][i];
+            const int64_t target = corner + offset[k];
+            for (int64_t c = 0; c < channels; ++c)
+              out_n[c * HW + target] += b[k] * (static_cast<acc_t>(pixel[c * in_view.c]) * tap_w);
+            norm_n[target] += b[k] * tap_w;
+          }
+          continue;
         }
-        continue;
+        // b * (input * w), the oracle's order.
+        auto deposit = [&](acc_t* plane, acc_t v) {
+          if (keep == TapChunk<acc_t>::kAll) {
+            acc_t* p = plane + corner;
+            p[0] += b[0] * v;
+            p[1] += b[1] * v;
+            p[W] += b[2] * v;
+            p[W + 1] += b[3] * v;
+            return;
+          }
+          for (int k = 0; k < 4; ++k)
+            if (keep >> k & 1) plane[corner + offset[k]] += b[k] * v;
+        };
+        const acc_t wx = w[x];
+        for (int64_t c = 0; c < channels; ++c) {
+          const acc_t v = static_cast<acc_t>(pixel[c * in_view.c]);
+          deposit(out_n + c * HW, weighted ? v * wx : v);
+        }
+        if (norm_n) deposit(norm_n, wx);
       }
-      for (int64_t c = 0; c < C; ++c) {
-        const acc_t v = static_cast<acc_t>(pixel[c * in_view.c]);
-        values[c] = normalised ? v * w : v;  // then b * (v * w): the oracle's order
-      }
-      if (normalised) values[C] = w;
-      if (t.keep[0]) add_tap<KC>(north, values, t.weight[0], K);
-      if (t.keep[1]) add_tap<KC>(north + K, values, t.weight[1], K);
-      if (t.keep[2]) add_tap<KC>(south, values, t.weight[2], K);
-      if (t.keep[3]) add_tap<KC>(south + K, values, t.weight[3], K);
     }
   }
+}
+
+// out /= D' where the mode normalises (out, norm contiguous).
+template <typename acc_t>
+void divide(acc_t* out, const acc_t* norm, int64_t N, int64_t C, int64_t H, int64_t W, int normalisation) {
+  at::parallel_for(0, N * H, 16, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> divisor(W);
+    for (int64_t index = begin; index < end; ++index) {
+      const int64_t n = index / H, y = index % H;
+      const acc_t* D = norm + index * W;
+      for (int64_t x = 0; x < W; ++x) divisor[x] = safe_normaliser(D[x], normalisation);
+      for (int64_t c = 0; c < C; ++c) {
+        acc_t* row = out + ((n * C + c) * H + y) * W;
+        for (int64_t x = 0; x < W; ++x) row[x] /= divisor[x];
+      }
+    }
+  });
 }
 
 template <typename scalar_t, typename acc_t>
-void forward_kernel(const at::Tensor& input, const Sources<acc_t>& src, int normalisation,
-                    at::Tensor& out, at::Tensor& normaliser) {
-  const int64_t N = input.size(0), C = input.size(1), H = src.H, W = src.W, HW = H * W;
+void forward_kernel(const at::Tensor& input, const Sources<acc_t>& src, int normalisation, at::Tensor& out,
+                    at::Tensor& normaliser) {
+  const int64_t N = input.size(0), C = input.size(1), H = src.H, W = src.W;
   const bool normalised = src.kind != SUM;
-  const int64_t K = C + (normalised ? 1 : 0);  // values per buffer pixel: C channels, then D
   const scalar_t* in = input.data_ptr<scalar_t>();
   const View4 in_view(input);
   acc_t* out_data = out.data_ptr<acc_t>();
   acc_t* norm_data = normalised ? normaliser.data_ptr<acc_t>() : nullptr;
+  const Schedule schedule = plan(src, N);
+  auto scatter = [&](auto channels) {
+    schedule.run([&](const Band& band) {
+      scatter_band<decltype(channels)::value>(band, in, in_view, src, C, out_data, norm_data);
+    });
+  };
+  switch (C) {
+    case 1: scatter(std::integral_constant<int, 1>()); break;
+    case 2: scatter(std::integral_constant<int, 2>()); break;
+    case 3: scatter(std::integral_constant<int, 3>()); break;
+    case 4: scatter(std::integral_constant<int, 4>()); break;
+    default: scatter(std::integral_constant<int, 0>());
+  }
+  if (normalised && normalisation != RAW) divide(out_data, norm_data, N, C, H, W, normalisation);
+}
 
-  std::vector<Band> bands = plan_bands(src, N);
-  int64_t size = 0;
-  for (auto& b : bands) b.offset = size, size += b.rows() * W * K;
-  std::unique_ptr<acc_t[]> scratch(new acc_t[static_cast<size_t>(size)]);  // zeroed per band
+// The backward's gather: every source pixel reads gN (and gD) at its four taps and writes its
+// own gradients; only those asked for (non-null) are computed.
+template <typename scalar_t, typename acc_t>
+struct Gather {
+  const scalar_t* in;
+  View4 in_view;
+  const Sources<acc_t>& src;
+  const acc_t* gN;  // [N, C, H, W] contiguous
+  const acc_t* gD;  // [N, 1, H, W] contiguous; null for sum
+  int64_t C;
+  scalar_t* gi;
+  acc_t* gf;
+  acc_t* gm;
 
-  at::parallel_for(0, static_cast<int64_t>(bands.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> values(static_cast<size_t>(K));
-    for (int64_t i = begin; i < end; ++i) {
-      acc_t* buffer = scratch.get() + bands[i].offset;  // this band's alone
-      switch (K) {
-        case 1: scatter_band<1>(bands[i], in, in_view, src, C, K, buffer, values.data()); break;
-        case 2: scatter_band<2>(bands[i], in, in_view, src, C, K, buffer, values.data()); break;
-        case 3: scatter_band<3>(bands[i], in, in_view, src, C, K, buffer, values.data()); break;
-        case 4: scatter_band<4>(bands[i], in, in_view, src, C, K, buffer, values.data()); break;
-        default: scatter_band<0>(bands[i], in, in_view, src, C, K, buffer, values.data()); break;
-      }
-    }
-  });
-
-  // Image n's bands are contiguous in `bands`, in row order.
-  std::vector<int64_t> first(N + 1, static_cast<int64_t>(bands.size()));
-  for (int64_t i = static_cast<int64_t>(bands.size()) - 1; i >= 0; --i) first[bands[i].n] = i;
-  for (int64_t n = N - 1; n >= 0; --n) first[n] = std::min(first[n], first[n + 1]);
-
-  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> row(static_cast<size_t>(W * K));
+  // Source rows [begin, end) of the flattened N * H. CC is C when a compile-time constant, so
+  // that the per-channel sums live in registers.
+  template <int CC>
+  void rows(int64_t begin, int64_t end) const {
+    const int64_t H = src.H, W = src.W, HW = H * W, channels = CC > 0 ? CC : C;
+    const bool normalised = gD != nullptr, stable = src.kind == STABLE;
+    constexpr int64_t kLocal = CC > 0 ? CC + 1 : 1;
+    acc_t local_gathered[kLocal], local_x[kLocal];
+    std::vector<acc_t> heap_gathered(CC > 0 ? 0 : C + 1), heap_x(CC > 0 ? 0 : C), w(W);
+    acc_t* gathered = CC > 0 ? local_gathered : heap_gathered.data();
+    acc_t* x_values = CC > 0 ? local_x : heap_x.data();
+    auto chunk = std::make_unique<TapChunk<acc_t>>();
+    acc_t dx[4] = {}, dy[4] = {};  // stay 0 unless gf is asked for
     for (int64_t index = begin; index < end; ++index) {
       const int64_t n = index / H, y = index % H;
-      std::fill(row.begin(), row.end(), acc_t(0));
-      for (int64_t i = first[n]; i < first[n + 1]; ++i) {  // fixed order: bitwise reproducible
-        const Band& band = bands[i];
-        if (y < band.lo || y >= band.hi) continue;
-        const acc_t* part = scratch.get() + band.offset + (y - band.lo) * W * K;
-        for (int64_t j = 0; j < W * K; ++j) row[j] += part[j];
-      }
-      acc_t* out_row = out_data + n * C * HW + y * W;
-      for (int64_t x = 0; x < W; ++x) {
-        const acc_t* pixel = row.data() + x * K;
-        if (!normalised) {
-          for (int64_t c = 0; c < C; ++c) out_row[c * HW + x] = pixel[c];
-          continue;
+      const acc_t* gN_n = gN + n * channels * HW;
+      const acc_t* gD_n = normalised ? gD + n * HW : nullptr;
+      src.row_weights(n, y, w.data());
+      for (int64_t x_begin = 0; x_begin < W; x_begin += kChunk) {
+        const int64_t count = std::min(kChunk, W - x_begin);
+        chunk->fill(src, n, y, x_begin, count, gf != nullptr);
+        if (stable) chunk->fill_stable(src.maximum + n * HW, w.data() + x_begin, W, count);
+        for (int64_t i = 0; i < count; ++i) {
+          const int64_t x = x_begin + i;
+          // Computed for every pixel, landed or not, as autograd does through the oracle: a
+          // pixel that lands nowhere gathers zeros, and 0 * inf stays NaN as it does there.
+          for (int64_t c = 0; c < channels; ++c) x_values[c] = static_cast<acc_t>(in[in_view.at(n, c, y, x)]);
+          for (int64_t c = 0; c <= channels; ++c) gathered[c] = 0;
+          acc_t grad_fx = 0, grad_fy = 0;
+          const unsigned keep = chunk->keep[i];
+          if (keep && gf) tap_derivatives(chunk->taps(i), dx, dy);
+          for (int k = 0; k < 4; ++k) {
+            if (!(keep >> k & 1)) continue;
+            const int64_t target = chunk->corner[i] + (k >> 1) * W + (k & 1);
+            // The weight splatted beside the input: per tap for stable, else per pixel (and
+            // then applied to the input gradient once, below).
+            const acc_t tap_w = stable ? chunk->stable[k][i] : normalised ? w[x] : acc_t(1);
+            const acc_t b = stable ? chunk->weight[k][i] * tap_w : chunk->weight[k][i];
+            acc_t dot = 0;  // d loss / d weight[k]: the splatted values (oracle's order) times gN, gD
+            for (int64_t c = 0; c < channels; ++c) {
+              const acc_t g = gN_n[c * HW + target];
+              gathered[c] += b * g;
+              dot += g * (x_values[c] * tap_w);
+            }
+            if (normalised) {
+              const acc_t g = gD_n[target];
+              gathered[channels] += b * g;
+              dot += g * tap_w;
+            }
+            grad_fx += dx[k] * dot;
+            grad_fy += dy[k] * dot;
+          }
+          const bool per_pixel = normalised && !stable;  // w multiplies once, here
+          if (gi) {
+            for (int64_t c = 0; c < channels; ++c)
+              gi[((n * channels + c) * H + y) * W + x] = static_cast<scalar_t>(per_pixel ? gathered[c] * w[x] : gathered[c]);
+          }
+          if (gf) {
+            gf[((n * 2 + 0) * H + y) * W + x] = grad_fx;
+            gf[((n * 2 + 1) * H + y) * W + x] = grad_fy;
+          }
+          if (gm) {
+            acc_t grad_w = 0;
+            for (int64_t c = 0; c < channels; ++c) grad_w += gathered[c] * x_values[c];
+            grad_w += gathered[channels];
+            // stable: d exp(m - M) / dm is the tap weight, already in gathered[]
+            gm[(n * H + y) * W + x] = stable ? grad_w : grad_w * weight_derivative(src.kind, w[x]);
+          }
         }
-        const acc_t divisor = safe_normaliser(pixel[C], normalisation);
-        for (int64_t c = 0; c < C; ++c) out_row[c * HW + x] = pixel[c] / divisor;
-        norm_data[n * HW + y * W + x] = pixel[C];
       }
     }
-  });
-}
+  }
+};
 
 template <typename scalar_t, typename acc_t>
 void backward_kernel(const at::Tensor& grad_out, const at::Tensor& grad_normaliser,
@@ -247,135 +469,99 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& grad_normalis
                      const at::Tensor& normaliser, int normalisation, at::Tensor& grad_input,
                      at::Tensor& grad_flow, at::Tensor& grad_metric) {
   const int64_t N = input.size(0), C = input.size(1), H = src.H, W = src.W;
-  const bool normalised = src.kind != SUM;
-  const int64_t K = C + (normalised ? 1 : 0);
+  const bool normalised = src.kind != SUM, stable = src.kind == STABLE;
 
-  // gN (C values) and gD per target pixel, pixel-major for the gathers below.
-  std::vector<acc_t> g(static_cast<size_t>(N * H * W * K));
-  const acc_t* grad = grad_out.data_ptr<acc_t>();
-  const View4 grad_view(grad_out);
-  const acc_t* result = normalised ? out.data_ptr<acc_t>() : nullptr;
-  const View4 result_view = normalised ? View4(out) : View4();
-  const acc_t* norm = normalised ? normaliser.data_ptr<acc_t>() : nullptr;
-  const acc_t* grad_norm = grad_normaliser.defined() ? grad_normaliser.data_ptr<acc_t>() : nullptr;
-  const View4 grad_norm_view = grad_norm ? View4(grad_normaliser) : View4();
-  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t index = begin; index < end; ++index) {
-      const int64_t n = index / H, y = index % H;
-      for (int64_t x = 0; x < W; ++x) {
-        acc_t* pixel = g.data() + ((n * H + y) * W + x) * K;
-        if (!normalised) {
-          for (int64_t c = 0; c < C; ++c) pixel[c] = grad[grad_view.at(n, c, y, x)];
-          continue;
-        }
-        const acc_t D = norm[(n * H + y) * W + x];
-        const acc_t divisor = safe_normaliser(D, normalisation);
-        acc_t gD = 0;
-        for (int64_t c = 0; c < C; ++c) {
-          pixel[c] = grad[grad_view.at(n, c, y, x)] / divisor;
-          gD -= pixel[c] * result[result_view.at(n, c, y, x)];
-        }
-        pixel[C] = normaliser_passes_gradient(D, normalisation) ? gD : acc_t(0);
-        if (grad_norm) pixel[C] += grad_norm[grad_norm_view.at(n, 0, y, x)];
-      }
-    }
-  });
-
-  const scalar_t* in = input.data_ptr<scalar_t>();
-  const View4 in_view(input);
-  scalar_t* gi = grad_input.defined() ? grad_input.data_ptr<scalar_t>() : nullptr;
-  acc_t* gf = grad_flow.defined() ? grad_flow.data_ptr<acc_t>() : nullptr;
-  acc_t* gm = grad_metric.defined() ? grad_metric.data_ptr<acc_t>() : nullptr;
-  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> gathered(static_cast<size_t>(K)), x_values(static_cast<size_t>(C));
-    Taps<acc_t, int64_t> t;
-    acc_t dx[4], dy[4];
-    for (int64_t index = begin; index < end; ++index) {
-      const int64_t n = index / H, y = index % H;
-      for (int64_t x = 0; x < W; ++x) {
-        // Computed for every pixel, landed or not, as autograd does through the oracle: a
-        // pixel that lands nowhere gathers zeros, and 0 * inf stays NaN as it does there.
-        const acc_t w = src.weight(n, y, x);
-        for (int64_t c = 0; c < C; ++c) x_values[c] = static_cast<acc_t>(in[in_view.at(n, c, y, x)]);
-        std::fill(gathered.begin(), gathered.end(), acc_t(0));
-        acc_t grad_fx = 0, grad_fy = 0;
-        if (src.taps(n, y, x, t)) {
-          if (gf) tap_derivatives(t, dx, dy);
-          for (int k = 0; k < 4; ++k) {
-            if (!t.keep[k]) continue;
-            const acc_t* pixel = g.data() + ((n * H + tap_y(t, k)) * W + tap_x(t, k)) * K;
-            const acc_t b = t.weight[k];
-            if (src.kind == STABLE) {  // per-tap weight; gathered[] then already holds it
-              const acc_t tap_w = src.tap_weight(n, tap_y(t, k), tap_x(t, k), w);
-              for (int64_t c = 0; c < K; ++c) gathered[c] += b * (tap_w * pixel[c]);
-              if (gf) {
-                acc_t dot = 0;
-                for (int64_t c = 0; c < C; ++c) dot += pixel[c] * (x_values[c] * tap_w);
-                dot += pixel[C] * tap_w;
-                grad_fx += dx[k] * dot;
-                grad_fy += dy[k] * dot;
-              }
-              continue;
-            }
-            for (int64_t c = 0; c < K; ++c) gathered[c] += b * pixel[c];
-            if (gf) {
-              acc_t dot = 0;  // d loss / d weight[k]
-              for (int64_t c = 0; c < C; ++c) dot += pixel[c] * (normalised ? x_values[c] * w : x_values[c]);
-              if (normalised) dot += pixel[C] * w;
-              grad_fx += dx[k] * dot;
-              grad_fy += dy[k] * dot;
-            }
+  // gN = grad / D' [N, C, H, W] and gD [N, 1, H, W] per target pixel, contiguous (sum: gN is grad).
+  at::Tensor gN_tensor = normalised ? at::Tensor() : grad_out.contiguous(), gD_tensor;
+  if (normalised) {
+    gN_tensor = at::empty({N, C, H, W}, out.options());
+    gD_tensor = at::empty({N, 1, H, W}, out.options());
+    const acc_t* grad = grad_out.data_ptr<acc_t>();
+    const View4 grad_view(grad_out);
+    const acc_t* result = out.data_ptr<acc_t>();
+    const View4 result_view(out);
+    const acc_t* norm = normaliser.data_ptr<acc_t>();
+    const acc_t* grad_norm = grad_normaliser.defined() ? grad_normaliser.data_ptr<acc_t>() : nullptr;
+    const View4 grad_norm_view = grad_norm ? View4(grad_normaliser) : View4();
+    acc_t* gN = gN_tensor.data_ptr<acc_t>();
+    acc_t* gD = gD_tensor.data_ptr<acc_t>();
+    at::parallel_for(0, N * H, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t index = begin; index < end; ++index) {
+        const int64_t n = index / H, y = index % H;
+        for (int64_t x = 0; x < W; ++x) {
+          const acc_t D = norm[index * W + x];
+          const acc_t divisor = safe_normaliser(D, normalisation);
+          acc_t sum = 0;
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t g = grad[grad_view.at(n, c, y, x)] / divisor;
+            gN[((n * C + c) * H + y) * W + x] = g;
+            sum -= g * result[result_view.at(n, c, y, x)];
           }
-        }
-        const bool per_pixel = normalised && src.kind != STABLE;  // w multiplies once, here
-        if (gi) {
-          for (int64_t c = 0; c < C; ++c)
-            gi[((n * C + c) * H + y) * W + x] = static_cast<scalar_t>(per_pixel ? gathered[c] * w : gathered[c]);
-        }
-        if (gf) {
-          gf[((n * 2 + 0) * H + y) * W + x] = grad_fx;
-          gf[((n * 2 + 1) * H + y) * W + x] = grad_fy;
-        }
-        if (gm) {
-          acc_t grad_w = 0;
-          for (int64_t c = 0; c < C; ++c) grad_w += gathered[c] * x_values[c];
-          grad_w += gathered[C];
-          // stable: d exp(m - M) / dm is the tap weight, already in gathered[]
-          gm[(n * H + y) * W + x] = src.kind == STABLE ? grad_w : grad_w * weight_derivative(src.kind, w);
+          acc_t total = normaliser_passes_gradient(D, normalisation) ? sum : acc_t(0);
+          if (grad_norm) total += grad_norm[grad_norm_view.at(n, 0, y, x)];
+          gD[index * W + x] = total;
         }
       }
-    }
-  });
+    });
+  }
+  const acc_t* gN = gN_tensor.data_ptr<acc_t>();
+  const acc_t* gD = normalised ? gD_tensor.data_ptr<acc_t>() : nullptr;
+
+  Gather<scalar_t, acc_t> gather{input.data_ptr<scalar_t>(), View4(input), src, gN, gD, C,
+                                 grad_input.defined() ? grad_input.data_ptr<scalar_t>() : nullptr,
+                                 grad_flow.defined() ? grad_flow.data_ptr<acc_t>() : nullptr,
+                                 grad_metric.defined() ? grad_metric.data_ptr<acc_t>() : nullptr};
+  auto rows = [&](auto channels) {
+    at::parallel_for(0, N * H, 4, [&](int64_t begin, int64_t end) {
+      gather.template rows<decltype(channels)::value>(begin, end);
+    });
+  };
+  switch (C) {
+    case 1: rows(std::integral_constant<int, 1>()); break;
+    case 2: rows(std::integral_constant<int, 2>()); break;
+    case 3: rows(std::integral_constant<int, 3>()); break;
+    case 4: rows(std::integral_constant<int, 4>()); break;
+    default: rows(std::integral_constant<int, 0>());
+  }
 }
 
+// flow and metric must be contiguous (the ops' contiguous() copies, normally no-ops).
 template <typename acc_t>
 Sources<acc_t> sources(const at::Tensor& flow, const at::Tensor& metric, int64_t kind, const at::Tensor& maximum) {
   const bool with_metric = metric.defined() && kind >= LINEAR;
-  return {flow.data_ptr<acc_t>(), View4(flow), with_metric ? metric.data_ptr<acc_t>() : nullptr,
-          with_metric ? View4(metric) : View4(), flow.size(2), flow.size(3), static_cast<int>(kind),
-          kind == STABLE ? maximum.data_ptr<acc_t>() : nullptr};
+  return {flow.data_ptr<acc_t>(), with_metric ? metric.data_ptr<acc_t>() : nullptr, flow.size(2), flow.size(3),
+          static_cast<int>(kind), kind == STABLE ? maximum.data_ptr<acc_t>() : nullptr};
 }
 
 // M of stable splatting: per target, the maximum metric over the pixels with a kept tap on it
-// (-inf where none). Max is exact and order-free, so racing threads still agree bitwise;
-// compare-and-swap makes each update atomic.
+// (-inf where none), on the forward's schedule: no two threads ever update one target.
 template <typename acc_t>
 void maximum_kernel(const Sources<acc_t>& src, int64_t N, acc_t* maximum) {
   const int64_t H = src.H, W = src.W;
-  std::fill(maximum, maximum + N * H * W, -std::numeric_limits<acc_t>::infinity());
-  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
-    Taps<acc_t, int64_t> t;
-    for (int64_t index = begin; index < end; ++index) {
-      const int64_t n = index / H, y = index % H;
-      for (int64_t x = 0; x < W; ++x) {
-        if (!src.taps(n, y, x, t)) continue;
-        const acc_t value = src.metric_at(n, y, x);
-        for (int k = 0; k < 4; ++k) {
-          if (!t.keep[k]) continue;
-          std::atomic_ref<acc_t> target(maximum[(n * H + tap_y(t, k)) * W + tap_x(t, k)]);
-          acc_t current = target.load(std::memory_order_relaxed);
-          while (replaces_maximum(current, value) &&
-                 !target.compare_exchange_weak(current, value, std::memory_order_relaxed)) {
+  at::parallel_for(0, N * H, 64, [&](int64_t begin, int64_t end) {
+    std::fill(maximum + begin * W, maximum + end * W, -std::numeric_limits<acc_t>::infinity());
+  });
+  plan(src, N).run([&](const Band& band) {
+    const int64_t n = band.n, offset[4] = {0, 1, W, W + 1};
+    auto chunk = std::make_unique<TapChunk<acc_t>>();
+    acc_t* maximum_n = maximum + n * H * W;
+    for (int64_t y = band.y_begin; y < band.y_end; ++y) {
+      const acc_t* metric = src.metric_row(n, y);
+      for (int64_t x_begin = 0; x_begin < W; x_begin += kChunk) {
+        const int64_t count = std::min(kChunk, W - x_begin);
+        chunk->fill(src, n, y, x_begin, count);
+        for (int64_t j = 0; j < count; ++j) {
+          const int64_t i = pixel_order(j, count);
+          const unsigned keep = chunk->keep[i];
+          const acc_t value = metric[x_begin + i];
+          // replaces_maximum's max, NaN winning: a NaN metric (rare, so the branch predicts
+          // well) is written; otherwise target < value ? value : target keeps a NaN target
+          // and compiles to a max instruction.
+          const bool nan = value != value;
+          for (int k = 0; k < 4; ++k) {
+            if (!(keep >> k & 1)) continue;
+            acc_t& target = maximum_n[chunk->corner[i] + offset[k]];
+            target = nan ? value : std::max(target, value);
           }
         }
       }
@@ -418,7 +604,8 @@ at::Tensor splat_maximum_cpu(const at::Tensor& flow, const at::Tensor& metric) {
               "softsplat: splat_maximum takes flow [N, 2, H, W] and metric [N, 1, H, W] of one floating dtype");
   at::Tensor maximum = at::empty({flow.size(0), 1, flow.size(2), flow.size(3)}, flow.options());
   AT_DISPATCH_FLOATING_TYPES(flow.scalar_type(), "splat_maximum_cpu", [&] {
-    maximum_kernel<scalar_t>(sources<scalar_t>(flow, metric, LINEAR, at::Tensor()), flow.size(0), maximum.data_ptr<scalar_t>());
+    maximum_kernel<scalar_t>(sources<scalar_t>(flow.contiguous(), metric.contiguous(), LINEAR, at::Tensor()), flow.size(0),
+                             maximum.data_ptr<scalar_t>());
   });
   return maximum;
 }
@@ -432,12 +619,13 @@ std::tuple<at::Tensor, at::Tensor> splat_forward_cpu(const at::Tensor& input, co
   const auto compute = flow.scalar_type();
   const auto options = input.options().dtype(compute);
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
-  at::Tensor out = at::empty({N, C, H, W}, options);
-  at::Tensor normaliser = kind == SUM ? at::empty({0}, options) : at::empty({N, 1, H, W}, options);
-  const at::Tensor metric_tensor = metric.has_value() ? *metric : at::Tensor();
+  at::Tensor out = at::zeros({N, C, H, W}, options);  // the kernels add into both
+  at::Tensor normaliser = kind == SUM ? at::empty({0}, options) : at::zeros({N, 1, H, W}, options);
+  const at::Tensor metric_tensor = metric.has_value() && metric->defined() ? metric->contiguous() : at::Tensor();
+  const at::Tensor flow_tensor = flow.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "splat_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    forward_kernel<scalar_t, acc_t>(input, sources<acc_t>(flow, metric_tensor, kind, maximum),
+    forward_kernel<scalar_t, acc_t>(input, sources<acc_t>(flow_tensor, metric_tensor, kind, maximum),
                                     static_cast<int>(normalisation), out, normaliser);
   });
   return {out, normaliser};
@@ -469,11 +657,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> splat_backward_cpu(
   if (gn.defined())
     TORCH_CHECK(gn.scalar_type() == compute && gn.sizes() == normaliser.sizes(),
                 "softsplat: grad_normaliser must be [N, 1, H, W] in the compute dtype");
-  const at::Tensor metric_tensor = metric.has_value() ? *metric : at::Tensor();
+  const at::Tensor metric_tensor = metric.has_value() && metric->defined() ? metric->contiguous() : at::Tensor();
+  const at::Tensor flow_tensor = flow.contiguous();
   if (gi.defined() || gf.defined() || gm.defined()) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "splat_backward_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      backward_kernel<scalar_t, acc_t>(grad_out, gn, input, sources<acc_t>(flow, metric_tensor, kind, maximum), out,
+      backward_kernel<scalar_t, acc_t>(grad_out, gn, input, sources<acc_t>(flow_tensor, metric_tensor, kind, maximum), out,
                                        normaliser, static_cast<int>(normalisation), gi, gf, gm);
     });
   }

@@ -45,17 +45,21 @@ struct Taps {
 
 // Fills `taps` for the pixel at column x, row y moved by (flow_x, flow_y); returns false when the
 // pixel contributes nothing: a non-finite target, or one whose four taps all lie outside
-// (floor(fx) < -1 or > W-1, likewise for y). The bounds are checked in floating point before
-// converting to integers, so a huge coordinate is never converted (that conversion is undefined
-// behaviour); after the check -1 <= x0 <= W-1 and -1 <= y0 <= H-1, which fit index_t.
+// (floor(fx) < -1 or > W-1, likewise for y). Then `taps` holds the taps of (0, 0), never used.
+// The bounds are checked in floating point and a pixel that does not land continues with
+// coordinate 0, so a huge coordinate is never converted to an integer (undefined behaviour);
+// after the check -1 <= x0 <= W-1 and -1 <= y0 <= H-1, which fit index_t. Branch-free (bitwise
+// & on the conditions, selects), so a loop over pixels calling it vectorises on the CPU.
 template <typename T, typename index_t>
 SOFTSPLAT_HD bool make_taps(index_t x, index_t y, T flow_x, T flow_y, index_t H, index_t W,
                             Taps<T, index_t>& taps) {
-  const T fx = static_cast<T>(x) + flow_x;
-  const T fy = static_cast<T>(y) + flow_y;
+  const T target_x = static_cast<T>(x) + flow_x;
+  const T target_y = static_cast<T>(y) + flow_y;
   // floor(fx) < -1 <=> fx < -1 and floor(fx) > W-1 <=> fx >= W; NaN fails every comparison
   // and infinities fail the bounds, so this also drops non-finite targets.
-  if (!(fx >= T(-1) && fx < static_cast<T>(W) && fy >= T(-1) && fy < static_cast<T>(H))) return false;
+  const bool lands = (target_x >= T(-1)) & (target_x < static_cast<T>(W)) & (target_y >= T(-1)) &
+                     (target_y < static_cast<T>(H));
+  const T fx = lands ? target_x : T(0), fy = lands ? target_y : T(0);
   // In range, so the conversion is defined; truncation rounds towards zero, floor downwards.
   index_t x0 = static_cast<index_t>(fx), y0 = static_cast<index_t>(fy);
   x0 -= static_cast<T>(x0) > fx ? 1 : 0;
@@ -71,11 +75,11 @@ SOFTSPLAT_HD bool make_taps(index_t x, index_t y, T flow_x, T flow_y, index_t H,
   taps.weight[2] = (x1f - fx) * (fy - y0f);
   taps.weight[3] = (fx - x0f) * (fy - y0f);
   const bool west = x0 >= 0, east = x0 + 1 <= W - 1, north = y0 >= 0, south = y0 + 1 <= H - 1;
-  taps.keep[0] = west && north;
-  taps.keep[1] = east && north;
-  taps.keep[2] = west && south;
-  taps.keep[3] = east && south;
-  return true;
+  taps.keep[0] = west & north;
+  taps.keep[1] = east & north;
+  taps.keep[2] = west & south;
+  taps.keep[3] = east & south;
+  return lands;
 }
 
 // Column and row of tap k.
