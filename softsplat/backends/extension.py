@@ -21,7 +21,7 @@ from .ops import register_python_side
 
 CSRC = pathlib.Path(__file__).parent / "csrc"
 # Built on the machine that runs it, so -march=native; the CPU model is part of the cache key.
-CFLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-std=c++17"]
+CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-trapping-math", "-fopenmp", "-std=c++17"]
 
 
 #: Set (to 1) to build AddressSanitizer + UndefinedBehaviorSanitizer libraries (`nox -s sanitize`);

@@ -162,9 +162,10 @@ struct TapChunk {
     const acc_t minus_infinity = -std::numeric_limits<acc_t>::infinity();
     const int64_t offset[4] = {0, 1, W, W + 1};
     for (int k = 0; k < 4; ++k) {
-      for (int64_t i = 0; i < count; ++i) {
-        const acc_t M = keep[i] >> k & 1 ? maximum[corner[i] + offset[k]] : minus_infinity;
-        stable[k][i] = M == minus_infinity ? minus_infinity : metric[i] - M;
+      for (int64_t i = 0; i < count; ++i) {  // reads M at index 0 for dropped taps: no masked loads
+        const int64_t kept = keep[i] >> k & 1;
+        const acc_t M = maximum[(corner[i] + offset[k]) * kept], difference = metric[i] - M;
+        stable[k][i] = !kept | (M == minus_infinity) ? minus_infinity : difference;
       }
       exp_inplace(stable[k], count);
     }
@@ -240,13 +241,21 @@ std::vector<Band> merged(const std::vector<Band>& image) {
 struct Schedule {
   std::vector<Band> phase[2];  // no two bands of a phase write a common target
 
-  // work(band) for every band: the phases in order, the bands of a phase in parallel.
+  // work(band) for every band: the phases in order, the bands of a phase in parallel; then
+  // finish(band) after each band of phase 1, whose reach is final from then on.
+  template <typename Work, typename Finish>
+  void run(const Work& work, const Finish& finish) const {
+    for (int p = 0; p < 2; ++p)
+      at::parallel_for(0, static_cast<int64_t>(phase[p].size()), 1, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          work(phase[p][i]);
+          if (p == 1) finish(phase[p][i]);
+        }
+      });
+  }
   template <typename Work>
   void run(const Work& work) const {
-    for (const auto& bands : phase)
-      at::parallel_for(0, static_cast<int64_t>(bands.size()), 1, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) work(bands[i]);
-      });
+    run(work, [](const Band&) {});
   }
 };
 
@@ -273,12 +282,12 @@ Schedule plan(const Sources<acc_t>& src, int64_t N) {
 
 // One band's contributions, added into out [N, C, H, W] and norm [N, 1, H, W] (null for sum),
 // both contiguous. CC is C when it is a compile-time constant (the common channel counts).
-template <int CC, typename scalar_t, typename acc_t>
+template <int CC, bool Stable, typename scalar_t, typename acc_t>
 void scatter_band(const Band& band, const scalar_t* in, const View4& in_view, const Sources<acc_t>& src,
                   int64_t C, acc_t* out, acc_t* norm) {
   const int64_t W = src.W, HW = src.H * src.W, n = band.n;
   const int64_t channels = CC > 0 ? CC : C;
-  const bool stable = src.kind == STABLE, weighted = src.kind != SUM;
+  const bool weighted = src.kind != SUM;
   std::vector<acc_t> w(W);
   auto chunk = std::make_unique<TapChunk<acc_t>>();
   acc_t* out_n = out + n * channels * HW;
@@ -290,80 +299,82 @@ void scatter_band(const Band& band, const scalar_t* in, const View4& in_view, co
     for (int64_t x_begin = 0; x_begin < W; x_begin += kChunk) {
       const int64_t count = std::min(kChunk, W - x_begin);
       chunk->fill(src, n, y, x_begin, count);
-      if (stable) chunk->fill_stable(src.maximum + n * HW, w.data() + x_begin, W, count);
+      if (Stable) chunk->fill_stable(src.maximum + n * HW, w.data() + x_begin, W, count);
       for (int64_t j = 0; j < count; ++j) {
         const int64_t i = pixel_order(j, count);
         const unsigned keep = chunk->keep[i];
         if (!keep) continue;
         const int64_t x = x_begin + i, corner = chunk->corner[i];
         const acc_t b[4] = {chunk->weight[0][i], chunk->weight[1][i], chunk->weight[2][i], chunk->weight[3][i]};
-        const scalar_t* pixel = in_row + x * in_view.x;
-        if (stable) {  // a weight per tap: b * (input * exp(metric - M)) and b * exp(metric - M)
-          for (int k = 0; k < 4; ++k) {
-            if (!(keep >> k & 1)) continue;
-            const acc_t tap_w = chunk->stable[k][i];
-            const int64_t target = corner + offset[k];
-            for (int64_t c = 0; c < channels; ++c)
-              out_n[c * HW + target] += b[k] * (static_cast<acc_t>(pixel[c * in_view.c]) * tap_w);
-            norm_n[target] += b[k] * tap_w;
-          }
-          continue;
-        }
-        // b * (input * w), the oracle's order.
-        auto deposit = [&](acc_t* plane, acc_t v) {
+        // The weight splatted with tap k: w, or exp(metric - M(tap)) for stable; sum: none.
+        const acc_t wx = weighted ? w[x] : acc_t(1);
+        const acc_t s[4] = {Stable ? chunk->stable[0][i] : wx, Stable ? chunk->stable[1][i] : wx,
+                            Stable ? chunk->stable[2][i] : wx, Stable ? chunk->stable[3][i] : wx};
+        // plane[tap k] += b[k] * (v * s[k]): the oracle's order.
+        auto deposit = [&](acc_t* plane, acc_t v, bool scale) {
+          auto value = [&](int k) { return scale ? v * s[k] : v; };
           if (keep == TapChunk<acc_t>::kAll) {
             acc_t* p = plane + corner;
-            p[0] += b[0] * v;
-            p[1] += b[1] * v;
-            p[W] += b[2] * v;
-            p[W + 1] += b[3] * v;
+            p[0] += b[0] * value(0);
+            p[1] += b[1] * value(1);
+            p[W] += b[2] * value(2);
+            p[W + 1] += b[3] * value(3);
             return;
           }
           for (int k = 0; k < 4; ++k)
-            if (keep >> k & 1) plane[corner + offset[k]] += b[k] * v;
+            if (keep >> k & 1) plane[corner + offset[k]] += b[k] * value(k);
         };
-        const acc_t wx = w[x];
-        for (int64_t c = 0; c < channels; ++c) {
-          const acc_t v = static_cast<acc_t>(pixel[c * in_view.c]);
-          deposit(out_n + c * HW, weighted ? v * wx : v);
-        }
-        if (norm_n) deposit(norm_n, wx);
+        const scalar_t* pixel = in_row + x * in_view.x;
+        for (int64_t c = 0; c < channels; ++c) deposit(out_n + c * HW, static_cast<acc_t>(pixel[c * in_view.c]), weighted);
+        if (norm_n) deposit(norm_n, acc_t(1), true);  // b[k] * (1 * s[k]) = b[k] * s[k] exactly
       }
     }
   }
 }
 
-// out /= D' where the mode normalises (out, norm contiguous).
+// Rows [lo, hi) of image n: out /= D' (out, norm contiguous).
 template <typename acc_t>
-void divide(acc_t* out, const acc_t* norm, int64_t N, int64_t C, int64_t H, int64_t W, int normalisation) {
-  at::parallel_for(0, N * H, 16, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> divisor(W);
-    for (int64_t index = begin; index < end; ++index) {
-      const int64_t n = index / H, y = index % H;
-      const acc_t* D = norm + index * W;
-      for (int64_t x = 0; x < W; ++x) divisor[x] = safe_normaliser(D[x], normalisation);
-      for (int64_t c = 0; c < C; ++c) {
-        acc_t* row = out + ((n * C + c) * H + y) * W;
-        for (int64_t x = 0; x < W; ++x) row[x] /= divisor[x];
-      }
+void divide_rows(acc_t* out, const acc_t* norm, int64_t n, int64_t lo, int64_t hi, int64_t C, int64_t H, int64_t W,
+                 int normalisation) {
+  std::vector<acc_t> divisor(W);
+  for (int64_t y = lo; y < hi; ++y) {
+    const acc_t* D = norm + (n * H + y) * W;
+    for (int64_t x = 0; x < W; ++x) divisor[x] = safe_normaliser(D[x], normalisation);
+    for (int64_t c = 0; c < C; ++c) {
+      acc_t* row = out + ((n * C + c) * H + y) * W;
+      for (int64_t x = 0; x < W; ++x) row[x] /= divisor[x];
     }
-  });
+  }
 }
 
 template <typename scalar_t, typename acc_t>
 void forward_kernel(const at::Tensor& input, const Sources<acc_t>& src, int normalisation, at::Tensor& out,
                     at::Tensor& normaliser) {
   const int64_t N = input.size(0), C = input.size(1), H = src.H, W = src.W;
-  const bool normalised = src.kind != SUM;
+  const bool divides = src.kind != SUM && normalisation != RAW;
   const scalar_t* in = input.data_ptr<scalar_t>();
   const View4 in_view(input);
   acc_t* out_data = out.data_ptr<acc_t>();
-  acc_t* norm_data = normalised ? normaliser.data_ptr<acc_t>() : nullptr;
+  acc_t* norm_data = src.kind != SUM ? normaliser.data_ptr<acc_t>() : nullptr;
   const Schedule schedule = plan(src, N);
+  // A phase-1 band's rows are final once it is done (phase 0 is, and no other phase-1 band
+  // writes them): it divides them while they are in cache. Rows no phase-1 band reaches are
+  // divided after the phases.
+  std::vector<char> divided(static_cast<size_t>(N * H), 0);
+  for (const Band& band : schedule.phase[1])
+    std::fill(divided.begin() + band.n * H + band.lo, divided.begin() + band.n * H + std::max(band.lo, band.hi), 1);
+  auto finish = [&](const Band& band) {
+    if (divides && !band.empty()) divide_rows(out_data, norm_data, band.n, band.lo, band.hi, C, H, W, normalisation);
+  };
   auto scatter = [&](auto channels) {
-    schedule.run([&](const Band& band) {
-      scatter_band<decltype(channels)::value>(band, in, in_view, src, C, out_data, norm_data);
-    });
+    schedule.run(
+        [&](const Band& band) {
+          if (src.kind == STABLE)
+            scatter_band<decltype(channels)::value, true>(band, in, in_view, src, C, out_data, norm_data);
+          else
+            scatter_band<decltype(channels)::value, false>(band, in, in_view, src, C, out_data, norm_data);
+        },
+        finish);
   };
   switch (C) {
     case 1: scatter(std::integral_constant<int, 1>()); break;
@@ -372,7 +383,11 @@ void forward_kernel(const at::Tensor& input, const Sources<acc_t>& src, int norm
     case 4: scatter(std::integral_constant<int, 4>()); break;
     default: scatter(std::integral_constant<int, 0>());
   }
-  if (normalised && normalisation != RAW) divide(out_data, norm_data, N, C, H, W, normalisation);
+  if (!divides) return;
+  at::parallel_for(0, N * H, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t index = begin; index < end; ++index)
+      if (!divided[index]) divide_rows(out_data, norm_data, index / H, index % H, index % H + 1, C, H, W, normalisation);
+  });
 }
 
 // The backward's gather: every source pixel reads gN (and gD) at its four taps and writes its
@@ -391,15 +406,16 @@ struct Gather {
 
   // Source rows [begin, end) of the flattened N * H. CC is C when a compile-time constant, so
   // that the per-channel sums live in registers.
-  template <int CC>
+  template <int CC, bool Stable>
   void rows(int64_t begin, int64_t end) const {
     const int64_t H = src.H, W = src.W, HW = H * W, channels = CC > 0 ? CC : C;
-    const bool normalised = gD != nullptr, stable = src.kind == STABLE;
+    const bool normalised = gD != nullptr;
     constexpr int64_t kLocal = CC > 0 ? CC + 1 : 1;
-    acc_t local_gathered[kLocal], local_x[kLocal];
-    std::vector<acc_t> heap_gathered(CC > 0 ? 0 : C + 1), heap_x(CC > 0 ? 0 : C), w(W);
+    acc_t local_gathered[kLocal], local_x[kLocal], local_splatted[kLocal];
+    std::vector<acc_t> heap_gathered(CC > 0 ? 0 : C + 1), heap_x(CC > 0 ? 0 : C), heap_splatted(CC > 0 ? 0 : C), w(W);
     acc_t* gathered = CC > 0 ? local_gathered : heap_gathered.data();
     acc_t* x_values = CC > 0 ? local_x : heap_x.data();
+    acc_t* splatted = CC > 0 ? local_splatted : heap_splatted.data();
     auto chunk = std::make_unique<TapChunk<acc_t>>();
     acc_t dx[4] = {}, dy[4] = {};  // stay 0 unless gf is asked for
     for (int64_t index = begin; index < end; ++index) {
@@ -410,13 +426,16 @@ struct Gather {
       for (int64_t x_begin = 0; x_begin < W; x_begin += kChunk) {
         const int64_t count = std::min(kChunk, W - x_begin);
         chunk->fill(src, n, y, x_begin, count, gf != nullptr);
-        if (stable) chunk->fill_stable(src.maximum + n * HW, w.data() + x_begin, W, count);
+        if (Stable) chunk->fill_stable(src.maximum + n * HW, w.data() + x_begin, W, count);
         for (int64_t i = 0; i < count; ++i) {
           const int64_t x = x_begin + i;
           // Computed for every pixel, landed or not, as autograd does through the oracle: a
           // pixel that lands nowhere gathers zeros, and 0 * inf stays NaN as it does there.
           for (int64_t c = 0; c < channels; ++c) x_values[c] = static_cast<acc_t>(in[in_view.at(n, c, y, x)]);
           for (int64_t c = 0; c <= channels; ++c) gathered[c] = 0;
+          // The values splatted beside the weight: x * w (oracle's order); stable: per tap, below.
+          const acc_t pixel_w = normalised ? w[x] : acc_t(1);
+          for (int64_t c = 0; c < channels; ++c) splatted[c] = x_values[c] * pixel_w;
           acc_t grad_fx = 0, grad_fy = 0;
           const unsigned keep = chunk->keep[i];
           if (keep && gf) tap_derivatives(chunk->taps(i), dx, dy);
@@ -425,13 +444,13 @@ struct Gather {
             const int64_t target = chunk->corner[i] + (k >> 1) * W + (k & 1);
             // The weight splatted beside the input: per tap for stable, else per pixel (and
             // then applied to the input gradient once, below).
-            const acc_t tap_w = stable ? chunk->stable[k][i] : normalised ? w[x] : acc_t(1);
-            const acc_t b = stable ? chunk->weight[k][i] * tap_w : chunk->weight[k][i];
-            acc_t dot = 0;  // d loss / d weight[k]: the splatted values (oracle's order) times gN, gD
+            const acc_t tap_w = Stable ? chunk->stable[k][i] : pixel_w;
+            const acc_t b = Stable ? chunk->weight[k][i] * tap_w : chunk->weight[k][i];
+            acc_t dot = 0;  // d loss / d weight[k]: the splatted values times gN, gD
             for (int64_t c = 0; c < channels; ++c) {
               const acc_t g = gN_n[c * HW + target];
               gathered[c] += b * g;
-              dot += g * (x_values[c] * tap_w);
+              dot += g * (Stable ? x_values[c] * tap_w : splatted[c]);
             }
             if (normalised) {
               const acc_t g = gD_n[target];
@@ -441,7 +460,7 @@ struct Gather {
             grad_fx += dx[k] * dot;
             grad_fy += dy[k] * dot;
           }
-          const bool per_pixel = normalised && !stable;  // w multiplies once, here
+          const bool per_pixel = normalised && !Stable;  // w multiplies once, here
           if (gi) {
             for (int64_t c = 0; c < channels; ++c)
               gi[((n * channels + c) * H + y) * W + x] = static_cast<scalar_t>(per_pixel ? gathered[c] * w[x] : gathered[c]);
@@ -455,7 +474,7 @@ struct Gather {
             for (int64_t c = 0; c < channels; ++c) grad_w += gathered[c] * x_values[c];
             grad_w += gathered[channels];
             // stable: d exp(m - M) / dm is the tap weight, already in gathered[]
-            gm[(n * H + y) * W + x] = stable ? grad_w : grad_w * weight_derivative(src.kind, w[x]);
+            gm[(n * H + y) * W + x] = Stable ? grad_w : grad_w * weight_derivative(src.kind, w[x]);
           }
         }
       }
@@ -486,20 +505,27 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& grad_normalis
     acc_t* gN = gN_tensor.data_ptr<acc_t>();
     acc_t* gD = gD_tensor.data_ptr<acc_t>();
     at::parallel_for(0, N * H, 16, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> divisor(W), sum(W);  // a row at a time, in loops that vectorise
       for (int64_t index = begin; index < end; ++index) {
         const int64_t n = index / H, y = index % H;
-        for (int64_t x = 0; x < W; ++x) {
-          const acc_t D = norm[index * W + x];
-          const acc_t divisor = safe_normaliser(D, normalisation);
-          acc_t sum = 0;
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t g = grad[grad_view.at(n, c, y, x)] / divisor;
-            gN[((n * C + c) * H + y) * W + x] = g;
-            sum -= g * result[result_view.at(n, c, y, x)];
+        const acc_t* D = norm + index * W;
+        for (int64_t x = 0; x < W; ++x) divisor[x] = safe_normaliser(D[x], normalisation);
+        std::fill(sum.begin(), sum.end(), acc_t(0));
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t* g = grad + grad_view.at(n, c, y, 0);
+          const acc_t* r = result + result_view.at(n, c, y, 0);
+          acc_t* gN_row = gN + ((n * C + c) * H + y) * W;
+          for (int64_t x = 0; x < W; ++x) {
+            const acc_t v = g[x * grad_view.x] / divisor[x];
+            gN_row[x] = v;
+            sum[x] -= v * r[x * result_view.x];
           }
-          acc_t total = normaliser_passes_gradient(D, normalisation) ? sum : acc_t(0);
-          if (grad_norm) total += grad_norm[grad_norm_view.at(n, 0, y, x)];
-          gD[index * W + x] = total;
+        }
+        acc_t* gD_row = gD + index * W;
+        for (int64_t x = 0; x < W; ++x) gD_row[x] = normaliser_passes_gradient(D[x], normalisation) ? sum[x] : acc_t(0);
+        if (grad_norm) {
+          const acc_t* extra = grad_norm + grad_norm_view.at(n, 0, y, 0);
+          for (int64_t x = 0; x < W; ++x) gD_row[x] += extra[x * grad_norm_view.x];
         }
       }
     });
@@ -513,7 +539,10 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& grad_normalis
                                  grad_metric.defined() ? grad_metric.data_ptr<acc_t>() : nullptr};
   auto rows = [&](auto channels) {
     at::parallel_for(0, N * H, 4, [&](int64_t begin, int64_t end) {
-      gather.template rows<decltype(channels)::value>(begin, end);
+      if (src.kind == STABLE)
+        gather.template rows<decltype(channels)::value, true>(begin, end);
+      else
+        gather.template rows<decltype(channels)::value, false>(begin, end);
     });
   };
   switch (C) {
