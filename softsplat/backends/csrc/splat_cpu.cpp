@@ -241,21 +241,21 @@ std::vector<Band> merged(const std::vector<Band>& image) {
 struct Schedule {
   std::vector<Band> phase[2];  // no two bands of a phase write a common target
 
-  // work(band) for every band: the phases in order, the bands of a phase in parallel; then
-  // finish(band) after each band of phase 1, whose reach is final from then on.
-  template <typename Work, typename Finish>
-  void run(const Work& work, const Finish& finish) const {
-    for (int p = 0; p < 2; ++p)
-      at::parallel_for(0, static_cast<int64_t>(phase[p].size()), 1, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          work(phase[p][i]);
-          if (p == 1) finish(phase[p][i]);
-        }
-      });
-  }
+  // work(band, p) for every band: the phases in order, the bands of a phase in parallel.
   template <typename Work>
   void run(const Work& work) const {
-    run(work, [](const Band&) {});
+    for (int p = 0; p < 2; ++p)
+      at::parallel_for(0, static_cast<int64_t>(phase[p].size()), 1, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) work(phase[p][i], p);
+      });
+  }
+
+  // Per row of the N images, whether a band of phase p reaches it.
+  std::vector<char> reached(int p, int64_t N, int64_t H) const {
+    std::vector<char> rows(static_cast<size_t>(N * H), 0);
+    for (const Band& band : phase[p])
+      if (!band.empty()) std::fill(rows.begin() + band.n * H + band.lo, rows.begin() + band.n * H + band.hi, 1);
+    return rows;
   }
 };
 
@@ -357,24 +357,33 @@ void forward_kernel(const at::Tensor& input, const Sources<acc_t>& src, int norm
   acc_t* out_data = out.data_ptr<acc_t>();
   acc_t* norm_data = src.kind != SUM ? normaliser.data_ptr<acc_t>() : nullptr;
   const Schedule schedule = plan(src, N);
-  // A phase-1 band's rows are final once it is done (phase 0 is, and no other phase-1 band
-  // writes them): it divides them while they are in cache. Rows no phase-1 band reaches are
-  // divided after the phases.
-  std::vector<char> divided(static_cast<size_t>(N * H), 0);
-  for (const Band& band : schedule.phase[1])
-    std::fill(divided.begin() + band.n * H + band.lo, divided.begin() + band.n * H + std::max(band.lo, band.hi), 1);
-  auto finish = [&](const Band& band) {
-    if (divides && !band.empty()) divide_rows(out_data, norm_data, band.n, band.lo, band.hi, C, H, W, normalisation);
+  // No separate pass zeroes the outputs: a phase-0 band zeroes the rows it reaches (no other
+  // band has written them yet) just before adding into them, while they are in cache; rows no
+  // phase-0 band reaches are zeroed first. Likewise a phase-1 band's rows are final once it
+  // is done (phase 0 is, and no other phase-1 band writes them): it divides them at once.
+  // Rows no phase-1 band reaches are divided after the phases.
+  const std::vector<char> zeroed = schedule.reached(0, N, H), divided = schedule.reached(1, N, H);
+  const int64_t planes = C + (norm_data ? 1 : 0);
+  auto zero_rows = [&](int64_t n, int64_t lo, int64_t hi) {
+    for (int64_t p = 0; p < planes; ++p) {
+      acc_t* rows = p < C ? out_data + ((n * C + p) * H + lo) * W : norm_data + (n * H + lo) * W;
+      std::fill(rows, rows + (hi - lo) * W, acc_t(0));
+    }
   };
+  at::parallel_for(0, N * H, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t index = begin; index < end; ++index)
+      if (!zeroed[index]) zero_rows(index / H, index % H, index % H + 1);
+  });
   auto scatter = [&](auto channels) {
-    schedule.run(
-        [&](const Band& band) {
-          if (src.kind == STABLE)
-            scatter_band<decltype(channels)::value, true>(band, in, in_view, src, C, out_data, norm_data);
-          else
-            scatter_band<decltype(channels)::value, false>(band, in, in_view, src, C, out_data, norm_data);
-        },
-        finish);
+    schedule.run([&](const Band& band, int p) {
+      if (p == 0 && !band.empty()) zero_rows(band.n, band.lo, band.hi);
+      if (src.kind == STABLE)
+        scatter_band<decltype(channels)::value, true>(band, in, in_view, src, C, out_data, norm_data);
+      else
+        scatter_band<decltype(channels)::value, false>(band, in, in_view, src, C, out_data, norm_data);
+      if (p == 1 && divides && !band.empty())
+        divide_rows(out_data, norm_data, band.n, band.lo, band.hi, C, H, W, normalisation);
+    });
   };
   switch (C) {
     case 1: scatter(std::integral_constant<int, 1>()); break;
@@ -570,7 +579,7 @@ void maximum_kernel(const Sources<acc_t>& src, int64_t N, acc_t* maximum) {
   at::parallel_for(0, N * H, 64, [&](int64_t begin, int64_t end) {
     std::fill(maximum + begin * W, maximum + end * W, -std::numeric_limits<acc_t>::infinity());
   });
-  plan(src, N).run([&](const Band& band) {
+  plan(src, N).run([&](const Band& band, int) {
     const int64_t n = band.n, offset[4] = {0, 1, W, W + 1};
     auto chunk = std::make_unique<TapChunk<acc_t>>();
     acc_t* maximum_n = maximum + n * H * W;
@@ -648,8 +657,8 @@ std::tuple<at::Tensor, at::Tensor> splat_forward_cpu(const at::Tensor& input, co
   const auto compute = flow.scalar_type();
   const auto options = input.options().dtype(compute);
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
-  at::Tensor out = at::zeros({N, C, H, W}, options);  // the kernels add into both
-  at::Tensor normaliser = kind == SUM ? at::empty({0}, options) : at::zeros({N, 1, H, W}, options);
+  at::Tensor out = at::empty({N, C, H, W}, options);  // the kernel zeroes both
+  at::Tensor normaliser = at::empty(kind == SUM ? at::IntArrayRef{0} : at::IntArrayRef{N, 1, H, W}, options);
   const at::Tensor metric_tensor = metric.has_value() && metric->defined() ? metric->contiguous() : at::Tensor();
   const at::Tensor flow_tensor = flow.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "splat_forward_cpu", [&] {
