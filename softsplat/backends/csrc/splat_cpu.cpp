@@ -114,6 +114,22 @@ inline int64_t pixel_order(int64_t j, int64_t count) {
   return j < evens ? 2 * j : 2 * (j - evens) + 1;
 }
 
+// metric - M(target of tap k) over a chunk's pixels, -inf where the tap is dropped or M is
+// -inf. Dropped taps read M at index 0 (no masked loads); restrict-qualified parameters, so
+// that the loop vectorises with gathers.
+template <typename acc_t>
+void stable_exponents(const acc_t* __restrict maximum, const acc_t* __restrict metric, const int64_t* __restrict corner,
+                      const unsigned char* __restrict keep, int k, int64_t offset, acc_t* __restrict exponent, int64_t count) {
+  const acc_t minus_infinity = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t kept = keep[i] >> k & 1;
+    const acc_t M = maximum[(corner[i] + offset) * kept];
+    // Conditions as acc_t compares: selects of one width, which the vectoriser takes.
+    const bool dropped = static_cast<acc_t>(kept) == acc_t(0);
+    exponent[i] = dropped | (M == minus_infinity) ? minus_infinity : metric[i] - M;
+  }
+}
+
 // The taps of up to kChunk neighbouring source pixels of one row, as arrays: make_taps's
 // values, computed in a loop the compiler vectorises; the scatter then only adds.
 constexpr int64_t kChunk = 256;
@@ -159,14 +175,9 @@ struct TapChunk {
   // stable[k][i] = exp(metric - M(target of tap k)) for the kept taps, 0 for the others: the
   // values of stable_weight (0 where M is -inf), with a vectorised exp. `maximum`: image n's M.
   void fill_stable(const acc_t* maximum, const acc_t* metric, int64_t W, int64_t count) {
-    const acc_t minus_infinity = -std::numeric_limits<acc_t>::infinity();
     const int64_t offset[4] = {0, 1, W, W + 1};
     for (int k = 0; k < 4; ++k) {
-      for (int64_t i = 0; i < count; ++i) {  // reads M at index 0 for dropped taps: no masked loads
-        const int64_t kept = keep[i] >> k & 1;
-        const acc_t M = maximum[(corner[i] + offset[k]) * kept], difference = metric[i] - M;
-        stable[k][i] = !kept | (M == minus_infinity) ? minus_infinity : difference;
-      }
+      stable_exponents(maximum, metric, corner, keep, k, offset[k], stable[k], count);
       exp_inplace(stable[k], count);
     }
   }
@@ -571,38 +582,68 @@ Sources<acc_t> sources(const at::Tensor& flow, const at::Tensor& metric, int64_t
           static_cast<int>(kind), kind == STABLE ? maximum.data_ptr<acc_t>() : nullptr};
 }
 
+// max(current, value) as replaces_maximum takes it, NaN winning: a NaN value (rare, so the
+// branch predicts well) is taken; otherwise current < value ? value : current keeps a NaN
+// current and compiles to a max instruction.
+template <typename acc_t>
+inline acc_t maximum_of(acc_t current, acc_t value) {
+  return value != value ? value : std::max(current, value);
+}
+
+// The cell (x0, y0) each of pixels [x_begin, x_begin + count) of row y lands in, as an index
+// (y0 + 1) * (W + 1) + x0 + 1 of the (H + 1) x (W + 1) cells; -1 where it lands nowhere.
+// make_taps's x0 and y0, in a loop that vectorises.
+template <typename acc_t>
+void landing_cells(const Sources<acc_t>& src, int64_t n, int64_t y, int64_t x_begin, int64_t count,
+                   int64_t* __restrict cell) {
+  const acc_t* __restrict flow_x = src.flow_row(n, 0, y) + x_begin;
+  const acc_t* __restrict flow_y = src.flow_row(n, 1, y) + x_begin;
+  for (int64_t i = 0; i < count; ++i) {
+    Taps<acc_t, int64_t> t;
+    const bool lands = make_taps<acc_t, int64_t>(x_begin + i, y, flow_x[i], flow_y[i], src.H, src.W, t);
+    cell[i] = ((t.y0 + 1) * (src.W + 1) + t.x0 + 2) * static_cast<int64_t>(lands) - 1;  // no select: vectorises
+  }
+}
+
 // M of stable splatting: per target, the maximum metric over the pixels with a kept tap on it
-// (-inf where none), on the forward's schedule: no two threads ever update one target.
+// (-inf where none). A pixel's taps are the corners of the cell it lands in, cell (x0, y0), and
+// every pixel landing in a cell that has an in-image target as a corner keeps that tap. So one
+// scatter-max per pixel into the (H + 1) x (W + 1) cells (x0, y0 from -1), on the forward's
+// schedule (two bands of a phase never share a cell row: their reaches are disjoint), then each
+// target takes the maximum of its four cells. Max is exact: no order to keep.
 template <typename acc_t>
 void maximum_kernel(const Sources<acc_t>& src, int64_t N, acc_t* maximum) {
-  const int64_t H = src.H, W = src.W;
-  at::parallel_for(0, N * H, 64, [&](int64_t begin, int64_t end) {
-    std::fill(maximum + begin * W, maximum + end * W, -std::numeric_limits<acc_t>::infinity());
+  const int64_t H = src.H, W = src.W, CH = H + 1, CW = W + 1;
+  std::unique_ptr<acc_t[]> cells(new acc_t[N * CH * CW]);
+  at::parallel_for(0, N * CH, 64, [&](int64_t begin, int64_t end) {
+    std::fill(cells.get() + begin * CW, cells.get() + end * CW, -std::numeric_limits<acc_t>::infinity());
   });
   plan(src, N).run([&](const Band& band, int) {
-    const int64_t n = band.n, offset[4] = {0, 1, W, W + 1};
-    auto chunk = std::make_unique<TapChunk<acc_t>>();
-    acc_t* maximum_n = maximum + n * H * W;
+    const int64_t n = band.n;
+    std::vector<int64_t> cell(kChunk);  // of each pixel of a chunk, -1 where it lands nowhere
+    acc_t* cells_n = cells.get() + n * CH * CW;
     for (int64_t y = band.y_begin; y < band.y_end; ++y) {
       const acc_t* metric = src.metric_row(n, y);
       for (int64_t x_begin = 0; x_begin < W; x_begin += kChunk) {
         const int64_t count = std::min(kChunk, W - x_begin);
-        chunk->fill(src, n, y, x_begin, count);
+        landing_cells(src, n, y, x_begin, count, cell.data());
         for (int64_t j = 0; j < count; ++j) {
           const int64_t i = pixel_order(j, count);
-          const unsigned keep = chunk->keep[i];
-          const acc_t value = metric[x_begin + i];
-          // replaces_maximum's max, NaN winning: a NaN metric (rare, so the branch predicts
-          // well) is written; otherwise target < value ? value : target keeps a NaN target
-          // and compiles to a max instruction.
-          const bool nan = value != value;
-          for (int k = 0; k < 4; ++k) {
-            if (!(keep >> k & 1)) continue;
-            acc_t& target = maximum_n[chunk->corner[i] + offset[k]];
-            target = nan ? value : std::max(target, value);
-          }
+          if (cell[i] < 0) continue;
+          cells_n[cell[i]] = maximum_of(cells_n[cell[i]], metric[x_begin + i]);
         }
       }
+    }
+  });
+  at::parallel_for(0, N * H, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t index = begin; index < end; ++index) {
+      const int64_t n = index / H, y = index % H;
+      // Target (x, y) is the south-east corner of cell (x - 1, y - 1), at grid (x, y).
+      const acc_t* north = cells.get() + (n * CH + y) * CW;
+      const acc_t* south = north + CW;
+      acc_t* row = maximum + index * W;
+      for (int64_t x = 0; x < W; ++x)
+        row[x] = maximum_of(maximum_of(maximum_of(north[x], north[x + 1]), south[x]), south[x + 1]);
     }
   });
 }
