@@ -72,6 +72,40 @@ class OpsBackend(Backend):
         return run_forward(self._ops, problem)
 
 
+def autograd_formula(backward_op):
+    """``(backward, setup_context)`` for ``register_autograd`` of a ``splat_forward`` op whose
+    gradients ``backward_op`` (the matching ``splat_backward``) computes."""
+
+    def setup_context(ctx, inputs, output):
+        input, flow, metric, kind, normalisation, *rest = inputs
+        maximum = rest[0] if rest else None
+        out, normaliser = output
+        ctx.kind, ctx.normalisation = kind, normalisation
+        ctx.save_for_backward(input, flow, metric, out, normaliser, maximum)
+        # An output the loss does not use gets None, not a materialised tensor of zeros (the
+        # normaliser's, usually: a full [N, 1, H, W] fill per backward).
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, grad_out, grad_normaliser):
+        input, flow, metric, out, normaliser, maximum = ctx.saved_tensors
+        if grad_out is None:  # only the normaliser is used: zeros without the memory
+            grad_out = out.new_zeros(()).expand_as(out)
+        mask = [
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1],
+            metric is not None and ctx.needs_input_grad[2],
+        ]
+        if ctx.kind == 0:  # sum has no normaliser
+            grad_normaliser = None
+        grads = backward_op(
+            grad_out, grad_normaliser, input, flow, metric, out, normaliser,
+            ctx.kind, ctx.normalisation, mask, maximum,
+        )
+        return tuple(g if wanted else None for g, wanted in zip(grads, mask)) + (None, None, None)
+
+    return backward, setup_context
+
+
 def register_python_side(namespace: str) -> None:
     """Shapes for fake tensors (torch.compile, opcheck) and the autograd formula of the ops."""
     forward_name, backward_name = f"{namespace}::splat_forward", f"{namespace}::splat_backward"
@@ -91,26 +125,5 @@ def register_python_side(namespace: str) -> None:
     def _(grad_out, grad_normaliser, input, flow, metric, out, normaliser, kind, normalisation, output_mask, maximum=None):
         return gradient_buffers(input, flow, metric, kind, output_mask)[0]
 
-    def setup_context(ctx, inputs, output):
-        input, flow, metric, kind, normalisation, *rest = inputs
-        maximum = rest[0] if rest else None
-        out, normaliser = output
-        ctx.kind, ctx.normalisation = kind, normalisation
-        ctx.save_for_backward(input, flow, metric, out, normaliser, maximum)
-
-    def backward(ctx, grad_out, grad_normaliser):
-        input, flow, metric, out, normaliser, maximum = ctx.saved_tensors
-        mask = [
-            ctx.needs_input_grad[0],
-            ctx.needs_input_grad[1],
-            metric is not None and ctx.needs_input_grad[2],
-        ]
-        if ctx.kind == 0:  # sum has no normaliser
-            grad_normaliser = None
-        grads = backward_op(
-            grad_out, grad_normaliser, input, flow, metric, out, normaliser,
-            ctx.kind, ctx.normalisation, mask, maximum,
-        )
-        return tuple(g if wanted else None for g, wanted in zip(grads, mask)) + (None, None, None)
-
+    backward, setup_context = autograd_formula(backward_op)
     torch.library.register_autograd(forward_name, backward, setup_context=setup_context)

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from .ops import OpsBackend, gradient_buffers
+from .ops import OpsBackend, autograd_formula, gradient_buffers
 
 
 def interpreted() -> bool:
@@ -106,20 +106,7 @@ def _ops():
         )
         return grad_input, grad_flow, grad_metric
 
-    def setup_context(ctx, inputs, output):
-        input, flow, metric, kind, normalisation, *rest = inputs
-        ctx.kind, ctx.normalisation = kind, normalisation
-        ctx.save_for_backward(input, flow, metric, *output, rest[0] if rest else None)
-
-    def backward(ctx, grad_out, grad_normaliser):
-        input, flow, metric, out, normaliser, maximum = ctx.saved_tensors
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], metric is not None and ctx.needs_input_grad[2]]
-        grads = splat_backward(
-            grad_out, grad_normaliser if ctx.kind else None, input, flow, metric, out, normaliser,
-            ctx.kind, ctx.normalisation, mask, maximum,
-        )
-        return tuple(g if wanted else None for g, wanted in zip(grads, mask)) + (None, None, None)
-
+    backward, setup_context = autograd_formula(splat_backward)
     splat_forward.register_autograd(backward, setup_context=setup_context)
     return torch.ops.softsplat_triton
 

@@ -133,6 +133,7 @@ void stable_exponents(const acc_t* __restrict maximum, const acc_t* __restrict m
 // The taps of up to kChunk neighbouring source pixels of one row, as arrays: make_taps's
 // values, computed in a loop the compiler vectorises; the scatter then only adds.
 constexpr int64_t kChunk = 256;
+constexpr int64_t kPrefetch = 32;  // pixels ahead that the backward's gather prefetches for
 template <typename acc_t>
 struct TapChunk {
   int64_t corner[kChunk];          // flat index y0 * W + x0 of the north-west tap in the image
@@ -458,6 +459,17 @@ struct Gather {
           for (int64_t c = 0; c < channels; ++c) splatted[c] = x_values[c] * pixel_w;
           acc_t grad_fx = 0, grad_fy = 0;
           const unsigned keep = chunk->keep[i];
+          if (i + kPrefetch < count && chunk->keep[i + kPrefetch]) {  // the rows the taps will read
+            const int64_t ahead = chunk->corner[i + kPrefetch];
+            for (int64_t c = 0; c < channels; ++c) {
+              __builtin_prefetch(gN_n + c * HW + ahead);
+              __builtin_prefetch(gN_n + c * HW + ahead + W);
+            }
+            if (normalised) {
+              __builtin_prefetch(gD_n + ahead);
+              __builtin_prefetch(gD_n + ahead + W);
+            }
+          }
           if (keep && gf) tap_derivatives(chunk->taps(i), dx, dy);
           for (int k = 0; k < 4; ++k) {
             if (!(keep >> k & 1)) continue;
