@@ -133,7 +133,6 @@ void stable_exponents(const acc_t* __restrict maximum, const acc_t* __restrict m
 // The taps of up to kChunk neighbouring source pixels of one row, as arrays: make_taps's
 // values, computed in a loop the compiler vectorises; the scatter then only adds.
 constexpr int64_t kChunk = 256;
-constexpr int64_t kPrefetch = 32;  // pixels ahead that the backward's gather prefetches for
 template <typename acc_t>
 struct TapChunk {
   int64_t corner[kChunk];          // flat index y0 * W + x0 of the north-west tap in the image
@@ -271,9 +270,10 @@ struct Schedule {
   }
 };
 
+// The images' rows cut into bands, ~32 per image of 8 to 64 rows each (a function of the image
+// size alone), with their reach.
 template <typename acc_t>
-Schedule plan(const Sources<acc_t>& src, int64_t N) {
-  // ~32 bands per image, 8 to 64 rows each: a function of the image size alone.
+std::vector<Band> bands(const Sources<acc_t>& src, int64_t N) {
   const int64_t height = std::min<int64_t>(64, std::max<int64_t>(8, (src.H + 31) / 32));
   std::vector<Band> all;
   for (int64_t n = 0; n < N; ++n)
@@ -281,6 +281,12 @@ Schedule plan(const Sources<acc_t>& src, int64_t N) {
   at::parallel_for(0, static_cast<int64_t>(all.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) find_reach(src, all[i]);
   });
+  return all;
+}
+
+template <typename acc_t>
+Schedule plan(const Sources<acc_t>& src, int64_t N) {
+  const std::vector<Band> all = bands(src, N);
   Schedule schedule;
   for (int64_t n = 0; n < N; ++n) {
     std::vector<Band> image;
@@ -413,24 +419,71 @@ void forward_kernel(const at::Tensor& input, const Sources<acc_t>& src, int norm
 
 // The backward's gather: every source pixel reads gN (and gD) at its four taps and writes its
 // own gradients; only those asked for (non-null) are computed.
+// The backward's gN = grad / D' and gD (SPEC.md), pixel-major: K = C values (+ gD when the mode
+// normalises) per target pixel, for rows [lo, hi) of image n into g[(y - lo) * W + x][K].
+template <typename acc_t>
+struct Prepare {
+  const acc_t* grad;
+  View4 grad_view;
+  const acc_t* result;  // out; null for sum
+  View4 result_view;
+  const acc_t* norm;    // D; null for sum
+  const acc_t* grad_norm;
+  View4 grad_norm_view;
+  int normalisation;
+  int64_t C, H, W;
+
+  void rows(int64_t n, int64_t lo, int64_t hi, acc_t* g) const {
+    const int64_t K = C + (norm ? 1 : 0);
+    std::vector<acc_t> divisor(W), sum(W);
+    for (int64_t y = lo; y < hi; ++y) {
+      acc_t* row = g + (y - lo) * W * K;
+      const acc_t* D = norm ? norm + (n * H + y) * W : nullptr;
+      if (D)
+        for (int64_t x = 0; x < W; ++x) divisor[x] = safe_normaliser(D[x], normalisation);
+      std::fill(sum.begin(), sum.end(), acc_t(0));
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t* gc = grad + grad_view.at(n, c, y, 0);
+        if (!D) {
+          for (int64_t x = 0; x < W; ++x) row[x * K + c] = gc[x * grad_view.x];
+          continue;
+        }
+        const acc_t* r = result + result_view.at(n, c, y, 0);
+        for (int64_t x = 0; x < W; ++x) {
+          const acc_t v = gc[x * grad_view.x] / divisor[x];
+          row[x * K + c] = v;
+          sum[x] -= v * r[x * result_view.x];
+        }
+      }
+      if (!D) continue;
+      const acc_t* extra = grad_norm ? grad_norm + grad_norm_view.at(n, 0, y, 0) : nullptr;
+      for (int64_t x = 0; x < W; ++x) {
+        const acc_t gD = normaliser_passes_gradient(D[x], normalisation) ? sum[x] : acc_t(0);
+        row[x * K + C] = extra ? gD + extra[x * grad_norm_view.x] : gD;
+      }
+    }
+  }
+};
+
+// The backward's gather: every source pixel reads gN (and gD) at its four taps and writes its
+// own gradients; only those asked for (non-null) are computed.
 template <typename scalar_t, typename acc_t>
 struct Gather {
   const scalar_t* in;
   View4 in_view;
   const Sources<acc_t>& src;
-  const acc_t* gN;  // [N, C, H, W] contiguous
-  const acc_t* gD;  // [N, 1, H, W] contiguous; null for sum
+  bool normalised;
   int64_t C;
   scalar_t* gi;
   acc_t* gf;
   acc_t* gm;
 
-  // Source rows [begin, end) of the flattened N * H. CC is C when a compile-time constant, so
-  // that the per-channel sums live in registers.
+  // Source rows [y_begin, y_end) of image n, whose taps all lie in rows [lo, ...) of g (Prepare's
+  // layout). CC is C when a compile-time constant, so that the per-channel sums live in registers.
   template <int CC, bool Stable>
-  void rows(int64_t begin, int64_t end) const {
+  void rows(int64_t n, int64_t y_begin, int64_t y_end, const acc_t* g, int64_t lo) const {
     const int64_t H = src.H, W = src.W, HW = H * W, channels = CC > 0 ? CC : C;
-    const bool normalised = gD != nullptr;
+    const int64_t K = channels + (normalised ? 1 : 0);
     constexpr int64_t kLocal = CC > 0 ? CC + 1 : 1;
     acc_t local_gathered[kLocal], local_x[kLocal], local_splatted[kLocal];
     std::vector<acc_t> heap_gathered(CC > 0 ? 0 : C + 1), heap_x(CC > 0 ? 0 : C), heap_splatted(CC > 0 ? 0 : C), w(W);
@@ -439,10 +492,8 @@ struct Gather {
     acc_t* splatted = CC > 0 ? local_splatted : heap_splatted.data();
     auto chunk = std::make_unique<TapChunk<acc_t>>();
     acc_t dx[4] = {}, dy[4] = {};  // stay 0 unless gf is asked for
-    for (int64_t index = begin; index < end; ++index) {
-      const int64_t n = index / H, y = index % H;
-      const acc_t* gN_n = gN + n * channels * HW;
-      const acc_t* gD_n = normalised ? gD + n * HW : nullptr;
+    const int64_t offset[4] = {0, K, W * K, (W + 1) * K};  // of tap k's values from the north-west's
+    for (int64_t y = y_begin; y < y_end; ++y) {
       src.row_weights(n, y, w.data());
       for (int64_t x_begin = 0; x_begin < W; x_begin += kChunk) {
         const int64_t count = std::min(kChunk, W - x_begin);
@@ -459,35 +510,24 @@ struct Gather {
           for (int64_t c = 0; c < channels; ++c) splatted[c] = x_values[c] * pixel_w;
           acc_t grad_fx = 0, grad_fy = 0;
           const unsigned keep = chunk->keep[i];
-          if (i + kPrefetch < count && chunk->keep[i + kPrefetch]) {  // the rows the taps will read
-            const int64_t ahead = chunk->corner[i + kPrefetch];
-            for (int64_t c = 0; c < channels; ++c) {
-              __builtin_prefetch(gN_n + c * HW + ahead);
-              __builtin_prefetch(gN_n + c * HW + ahead + W);
-            }
-            if (normalised) {
-              __builtin_prefetch(gD_n + ahead);
-              __builtin_prefetch(gD_n + ahead + W);
-            }
-          }
           if (keep && gf) tap_derivatives(chunk->taps(i), dx, dy);
+          // Where the north-west tap's values are in g (kept taps lie in g; others are not read).
+          const int64_t north_west = (chunk->corner[i] - lo * W) * K;
           for (int k = 0; k < 4; ++k) {
             if (!(keep >> k & 1)) continue;
-            const int64_t target = chunk->corner[i] + (k >> 1) * W + (k & 1);
+            const acc_t* values = g + north_west + offset[k];
             // The weight splatted beside the input: per tap for stable, else per pixel (and
             // then applied to the input gradient once, below).
             const acc_t tap_w = Stable ? chunk->stable[k][i] : pixel_w;
             const acc_t b = Stable ? chunk->weight[k][i] * tap_w : chunk->weight[k][i];
             acc_t dot = 0;  // d loss / d weight[k]: the splatted values times gN, gD
             for (int64_t c = 0; c < channels; ++c) {
-              const acc_t g = gN_n[c * HW + target];
-              gathered[c] += b * g;
-              dot += g * (Stable ? x_values[c] * tap_w : splatted[c]);
+              gathered[c] += b * values[c];
+              dot += values[c] * (Stable ? x_values[c] * tap_w : splatted[c]);
             }
             if (normalised) {
-              const acc_t g = gD_n[target];
-              gathered[channels] += b * g;
-              dot += g * tap_w;
+              gathered[channels] += b * values[channels];
+              dot += values[channels] * tap_w;
             }
             grad_fx += dx[k] * dot;
             grad_fy += dy[k] * dot;
@@ -514,75 +554,62 @@ struct Gather {
   }
 };
 
+// Backward: per band of source rows, gN and gD of the target rows it reaches are prepared in a
+// buffer of the thread (in cache when gathered; rows two bands reach are prepared twice), then
+// the band's pixels gather from it. Where flows reach so far that the bands' buffers would add up
+// to more than twice the image, each image is prepared once, whole, and gathered from.
 template <typename scalar_t, typename acc_t>
 void backward_kernel(const at::Tensor& grad_out, const at::Tensor& grad_normaliser,
                      const at::Tensor& input, const Sources<acc_t>& src, const at::Tensor& out,
                      const at::Tensor& normaliser, int normalisation, at::Tensor& grad_input,
                      at::Tensor& grad_flow, at::Tensor& grad_metric) {
   const int64_t N = input.size(0), C = input.size(1), H = src.H, W = src.W;
-  const bool normalised = src.kind != SUM, stable = src.kind == STABLE;
-
-  // gN = grad / D' [N, C, H, W] and gD [N, 1, H, W] per target pixel, contiguous (sum: gN is grad).
-  at::Tensor gN_tensor = normalised ? at::Tensor() : grad_out.contiguous(), gD_tensor;
-  if (normalised) {
-    gN_tensor = at::empty({N, C, H, W}, out.options());
-    gD_tensor = at::empty({N, 1, H, W}, out.options());
-    const acc_t* grad = grad_out.data_ptr<acc_t>();
-    const View4 grad_view(grad_out);
-    const acc_t* result = out.data_ptr<acc_t>();
-    const View4 result_view(out);
-    const acc_t* norm = normaliser.data_ptr<acc_t>();
-    const acc_t* grad_norm = grad_normaliser.defined() ? grad_normaliser.data_ptr<acc_t>() : nullptr;
-    const View4 grad_norm_view = grad_norm ? View4(grad_normaliser) : View4();
-    acc_t* gN = gN_tensor.data_ptr<acc_t>();
-    acc_t* gD = gD_tensor.data_ptr<acc_t>();
-    at::parallel_for(0, N * H, 16, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> divisor(W), sum(W);  // a row at a time, in loops that vectorise
-      for (int64_t index = begin; index < end; ++index) {
-        const int64_t n = index / H, y = index % H;
-        const acc_t* D = norm + index * W;
-        for (int64_t x = 0; x < W; ++x) divisor[x] = safe_normaliser(D[x], normalisation);
-        std::fill(sum.begin(), sum.end(), acc_t(0));
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t* g = grad + grad_view.at(n, c, y, 0);
-          const acc_t* r = result + result_view.at(n, c, y, 0);
-          acc_t* gN_row = gN + ((n * C + c) * H + y) * W;
-          for (int64_t x = 0; x < W; ++x) {
-            const acc_t v = g[x * grad_view.x] / divisor[x];
-            gN_row[x] = v;
-            sum[x] -= v * r[x * result_view.x];
-          }
-        }
-        acc_t* gD_row = gD + index * W;
-        for (int64_t x = 0; x < W; ++x) gD_row[x] = normaliser_passes_gradient(D[x], normalisation) ? sum[x] : acc_t(0);
-        if (grad_norm) {
-          const acc_t* extra = grad_norm + grad_norm_view.at(n, 0, y, 0);
-          for (int64_t x = 0; x < W; ++x) gD_row[x] += extra[x * grad_norm_view.x];
-        }
-      }
-    });
-  }
-  const acc_t* gN = gN_tensor.data_ptr<acc_t>();
-  const acc_t* gD = normalised ? gD_tensor.data_ptr<acc_t>() : nullptr;
-
-  Gather<scalar_t, acc_t> gather{input.data_ptr<scalar_t>(), View4(input), src, gN, gD, C,
-                                 grad_input.defined() ? grad_input.data_ptr<scalar_t>() : nullptr,
-                                 grad_flow.defined() ? grad_flow.data_ptr<acc_t>() : nullptr,
-                                 grad_metric.defined() ? grad_metric.data_ptr<acc_t>() : nullptr};
-  auto rows = [&](auto channels) {
-    at::parallel_for(0, N * H, 4, [&](int64_t begin, int64_t end) {
+  const bool normalised = src.kind != SUM;
+  const int64_t K = C + (normalised ? 1 : 0);
+  const Prepare<acc_t> prepare{grad_out.data_ptr<acc_t>(), View4(grad_out),
+                               normalised ? out.data_ptr<acc_t>() : nullptr, normalised ? View4(out) : View4(),
+                               normalised ? normaliser.data_ptr<acc_t>() : nullptr,
+                               grad_normaliser.defined() ? grad_normaliser.data_ptr<acc_t>() : nullptr,
+                               grad_normaliser.defined() ? View4(grad_normaliser) : View4(),
+                               normalisation, C, H, W};
+  const Gather<scalar_t, acc_t> gather{input.data_ptr<scalar_t>(), View4(input), src, normalised, C,
+                                       grad_input.defined() ? grad_input.data_ptr<scalar_t>() : nullptr,
+                                       grad_flow.defined() ? grad_flow.data_ptr<acc_t>() : nullptr,
+                                       grad_metric.defined() ? grad_metric.data_ptr<acc_t>() : nullptr};
+  auto run = [&](auto channels) {
+    auto rows = [&](int64_t n, int64_t y_begin, int64_t y_end, const acc_t* g, int64_t lo) {
       if (src.kind == STABLE)
-        gather.template rows<decltype(channels)::value, true>(begin, end);
+        gather.template rows<decltype(channels)::value, true>(n, y_begin, y_end, g, lo);
       else
-        gather.template rows<decltype(channels)::value, false>(begin, end);
-    });
+        gather.template rows<decltype(channels)::value, false>(n, y_begin, y_end, g, lo);
+    };
+    const std::vector<Band> all = bands(src, N);
+    int64_t reach = 0;
+    for (const Band& band : all) reach += band.hi - band.lo;
+    if (reach <= 2 * N * H) {
+      at::parallel_for(0, static_cast<int64_t>(all.size()), 1, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> g;
+        for (int64_t i = begin; i < end; ++i) {
+          const Band& band = all[i];
+          g.resize(static_cast<size_t>(std::max<int64_t>(1, (band.hi - band.lo) * W * K)));
+          prepare.rows(band.n, band.lo, band.hi, g.data());
+          rows(band.n, band.y_begin, band.y_end, g.data(), band.lo);
+        }
+      });
+      return;
+    }
+    std::unique_ptr<acc_t[]> g(new acc_t[H * W * K]);
+    for (int64_t n = 0; n < N; ++n) {
+      at::parallel_for(0, H, 16, [&](int64_t begin, int64_t end) { prepare.rows(n, begin, end, g.get() + begin * W * K); });
+      at::parallel_for(0, H, 4, [&](int64_t begin, int64_t end) { rows(n, begin, end, g.get(), 0); });
+    }
   };
   switch (C) {
-    case 1: rows(std::integral_constant<int, 1>()); break;
-    case 2: rows(std::integral_constant<int, 2>()); break;
-    case 3: rows(std::integral_constant<int, 3>()); break;
-    case 4: rows(std::integral_constant<int, 4>()); break;
-    default: rows(std::integral_constant<int, 0>());
+    case 1: run(std::integral_constant<int, 1>()); break;
+    case 2: run(std::integral_constant<int, 2>()); break;
+    case 3: run(std::integral_constant<int, 3>()); break;
+    case 4: run(std::integral_constant<int, 4>()); break;
+    default: run(std::integral_constant<int, 0>());
   }
 }
 
