@@ -472,7 +472,6 @@ struct Gather {
   const scalar_t* in;
   View4 in_view;
   const Sources<acc_t>& src;
-  bool normalised;
   int64_t C;
   scalar_t* gi;
   acc_t* gf;
@@ -480,13 +479,14 @@ struct Gather {
 
   // Source rows [y_begin, y_end) of image n, whose taps all lie in rows [lo, ...) of g (Prepare's
   // layout). CC is C when a compile-time constant, so that the per-channel sums live in registers.
-  template <int CC, bool Stable>
+  template <int CC, bool Stable, bool Normalised>
   void rows(int64_t n, int64_t y_begin, int64_t y_end, const acc_t* g, int64_t lo) const {
     const int64_t H = src.H, W = src.W, HW = H * W, channels = CC > 0 ? CC : C;
+    constexpr bool normalised = Normalised;  // sum is not
     const int64_t K = channels + (normalised ? 1 : 0);
     constexpr int64_t kLocal = CC > 0 ? CC + 1 : 1;
     acc_t local_gathered[kLocal], local_x[kLocal], local_splatted[kLocal];
-    std::vector<acc_t> heap_gathered(CC > 0 ? 0 : C + 1), heap_x(CC > 0 ? 0 : C), heap_splatted(CC > 0 ? 0 : C), w(W);
+    std::vector<acc_t> heap_gathered(CC > 0 ? 0 : C + 1), heap_x(CC > 0 ? 0 : C + 1), heap_splatted(CC > 0 ? 0 : C + 1), w(W);
     acc_t* gathered = CC > 0 ? local_gathered : heap_gathered.data();
     acc_t* x_values = CC > 0 ? local_x : heap_x.data();
     acc_t* splatted = CC > 0 ? local_splatted : heap_splatted.data();
@@ -507,7 +507,8 @@ struct Gather {
           for (int64_t c = 0; c <= channels; ++c) gathered[c] = 0;
           // The values splatted beside the weight: x * w (oracle's order); stable: per tap, below.
           const acc_t pixel_w = normalised ? w[x] : acc_t(1);
-          for (int64_t c = 0; c < channels; ++c) splatted[c] = x_values[c] * pixel_w;
+          x_values[channels] = 1;  // beside the channels, the normaliser's value
+          for (int64_t c = 0; c < K; ++c) splatted[c] = x_values[c] * pixel_w;
           acc_t grad_fx = 0, grad_fy = 0;
           const unsigned keep = chunk->keep[i];
           if (keep && gf) tap_derivatives(chunk->taps(i), dx, dy);
@@ -520,14 +521,10 @@ struct Gather {
             // then applied to the input gradient once, below).
             const acc_t tap_w = Stable ? chunk->stable[k][i] : pixel_w;
             const acc_t b = Stable ? chunk->weight[k][i] * tap_w : chunk->weight[k][i];
-            acc_t dot = 0;  // d loss / d weight[k]: the splatted values times gN, gD
-            for (int64_t c = 0; c < channels; ++c) {
+            acc_t dot = 0;  // d loss / d weight[k]: the splatted values times gN, then gD
+            for (int64_t c = 0; c < K; ++c) {
               gathered[c] += b * values[c];
               dot += values[c] * (Stable ? x_values[c] * tap_w : splatted[c]);
-            }
-            if (normalised) {
-              gathered[channels] += b * values[channels];
-              dot += values[channels] * tap_w;
             }
             grad_fx += dx[k] * dot;
             grad_fy += dy[k] * dot;
@@ -572,16 +569,19 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& grad_normalis
                                grad_normaliser.defined() ? grad_normaliser.data_ptr<acc_t>() : nullptr,
                                grad_normaliser.defined() ? View4(grad_normaliser) : View4(),
                                normalisation, C, H, W};
-  const Gather<scalar_t, acc_t> gather{input.data_ptr<scalar_t>(), View4(input), src, normalised, C,
+  const Gather<scalar_t, acc_t> gather{input.data_ptr<scalar_t>(), View4(input), src, C,
                                        grad_input.defined() ? grad_input.data_ptr<scalar_t>() : nullptr,
                                        grad_flow.defined() ? grad_flow.data_ptr<acc_t>() : nullptr,
                                        grad_metric.defined() ? grad_metric.data_ptr<acc_t>() : nullptr};
   auto run = [&](auto channels) {
+    constexpr int CC = decltype(channels)::value;
     auto rows = [&](int64_t n, int64_t y_begin, int64_t y_end, const acc_t* g, int64_t lo) {
       if (src.kind == STABLE)
-        gather.template rows<decltype(channels)::value, true>(n, y_begin, y_end, g, lo);
+        gather.template rows<CC, true, true>(n, y_begin, y_end, g, lo);
+      else if (normalised)
+        gather.template rows<CC, false, true>(n, y_begin, y_end, g, lo);
       else
-        gather.template rows<decltype(channels)::value, false>(n, y_begin, y_end, g, lo);
+        gather.template rows<CC, false, false>(n, y_begin, y_end, g, lo);
     };
     const std::vector<Band> all = bands(src, N);
     int64_t reach = 0;
