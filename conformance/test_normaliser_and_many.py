@@ -128,3 +128,21 @@ def test_splat_many(backend, device, data) -> None:
                 got = results["got"][1].get(label)
                 assert got is not None, f"no gradient for {label}"
                 compare(f"grad of {label}", got, results["ref"][1][label], results["same"][1][label], magnitudes[name], cd)
+
+
+def test_normaliser_alone_where_the_result_overflows(backend, device) -> None:
+    """A loss on the normaliser alone differentiates D only: where exp(metric) overflows, the
+    result is NaN, but its (unused) gradient path must not turn the metric's gradient into NaN."""
+    dtype = torch.float32 if torch.float32 in backend.dtypes else backend.dtypes[0]
+    input = torch.full((1, 2, 3, 3), 0.5, dtype=dtype, device=device)
+    flow = torch.full((1, 2, 3, 3), 0.25, dtype=dtype, device=device)
+    metric = torch.full((1, 1, 3, 3), 200.0, dtype=dtype, device=device)  # exp overflows: D = inf
+    grads = {}
+    for name in (backend.name, "torch"):
+        leaves = [t.clone().requires_grad_() for t in (input, flow, metric)]
+        out, normaliser = softsplat.splat(*leaves, mode="soft", backend=name, return_normaliser=True)
+        assert out.isnan().any(), "the case should overflow the result"
+        grads[name] = torch.autograd.grad(normaliser.sum(), leaves[2])[0]
+    got, reference = grads[backend.name], grads["torch"]
+    assert not got.isnan().any(), f"NaN in the metric's gradient: {got}"
+    assert torch.equal(got.isinf(), reference.isinf()) and torch.equal(got.sign(), reference.sign())

@@ -88,8 +88,6 @@ def autograd_formula(backward_op):
 
     def backward(ctx, grad_out, grad_normaliser):
         input, flow, metric, out, normaliser, maximum = ctx.saved_tensors
-        if grad_out is None:  # only the normaliser is used: zeros without the memory
-            grad_out = out.new_zeros(()).expand_as(out)
         mask = [
             ctx.needs_input_grad[0],
             ctx.needs_input_grad[1],
@@ -97,6 +95,15 @@ def autograd_formula(backward_op):
         ]
         if ctx.kind == 0:  # sum has no normaliser
             grad_normaliser = None
+        if grad_out is None:
+            # Only the normaliser is used: its gradient alone, as that of a splat of no
+            # channels (not a zero cotangent on the result, whose NaNs would leak through
+            # 0 * NaN where the result overflows); the input's gradient is absent.
+            if grad_normaliser is None:
+                return (None,) * 6
+            mask[0] = False
+            input, out = input[:, :0], out[:, :0]
+            grad_out = out
         grads = backward_op(
             grad_out, grad_normaliser, input, flow, metric, out, normaliser,
             ctx.kind, ctx.normalisation, mask, maximum,

@@ -128,8 +128,10 @@ def splat_with_normaliser(input, flow, metric, mode: Mode, raw: bool = False, st
         weight = metric.to(dtype)
     else:
         weight = torch.exp(metric.to(dtype))  # no max subtracted: exactly the reference
-    splatted = splat_sum(torch.cat([values * weight, weight], 1), flow)
-    numerator, normaliser = splatted[:, :-1], splatted[:, -1:]
+    # S(input * w) and S(w), the reference's cat([input * w, w]) splatted as two tensors (the
+    # same values): a loss on one of them then differentiates that one alone, never 0 * inf
+    # through the other.
+    numerator, normaliser = splat_sum(values * weight, flow), splat_sum(weight, flow)
     if raw:
         return numerator, normaliser
     return (numerator / safe_normaliser(normaliser, mode)).to(input.dtype), normaliser
