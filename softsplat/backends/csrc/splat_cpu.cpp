@@ -1,21 +1,25 @@
 // The cpp backend's CPU kernels and the `softsplat` op library.
 //
+// Taps: make_taps (taps.h) runs over chunks of a row's pixels in loops the compiler vectorises,
+// filling arrays (TapChunk); exp is Sleef's vectorised one, a row at a time.
 // Schedule: source rows are cut into bands (their height from the image size alone) and each
 // band's reach, the target rows its taps can land on, is read from the flow. Bands alternate
 // between two phases; while two bands of one phase (and image) reach a common row, neighbouring
 // bands are merged (at worst into one band per image). The bands of a phase then run in parallel
 // and add straight into the NCHW result and the normaliser: no atomics, no per-thread copies of
-// the output. Every target receives the contributions of at most one band per phase, each in its
-// pixel order, phase 0 first: the same sums, bitwise, whatever the thread count. A last pass
-// divides. The scatter-max of stable splatting runs on the same schedule.
-// Backward: a pass over target pixels prepares gN = grad / D' and gD, then every source pixel
-// gathers from its four taps and writes only its own gradients: no atomics either.
+// the output. Every target receives the contributions of at most one band per phase, each in a
+// fixed pixel order, phase 0 first: the same sums, bitwise, whatever the thread count. Phase 0
+// zeroes the rows it reaches just before adding into them; phase 1 divides the rows it reaches
+// once they are final. The scatter-max of stable splatting runs on the same schedule, one update
+// per pixel (into the cell it lands in).
+// Backward: per band of source rows, gN = grad / D' and gD of the rows it reaches are prepared
+// in a buffer of the thread; every source pixel gathers from its four taps and writes only its
+// own gradients: no atomics either.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
@@ -89,13 +93,10 @@ struct Sources {
   const acc_t* maximum;  // stable: M [N, 1, H, W] contiguous; else null
 
   const acc_t* flow_row(int64_t n, int64_t component, int64_t y) const { return flow + ((n * 2 + component) * H + y) * W; }
-  bool taps(int64_t n, int64_t y, int64_t x, Taps<acc_t, int64_t>& t) const {
-    return make_taps<acc_t, int64_t>(x, y, flow_row(n, 0, y)[x], flow_row(n, 1, y)[x], H, W, t);
-  }
   const acc_t* metric_row(int64_t n, int64_t y) const { return metric + (n * H + y) * W; }
 
   // The per-pixel weights w of source row y: pixel_weight (1, metric or exp(metric)), computed
-  // a row at a time so that exp vectorises. Stable: the metric (TapChunk::stable_weights).
+  // a row at a time so that exp vectorises. Stable: the metric (TapChunk::fill_stable).
   void row_weights(int64_t n, int64_t y, acc_t* w) const {
     if (!metric) {
       std::fill(w, w + W, acc_t(1));
@@ -417,8 +418,6 @@ void forward_kernel(const at::Tensor& input, const Sources<acc_t>& src, int norm
   });
 }
 
-// The backward's gather: every source pixel reads gN (and gD) at its four taps and writes its
-// own gradients; only those asked for (non-null) are computed.
 // The backward's gN = grad / D' and gD (SPEC.md), pixel-major: K = C values (+ gD when the mode
 // normalises) per target pixel, for rows [lo, hi) of image n into g[(y - lo) * W + x][K].
 template <typename acc_t>
