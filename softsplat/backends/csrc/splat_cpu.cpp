@@ -434,7 +434,7 @@ struct Prepare {
 
   void rows(int64_t n, int64_t lo, int64_t hi, acc_t* g) const {
     const int64_t K = C + (norm ? 1 : 0);
-    std::vector<acc_t> divisor(W), sum(W);
+    std::vector<acc_t> divisor(W), sum(W), channel(W);
     for (int64_t y = lo; y < hi; ++y) {
       acc_t* row = g + (y - lo) * W * K;
       const acc_t* D = norm ? norm + (n * H + y) * W : nullptr;
@@ -442,17 +442,26 @@ struct Prepare {
         for (int64_t x = 0; x < W; ++x) divisor[x] = safe_normaliser(D[x], normalisation);
       std::fill(sum.begin(), sum.end(), acc_t(0));
       for (int64_t c = 0; c < C; ++c) {
+        // A row of one channel at a time, in loops that vectorise (a broadcast gradient, stride
+        // 0, as sum().backward() gives, and a contiguous one each have theirs), then interleaved.
         const acc_t* gc = grad + grad_view.at(n, c, y, 0);
+        const int64_t step = grad_view.x;
         if (!D) {
-          for (int64_t x = 0; x < W; ++x) row[x * K + c] = gc[x * grad_view.x];
+          for (int64_t x = 0; x < W; ++x) row[x * K + c] = gc[x * step];
           continue;
         }
+        if (step == 0)
+          for (int64_t x = 0; x < W; ++x) channel[x] = gc[0] / divisor[x];
+        else if (step == 1)
+          for (int64_t x = 0; x < W; ++x) channel[x] = gc[x] / divisor[x];
+        else
+          for (int64_t x = 0; x < W; ++x) channel[x] = gc[x * step] / divisor[x];
         const acc_t* r = result + result_view.at(n, c, y, 0);
-        for (int64_t x = 0; x < W; ++x) {
-          const acc_t v = gc[x * grad_view.x] / divisor[x];
-          row[x * K + c] = v;
-          sum[x] -= v * r[x * result_view.x];
-        }
+        if (result_view.x == 1)
+          for (int64_t x = 0; x < W; ++x) sum[x] -= channel[x] * r[x];
+        else
+          for (int64_t x = 0; x < W; ++x) sum[x] -= channel[x] * r[x * result_view.x];
+        for (int64_t x = 0; x < W; ++x) row[x * K + c] = channel[x];
       }
       if (!D) continue;
       const acc_t* extra = grad_norm ? grad_norm + grad_norm_view.at(n, 0, y, 0) : nullptr;
