@@ -71,6 +71,28 @@ def test_zero_and_unit_sizes(backend, device, shape, mode) -> None:
         check_case(backend, _case(mode, dtype, device, shape=shape), torch.Generator().manual_seed(3))
 
 
+@pytest.mark.parametrize("reach", [0.5, 3.0, 60.0])
+@pytest.mark.parametrize("mode", ["sum", "soft", "soft-stable"])
+def test_taller_images_and_far_flows(backend, device, reach, mode) -> None:
+    """Images tall enough for the CPU kernels to cut them into many bands: flows of ~0.5 and ~3
+    rows keep the bands apart (their own schedule and per-band backward buffers); flows of ~60
+    rows make every band reach the whole image (bands merged; whole-image backward)."""
+    from softsplat import Mode
+
+    stable = mode.endswith("-stable")
+    parsed = Mode.parse(mode.removesuffix("-stable"))
+    generator = torch.Generator().manual_seed(4)
+    N, C, H, W = 2, 3, 72, 9
+    input = torch.randn((N, C, H, W), generator=generator, dtype=torch.float64)
+    flow = torch.randn((N, 2, H, W), generator=generator, dtype=torch.float64) * reach
+    metric = torch.randn((N, 1, H, W), generator=generator, dtype=torch.float64) * 3
+    for dtype in backend.dtypes:
+        case = Case(input.to(dtype).to(device), flow.to(dtype).to(device),
+                    metric.to(dtype).to(device) if parsed.needs_metric else None, parsed,
+                    (True, True, parsed.needs_metric), stable=stable)
+        check_case(backend, case, torch.Generator().manual_seed(5))
+
+
 DTYPE_EDGES = {
     dtype: [torch.finfo(dtype).max, -torch.finfo(dtype).max, torch.finfo(dtype).tiny, torch.finfo(dtype).eps,
             math.inf, -math.inf, math.nan, 0.0, -0.0]
