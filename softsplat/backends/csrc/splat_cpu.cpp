@@ -28,6 +28,8 @@
 #endif
 
 #include <algorithm>
+#include <type_traits>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <utility>
@@ -253,12 +255,14 @@ std::vector<Band> merged(const std::vector<Band>& image) {
 struct Schedule {
   std::vector<Band> phase[2];  // no two bands of a phase write a common target
 
-  // work(band, p) for every band: the phases in order, the bands of a phase in parallel.
-  template <typename Work>
+  // work(band, p, state) for every band: the phases in order, the bands of a phase in
+  // parallel; `state`, a State of the thread's share of the phase, is reused across its bands.
+  template <typename State, typename Work>
   void run(const Work& work) const {
     for (int p = 0; p < 2; ++p)
       at::parallel_for(0, static_cast<int64_t>(phase[p].size()), 1, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) work(phase[p][i], p);
+        State state;
+        for (int64_t i = begin; i < end; ++i) work(phase[p][i], p, state);
       });
   }
 
@@ -351,6 +355,207 @@ void scatter_band(const Band& band, const scalar_t* in, const View4& in_view, co
   }
 }
 
+// The packed scatter, for up to three channels: a band adds into a scratch of the rows it
+// reaches, pixel-major with four lanes per target (the channels, then the normaliser), so that
+// the two horizontal taps of a pixel are one 2 x 4-lane read-modify-write, and its two rows two
+// of them, instead of 4 x (C + 1) scalar ones. Then flush_band moves the scratch into the NCHW
+// outputs. Bands whose scratch would be larger than this use scatter_band.
+constexpr int kPacked = 4;  // lanes per target
+constexpr int64_t kPackedBytes = int64_t(16) << 20;
+
+// GCC's vector extension: Lanes values of T, with element-wise arithmetic.
+template <typename T, int Lanes>
+struct Vector {
+  typedef T type __attribute__((vector_size(Lanes * sizeof(T))));
+};
+
+template <typename acc_t>
+bool packs(const Band& band, int64_t C, int64_t W) {
+  return C < kPacked && (band.hi - band.lo) * W * kPacked * static_cast<int64_t>(sizeof(acc_t)) <= kPackedBytes;
+}
+
+// A thread's scratch: all zeros between bands (flush_band zeroes what it reads).
+template <typename acc_t>
+struct Scratch {
+  std::vector<acc_t> data;
+  acc_t* rows(const Band& band, int64_t W) {
+    const size_t size = static_cast<size_t>((band.hi - band.lo) * W * kPacked);
+    if (data.size() < size) data.resize(size, acc_t(0));
+    return data.data();
+  }
+};
+
+// The lanes of `count` pixels of a row, from `pixel` (its first channel): x * w per channel, w
+// (null for sum: 1 and lane CC 0), zeros; stable: x and 1. One loop per input layout, which
+// vectorises (the lanes interleaved with shuffles).
+template <int CC, bool Stable, typename scalar_t, typename acc_t>
+void pack_values(const scalar_t* __restrict pixel, const View4& view, const acc_t* __restrict w,
+                 acc_t* __restrict values, int64_t count) {
+  auto pack = [&](int64_t step, int64_t channel) {
+    for (int64_t i = 0; i < count; ++i) {
+      const acc_t scale = w && !Stable ? w[i] : acc_t(1);
+      acc_t lane[kPacked] = {};
+      for (int c = 0; c < CC; ++c) lane[c] = static_cast<acc_t>(pixel[i * step + c * channel]) * scale;
+      lane[CC] = w ? scale : acc_t(0);
+      for (int c = 0; c < kPacked; ++c) values[i * kPacked + c] = lane[c];
+    }
+  };
+#if defined(__AVX512F__)
+  if (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float> && view.x == 1) {
+    // 16 pixels at a time: the lanes as four vectors of planes, transposed into pixel-major
+    // order with unpacks and 128-bit shuffles.
+    int64_t i = 0;
+    for (; i + 16 <= count; i += 16) {
+      const __m512 scale = w && !Stable ? _mm512_loadu_ps(reinterpret_cast<const float*>(w) + i) : _mm512_set1_ps(1);
+      __m512 lane[kPacked];
+      for (int c = 0; c < kPacked; ++c) lane[c] = _mm512_setzero_ps();
+      for (int c = 0; c < CC; ++c)
+        lane[c] = _mm512_mul_ps(_mm512_loadu_ps(reinterpret_cast<const float*>(pixel) + c * view.c + i), scale);
+      lane[CC] = w ? scale : _mm512_setzero_ps();
+      const __m512 ab_low = _mm512_unpacklo_ps(lane[0], lane[1]), ab_high = _mm512_unpackhi_ps(lane[0], lane[1]);
+      const __m512 cd_low = _mm512_unpacklo_ps(lane[2], lane[3]), cd_high = _mm512_unpackhi_ps(lane[2], lane[3]);
+      auto pairs = [](__m512 a, __m512 b, bool high) {
+        return high ? _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)))
+                    : _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+      };
+      // Pixels (0, 4, 8, 12), (1, 5, 9, 13), (2, 6, 10, 14), (3, 7, 11, 15), four lanes each.
+      const __m512 p0 = pairs(ab_low, cd_low, false), p1 = pairs(ab_low, cd_low, true);
+      const __m512 p2 = pairs(ab_high, cd_high, false), p3 = pairs(ab_high, cd_high, true);
+      const __m512 q0 = _mm512_shuffle_f32x4(p0, p1, 0x44), q1 = _mm512_shuffle_f32x4(p2, p3, 0x44);  // 0 4 1 5, 2 6 3 7
+      const __m512 q2 = _mm512_shuffle_f32x4(p0, p1, 0xEE), q3 = _mm512_shuffle_f32x4(p2, p3, 0xEE);  // 8 12 9 13, ...
+      float* target = reinterpret_cast<float*>(values) + i * kPacked;
+      _mm512_storeu_ps(target, _mm512_shuffle_f32x4(q0, q1, 0x88));
+      _mm512_storeu_ps(target + 16, _mm512_shuffle_f32x4(q0, q1, 0xDD));
+      _mm512_storeu_ps(target + 32, _mm512_shuffle_f32x4(q2, q3, 0x88));
+      _mm512_storeu_ps(target + 48, _mm512_shuffle_f32x4(q2, q3, 0xDD));
+    }
+    pixel += i;
+    values += i * kPacked;
+    if (w) w += i;
+    count -= i;
+  }
+#endif
+  if (view.x == 1)
+    pack(1, view.c);  // NCHW
+  else
+    pack(view.x, view.c);  // channels_last and others
+}
+
+// One band's contributions added into `scratch`, rows [band.lo, band.hi) x W x kPacked. Lanes:
+// the C channels' x * w, then w (the normaliser's value; 0 for sum), then zeros; stable: x and
+// 1, times exp(metric - M(tap)) per tap. Added as plane[tap k] += b[k] * (v * s[k]), the
+// oracle's order, as in scatter_band.
+template <int CC, bool Stable, typename scalar_t, typename acc_t>
+void scatter_band_packed(const Band& band, const scalar_t* in, const View4& in_view, const Sources<acc_t>& src,
+                         int64_t C, acc_t* __restrict scratch) {
+  using Pair = typename Vector<acc_t, 2 * kPacked>::type;  // the lanes of two targets
+  using Lanes = typename Vector<acc_t, kPacked>::type;
+  const int64_t W = src.W, n = band.n, row0 = band.lo * W;
+  const bool weighted = src.kind != SUM;
+  std::vector<acc_t> w(W);
+  auto chunk = std::make_unique<TapChunk<acc_t>>();
+  std::vector<acc_t> values(kChunk * kPacked);
+  (void)C;
+  const int64_t offset[4] = {0, 1, W, W + 1};
+  for (int64_t y = band.y_begin; y < band.y_end; ++y) {
+    src.row_weights(n, y, w.data());
+    const scalar_t* in_row = in + in_view.at(n, 0, y, 0);
+    for (int64_t x_begin = 0; x_begin < W; x_begin += kChunk) {
+      const int64_t count = std::min(kChunk, W - x_begin);
+      chunk->fill(src, n, y, x_begin, count);
+      if (Stable) chunk->fill_stable(src.maximum + n * src.H * W, w.data() + x_begin, W, count);
+      pack_values<CC, Stable>(in_row + x_begin * in_view.x, in_view, weighted ? w.data() + x_begin : nullptr,
+                              values.data(), count);
+      for (int64_t j = 0; j < count; ++j) {
+        const int64_t i = pixel_order(j, count);
+        const unsigned keep = chunk->keep[i];
+        if (!keep) continue;
+        const int64_t corner = chunk->corner[i] - row0;
+        const acc_t b[4] = {chunk->weight[0][i], chunk->weight[1][i], chunk->weight[2][i], chunk->weight[3][i]};
+        const acc_t s[4] = {Stable ? chunk->stable[0][i] : acc_t(1), Stable ? chunk->stable[1][i] : acc_t(1),
+                            Stable ? chunk->stable[2][i] : acc_t(1), Stable ? chunk->stable[3][i] : acc_t(1)};
+        Lanes v;
+        std::memcpy(&v, values.data() + i * kPacked, sizeof v);
+        if (keep == TapChunk<acc_t>::kAll) {
+          const Pair v2 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 0, 1, 2, 3);
+          for (int row = 0; row < 2; ++row) {
+            const int k = 2 * row;
+            const Pair weight = {b[k], b[k], b[k], b[k], b[k + 1], b[k + 1], b[k + 1], b[k + 1]};
+            Pair value = v2;
+            if (Stable) value *= Pair{s[k], s[k], s[k], s[k], s[k + 1], s[k + 1], s[k + 1], s[k + 1]};
+            acc_t* target = scratch + (corner + row * W) * kPacked;
+            Pair sum;
+            std::memcpy(&sum, target, sizeof sum);
+            sum += weight * value;
+            std::memcpy(target, &sum, sizeof sum);
+          }
+          continue;
+        }
+        for (int k = 0; k < 4; ++k) {
+          if (!(keep >> k & 1)) continue;
+          acc_t* target = scratch + (corner + offset[k]) * kPacked;
+          const acc_t* lanes = values.data() + i * kPacked;
+          for (int c = 0; c < kPacked; ++c) target[c] += b[k] * (Stable ? lanes[c] * s[k] : lanes[c]);
+        }
+      }
+    }
+  }
+}
+
+// A packed band's scratch moved into the NCHW outputs (out, norm contiguous; norm null for sum)
+// and zeroed. Phase 0 stores (no other band has written these rows); phase 1 adds and, the rows
+// then final, divides when `divides`.
+// plane[c][x] = (or +=) lanes[x][c] for the first Planes lanes of W targets, the lanes zeroed:
+// one pass, which vectorises (the lanes split with shuffles).
+template <int Planes, bool Add, typename acc_t>
+void unpack_row(acc_t* __restrict lanes, acc_t* __restrict p0, acc_t* __restrict p1, acc_t* __restrict p2,
+                acc_t* __restrict p3, int64_t W) {
+  static_assert(Planes >= 1 && Planes <= kPacked, "1 to 4 planes");
+  for (int64_t x = 0; x < W; ++x) {
+    acc_t* lane = lanes + x * kPacked;
+    const acc_t a0 = lane[0], a1 = lane[1], a2 = lane[2], a3 = lane[3];
+    p0[x] = Add ? p0[x] + a0 : a0;
+    if (Planes > 1) p1[x] = Add ? p1[x] + a1 : a1;
+    if (Planes > 2) p2[x] = Add ? p2[x] + a2 : a2;
+    if (Planes > 3) p3[x] = Add ? p3[x] + a3 : a3;
+    lane[0] = lane[1] = lane[2] = lane[3] = acc_t(0);
+  }
+}
+
+// A packed band's scratch moved into the NCHW outputs (out, norm contiguous; norm null for sum)
+// and zeroed. Phase 0 stores (no other band has written these rows); phase 1 adds and, the rows
+// then final, divides when `divides`.
+template <int CC, typename acc_t>
+void flush_band(const Band& band, int p, acc_t* scratch, acc_t* out, acc_t* norm, int64_t H, int64_t W,
+                bool divides, int normalisation) {
+  std::vector<acc_t> divisor(divides ? W : 0);
+  for (int64_t y = band.lo; y < band.hi; ++y) {
+    acc_t* lanes = scratch + (y - band.lo) * W * kPacked;
+    acc_t* plane[kPacked] = {};
+    for (int c = 0; c < CC; ++c) plane[c] = out + ((band.n * CC + c) * H + y) * W;
+    acc_t* D = norm ? norm + (band.n * H + y) * W : nullptr;
+    plane[CC] = D;
+    auto unpack = [&](auto add) {
+      constexpr bool Add = decltype(add)::value;
+      if (D)
+        unpack_row<CC + 1, Add>(lanes, plane[0], plane[1], plane[2], plane[3], W);
+      else
+        unpack_row<CC, Add>(lanes, plane[0], plane[1], plane[2], plane[3], W);
+    };
+    if (p == 0) {
+      unpack(std::false_type());
+      continue;
+    }
+    unpack(std::true_type());
+    if (!divides) continue;
+    for (int64_t x = 0; x < W; ++x) divisor[x] = safe_normaliser(D[x], normalisation);
+    for (int c = 0; c < CC; ++c) {
+      acc_t* __restrict row = plane[c];
+      for (int64_t x = 0; x < W; ++x) row[x] /= divisor[x];
+    }
+  }
+}
+
 // Rows [lo, hi) of image n: out /= D' (out, norm contiguous).
 template <typename acc_t>
 void divide_rows(acc_t* out, const acc_t* norm, int64_t n, int64_t lo, int64_t hi, int64_t C, int64_t H, int64_t W,
@@ -394,14 +599,25 @@ void forward_kernel(const at::Tensor& input, const Sources<acc_t>& src, int norm
       if (!zeroed[index]) zero_rows(index / H, index % H, index % H + 1);
   });
   auto scatter = [&](auto channels) {
-    schedule.run([&](const Band& band, int p) {
-      if (p == 0 && !band.empty()) zero_rows(band.n, band.lo, band.hi);
+    constexpr int CC = decltype(channels)::value;
+    schedule.template run<Scratch<acc_t>>([&](const Band& band, int p, Scratch<acc_t>& scratch) {
+      if (band.empty()) return;  // none of its pixels lands
+      if (CC > 0 && packs<acc_t>(band, C, W)) {
+        acc_t* rows = scratch.rows(band, W);
+        constexpr int packed = CC > 0 && CC < kPacked ? CC : 1;  // C when packs() holds
+        if (src.kind == STABLE)
+          scatter_band_packed<packed, true>(band, in, in_view, src, C, rows);
+        else
+          scatter_band_packed<packed, false>(band, in, in_view, src, C, rows);
+        flush_band<packed>(band, p, rows, out_data, norm_data, H, W, divides, normalisation);
+        return;
+      }
+      if (p == 0) zero_rows(band.n, band.lo, band.hi);
       if (src.kind == STABLE)
-        scatter_band<decltype(channels)::value, true>(band, in, in_view, src, C, out_data, norm_data);
+        scatter_band<CC, true>(band, in, in_view, src, C, out_data, norm_data);
       else
-        scatter_band<decltype(channels)::value, false>(band, in, in_view, src, C, out_data, norm_data);
-      if (p == 1 && divides && !band.empty())
-        divide_rows(out_data, norm_data, band.n, band.lo, band.hi, C, H, W, normalisation);
+        scatter_band<CC, false>(band, in, in_view, src, C, out_data, norm_data);
+      if (p == 1 && divides) divide_rows(out_data, norm_data, band.n, band.lo, band.hi, C, H, W, normalisation);
     });
   };
   switch (C) {
@@ -665,7 +881,7 @@ void maximum_kernel(const Sources<acc_t>& src, int64_t N, acc_t* maximum) {
   at::parallel_for(0, N * CH, 64, [&](int64_t begin, int64_t end) {
     std::fill(cells.get() + begin * CW, cells.get() + end * CW, -std::numeric_limits<acc_t>::infinity());
   });
-  plan(src, N).run([&](const Band& band, int) {
+  plan(src, N).template run<char>([&](const Band& band, int, char) {
     const int64_t n = band.n;
     std::vector<int64_t> cell(kChunk);  // of each pixel of a chunk, -1 where it lands nowhere
     acc_t* cells_n = cells.get() + n * CH * CW;
