@@ -117,18 +117,37 @@ inline int64_t pixel_order(int64_t j, int64_t count) {
   return j < evens ? 2 * j : 2 * (j - evens) + 1;
 }
 
-// metric - M(target of tap k) over a chunk's pixels, -inf where the tap is dropped or M is
-// -inf. Dropped taps read M at index 0 (no masked loads); restrict-qualified parameters, so
-// that the loop vectorises with gathers.
+// M at the four taps of each of a chunk's pixels, pixel-major: around[4 * i + k] (anything
+// finite for a dropped tap, which reads index 0 instead). Scalar loads on purpose, two taps of a
+// row at a time: vector gathers are several times slower on CPUs with the gather-data-sampling
+// microcode fix, and GCC would turn this loop into them.
 template <typename acc_t>
-void stable_exponents(const acc_t* __restrict maximum, const acc_t* __restrict metric, const int64_t* __restrict corner,
-                      const unsigned char* __restrict keep, int k, int64_t offset, acc_t* __restrict exponent, int64_t count) {
+__attribute__((optimize("no-tree-vectorize"))) void maxima_around(const acc_t* __restrict maximum,
+                                                                  const int64_t* __restrict corner,
+                                                                  const unsigned char* __restrict keep, int64_t W,
+                                                                  acc_t* __restrict around, int64_t count) {
+  const int64_t offset[4] = {0, 1, W, W + 1};
+  for (int64_t i = 0; i < count; ++i) {
+    acc_t* m = around + 4 * i;
+    if (keep[i] == 15) {
+      std::memcpy(m, maximum + corner[i], 2 * sizeof(acc_t));
+      std::memcpy(m + 2, maximum + corner[i] + W, 2 * sizeof(acc_t));
+      continue;
+    }
+    for (int k = 0; k < 4; ++k) m[k] = maximum[keep[i] >> k & 1 ? corner[i] + offset[k] : 0];
+  }
+}
+
+// metric - M(target of tap k) over a chunk's pixels, -inf where the tap is dropped or M is
+// -inf; `around` from maxima_around.
+template <typename acc_t>
+void stable_exponents(const acc_t* __restrict around, const acc_t* __restrict metric,
+                      const unsigned char* __restrict keep, int k, acc_t* __restrict exponent, int64_t count) {
   const acc_t minus_infinity = -std::numeric_limits<acc_t>::infinity();
   for (int64_t i = 0; i < count; ++i) {
-    const int64_t kept = keep[i] >> k & 1;
-    const acc_t M = maximum[(corner[i] + offset) * kept];
+    const acc_t M = around[4 * i + k];
     // Conditions as acc_t compares: selects of one width, which the vectoriser takes.
-    const bool dropped = static_cast<acc_t>(kept) == acc_t(0);
+    const bool dropped = static_cast<acc_t>(keep[i] >> k & 1) == acc_t(0);
     exponent[i] = dropped | (M == minus_infinity) ? minus_infinity : metric[i] - M;
   }
 }
@@ -178,9 +197,10 @@ struct TapChunk {
   // stable[k][i] = exp(metric - M(target of tap k)) for the kept taps, 0 for the others: the
   // values of stable_weight (0 where M is -inf), with a vectorised exp. `maximum`: image n's M.
   void fill_stable(const acc_t* maximum, const acc_t* metric, int64_t W, int64_t count) {
-    const int64_t offset[4] = {0, 1, W, W + 1};
+    acc_t around[4 * kChunk];
+    maxima_around(maximum, corner, keep, W, around, count);
     for (int k = 0; k < 4; ++k) {
-      stable_exponents(maximum, metric, corner, keep, k, offset[k], stable[k], count);
+      stable_exponents(around, metric, keep, k, stable[k], count);
       exp_inplace(stable[k], count);
     }
   }
@@ -385,6 +405,45 @@ struct Scratch {
   }
 };
 
+#if defined(__AVX512F__)
+// The four vectors of planes lane[c] (16 targets each) stored pixel-major at `target` (64 floats):
+// unpacks and 128-bit shuffles.
+inline void store_interleaved(const __m512 lane[kPacked], float* target) {
+  auto pairs = [](__m512 a, __m512 b, bool high) {
+    return high ? _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)))
+                : _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+  };
+  const __m512 ab_low = _mm512_unpacklo_ps(lane[0], lane[1]), ab_high = _mm512_unpackhi_ps(lane[0], lane[1]);
+  const __m512 cd_low = _mm512_unpacklo_ps(lane[2], lane[3]), cd_high = _mm512_unpackhi_ps(lane[2], lane[3]);
+  // Targets (0, 4, 8, 12), (1, 5, 9, 13), (2, 6, 10, 14), (3, 7, 11, 15), four lanes each.
+  const __m512 p0 = pairs(ab_low, cd_low, false), p1 = pairs(ab_low, cd_low, true);
+  const __m512 p2 = pairs(ab_high, cd_high, false), p3 = pairs(ab_high, cd_high, true);
+  const __m512 q0 = _mm512_shuffle_f32x4(p0, p1, 0x44), q1 = _mm512_shuffle_f32x4(p2, p3, 0x44);  // 0 4 1 5, 2 6 3 7
+  const __m512 q2 = _mm512_shuffle_f32x4(p0, p1, 0xEE), q3 = _mm512_shuffle_f32x4(p2, p3, 0xEE);  // 8 12 9 13, ...
+  _mm512_storeu_ps(target, _mm512_shuffle_f32x4(q0, q1, 0x88));
+  _mm512_storeu_ps(target + 16, _mm512_shuffle_f32x4(q0, q1, 0xDD));
+  _mm512_storeu_ps(target + 32, _mm512_shuffle_f32x4(q2, q3, 0x88));
+  _mm512_storeu_ps(target + 48, _mm512_shuffle_f32x4(q2, q3, 0xDD));
+}
+#endif
+
+// target[x * kPacked + c] = plane[c][x] for x < count: planes to pixel-major lanes.
+template <typename acc_t>
+void interleave(const acc_t* const plane[kPacked], acc_t* __restrict target, int64_t count) {
+  int64_t x = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    for (; x + 16 <= count; x += 16) {
+      __m512 lane[kPacked];
+      for (int c = 0; c < kPacked; ++c) lane[c] = _mm512_loadu_ps(plane[c] + x);
+      store_interleaved(lane, target + x * kPacked);
+    }
+  }
+#endif
+  for (; x < count; ++x)
+    for (int c = 0; c < kPacked; ++c) target[x * kPacked + c] = plane[c][x];
+}
+
 // The lanes of `count` pixels of a row, from `pixel` (its first channel): x * w per channel, w
 // (null for sum: 1 and lane CC 0), zeros; stable: x and 1. One loop per input layout, which
 // vectorises (the lanes interleaved with shuffles).
@@ -402,8 +461,7 @@ void pack_values(const scalar_t* __restrict pixel, const View4& view, const acc_
   };
 #if defined(__AVX512F__)
   if (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float> && view.x == 1) {
-    // 16 pixels at a time: the lanes as four vectors of planes, transposed into pixel-major
-    // order with unpacks and 128-bit shuffles.
+    // 16 pixels at a time: the lanes as four vectors of planes, stored pixel-major.
     int64_t i = 0;
     for (; i + 16 <= count; i += 16) {
       const __m512 scale = w && !Stable ? _mm512_loadu_ps(reinterpret_cast<const float*>(w) + i) : _mm512_set1_ps(1);
@@ -412,22 +470,7 @@ void pack_values(const scalar_t* __restrict pixel, const View4& view, const acc_
       for (int c = 0; c < CC; ++c)
         lane[c] = _mm512_mul_ps(_mm512_loadu_ps(reinterpret_cast<const float*>(pixel) + c * view.c + i), scale);
       lane[CC] = w ? scale : _mm512_setzero_ps();
-      const __m512 ab_low = _mm512_unpacklo_ps(lane[0], lane[1]), ab_high = _mm512_unpackhi_ps(lane[0], lane[1]);
-      const __m512 cd_low = _mm512_unpacklo_ps(lane[2], lane[3]), cd_high = _mm512_unpackhi_ps(lane[2], lane[3]);
-      auto pairs = [](__m512 a, __m512 b, bool high) {
-        return high ? _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)))
-                    : _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
-      };
-      // Pixels (0, 4, 8, 12), (1, 5, 9, 13), (2, 6, 10, 14), (3, 7, 11, 15), four lanes each.
-      const __m512 p0 = pairs(ab_low, cd_low, false), p1 = pairs(ab_low, cd_low, true);
-      const __m512 p2 = pairs(ab_high, cd_high, false), p3 = pairs(ab_high, cd_high, true);
-      const __m512 q0 = _mm512_shuffle_f32x4(p0, p1, 0x44), q1 = _mm512_shuffle_f32x4(p2, p3, 0x44);  // 0 4 1 5, 2 6 3 7
-      const __m512 q2 = _mm512_shuffle_f32x4(p0, p1, 0xEE), q3 = _mm512_shuffle_f32x4(p2, p3, 0xEE);  // 8 12 9 13, ...
-      float* target = reinterpret_cast<float*>(values) + i * kPacked;
-      _mm512_storeu_ps(target, _mm512_shuffle_f32x4(q0, q1, 0x88));
-      _mm512_storeu_ps(target + 16, _mm512_shuffle_f32x4(q0, q1, 0xDD));
-      _mm512_storeu_ps(target + 32, _mm512_shuffle_f32x4(q2, q3, 0x88));
-      _mm512_storeu_ps(target + 48, _mm512_shuffle_f32x4(q2, q3, 0xDD));
+      store_interleaved(lane, reinterpret_cast<float*>(values) + i * kPacked);
     }
     pixel += i;
     values += i * kPacked;
@@ -647,43 +690,55 @@ struct Prepare {
   View4 grad_norm_view;
   int normalisation;
   int64_t C, H, W;
+  int64_t K;  // values per target in g: C (+ 1 for gD), or kPacked (zero-padded) below that
 
   void rows(int64_t n, int64_t lo, int64_t hi, acc_t* g) const {
-    const int64_t K = C + (norm ? 1 : 0);
-    std::vector<acc_t> divisor(W), sum(W), channel(W);
+    // Each row as planes first (the channels' gN, then gD, then zeros), in loops that vectorise,
+    // then interleaved into g.
+    const int64_t used = C + (norm ? 1 : 0);
+    std::vector<acc_t> divisor(W), planes(std::max(used, K) * W, acc_t(0));
+    auto plane = [&](int64_t c) { return planes.data() + c * W; };
     for (int64_t y = lo; y < hi; ++y) {
-      acc_t* row = g + (y - lo) * W * K;
       const acc_t* D = norm ? norm + (n * H + y) * W : nullptr;
       if (D)
         for (int64_t x = 0; x < W; ++x) divisor[x] = safe_normaliser(D[x], normalisation);
-      std::fill(sum.begin(), sum.end(), acc_t(0));
+      acc_t* sum = D ? plane(C) : nullptr;
+      if (D) std::fill(sum, sum + W, acc_t(0));
       for (int64_t c = 0; c < C; ++c) {
-        // A row of one channel at a time, in loops that vectorise (a broadcast gradient, stride
-        // 0, as sum().backward() gives, and a contiguous one each have theirs), then interleaved.
+        // A broadcast gradient (stride 0, as sum().backward() gives) and a contiguous one each
+        // have their loop.
         const acc_t* gc = grad + grad_view.at(n, c, y, 0);
         const int64_t step = grad_view.x;
-        if (!D) {
-          for (int64_t x = 0; x < W; ++x) row[x * K + c] = gc[x * step];
-          continue;
-        }
+        acc_t* channel = plane(c);
+        const acc_t one = acc_t(1);
+        const acc_t* by = D ? divisor.data() : nullptr;
         if (step == 0)
-          for (int64_t x = 0; x < W; ++x) channel[x] = gc[0] / divisor[x];
+          for (int64_t x = 0; x < W; ++x) channel[x] = gc[0] / (by ? by[x] : one);
         else if (step == 1)
-          for (int64_t x = 0; x < W; ++x) channel[x] = gc[x] / divisor[x];
+          for (int64_t x = 0; x < W; ++x) channel[x] = gc[x] / (by ? by[x] : one);
         else
-          for (int64_t x = 0; x < W; ++x) channel[x] = gc[x * step] / divisor[x];
+          for (int64_t x = 0; x < W; ++x) channel[x] = gc[x * step] / (by ? by[x] : one);
+        if (!D) continue;
         const acc_t* r = result + result_view.at(n, c, y, 0);
         if (result_view.x == 1)
           for (int64_t x = 0; x < W; ++x) sum[x] -= channel[x] * r[x];
         else
           for (int64_t x = 0; x < W; ++x) sum[x] -= channel[x] * r[x * result_view.x];
-        for (int64_t x = 0; x < W; ++x) row[x * K + c] = channel[x];
       }
-      if (!D) continue;
-      const acc_t* extra = grad_norm ? grad_norm + grad_norm_view.at(n, 0, y, 0) : nullptr;
-      for (int64_t x = 0; x < W; ++x) {
-        const acc_t gD = normaliser_passes_gradient(D[x], normalisation) ? sum[x] : acc_t(0);
-        row[x * K + C] = extra ? gD + extra[x * grad_norm_view.x] : gD;
+      if (D) {
+        const acc_t* extra = grad_norm ? grad_norm + grad_norm_view.at(n, 0, y, 0) : nullptr;
+        for (int64_t x = 0; x < W; ++x) {
+          const acc_t gD = normaliser_passes_gradient(D[x], normalisation) ? sum[x] : acc_t(0);
+          sum[x] = extra ? gD + extra[x * grad_norm_view.x] : gD;
+        }
+      }
+      acc_t* row = g + (y - lo) * W * K;
+      if (K == kPacked) {
+        const acc_t* const lanes[kPacked] = {plane(0), plane(1), plane(2), plane(3)};
+        interleave(lanes, row, W);
+      } else {
+        for (int64_t c = 0; c < used; ++c)
+          for (int64_t x = 0; x < W; ++x) row[x * K + c] = plane(c)[x];
       }
     }
   }
@@ -707,7 +762,8 @@ struct Gather {
   void rows(int64_t n, int64_t y_begin, int64_t y_end, const acc_t* g, int64_t lo) const {
     const int64_t H = src.H, W = src.W, HW = H * W, channels = CC > 0 ? CC : C;
     constexpr bool normalised = Normalised;  // sum is not
-    const int64_t K = channels + (normalised ? 1 : 0);
+    const int64_t K = channels + (normalised ? 1 : 0);  // values used per target
+    const int64_t stride = CC > 0 && CC < kPacked ? kPacked : K;  // Prepare's layout
     constexpr int64_t kLocal = CC > 0 ? CC + 1 : 1;
     acc_t local_gathered[kLocal], local_x[kLocal], local_splatted[kLocal];
     std::vector<acc_t> heap_gathered(CC > 0 ? 0 : C + 1), heap_x(CC > 0 ? 0 : C + 1), heap_splatted(CC > 0 ? 0 : C + 1), w(W);
@@ -716,7 +772,7 @@ struct Gather {
     acc_t* splatted = CC > 0 ? local_splatted : heap_splatted.data();
     auto chunk = std::make_unique<TapChunk<acc_t>>();
     acc_t dx[4] = {}, dy[4] = {};  // stay 0 unless gf is asked for
-    const int64_t offset[4] = {0, K, W * K, (W + 1) * K};  // of tap k's values from the north-west's
+    const int64_t offset[4] = {0, stride, W * stride, (W + 1) * stride};  // of tap k's values from the north-west's
     for (int64_t y = y_begin; y < y_end; ++y) {
       src.row_weights(n, y, w.data());
       for (int64_t x_begin = 0; x_begin < W; x_begin += kChunk) {
@@ -737,7 +793,7 @@ struct Gather {
           const unsigned keep = chunk->keep[i];
           if (keep && gf) tap_derivatives(chunk->taps(i), dx, dy);
           // Where the north-west tap's values are in g (kept taps lie in g; others are not read).
-          const int64_t north_west = (chunk->corner[i] - lo * W) * K;
+          const int64_t north_west = (chunk->corner[i] - lo * W) * stride;
           for (int k = 0; k < 4; ++k) {
             if (!(keep >> k & 1)) continue;
             const acc_t* values = g + north_west + offset[k];
@@ -786,13 +842,14 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& grad_normalis
                      at::Tensor& grad_flow, at::Tensor& grad_metric) {
   const int64_t N = input.size(0), C = input.size(1), H = src.H, W = src.W;
   const bool normalised = src.kind != SUM;
-  const int64_t K = C + (normalised ? 1 : 0);
+  // Prepare's layout, as Gather::rows reads it: kPacked values per target for 1 to 3 channels
+  const int64_t K = C >= 1 && C < kPacked ? kPacked : C + (normalised ? 1 : 0);
   const Prepare<acc_t> prepare{grad_out.data_ptr<acc_t>(), View4(grad_out),
                                normalised ? out.data_ptr<acc_t>() : nullptr, normalised ? View4(out) : View4(),
                                normalised ? normaliser.data_ptr<acc_t>() : nullptr,
                                grad_normaliser.defined() ? grad_normaliser.data_ptr<acc_t>() : nullptr,
                                grad_normaliser.defined() ? View4(grad_normaliser) : View4(),
-                               normalisation, C, H, W};
+                               normalisation, C, H, W, K};
   const Gather<scalar_t, acc_t> gather{input.data_ptr<scalar_t>(), View4(input), src, C,
                                        grad_input.defined() ? grad_input.data_ptr<scalar_t>() : nullptr,
                                        grad_flow.defined() ? grad_flow.data_ptr<acc_t>() : nullptr,
@@ -853,6 +910,23 @@ inline acc_t maximum_of(acc_t current, acc_t value) {
   return value != value ? value : std::max(current, value);
 }
 
+// maximum_of for one value at a time, without branches where the CPU has SSE4.1 (random
+// metrics make a branch on the compare unpredictable): maxss gives current where either is NaN,
+// then a NaN value is blended in. (maximum_of itself vectorises in loops.)
+template <typename acc_t>
+inline acc_t scalar_maximum_of(acc_t current, acc_t value) {
+#if defined(__SSE4_1__)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const __m128 c = _mm_set_ss(current), v = _mm_set_ss(value);
+    return _mm_cvtss_f32(_mm_blendv_ps(_mm_max_ss(v, c), v, _mm_cmpunord_ss(v, v)));
+  } else if constexpr (std::is_same_v<acc_t, double>) {
+    const __m128d c = _mm_set_sd(current), v = _mm_set_sd(value);
+    return _mm_cvtsd_f64(_mm_blendv_pd(_mm_max_sd(v, c), v, _mm_cmpunord_sd(v, v)));
+  }
+#endif
+  return maximum_of(current, value);
+}
+
 // The cell (x0, y0) each of pixels [x_begin, x_begin + count) of row y lands in, as an index
 // (y0 + 1) * (W + 1) + x0 + 1 of the (H + 1) x (W + 1) cells; -1 where it lands nowhere.
 // make_taps's x0 and y0, in a loop that vectorises.
@@ -893,7 +967,7 @@ void maximum_kernel(const Sources<acc_t>& src, int64_t N, acc_t* maximum) {
         for (int64_t j = 0; j < count; ++j) {
           const int64_t i = pixel_order(j, count);
           if (cell[i] < 0) continue;
-          cells_n[cell[i]] = maximum_of(cells_n[cell[i]], metric[x_begin + i]);
+          cells_n[cell[i]] = scalar_maximum_of(cells_n[cell[i]], metric[x_begin + i]);
         }
       }
     }
