@@ -756,10 +756,12 @@ struct Gather {
   acc_t* gf;
   acc_t* gm;
 
-  // Source rows [y_begin, y_end) of image n, whose taps all lie in rows [lo, ...) of g (Prepare's
-  // layout). CC is C when a compile-time constant, so that the per-channel sums live in registers.
+  // Source rows [y_begin, y_end) of image n, whose kept taps all lie in target rows [lo, hi):
+  // row[r - lo + 1] holds target row r's values (Prepare's layout), for r in [lo - 1, hi] (the
+  // ends: any row, for dropped taps). CC is C when a compile-time constant, so that the
+  // per-channel sums live in registers.
   template <int CC, bool Stable, bool Normalised>
-  void rows(int64_t n, int64_t y_begin, int64_t y_end, const acc_t* g, int64_t lo) const {
+  void rows(int64_t n, int64_t y_begin, int64_t y_end, const acc_t* const* row, int64_t lo) const {
     const int64_t H = src.H, W = src.W, HW = H * W, channels = CC > 0 ? CC : C;
     constexpr bool normalised = Normalised;  // sum is not
     const int64_t K = channels + (normalised ? 1 : 0);  // values used per target
@@ -772,12 +774,11 @@ struct Gather {
     acc_t* splatted = CC > 0 ? local_splatted : heap_splatted.data();
     auto chunk = std::make_unique<TapChunk<acc_t>>();
     acc_t dx[4] = {}, dy[4] = {};  // stay 0 unless gf is asked for
-    const int64_t offset[4] = {0, stride, W * stride, (W + 1) * stride};  // of tap k's values from the north-west's
     for (int64_t y = y_begin; y < y_end; ++y) {
       src.row_weights(n, y, w.data());
       for (int64_t x_begin = 0; x_begin < W; x_begin += kChunk) {
         const int64_t count = std::min(kChunk, W - x_begin);
-        chunk->fill(src, n, y, x_begin, count, gf != nullptr);
+        chunk->fill(src, n, y, x_begin, count, true);
         if (Stable) chunk->fill_stable(src.maximum + n * HW, w.data() + x_begin, W, count);
         for (int64_t i = 0; i < count; ++i) {
           const int64_t x = x_begin + i;
@@ -792,11 +793,12 @@ struct Gather {
           acc_t grad_fx = 0, grad_fy = 0;
           const unsigned keep = chunk->keep[i];
           if (keep && gf) tap_derivatives(chunk->taps(i), dx, dy);
-          // Where the north-west tap's values are in g (kept taps lie in g; others are not read).
-          const int64_t north_west = (chunk->corner[i] - lo * W) * stride;
+          // Where the taps' values are (those of dropped taps are not read).
+          const acc_t* north = keep ? row[chunk->y0[i] - lo + 1] + chunk->x0[i] * stride : nullptr;
+          const acc_t* south = keep ? row[chunk->y0[i] - lo + 2] + chunk->x0[i] * stride : nullptr;
           for (int k = 0; k < 4; ++k) {
             if (!(keep >> k & 1)) continue;
-            const acc_t* values = g + north_west + offset[k];
+            const acc_t* values = (k < 2 ? north : south) + (k & 1) * stride;
             // The weight splatted beside the input: per tap for stable, else per pixel (and
             // then applied to the input gradient once, below).
             const acc_t tap_w = Stable ? chunk->stable[k][i] : pixel_w;
@@ -856,33 +858,51 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& grad_normalis
                                        grad_metric.defined() ? grad_metric.data_ptr<acc_t>() : nullptr};
   auto run = [&](auto channels) {
     constexpr int CC = decltype(channels)::value;
-    auto rows = [&](int64_t n, int64_t y_begin, int64_t y_end, const acc_t* g, int64_t lo) {
+    auto rows = [&](int64_t n, int64_t y_begin, int64_t y_end, const acc_t* const* row, int64_t lo) {
       if (src.kind == STABLE)
-        gather.template rows<CC, true, true>(n, y_begin, y_end, g, lo);
+        gather.template rows<CC, true, true>(n, y_begin, y_end, row, lo);
       else if (normalised)
-        gather.template rows<CC, false, true>(n, y_begin, y_end, g, lo);
+        gather.template rows<CC, false, true>(n, y_begin, y_end, row, lo);
       else
-        gather.template rows<CC, false, false>(n, y_begin, y_end, g, lo);
+        gather.template rows<CC, false, false>(n, y_begin, y_end, row, lo);
     };
     const std::vector<Band> all = bands(src, N);
     int64_t reach = 0;
     for (const Band& band : all) reach += band.hi - band.lo;
     if (reach <= 2 * N * H) {
       at::parallel_for(0, static_cast<int64_t>(all.size()), 1, [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> g;
+        // The thread's bands are neighbours, and so are their reaches: the rows a band shares
+        // with the previous one stay prepared, in a ring of rows (row r in slot r % capacity).
+        int64_t capacity = 1;
+        for (int64_t i = begin; i < end; ++i) capacity = std::max(capacity, all[i].hi - all[i].lo);
+        std::vector<acc_t> ring(static_cast<size_t>(capacity * W * K));
+        auto slot = [&](int64_t r) { return ring.data() + (r % capacity) * W * K; };
+        int64_t held_n = -1, held_lo = 0, held_hi = 0;  // rows [held_lo, held_hi) of image held_n
+        std::vector<const acc_t*> row;
         for (int64_t i = begin; i < end; ++i) {
           const Band& band = all[i];
-          g.resize(static_cast<size_t>(std::max<int64_t>(1, (band.hi - band.lo) * W * K)));
-          prepare.rows(band.n, band.lo, band.hi, g.data());
-          rows(band.n, band.y_begin, band.y_end, g.data(), band.lo);
+          if (band.n != held_n || band.lo < held_lo || band.lo >= held_hi) held_hi = band.lo;  // none reusable
+          held_n = band.n;
+          held_lo = band.lo;
+          for (int64_t r = held_hi; r < band.hi;) {  // prepare the missing rows, a run of slots at a time
+            const int64_t run = std::min(band.hi - r, capacity - r % capacity);
+            prepare.rows(band.n, r, r + run, slot(r));
+            r += run;
+          }
+          held_hi = std::max(held_hi, band.hi);
+          row.assign(static_cast<size_t>(band.hi - band.lo + 2), ring.data());
+          for (int64_t r = band.lo; r < band.hi; ++r) row[r - band.lo + 1] = slot(r);
+          rows(band.n, band.y_begin, band.y_end, row.data(), band.lo);
         }
       });
       return;
     }
     std::unique_ptr<acc_t[]> g(new acc_t[H * W * K]);
+    std::vector<const acc_t*> row(H + 2, g.get());
+    for (int64_t r = 0; r < H; ++r) row[r + 1] = g.get() + r * W * K;
     for (int64_t n = 0; n < N; ++n) {
       at::parallel_for(0, H, 16, [&](int64_t begin, int64_t end) { prepare.rows(n, begin, end, g.get() + begin * W * K); });
-      at::parallel_for(0, H, 4, [&](int64_t begin, int64_t end) { rows(n, begin, end, g.get(), 0); });
+      at::parallel_for(0, H, 4, [&](int64_t begin, int64_t end) { rows(n, begin, end, row.data(), 0); });
     }
   };
   switch (C) {
