@@ -74,9 +74,12 @@ def _synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(function, device="cpu", repeats: int = 3) -> float:
-    """Median seconds of ``function()`` over ``repeats`` runs after one warm-up, synchronised."""
-    function()
+def timed(function, device="cpu", repeats: int = 3, warmups: int = 2) -> float:
+    """Median seconds of ``function()`` over ``repeats`` runs after ``warmups`` untimed ones,
+    synchronised. Two warm-ups: the first calls of an allocation-heavy function (the naive port
+    above) also pay for growing the allocator's heap (page faults), which steady state does not."""
+    for _ in range(warmups):
+        function()
     _synchronize(device)
     times = []
     for _ in range(repeats):

@@ -28,10 +28,10 @@
 #endif
 
 #include <algorithm>
-#include <type_traits>
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -117,37 +117,18 @@ inline int64_t pixel_order(int64_t j, int64_t count) {
   return j < evens ? 2 * j : 2 * (j - evens) + 1;
 }
 
-// M at the four taps of each of a chunk's pixels, pixel-major: around[4 * i + k] (anything
-// finite for a dropped tap, which reads index 0 instead). Scalar loads on purpose, two taps of a
-// row at a time: vector gathers are several times slower on CPUs with the gather-data-sampling
-// microcode fix, and GCC would turn this loop into them.
-template <typename acc_t>
-__attribute__((optimize("no-tree-vectorize"))) void maxima_around(const acc_t* __restrict maximum,
-                                                                  const int64_t* __restrict corner,
-                                                                  const unsigned char* __restrict keep, int64_t W,
-                                                                  acc_t* __restrict around, int64_t count) {
-  const int64_t offset[4] = {0, 1, W, W + 1};
-  for (int64_t i = 0; i < count; ++i) {
-    acc_t* m = around + 4 * i;
-    if (keep[i] == 15) {
-      std::memcpy(m, maximum + corner[i], 2 * sizeof(acc_t));
-      std::memcpy(m + 2, maximum + corner[i] + W, 2 * sizeof(acc_t));
-      continue;
-    }
-    for (int k = 0; k < 4; ++k) m[k] = maximum[keep[i] >> k & 1 ? corner[i] + offset[k] : 0];
-  }
-}
-
 // metric - M(target of tap k) over a chunk's pixels, -inf where the tap is dropped or M is
-// -inf; `around` from maxima_around.
+// -inf. Dropped taps read M at index 0 (no masked loads); restrict-qualified parameters, so
+// that the loop vectorises with gathers.
 template <typename acc_t>
-void stable_exponents(const acc_t* __restrict around, const acc_t* __restrict metric,
-                      const unsigned char* __restrict keep, int k, acc_t* __restrict exponent, int64_t count) {
+void stable_exponents(const acc_t* __restrict maximum, const acc_t* __restrict metric, const int64_t* __restrict corner,
+                      const unsigned char* __restrict keep, int k, int64_t offset, acc_t* __restrict exponent, int64_t count) {
   const acc_t minus_infinity = -std::numeric_limits<acc_t>::infinity();
   for (int64_t i = 0; i < count; ++i) {
-    const acc_t M = around[4 * i + k];
+    const int64_t kept = keep[i] >> k & 1;
+    const acc_t M = maximum[(corner[i] + offset) * kept];
     // Conditions as acc_t compares: selects of one width, which the vectoriser takes.
-    const bool dropped = static_cast<acc_t>(keep[i] >> k & 1) == acc_t(0);
+    const bool dropped = static_cast<acc_t>(kept) == acc_t(0);
     exponent[i] = dropped | (M == minus_infinity) ? minus_infinity : metric[i] - M;
   }
 }
@@ -197,10 +178,9 @@ struct TapChunk {
   // stable[k][i] = exp(metric - M(target of tap k)) for the kept taps, 0 for the others: the
   // values of stable_weight (0 where M is -inf), with a vectorised exp. `maximum`: image n's M.
   void fill_stable(const acc_t* maximum, const acc_t* metric, int64_t W, int64_t count) {
-    acc_t around[4 * kChunk];
-    maxima_around(maximum, corner, keep, W, around, count);
+    const int64_t offset[4] = {0, 1, W, W + 1};
     for (int k = 0; k < 4; ++k) {
-      stable_exponents(around, metric, keep, k, stable[k], count);
+      stable_exponents(maximum, metric, corner, keep, k, offset[k], stable[k], count);
       exp_inplace(stable[k], count);
     }
   }
@@ -460,17 +440,17 @@ void pack_values(const scalar_t* __restrict pixel, const View4& view, const acc_
     }
   };
 #if defined(__AVX512F__)
-  if (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float> && view.x == 1) {
-    // 16 pixels at a time: the lanes as four vectors of planes, stored pixel-major.
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    // 16 pixels at a time (NCHW): the lanes as four vectors of planes, stored pixel-major.
     int64_t i = 0;
-    for (; i + 16 <= count; i += 16) {
-      const __m512 scale = w && !Stable ? _mm512_loadu_ps(reinterpret_cast<const float*>(w) + i) : _mm512_set1_ps(1);
+    for (; view.x == 1 && i + 16 <= count; i += 16) {
+      const __m512 scale = w && !Stable ? _mm512_loadu_ps(w + i) : _mm512_set1_ps(1);
       __m512 lane[kPacked];
       for (int c = 0; c < kPacked; ++c) lane[c] = _mm512_setzero_ps();
       for (int c = 0; c < CC; ++c)
-        lane[c] = _mm512_mul_ps(_mm512_loadu_ps(reinterpret_cast<const float*>(pixel) + c * view.c + i), scale);
+        lane[c] = _mm512_mul_ps(_mm512_loadu_ps(pixel + c * view.c + i), scale);
       lane[CC] = w ? scale : _mm512_setzero_ps();
-      store_interleaved(lane, reinterpret_cast<float*>(values) + i * kPacked);
+      store_interleaved(lane, values + i * kPacked);
     }
     pixel += i;
     values += i * kPacked;
@@ -490,7 +470,7 @@ void pack_values(const scalar_t* __restrict pixel, const View4& view, const acc_
 // oracle's order, as in scatter_band.
 template <int CC, bool Stable, typename scalar_t, typename acc_t>
 void scatter_band_packed(const Band& band, const scalar_t* in, const View4& in_view, const Sources<acc_t>& src,
-                         int64_t C, acc_t* __restrict scratch) {
+                         acc_t* __restrict scratch) {
   using Pair = typename Vector<acc_t, 2 * kPacked>::type;  // the lanes of two targets
   using Lanes = typename Vector<acc_t, kPacked>::type;
   const int64_t W = src.W, n = band.n, row0 = band.lo * W;
@@ -498,7 +478,6 @@ void scatter_band_packed(const Band& band, const scalar_t* in, const View4& in_v
   std::vector<acc_t> w(W);
   auto chunk = std::make_unique<TapChunk<acc_t>>();
   std::vector<acc_t> values(kChunk * kPacked);
-  (void)C;
   const int64_t offset[4] = {0, 1, W, W + 1};
   for (int64_t y = band.y_begin; y < band.y_end; ++y) {
     src.row_weights(n, y, w.data());
@@ -545,9 +524,6 @@ void scatter_band_packed(const Band& band, const scalar_t* in, const View4& in_v
   }
 }
 
-// A packed band's scratch moved into the NCHW outputs (out, norm contiguous; norm null for sum)
-// and zeroed. Phase 0 stores (no other band has written these rows); phase 1 adds and, the rows
-// then final, divides when `divides`.
 // plane[c][x] = (or +=) lanes[x][c] for the first Planes lanes of W targets, the lanes zeroed:
 // one pass, which vectorises (the lanes split with shuffles).
 template <int Planes, bool Add, typename acc_t>
@@ -649,9 +625,9 @@ void forward_kernel(const at::Tensor& input, const Sources<acc_t>& src, int norm
         acc_t* rows = scratch.rows(band, W);
         constexpr int packed = CC > 0 && CC < kPacked ? CC : 1;  // C when packs() holds
         if (src.kind == STABLE)
-          scatter_band_packed<packed, true>(band, in, in_view, src, C, rows);
+          scatter_band_packed<packed, true>(band, in, in_view, src, rows);
         else
-          scatter_band_packed<packed, false>(band, in, in_view, src, C, rows);
+          scatter_band_packed<packed, false>(band, in, in_view, src, rows);
         flush_band<packed>(band, p, rows, out_data, norm_data, H, W, divides, normalisation);
         return;
       }
