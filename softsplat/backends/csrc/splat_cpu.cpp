@@ -5,16 +5,18 @@
 // Schedule: source rows are cut into bands (their height from the image size alone) and each
 // band's reach, the target rows its taps can land on, is read from the flow. Bands alternate
 // between two phases; while two bands of one phase (and image) reach a common row, neighbouring
-// bands are merged (at worst into one band per image). The bands of a phase then run in parallel
-// and add straight into the NCHW result and the normaliser: no atomics, no per-thread copies of
-// the output. Every target receives the contributions of at most one band per phase, each in a
-// fixed pixel order, phase 0 first: the same sums, bitwise, whatever the thread count. Phase 0
-// zeroes the rows it reaches just before adding into them; phase 1 divides the rows it reaches
-// once they are final. The scatter-max of stable splatting runs on the same schedule, one update
-// per pixel (into the cell it lands in).
+// bands are merged (at worst into one band per image). The bands of a phase then run in parallel:
+// no atomics, no per-thread copies of the output. With up to three channels a band accumulates
+// into a scratch of the rows it reaches, pixel-major (four lanes per target: the channels and the
+// normaliser), two vector read-modify-writes per pixel, then moves it into the NCHW outputs;
+// otherwise it adds straight into them. Every target receives the contributions of at most one
+// band per phase, each in a fixed pixel order, phase 0 first: the same sums, bitwise, whatever
+// the thread count. Phase 0 writes (or zeroes, then adds into) the rows it reaches; phase 1
+// divides the rows it reaches once they are final. The scatter-max of stable splatting runs on
+// the same schedule, one update per pixel (into the cell it lands in).
 // Backward: per band of source rows, gN = grad / D' and gD of the rows it reaches are prepared
-// in a buffer of the thread; every source pixel gathers from its four taps and writes only its
-// own gradients: no atomics either.
+// in a ring of rows of the thread (rows its previous band also reached are kept); every source
+// pixel gathers from its four taps and writes only its own gradients: no atomics either.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
