@@ -812,9 +812,9 @@ struct Gather {
 };
 
 // Backward: per band of source rows, gN and gD of the target rows it reaches are prepared in a
-// buffer of the thread (in cache when gathered; rows two bands reach are prepared twice), then
-// the band's pixels gather from it. Where flows reach so far that the bands' buffers would add up
-// to more than twice the image, each image is prepared once, whole, and gathered from.
+// ring of rows of the thread (kept for its next band, which reaches most of them too), then the
+// band's pixels gather from it. Where flows reach so far that the bands' rows would add up to
+// more than twice the image, each image is prepared once, whole, and gathered from.
 template <typename scalar_t, typename acc_t>
 void backward_kernel(const at::Tensor& grad_out, const at::Tensor& grad_normaliser,
                      const at::Tensor& input, const Sources<acc_t>& src, const at::Tensor& out,
