@@ -371,9 +371,13 @@ struct Vector {
   typedef T type __attribute__((vector_size(Lanes * sizeof(T))));
 };
 
+// Whether C channels (and the normaliser) take the packed layout, kPacked lanes per target: the
+// forward's scratch and the backward's prepared rows.
+constexpr bool packed_layout(int64_t C) { return C >= 1 && C < kPacked; }
+
 template <typename acc_t>
 bool packs(const Band& band, int64_t C, int64_t W) {
-  return C < kPacked && (band.hi - band.lo) * W * kPacked * static_cast<int64_t>(sizeof(acc_t)) <= kPackedBytes;
+  return packed_layout(C) && (band.hi - band.lo) * W * kPacked * static_cast<int64_t>(sizeof(acc_t)) <= kPackedBytes;
 }
 
 // A thread's scratch: all zeros between bands (flush_band zeroes what it reads).
@@ -427,8 +431,8 @@ void interleave(const acc_t* const plane[kPacked], acc_t* __restrict target, int
 }
 
 // The lanes of `count` pixels of a row, from `pixel` (its first channel): x * w per channel, w
-// (null for sum: 1 and lane CC 0), zeros; stable: x and 1. One loop per input layout, which
-// vectorises (the lanes interleaved with shuffles).
+// (null for sum: 1 and lane CC 0), zeros; stable: x and 1. float NCHW with AVX-512: 16 pixels
+// at a time through store_interleaved; otherwise, and for the remainder, one pixel at a time.
 template <int CC, bool Stable, typename scalar_t, typename acc_t>
 void pack_values(const scalar_t* __restrict pixel, const View4& view, const acc_t* __restrict w,
                  acc_t* __restrict values, int64_t count) {
@@ -526,6 +530,26 @@ void scatter_band_packed(const Band& band, const scalar_t* in, const View4& in_v
   }
 }
 
+// Row y of image n: out /= D' (out, norm contiguous); `divisor`: W values of scratch.
+template <typename acc_t>
+void divide_row(acc_t* out, const acc_t* norm, int64_t n, int64_t y, int64_t C, int64_t H, int64_t W,
+                int normalisation, acc_t* divisor) {
+  const acc_t* D = norm + (n * H + y) * W;
+  for (int64_t x = 0; x < W; ++x) divisor[x] = safe_normaliser(D[x], normalisation);
+  for (int64_t c = 0; c < C; ++c) {
+    acc_t* row = out + ((n * C + c) * H + y) * W;
+    for (int64_t x = 0; x < W; ++x) row[x] /= divisor[x];
+  }
+}
+
+// Rows [lo, hi) of image n: divide_row.
+template <typename acc_t>
+void divide_rows(acc_t* out, const acc_t* norm, int64_t n, int64_t lo, int64_t hi, int64_t C, int64_t H, int64_t W,
+                 int normalisation) {
+  std::vector<acc_t> divisor(W);
+  for (int64_t y = lo; y < hi; ++y) divide_row(out, norm, n, y, C, H, W, normalisation, divisor.data());
+}
+
 // plane[c][x] = (or +=) lanes[x][c] for the first Planes lanes of W targets, the lanes zeroed:
 // one pass, which vectorises (the lanes split with shuffles).
 template <int Planes, bool Add, typename acc_t>
@@ -568,27 +592,7 @@ void flush_band(const Band& band, int p, acc_t* scratch, acc_t* out, acc_t* norm
       continue;
     }
     unpack(std::true_type());
-    if (!divides) continue;
-    for (int64_t x = 0; x < W; ++x) divisor[x] = safe_normaliser(D[x], normalisation);
-    for (int c = 0; c < CC; ++c) {
-      acc_t* __restrict row = plane[c];
-      for (int64_t x = 0; x < W; ++x) row[x] /= divisor[x];
-    }
-  }
-}
-
-// Rows [lo, hi) of image n: out /= D' (out, norm contiguous).
-template <typename acc_t>
-void divide_rows(acc_t* out, const acc_t* norm, int64_t n, int64_t lo, int64_t hi, int64_t C, int64_t H, int64_t W,
-                 int normalisation) {
-  std::vector<acc_t> divisor(W);
-  for (int64_t y = lo; y < hi; ++y) {
-    const acc_t* D = norm + (n * H + y) * W;
-    for (int64_t x = 0; x < W; ++x) divisor[x] = safe_normaliser(D[x], normalisation);
-    for (int64_t c = 0; c < C; ++c) {
-      acc_t* row = out + ((n * C + c) * H + y) * W;
-      for (int64_t x = 0; x < W; ++x) row[x] /= divisor[x];
-    }
+    if (divides) divide_row(out, norm, band.n, y, CC, H, W, normalisation, divisor.data());
   }
 }
 
@@ -625,7 +629,7 @@ void forward_kernel(const at::Tensor& input, const Sources<acc_t>& src, int norm
       if (band.empty()) return;  // none of its pixels lands
       if (CC > 0 && packs<acc_t>(band, C, W)) {
         acc_t* rows = scratch.rows(band, W);
-        constexpr int packed = CC > 0 && CC < kPacked ? CC : 1;  // C when packs() holds
+        constexpr int packed = packed_layout(CC) ? CC : 1;  // C when packs() holds
         if (src.kind == STABLE)
           scatter_band_packed<packed, true>(band, in, in_view, src, rows);
         else
@@ -655,8 +659,9 @@ void forward_kernel(const at::Tensor& input, const Sources<acc_t>& src, int norm
   });
 }
 
-// The backward's gN = grad / D' and gD (SPEC.md), pixel-major: K = C values (+ gD when the mode
-// normalises) per target pixel, for rows [lo, hi) of image n into g[(y - lo) * W + x][K].
+// The backward's gN = grad / D' and gD (SPEC.md), pixel-major: K values per target pixel (the
+// C channels' gN, then gD when the mode normalises; zero-padded to kPacked in the packed
+// layout), for rows [lo, hi) of image n into g[(y - lo) * W + x][K].
 template <typename acc_t>
 struct Prepare {
   const acc_t* grad;
@@ -743,7 +748,7 @@ struct Gather {
     const int64_t H = src.H, W = src.W, HW = H * W, channels = CC > 0 ? CC : C;
     constexpr bool normalised = Normalised;  // sum is not
     const int64_t K = channels + (normalised ? 1 : 0);  // values used per target
-    const int64_t stride = CC > 0 && CC < kPacked ? kPacked : K;  // Prepare's layout
+    const int64_t stride = packed_layout(channels) ? kPacked : K;  // Prepare's layout
     constexpr int64_t kLocal = CC > 0 ? CC + 1 : 1;
     acc_t local_gathered[kLocal], local_x[kLocal], local_splatted[kLocal];
     std::vector<acc_t> heap_gathered(CC > 0 ? 0 : C + 1), heap_x(CC > 0 ? 0 : C + 1), heap_splatted(CC > 0 ? 0 : C + 1), w(W);
@@ -822,8 +827,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& grad_normalis
                      at::Tensor& grad_flow, at::Tensor& grad_metric) {
   const int64_t N = input.size(0), C = input.size(1), H = src.H, W = src.W;
   const bool normalised = src.kind != SUM;
-  // Prepare's layout, as Gather::rows reads it: kPacked values per target for 1 to 3 channels
-  const int64_t K = C >= 1 && C < kPacked ? kPacked : C + (normalised ? 1 : 0);
+  const int64_t K = packed_layout(C) ? kPacked : C + (normalised ? 1 : 0);  // Prepare's layout
   const Prepare<acc_t> prepare{grad_out.data_ptr<acc_t>(), View4(grad_out),
                                normalised ? out.data_ptr<acc_t>() : nullptr, normalised ? View4(out) : View4(),
                                normalised ? normaliser.data_ptr<acc_t>() : nullptr,
