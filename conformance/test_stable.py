@@ -3,10 +3,15 @@ finite, up to the eps effect; every backend and dtype."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 import softsplat
+
+from .strategies import Case
+from .test_against_oracle import check_case
 
 
 def _collision(dtype, device, big: float):
@@ -46,3 +51,30 @@ def test_stable_equals_soft_where_soft_is_finite(backend, device) -> None:
     # zeroeps divides by D itself where it is non-zero: no eps effect, the shift cancels exactly
     torch.testing.assert_close(stable, soft, rtol=1e-5, atol=1e-6)
     assert (coverage > 0).any()
+
+
+@pytest.mark.parametrize("spreads", [(38.0, 42.0), (290.0, 310.0), (1.0, math.inf), (30.0, math.nan)])
+@pytest.mark.parametrize("mode", ["soft", "soft-zeroeps", "soft-clipeps"])
+def test_stable_across_metric_spreads(backend, device, spreads, mode) -> None:
+    """A batch of two images whose metrics spread over (max - min) either side of a limit:
+    40 and 300 are where the cpp CPU kernels stop splatting exp(metric - image maximum) and
+    rescaling per target (float32 and float64), and take the per-tap weights; one image with
+    an infinite or NaN metric takes them too, beside one that need not. Every backend must give
+    the oracle's answer, forward and gradients, whichever way it computes it."""
+    from softsplat import Mode
+
+    generator = torch.Generator().manual_seed(6)
+    N, C, H, W = 2, 3, 40, 37
+    input = torch.randn((N, C, H, W), generator=generator, dtype=torch.float64)
+    flow = torch.randn((N, 2, H, W), generator=generator, dtype=torch.float64) * 3
+    unit = torch.rand((N, 1, H, W), generator=generator, dtype=torch.float64)
+    metric = torch.empty_like(unit)
+    for n, spread in enumerate(spreads):
+        finite = spread if math.isfinite(spread) else 20.0
+        metric[n] = (unit[n] - unit[n].min()) / (unit[n].max() - unit[n].min()) * finite - finite / 2
+        if not math.isfinite(spread):
+            metric[n, 0, H // 2, W // 2] = spread
+    for dtype in backend.dtypes:
+        case = Case(input.to(dtype).to(device), flow.to(dtype).to(device), metric.to(dtype).to(device),
+                    Mode.parse(mode), (True, True, True), stable=True)
+        check_case(backend, case, torch.Generator().manual_seed(7))

@@ -90,6 +90,24 @@ def timed(function, device="cpu", repeats: int = 3, warmups: int = 2) -> float:
     return statistics.median(times)
 
 
+def timed_together(functions: dict, device="cpu", repeats: int = 3, warmups: int = 2) -> dict:
+    """``timed`` for several functions at once, run in turns (one run of each, ``repeats``
+    times): a slow or fast spell of a shared machine falls on all of them, so the ratios of the
+    medians hold better than those of functions timed one after the other."""
+    for _ in range(warmups):
+        for function in functions.values():
+            function()
+    _synchronize(device)
+    times = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, function in functions.items():
+            start = time.perf_counter()
+            function()
+            _synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def passes(call, tensors, mode):
     """(forward, forward+backward) closures of ``call(input, flow, metric_or_None, mode)``."""
     metric = tensors[2] if mode.startswith(("linear", "soft")) else None
@@ -163,19 +181,27 @@ def run(args) -> int:
     bandwidth = copy_bandwidth(device)
     contenders = [(b.name, splat_call(b.name)) for b, _ in runnable] + [("naive port", naive_port)]
     rows = []
+    # Per size and contender, the modes are timed in turns (timed_together): the forwards, then
+    # the forward+backward passes, so that a contender's ratios between modes (stable / plain)
+    # compare runs of the same moments. Contenders are timed one after the other, each in its
+    # own steady state: a run of the naive port, with its image-sized temporaries, leaves the
+    # allocator's heap in a state another contender's first calls would pay for.
+    times = {}
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("timing", total=len(sizes) * len(modes) * len(contenders))
+        task = progress.add_task("timing", total=len(sizes) * len(contenders))
         for size in sizes:
+            tensors = inputs(size, dtype=dtype, device=device)
+            for name, call in contenders:
+                progress.update(task, description=f"{name} {size[0]}x{size[1]}")
+                closures = {mode: passes(call, tensors, mode) for mode in modes}
+                forward = timed_together({mode: pair[0] for mode, pair in closures.items()}, device, args.repeats)
+                both = timed_together({mode: pair[1] for mode, pair in closures.items()}, device, args.repeats)
+                for mode in modes:
+                    times[size, mode, name] = (forward[mode], both[mode])
+                progress.advance(task)
             for mode in modes:
-                tensors = inputs(size, dtype=dtype, device=device)
-                measured = {}
-                for name, call in contenders:
-                    progress.update(task, description=f"{name} {size[0]}x{size[1]} {mode}")
-                    forward, forward_backward = passes(call, tensors, mode)
-                    measured[name] = (timed(forward, device, args.repeats), timed(forward_backward, device, args.repeats))
-                    progress.advance(task)
-                bound = forward_bytes(size, dtype=dtype, mode=mode) / bandwidth
-                rows.append((size, mode, measured, bound))
+                measured = {name: times[size, mode, name] for name, _ in contenders}
+                rows.append((size, mode, measured, forward_bytes(size, dtype=dtype, mode=mode) / bandwidth))
     table = Table(title=f"softsplat bench on {device}, {args.dtype}, median of {args.repeats} (ratios: how many times faster)")
     for column in ("size", "mode", "backend", "forward ms", "fwd+bwd ms", "vs torch oracle fwd / fwd+bwd", "vs naive port fwd / fwd+bwd", "forward / bandwidth bound"):
         table.add_column(column, justify="right")
@@ -189,7 +215,21 @@ def run(args) -> int:
             )
     console.print(table)
     console.print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; bound = bytes the fused forward must move / that bandwidth")
+    for line in stable_ratios(rows):
+        console.print(line)
     return 0
+
+
+def stable_ratios(rows) -> list[str]:
+    """For every mode measured both plain and ``+stable``: how many times the plain forward's
+    time the stable forward takes, per backend (the scatter-max pass included)."""
+    forward = {(size, mode, name): times[0] for size, mode, measured, _ in rows for name, times in measured.items()}
+    lines = []
+    for (size, mode, name), seconds in forward.items():
+        plain = forward.get((size, mode.removesuffix(STABLE_SUFFIX), name))
+        if mode.endswith(STABLE_SUFFIX) and plain and name != "naive port":
+            lines.append(f"{size[0]}x{size[1]} {name}: {mode} forward / {mode.removesuffix(STABLE_SUFFIX)} forward = {seconds / plain:.2f}x")
+    return lines
 
 
 def add_arguments(parser) -> None:

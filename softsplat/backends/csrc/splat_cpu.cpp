@@ -95,18 +95,24 @@ struct Sources {
   int64_t H, W;
   int kind;
   const acc_t* maximum;  // stable: M [N, 1, H, W] contiguous; else null
+  const acc_t* shift = nullptr;  // soft: w = exp(metric - shift[n]) (StableShortcut), else exp(metric)
 
   const acc_t* flow_row(int64_t n, int64_t component, int64_t y) const { return flow + ((n * 2 + component) * H + y) * W; }
   const acc_t* metric_row(int64_t n, int64_t y) const { return metric + (n * H + y) * W; }
 
   // The per-pixel weights w of source row y: pixel_weight (1, metric or exp(metric)), computed
-  // a row at a time so that exp vectorises. Stable: the metric (TapChunk::fill_stable).
+  // a row at a time so that exp vectorises; soft with a shift: exp(metric - shift[n]). Stable:
+  // the metric (TapChunk::fill_stable).
   void row_weights(int64_t n, int64_t y, acc_t* w) const {
     if (!metric) {
       std::fill(w, w + W, acc_t(1));
       return;
     }
-    std::copy(metric_row(n, y), metric_row(n, y) + W, w);
+    const acc_t* m = metric_row(n, y);
+    if (kind == SOFT && shift)
+      for (int64_t x = 0; x < W; ++x) w[x] = m[x] - shift[n];
+    else
+      std::copy(m, m + W, w);
     if (kind == SOFT) exp_inplace(w, W);
   }
 };
@@ -530,25 +536,122 @@ void scatter_band_packed(const Band& band, const scalar_t* in, const View4& in_v
   }
 }
 
-// Row y of image n: out /= D' (out, norm contiguous); `divisor`: W values of scratch.
+// Stable splatting's shortcut. A tap's weight is exp(m - M(t)) (m the pixel's metric, M(t) the
+// target's maximum) = exp(m - R) * exp(R - M(t)) for any R. With R the image's largest metric,
+// the scatter splats plain soft weights exp(m - R) <= 1, and once a target's sums are final
+// they are multiplied by exp(R - M(t)): one exp per pixel and one per target, instead of one
+// per tap. Both factors stay finite: M(t) >= m for every pixel with a tap on t, so where a sum
+// holds a contribution R - M(t) <= R - m <= kStableSpread (elsewhere the exponent is clamped to
+// it, and multiplies zeros). Taken for an image whose metrics are all finite and spread over at
+// most kStableSpread, so that no weight exp(m - R) nears the subnormals (e^-40 in float32,
+// where products with the tap weights and the input stay normal); other images take the
+// per-tap weights. Equal to them up to rounding: an exp and a product more per term.
 template <typename acc_t>
-void divide_row(acc_t* out, const acc_t* norm, int64_t n, int64_t y, int64_t C, int64_t H, int64_t W,
-                int normalisation, acc_t* divisor) {
-  const acc_t* D = norm + (n * H + y) * W;
-  for (int64_t x = 0; x < W; ++x) divisor[x] = safe_normaliser(D[x], normalisation);
-  for (int64_t c = 0; c < C; ++c) {
-    acc_t* row = out + ((n * C + c) * H + y) * W;
-    for (int64_t x = 0; x < W; ++x) row[x] /= divisor[x];
-  }
+constexpr acc_t kStableSpread = sizeof(acc_t) == sizeof(float) ? acc_t(40) : acc_t(300);
+
+// The smallest and largest of row[0..W) per lane into low and high (NaN ignored), and in bad a
+// sum of m - m, NaN unless every m is finite. Restrict-qualified, so that the loop vectorises.
+template <typename acc_t, int Lanes>
+void row_range(const acc_t* __restrict row, int64_t W, acc_t* __restrict low, acc_t* __restrict high,
+               acc_t* __restrict bad) {
+  auto update = [&](int lane, acc_t m) {
+    low[lane] = m < low[lane] ? m : low[lane];
+    high[lane] = m > high[lane] ? m : high[lane];
+    bad[lane] += m - m;
+  };
+  int64_t x = 0;
+  for (; x + Lanes <= W; x += Lanes)
+    for (int lane = 0; lane < Lanes; ++lane) update(lane, row[x + lane]);
+  for (; x < W; ++x) update(0, row[x]);
 }
 
-// Rows [lo, hi) of image n: divide_row.
 template <typename acc_t>
-void divide_rows(acc_t* out, const acc_t* norm, int64_t n, int64_t lo, int64_t hi, int64_t C, int64_t H, int64_t W,
-                 int normalisation) {
-  std::vector<acc_t> divisor(W);
-  for (int64_t y = lo; y < hi; ++y) divide_row(out, norm, n, y, C, H, W, normalisation, divisor.data());
-}
+struct StableShortcut {
+  std::vector<acc_t> shift;  // R per image
+  std::vector<char> taken;   // per image
+
+  // From each image's metrics (Sources::metric), a pass in parallel over rows.
+  StableShortcut(const Sources<acc_t>& src, int64_t N) : shift(N), taken(N) {
+    const int64_t H = src.H, W = src.W;
+    if (H == 0 || W == 0) return;
+    constexpr int kLanes = 16;
+    constexpr acc_t infinity = std::numeric_limits<acc_t>::infinity();
+    std::vector<acc_t> low(N * H * kLanes, infinity), high(N * H * kLanes, -infinity), bad(N * H * kLanes, 0);
+    at::parallel_for(0, N * H, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        row_range<acc_t, kLanes>(src.metric + i * W, W, &low[i * kLanes], &high[i * kLanes], &bad[i * kLanes]);
+    });
+    const int64_t per_image = H * kLanes;
+    for (int64_t n = 0; n < N; ++n) {
+      const auto first = n * per_image, last = (n + 1) * per_image;
+      const acc_t lowest = *std::min_element(low.begin() + first, low.begin() + last);
+      const acc_t highest = *std::max_element(high.begin() + first, high.begin() + last);
+      const bool finite = std::all_of(bad.begin() + first, bad.begin() + last, [](acc_t b) { return b == acc_t(0); });
+      shift[n] = highest;
+      taken[n] = finite && highest - lowest <= kStableSpread<acc_t>;
+    }
+  }
+  bool any() const { return std::any_of(taken.begin(), taken.end(), [](char t) { return t != 0; }); }
+};
+
+// What happens to a row of the outputs once its sums are final (out, norm contiguous): images
+// with the stable shortcut have them multiplied by exp(min(R - M, kStableSpread)) (NaN kept);
+// then, when `divides`, out /= D'.
+template <typename acc_t>
+struct Finish {
+  acc_t* out;
+  acc_t* norm;  // null for sum
+  int64_t C, H, W;
+  int normalisation;
+  bool divides;
+  const acc_t* maximum;                    // stable: M
+  const StableShortcut<acc_t>* shortcut;   // stable: per image; else null
+
+  bool scales(int64_t n) const { return shortcut && shortcut->taken[n]; }
+  bool needed() const { return divides || (shortcut && shortcut->any()); }
+
+  // Row y of image n; `scratch`: 2 W values.
+  void row(int64_t n, int64_t y, acc_t* scratch) const {
+    const bool scaled = scales(n);
+    if (!divides && !scaled) return;
+    acc_t* D = norm + (n * H + y) * W;
+    acc_t* scale = scratch;
+    acc_t* divisor = scratch + W;
+    if (!scaled) {
+      for (int64_t x = 0; x < W; ++x) divisor[x] = safe_normaliser(D[x], normalisation);
+      for (int64_t c = 0; c < C; ++c) {
+        acc_t* row = out + ((n * C + c) * H + y) * W;
+        for (int64_t x = 0; x < W; ++x) row[x] /= divisor[x];
+      }
+      return;
+    }
+    const acc_t* M = maximum + (n * H + y) * W;
+    const acc_t R = shortcut->shift[n];
+    for (int64_t x = 0; x < W; ++x) {
+      const acc_t exponent = R - M[x];
+      scale[x] = kStableSpread<acc_t> < exponent ? kStableSpread<acc_t> : exponent;  // NaN kept
+    }
+    exp_inplace(scale, W);
+    // D, then the result's factor: the scale, over D' when dividing (one division per target).
+    // One simple loop each, so that they vectorise.
+    for (int64_t x = 0; x < W; ++x) D[x] *= scale[x];
+    if (divides) {
+      acc_t* __restrict factor = scale;
+      for (int64_t x = 0; x < W; ++x) divisor[x] = safe_normaliser(D[x], normalisation);
+      for (int64_t x = 0; x < W; ++x) factor[x] /= divisor[x];
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      acc_t* row = out + ((n * C + c) * H + y) * W;
+      for (int64_t x = 0; x < W; ++x) row[x] *= scale[x];
+    }
+  }
+
+  // Rows [lo, hi) of image n.
+  void rows(int64_t n, int64_t lo, int64_t hi) const {
+    std::vector<acc_t> scratch(2 * W);
+    for (int64_t y = lo; y < hi; ++y) row(n, y, scratch.data());
+  }
+};
 
 // plane[c][x] = (or +=) lanes[x][c] for the first Planes lanes of W targets, the lanes zeroed:
 // one pass, which vectorises (the lanes split with shuffles).
@@ -569,11 +672,11 @@ void unpack_row(acc_t* __restrict lanes, acc_t* __restrict p0, acc_t* __restrict
 
 // A packed band's scratch moved into the NCHW outputs (out, norm contiguous; norm null for sum)
 // and zeroed. Phase 0 stores (no other band has written these rows); phase 1 adds and, the rows
-// then final, divides when `divides`.
+// then final, finishes them.
 template <int CC, typename acc_t>
 void flush_band(const Band& band, int p, acc_t* scratch, acc_t* out, acc_t* norm, int64_t H, int64_t W,
-                bool divides, int normalisation) {
-  std::vector<acc_t> divisor(divides ? W : 0);
+                const Finish<acc_t>& finish) {
+  std::vector<acc_t> finishing(finish.needed() ? 2 * W : 0);
   for (int64_t y = band.lo; y < band.hi; ++y) {
     acc_t* lanes = scratch + (y - band.lo) * W * kPacked;
     acc_t* plane[kPacked] = {};
@@ -592,7 +695,7 @@ void flush_band(const Band& band, int p, acc_t* scratch, acc_t* out, acc_t* norm
       continue;
     }
     unpack(std::true_type());
-    if (divides) divide_row(out, norm, band.n, y, CC, H, W, normalisation, divisor.data());
+    if (finish.needed()) finish.row(band.n, y, finishing.data());
   }
 }
 
@@ -600,18 +703,26 @@ template <typename scalar_t, typename acc_t>
 void forward_kernel(const at::Tensor& input, const Sources<acc_t>& src, int normalisation, at::Tensor& out,
                     at::Tensor& normaliser) {
   const int64_t N = input.size(0), C = input.size(1), H = src.H, W = src.W;
-  const bool divides = src.kind != SUM && normalisation != RAW;
   const scalar_t* in = input.data_ptr<scalar_t>();
   const View4 in_view(input);
   acc_t* out_data = out.data_ptr<acc_t>();
   acc_t* norm_data = src.kind != SUM ? normaliser.data_ptr<acc_t>() : nullptr;
+  std::unique_ptr<StableShortcut<acc_t>> shortcut;
+  if (src.kind == STABLE) shortcut = std::make_unique<StableShortcut<acc_t>>(src, N);
+  // The images with the shortcut splat soft weights exp(m - R).
+  Sources<acc_t> shifted = src;
+  shifted.kind = SOFT;
+  shifted.shift = shortcut ? shortcut->shift.data() : nullptr;
+  auto sources = [&](int64_t n) -> const Sources<acc_t>& { return shortcut && shortcut->taken[n] ? shifted : src; };
+  const Finish<acc_t> finish{out_data, norm_data, C, H, W, normalisation, src.kind != SUM && normalisation != RAW,
+                             src.maximum, shortcut.get()};
   const Schedule schedule = plan(src, N);
   // No separate pass zeroes the outputs: a phase-0 band zeroes the rows it reaches (no other
   // band has written them yet) just before adding into them, while they are in cache; rows no
   // phase-0 band reaches are zeroed first. Likewise a phase-1 band's rows are final once it
-  // is done (phase 0 is, and no other phase-1 band writes them): it divides them at once.
-  // Rows no phase-1 band reaches are divided after the phases.
-  const std::vector<char> zeroed = schedule.reached(0, N, H), divided = schedule.reached(1, N, H);
+  // is done (phase 0 is, and no other phase-1 band writes them): it finishes them at once.
+  // Rows no phase-1 band reaches are finished after the phases.
+  const std::vector<char> zeroed = schedule.reached(0, N, H), finished = schedule.reached(1, N, H);
   const int64_t planes = C + (norm_data ? 1 : 0);
   auto zero_rows = [&](int64_t n, int64_t lo, int64_t hi) {
     for (int64_t p = 0; p < planes; ++p) {
@@ -627,22 +738,24 @@ void forward_kernel(const at::Tensor& input, const Sources<acc_t>& src, int norm
     constexpr int CC = decltype(channels)::value;
     schedule.template run<Scratch<acc_t>>([&](const Band& band, int p, Scratch<acc_t>& scratch) {
       if (band.empty()) return;  // none of its pixels lands
+      const Sources<acc_t>& band_src = sources(band.n);
+      const bool per_tap = band_src.kind == STABLE;
       if (CC > 0 && packs<acc_t>(band, C, W)) {
         acc_t* rows = scratch.rows(band, W);
         constexpr int packed = packed_layout(CC) ? CC : 1;  // C when packs() holds
-        if (src.kind == STABLE)
-          scatter_band_packed<packed, true>(band, in, in_view, src, rows);
+        if (per_tap)
+          scatter_band_packed<packed, true>(band, in, in_view, band_src, rows);
         else
-          scatter_band_packed<packed, false>(band, in, in_view, src, rows);
-        flush_band<packed>(band, p, rows, out_data, norm_data, H, W, divides, normalisation);
+          scatter_band_packed<packed, false>(band, in, in_view, band_src, rows);
+        flush_band<packed>(band, p, rows, out_data, norm_data, H, W, finish);
         return;
       }
       if (p == 0) zero_rows(band.n, band.lo, band.hi);
-      if (src.kind == STABLE)
-        scatter_band<CC, true>(band, in, in_view, src, C, out_data, norm_data);
+      if (per_tap)
+        scatter_band<CC, true>(band, in, in_view, band_src, C, out_data, norm_data);
       else
-        scatter_band<CC, false>(band, in, in_view, src, C, out_data, norm_data);
-      if (p == 1 && divides) divide_rows(out_data, norm_data, band.n, band.lo, band.hi, C, H, W, normalisation);
+        scatter_band<CC, false>(band, in, in_view, band_src, C, out_data, norm_data);
+      if (p == 1 && finish.needed()) finish.rows(band.n, band.lo, band.hi);
     });
   };
   switch (C) {
@@ -652,10 +765,10 @@ void forward_kernel(const at::Tensor& input, const Sources<acc_t>& src, int norm
     case 4: scatter(std::integral_constant<int, 4>()); break;
     default: scatter(std::integral_constant<int, 0>());
   }
-  if (!divides) return;
+  if (!finish.needed()) return;
   at::parallel_for(0, N * H, 16, [&](int64_t begin, int64_t end) {
     for (int64_t index = begin; index < end; ++index)
-      if (!divided[index]) divide_rows(out_data, norm_data, index / H, index % H, index % H + 1, C, H, W, normalisation);
+      if (!finished[index]) finish.rows(index / H, index % H, index % H + 1);
   });
 }
 
@@ -904,12 +1017,14 @@ Sources<acc_t> sources(const at::Tensor& flow, const at::Tensor& metric, int64_t
           static_cast<int>(kind), kind == STABLE ? maximum.data_ptr<acc_t>() : nullptr};
 }
 
-// max(current, value) as replaces_maximum takes it, NaN winning: a NaN value (rare, so the
-// branch predicts well) is taken; otherwise current < value ? value : current keeps a NaN
-// current and compiles to a max instruction.
+// max(current, value) as replaces_maximum takes it, NaN winning: current < value ? value :
+// current keeps a NaN current, then a NaN value is taken. Two selects, which loops vectorise
+// (std::max's reference and a branch on NaN did not: with random metrics the 2 x 2 pass of
+// maximum_kernel lost ~9 ms to mispredictions at 1080p, one thread).
 template <typename acc_t>
 inline acc_t maximum_of(acc_t current, acc_t value) {
-  return value != value ? value : std::max(current, value);
+  const acc_t larger = current < value ? value : current;
+  return value != value ? value : larger;
 }
 
 // maximum_of for one value at a time, without branches where the CPU has SSE4.1 (random
@@ -946,43 +1061,55 @@ void landing_cells(const Sources<acc_t>& src, int64_t n, int64_t y, int64_t x_be
 
 // M of stable splatting: per target, the maximum metric over the pixels with a kept tap on it
 // (-inf where none). A pixel's taps are the corners of the cell it lands in, cell (x0, y0), and
-// every pixel landing in a cell that has an in-image target as a corner keeps that tap. So one
-// scatter-max per pixel into the (H + 1) x (W + 1) cells (x0, y0 from -1), on the forward's
-// schedule (two bands of a phase never share a cell row: their reaches are disjoint), then each
-// target takes the maximum of its four cells. Max is exact: no order to keep.
+// every pixel landing in a cell that has an in-image target as a corner keeps that tap. So, on
+// the forward's schedule, a band scatter-maxes each of its pixels once into a scratch of the
+// cells it can land in (rows y0 from lo - 1 to hi - 1, x0 from -1), then each target of its
+// reach takes the maximum of its four cells: phase 0 stores it, phase 1 takes the maximum with
+// what is there. Rows no phase-0 band reaches are -inf. Max is exact: no order to keep.
 template <typename acc_t>
 void maximum_kernel(const Sources<acc_t>& src, int64_t N, acc_t* maximum) {
-  const int64_t H = src.H, W = src.W, CH = H + 1, CW = W + 1;
-  std::unique_ptr<acc_t[]> cells(new acc_t[N * CH * CW]);
-  at::parallel_for(0, N * CH, 64, [&](int64_t begin, int64_t end) {
-    std::fill(cells.get() + begin * CW, cells.get() + end * CW, -std::numeric_limits<acc_t>::infinity());
+  const int64_t H = src.H, W = src.W, CW = W + 1;
+  constexpr acc_t minus_infinity = -std::numeric_limits<acc_t>::infinity();
+  const Schedule schedule = plan(src, N);
+  const std::vector<char> stored = schedule.reached(0, N, H);
+  at::parallel_for(0, N * H, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t index = begin; index < end; ++index)
+      if (!stored[index]) std::fill(maximum + index * W, maximum + (index + 1) * W, minus_infinity);
   });
-  plan(src, N).template run<char>([&](const Band& band, int, char) {
-    const int64_t n = band.n;
-    std::vector<int64_t> cell(kChunk);  // of each pixel of a chunk, -1 where it lands nowhere
-    acc_t* cells_n = cells.get() + n * CH * CW;
+  struct Cells {
+    std::vector<acc_t> data;
+    std::vector<int64_t> cell = std::vector<int64_t>(kChunk);  // of each pixel of a chunk, -1: none
+  };
+  schedule.template run<Cells>([&](const Band& band, int p, Cells& scratch) {
+    if (band.empty()) return;
+    const int64_t n = band.n, first = band.lo * CW;  // landing_cells' index of cell (-1, lo - 1)
+    scratch.data.assign(static_cast<size_t>((band.hi - band.lo + 1) * CW), minus_infinity);
+    acc_t* cells = scratch.data.data();
+    int64_t* cell = scratch.cell.data();
     for (int64_t y = band.y_begin; y < band.y_end; ++y) {
       const acc_t* metric = src.metric_row(n, y);
       for (int64_t x_begin = 0; x_begin < W; x_begin += kChunk) {
         const int64_t count = std::min(kChunk, W - x_begin);
-        landing_cells(src, n, y, x_begin, count, cell.data());
+        landing_cells(src, n, y, x_begin, count, cell);
         for (int64_t j = 0; j < count; ++j) {
           const int64_t i = pixel_order(j, count);
           if (cell[i] < 0) continue;
-          cells_n[cell[i]] = scalar_maximum_of(cells_n[cell[i]], metric[x_begin + i]);
+          acc_t& current = cells[cell[i] - first];
+          current = scalar_maximum_of(current, metric[x_begin + i]);
         }
       }
     }
-  });
-  at::parallel_for(0, N * H, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t index = begin; index < end; ++index) {
-      const int64_t n = index / H, y = index % H;
-      // Target (x, y) is the south-east corner of cell (x - 1, y - 1), at grid (x, y).
-      const acc_t* north = cells.get() + (n * CH + y) * CW;
+    for (int64_t y = band.lo; y < band.hi; ++y) {
+      // Target (x, y) is the south-east corner of cell (x - 1, y - 1), at (x, y) in the scratch.
+      const acc_t* north = cells + (y - band.lo) * CW;
       const acc_t* south = north + CW;
-      acc_t* row = maximum + index * W;
-      for (int64_t x = 0; x < W; ++x)
-        row[x] = maximum_of(maximum_of(maximum_of(north[x], north[x + 1]), south[x]), south[x + 1]);
+      acc_t* row = maximum + (n * H + y) * W;
+      if (p == 0)
+        for (int64_t x = 0; x < W; ++x)
+          row[x] = maximum_of(maximum_of(maximum_of(north[x], north[x + 1]), south[x]), south[x + 1]);
+      else
+        for (int64_t x = 0; x < W; ++x)
+          row[x] = maximum_of(row[x], maximum_of(maximum_of(maximum_of(north[x], north[x + 1]), south[x]), south[x + 1]));
     }
   });
 }
