@@ -53,11 +53,42 @@ def test_opcheck_backward(ops, mode, mask) -> None:
     torch.library.opcheck(ops.splat_backward.default, args)
 
 
-def test_compile_fullgraph(ops) -> None:
+def test_opcheck_maximum(ops) -> None:
+    _, flow, metric = _tensors()
+    torch.library.opcheck(ops.splat_maximum.default, (flow, metric))
+
+
+@pytest.mark.parametrize("normalisation", [0, 1, 2, 3], ids=["addeps", "zeroeps", "clipeps", "raw"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_opcheck_stable(ops, normalisation, dtype) -> None:
+    """Stable soft splatting, both ways the cpp backend runs it: splat_forward given the maximum
+    (splat_many's joint one) and the fused splat_stable_forward (which computes it)."""
+    input, flow, metric = _tensors(dtype)
+    maximum = ops.splat_maximum(flow, metric)
+    leaves = (input.requires_grad_(), flow.requires_grad_(), metric.requires_grad_())
+    torch.library.opcheck(ops.splat_forward.default, (*leaves, 4, normalisation, maximum))
+    torch.library.opcheck(ops.splat_stable_forward.default, (*leaves, normalisation))
+
+
+def test_fused_stable_equals_the_two_ops(ops) -> None:
+    """splat_stable_forward returns what splat_maximum then splat_forward (kind 4) return, and
+    what splat(stable=True) uses on CPU."""
+    input, flow, metric = _tensors(shape=(2, 3, 40, 37))
+    maximum = ops.splat_maximum(flow, metric)
+    out, normaliser = ops.splat_forward(input, flow, metric, 4, 0, maximum)
+    fused = ops.splat_stable_forward(input, flow, metric, 0)
+    assert torch.equal(fused[2], maximum)
+    torch.testing.assert_close(fused[0], out, rtol=0, atol=0)
+    torch.testing.assert_close(fused[1], normaliser, rtol=0, atol=0)
+    torch.testing.assert_close(softsplat.splat(input, flow, metric, mode="soft", backend="cpp", stable=True), out)
+
+
+@pytest.mark.parametrize("stable", [False, True], ids=["soft", "stable"])
+def test_compile_fullgraph(ops, stable) -> None:
     input, flow, metric = (t.requires_grad_() for t in _tensors())
 
     def warp(input, flow, metric):
-        return softsplat.splat(input, flow, metric, mode="soft", backend="cpp") * 2
+        return softsplat.splat(input, flow, metric, mode="soft", backend="cpp", stable=stable) * 2
 
     torch._dynamo.reset()
     compiled = torch.compile(warp, fullgraph=True, backend="aot_eager")

@@ -28,16 +28,25 @@ def scatter_maximum(ops, problem: Problem) -> torch.Tensor:
     return ops.splat_maximum(problem.flow.detach().to(dtype), problem.metric.detach().to(dtype))
 
 
+#: The op of a namespace that computes stable soft splatting's maximum and forward in one call.
+FUSED_STABLE = "splat_stable_forward"
+STABLE_KIND = 4
+
+
 def run_forward(ops, problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``Backend.run`` through ``ops`` (``torch.ops.<namespace>``, the ops of schemas.h).
 
     ``flow`` and ``metric`` are read in the compute dtype (a no-op when they already are);
     the op returns the compute dtype, cast here so that autograd casts gradients back. For
-    stable soft splatting, the scatter-max pass runs first unless a (joint) maximum is given.
+    stable soft splatting, the scatter-max pass runs first unless a (joint) maximum is given;
+    where the ops have ``splat_stable_forward`` (the cpp CPU kernels), that one call does both.
     """
     dtype = problem.compute_dtype
     flow = problem.flow.to(dtype)
     metric = None if problem.metric is None else problem.metric.to(dtype)
+    if problem.stable and problem.maximum is None and problem.input.device.type == "cpu" and hasattr(ops, FUSED_STABLE):
+        out, normaliser, _ = ops.splat_stable_forward(problem.input, flow, metric, problem.normalisation_code)
+        return (out if problem.raw else out.to(problem.input.dtype)), normaliser
     maximum = None
     if problem.stable:
         given = problem.maximum
@@ -80,37 +89,64 @@ def autograd_formula(backward_op):
         input, flow, metric, kind, normalisation, *rest = inputs
         maximum = rest[0] if rest else None
         out, normaliser = output
-        ctx.kind, ctx.normalisation = kind, normalisation
-        ctx.save_for_backward(input, flow, metric, out, normaliser, maximum)
-        # An output the loss does not use gets None, not a materialised tensor of zeros (the
-        # normaliser's, usually: a full [N, 1, H, W] fill per backward).
-        ctx.set_materialize_grads(False)
+        save(ctx, kind, normalisation, (input, flow, metric, out, normaliser, maximum))
 
     def backward(ctx, grad_out, grad_normaliser):
-        input, flow, metric, out, normaliser, maximum = ctx.saved_tensors
-        mask = [
-            ctx.needs_input_grad[0],
-            ctx.needs_input_grad[1],
-            metric is not None and ctx.needs_input_grad[2],
-        ]
-        if ctx.kind == 0:  # sum has no normaliser
-            grad_normaliser = None
-        if grad_out is None:
-            # Only the normaliser is used: its gradient alone, as that of a splat of no
-            # channels (not a zero cotangent on the result, whose NaNs would leak through
-            # 0 * NaN where the result overflows); the input's gradient is absent.
-            if grad_normaliser is None:
-                return (None,) * 6
-            mask[0] = False
-            input, out = input[:, :0], out[:, :0]
-            grad_out = out
-        grads = backward_op(
-            grad_out, grad_normaliser, input, flow, metric, out, normaliser,
-            ctx.kind, ctx.normalisation, mask, maximum,
-        )
-        return tuple(g if wanted else None for g, wanted in zip(grads, mask)) + (None, None, None)
+        return gradients(ctx, backward_op, grad_out, grad_normaliser) + (None, None, None)
 
     return backward, setup_context
+
+
+def fused_stable_autograd_formula(backward_op):
+    """``(backward, setup_context)`` for ``splat_stable_forward`` (input, flow, metric,
+    normalisation) -> (out, normaliser, maximum): splat_forward's with kind 4 and the maximum
+    it computed, which passes no gradient."""
+
+    def setup_context(ctx, inputs, output):
+        input, flow, metric, normalisation = inputs
+        out, normaliser, maximum = output
+        ctx.mark_non_differentiable(maximum)
+        save(ctx, STABLE_KIND, normalisation, (input, flow, metric, out, normaliser, maximum))
+
+    def backward(ctx, grad_out, grad_normaliser, grad_maximum):
+        return gradients(ctx, backward_op, grad_out, grad_normaliser) + (None,)
+
+    return backward, setup_context
+
+
+def save(ctx, kind: int, normalisation: int, tensors) -> None:
+    """What ``gradients`` needs: the mode codes and (input, flow, metric, out, normaliser, maximum)."""
+    ctx.kind, ctx.normalisation = kind, normalisation
+    ctx.save_for_backward(*tensors)
+    # An output the loss does not use gets None, not a materialised tensor of zeros (the
+    # normaliser's, usually: a full [N, 1, H, W] fill per backward).
+    ctx.set_materialize_grads(False)
+
+
+def gradients(ctx, backward_op, grad_out, grad_normaliser) -> tuple:
+    """The gradients of (input, flow, metric) through ``backward_op``, None where not needed."""
+    input, flow, metric, out, normaliser, maximum = ctx.saved_tensors
+    mask = [
+        ctx.needs_input_grad[0],
+        ctx.needs_input_grad[1],
+        metric is not None and ctx.needs_input_grad[2],
+    ]
+    if ctx.kind == 0:  # sum has no normaliser
+        grad_normaliser = None
+    if grad_out is None:
+        # Only the normaliser is used: its gradient alone, as that of a splat of no
+        # channels (not a zero cotangent on the result, whose NaNs would leak through
+        # 0 * NaN where the result overflows); the input's gradient is absent.
+        if grad_normaliser is None:
+            return (None,) * 3
+        mask[0] = False
+        input, out = input[:, :0], out[:, :0]
+        grad_out = out
+    grads = backward_op(
+        grad_out, grad_normaliser, input, flow, metric, out, normaliser,
+        ctx.kind, ctx.normalisation, mask, maximum,
+    )
+    return tuple(g if wanted else None for g, wanted in zip(grads, mask))
 
 
 def register_python_side(namespace: str) -> None:
@@ -134,3 +170,14 @@ def register_python_side(namespace: str) -> None:
 
     backward, setup_context = autograd_formula(backward_op)
     torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
+    if not hasattr(getattr(torch.ops, namespace), FUSED_STABLE):
+        return
+    fused_name = f"{namespace}::{FUSED_STABLE}"
+
+    @torch.library.register_fake(fused_name)
+    def _(input, flow, metric, normalisation):
+        per_target = (input.shape[0], 1, *input.shape[2:])
+        return flow.new_empty(input.shape), flow.new_empty(per_target), flow.new_empty(per_target)
+
+    backward, setup_context = fused_stable_autograd_formula(backward_op)
+    torch.library.register_autograd(fused_name, backward, setup_context=setup_context)

@@ -6,7 +6,8 @@
 // (an empty tensor for sum). splat_backward returns the gradients of input, flow and metric,
 // an empty tensor for each one output_mask does not ask for. Kind 4 (stable soft) needs
 // `maximum`, the per-target maximum metric M [N, 1, H, W] that splat_maximum computes (-inf
-// where nothing lands); it passes no gradient.
+// where nothing lands); it passes no gradient. The cpp library also defines
+// splat_stable_forward (splat_cpu.cpp): both passes of kind 4 in one call, CPU only.
 #pragma once
 
 #define SOFTSPLAT_DEFINE_OPS(m)                                                                  \

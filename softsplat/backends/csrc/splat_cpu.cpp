@@ -12,8 +12,12 @@
 // otherwise it adds straight into them. Every target receives the contributions of at most one
 // band per phase, each in a fixed pixel order, phase 0 first: the same sums, bitwise, whatever
 // the thread count. Phase 0 writes (or zeroes, then adds into) the rows it reaches; phase 1
-// divides the rows it reaches once they are final. The scatter-max of stable splatting runs on
-// the same schedule, one update per pixel (into the cell it lands in).
+// finishes the rows it reaches once they are final (divides them; for stable soft, rescales
+// them first). The scatter-max of stable splatting runs on the same schedule, one update per
+// pixel into a band's scratch of the cells its pixels land in.
+// Stable soft: where an image's metrics allow (StableShortcut), the scatter splats plain soft
+// weights exp(metric - R), R the image's largest metric, and each final target is multiplied
+// by exp(R - M(t)); splat_stable_forward computes M and this in one call, on one plan.
 // Backward: per band of source rows, gN = grad / D' and gD of the rows it reaches are prepared
 // in a ring of rows of the thread (rows its previous band also reached are kept); every source
 // pixel gathers from its four taps and writes only its own gradients: no atomics either.
@@ -565,6 +569,22 @@ void row_range(const acc_t* __restrict row, int64_t W, acc_t* __restrict low, ac
   for (; x < W; ++x) update(0, row[x]);
 }
 
+// Per source row of the N images, row_range's lanes: filled by StableShortcut's own pass, or by
+// maximum_kernel's bands as they read the rows (the fused stable forward).
+template <typename acc_t>
+struct MetricRanges {
+  static constexpr int kLanes = 16;
+  int64_t W;
+  std::vector<acc_t> low, high, bad;
+  MetricRanges(int64_t rows, int64_t W)
+      : W(W), low(rows * kLanes, std::numeric_limits<acc_t>::infinity()),
+        high(rows * kLanes, -std::numeric_limits<acc_t>::infinity()), bad(rows * kLanes, acc_t(0)) {}
+  // Row `index` (n * H + y) of the metric, `row` its W values.
+  void measure(int64_t index, const acc_t* row) {
+    row_range<acc_t, kLanes>(row, W, &low[index * kLanes], &high[index * kLanes], &bad[index * kLanes]);
+  }
+};
+
 template <typename acc_t>
 struct StableShortcut {
   std::vector<acc_t> shift;  // R per image
@@ -572,16 +592,21 @@ struct StableShortcut {
 
   // From each image's metrics (Sources::metric), a pass in parallel over rows.
   StableShortcut(const Sources<acc_t>& src, int64_t N) : shift(N), taken(N) {
-    const int64_t H = src.H, W = src.W;
-    if (H == 0 || W == 0) return;
-    constexpr int kLanes = 16;
-    constexpr acc_t infinity = std::numeric_limits<acc_t>::infinity();
-    std::vector<acc_t> low(N * H * kLanes, infinity), high(N * H * kLanes, -infinity), bad(N * H * kLanes, 0);
-    at::parallel_for(0, N * H, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i)
-        row_range<acc_t, kLanes>(src.metric + i * W, W, &low[i * kLanes], &high[i * kLanes], &bad[i * kLanes]);
+    MetricRanges<acc_t> ranges(N * src.H, src.W);
+    at::parallel_for(0, N * src.H, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) ranges.measure(i, src.metric + i * src.W);
     });
-    const int64_t per_image = H * kLanes;
+    decide(ranges, N, src.H);
+  }
+  // From ranges measured elsewhere, every row's.
+  StableShortcut(const MetricRanges<acc_t>& ranges, int64_t N, int64_t H) : shift(N), taken(N) { decide(ranges, N, H); }
+
+  void decide(const MetricRanges<acc_t>& ranges, int64_t N, int64_t H) {
+    if (H == 0 || ranges.W == 0) return;
+    const auto& low = ranges.low;
+    const auto& high = ranges.high;
+    const auto& bad = ranges.bad;
+    const int64_t per_image = H * MetricRanges<acc_t>::kLanes;
     for (int64_t n = 0; n < N; ++n) {
       const auto first = n * per_image, last = (n + 1) * per_image;
       const acc_t lowest = *std::min_element(low.begin() + first, low.begin() + last);
@@ -701,14 +726,14 @@ void flush_band(const Band& band, int p, acc_t* scratch, acc_t* out, acc_t* norm
 
 template <typename scalar_t, typename acc_t>
 void forward_kernel(const at::Tensor& input, const Sources<acc_t>& src, int normalisation, at::Tensor& out,
-                    at::Tensor& normaliser) {
+                    at::Tensor& normaliser, const Schedule* planned = nullptr,
+                    std::unique_ptr<StableShortcut<acc_t>> shortcut = nullptr) {
   const int64_t N = input.size(0), C = input.size(1), H = src.H, W = src.W;
   const scalar_t* in = input.data_ptr<scalar_t>();
   const View4 in_view(input);
   acc_t* out_data = out.data_ptr<acc_t>();
   acc_t* norm_data = src.kind != SUM ? normaliser.data_ptr<acc_t>() : nullptr;
-  std::unique_ptr<StableShortcut<acc_t>> shortcut;
-  if (src.kind == STABLE) shortcut = std::make_unique<StableShortcut<acc_t>>(src, N);
+  if (src.kind == STABLE && !shortcut) shortcut = std::make_unique<StableShortcut<acc_t>>(src, N);
   // The images with the shortcut splat soft weights exp(m - R).
   Sources<acc_t> shifted = src;
   shifted.kind = SOFT;
@@ -716,7 +741,7 @@ void forward_kernel(const at::Tensor& input, const Sources<acc_t>& src, int norm
   auto sources = [&](int64_t n) -> const Sources<acc_t>& { return shortcut && shortcut->taken[n] ? shifted : src; };
   const Finish<acc_t> finish{out_data, norm_data, C, H, W, normalisation, src.kind != SUM && normalisation != RAW,
                              src.maximum, shortcut.get()};
-  const Schedule schedule = plan(src, N);
+  const Schedule schedule = planned ? *planned : plan(src, N);
   // No separate pass zeroes the outputs: a phase-0 band zeroes the rows it reaches (no other
   // band has written them yet) just before adding into them, while they are in cache; rows no
   // phase-0 band reaches are zeroed first. Likewise a phase-1 band's rows are final once it
@@ -1066,11 +1091,12 @@ void landing_cells(const Sources<acc_t>& src, int64_t n, int64_t y, int64_t x_be
 // cells it can land in (rows y0 from lo - 1 to hi - 1, x0 from -1), then each target of its
 // reach takes the maximum of its four cells: phase 0 stores it, phase 1 takes the maximum with
 // what is there. Rows no phase-0 band reaches are -inf. Max is exact: no order to keep.
+// `ranges` (optional): the bands also measure their metric rows for StableShortcut.
 template <typename acc_t>
-void maximum_kernel(const Sources<acc_t>& src, int64_t N, acc_t* maximum) {
+void maximum_kernel(const Sources<acc_t>& src, int64_t N, acc_t* maximum, const Schedule& schedule,
+                    MetricRanges<acc_t>* ranges = nullptr) {
   const int64_t H = src.H, W = src.W, CW = W + 1;
   constexpr acc_t minus_infinity = -std::numeric_limits<acc_t>::infinity();
-  const Schedule schedule = plan(src, N);
   const std::vector<char> stored = schedule.reached(0, N, H);
   at::parallel_for(0, N * H, 16, [&](int64_t begin, int64_t end) {
     for (int64_t index = begin; index < end; ++index)
@@ -1081,13 +1107,17 @@ void maximum_kernel(const Sources<acc_t>& src, int64_t N, acc_t* maximum) {
     std::vector<int64_t> cell = std::vector<int64_t>(kChunk);  // of each pixel of a chunk, -1: none
   };
   schedule.template run<Cells>([&](const Band& band, int p, Cells& scratch) {
-    if (band.empty()) return;
+    if (band.empty()) {  // none of its pixels lands; its rows' metrics are still measured
+      for (int64_t y = band.y_begin; ranges && y < band.y_end; ++y) ranges->measure(band.n * H + y, src.metric_row(band.n, y));
+      return;
+    }
     const int64_t n = band.n, first = band.lo * CW;  // landing_cells' index of cell (-1, lo - 1)
     scratch.data.assign(static_cast<size_t>((band.hi - band.lo + 1) * CW), minus_infinity);
     acc_t* cells = scratch.data.data();
     int64_t* cell = scratch.cell.data();
     for (int64_t y = band.y_begin; y < band.y_end; ++y) {
       const acc_t* metric = src.metric_row(n, y);
+      if (ranges) ranges->measure(n * H + y, metric);
       for (int64_t x_begin = 0; x_begin < W; x_begin += kChunk) {
         const int64_t count = std::min(kChunk, W - x_begin);
         landing_cells(src, n, y, x_begin, count, cell);
@@ -1149,8 +1179,10 @@ at::Tensor splat_maximum_cpu(const at::Tensor& flow, const at::Tensor& metric) {
               "softsplat: splat_maximum takes flow [N, 2, H, W] and metric [N, 1, H, W] of one floating dtype");
   at::Tensor maximum = at::empty({flow.size(0), 1, flow.size(2), flow.size(3)}, flow.options());
   AT_DISPATCH_FLOATING_TYPES(flow.scalar_type(), "splat_maximum_cpu", [&] {
-    maximum_kernel<scalar_t>(sources<scalar_t>(flow.contiguous(), metric.contiguous(), LINEAR, at::Tensor()), flow.size(0),
-                             maximum.data_ptr<scalar_t>());
+    // Named, so that the contiguous copies (if any) outlive the kernel that reads them.
+    const at::Tensor flow_tensor = flow.contiguous(), metric_tensor = metric.contiguous();
+    const Sources<scalar_t> src = sources<scalar_t>(flow_tensor, metric_tensor, LINEAR, at::Tensor());
+    maximum_kernel<scalar_t>(src, flow.size(0), maximum.data_ptr<scalar_t>(), plan(src, flow.size(0)));
   });
   return maximum;
 }
@@ -1174,6 +1206,31 @@ std::tuple<at::Tensor, at::Tensor> splat_forward_cpu(const at::Tensor& input, co
                                     static_cast<int>(normalisation), out, normaliser);
   });
   return {out, normaliser};
+}
+
+// Stable soft splatting in one call: splat_maximum's M and splat_forward's (out, D) with kind
+// STABLE, sharing the band plan, and the metric's ranges measured while the scatter-max reads
+// the rows (no pass of their own). Returns (out, D, M); M is what splat_backward takes.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> splat_stable_forward_cpu(const at::Tensor& input, const at::Tensor& flow,
+                                                                        const at::Tensor& metric, int64_t normalisation) {
+  check_arguments(input, flow, metric, STABLE, normalisation);
+  const auto options = input.options().dtype(flow.scalar_type());
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  at::Tensor maximum = at::empty({N, 1, H, W}, options);
+  at::Tensor out = at::empty({N, C, H, W}, options);  // the kernel zeroes both
+  at::Tensor normaliser = at::empty({N, 1, H, W}, options);
+  const at::Tensor metric_tensor = metric.contiguous();
+  const at::Tensor flow_tensor = flow.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "splat_stable_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Sources<acc_t> src = sources<acc_t>(flow_tensor, metric_tensor, STABLE, maximum);
+    const Schedule schedule = plan(src, N);
+    MetricRanges<acc_t> ranges(N * H, W);
+    maximum_kernel<acc_t>(src, N, maximum.data_ptr<acc_t>(), schedule, &ranges);
+    forward_kernel<scalar_t, acc_t>(input, src, static_cast<int>(normalisation), out, normaliser, &schedule,
+                                    std::make_unique<StableShortcut<acc_t>>(ranges, N, H));
+  });
+  return {out, normaliser, maximum};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> splat_backward_cpu(
@@ -1217,10 +1274,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> splat_backward_cpu(
 }  // namespace
 }  // namespace softsplat
 
-TORCH_LIBRARY(softsplat, m) { SOFTSPLAT_DEFINE_OPS(m); }
+TORCH_LIBRARY(softsplat, m) {
+  SOFTSPLAT_DEFINE_OPS(m);
+  // The cpp CPU kernels' fused stable soft splatting: (out, normaliser, maximum), as
+  // splat_maximum then splat_forward with kind 4 give them. CPU only.
+  m.def("splat_stable_forward(Tensor input, Tensor flow, Tensor metric, int normalisation) -> (Tensor, Tensor, Tensor)");
+}
 
 TORCH_LIBRARY_IMPL(softsplat, CPU, m) {
   m.impl("splat_forward", &softsplat::splat_forward_cpu);
   m.impl("splat_backward", &softsplat::splat_backward_cpu);
   m.impl("splat_maximum", &softsplat::splat_maximum_cpu);
+  m.impl("splat_stable_forward", &softsplat::splat_stable_forward_cpu);
 }
