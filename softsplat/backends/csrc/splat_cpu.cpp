@@ -848,10 +848,20 @@ struct Prepare {
       }
       if (D) {
         const acc_t* extra = grad_norm ? grad_norm + grad_norm_view.at(n, 0, y, 0) : nullptr;
-        for (int64_t x = 0; x < W; ++x) {
-          const acc_t gD = normaliser_passes_gradient(D[x], normalisation) ? sum[x] : acc_t(0);
-          sum[x] = extra ? gD + extra[x * grad_norm_view.x] : gD;
+        // gD is 0 where D' does not pass D's gradient; the normalisation a compile-time
+        // constant, so that the loop vectorises (with it a variable, it did not).
+        auto pass = [&](auto code) {
+          constexpr int kNormalisation = decltype(code)::value;
+          for (int64_t x = 0; x < W; ++x) sum[x] = normaliser_passes_gradient(D[x], kNormalisation) ? sum[x] : acc_t(0);
+        };
+        switch (normalisation) {
+          case ADDEPS: pass(std::integral_constant<int, ADDEPS>()); break;
+          case ZEROEPS: pass(std::integral_constant<int, ZEROEPS>()); break;
+          case CLIPEPS: pass(std::integral_constant<int, CLIPEPS>()); break;
+          default: pass(std::integral_constant<int, RAW>());
         }
+        if (extra)
+          for (int64_t x = 0; x < W; ++x) sum[x] += extra[x * grad_norm_view.x];
       }
       acc_t* row = g + (y - lo) * W * K;
       if (K == kPacked) {
