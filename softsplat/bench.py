@@ -78,16 +78,7 @@ def timed(function, device="cpu", repeats: int = 3, warmups: int = 2) -> float:
     """Median seconds of ``function()`` over ``repeats`` runs after ``warmups`` untimed ones,
     synchronised. Two warm-ups: the first calls of an allocation-heavy function (the naive port
     above) also pay for growing the allocator's heap (page faults), which steady state does not."""
-    for _ in range(warmups):
-        function()
-    _synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        _synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return timed_together({"function": function}, device, repeats, warmups)["function"]
 
 
 def timed_together(functions: dict, device="cpu", repeats: int = 3, warmups: int = 2) -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from ..modes import STABLE_CODE
 from .base import Backend, Problem
 
 
@@ -30,7 +31,6 @@ def scatter_maximum(ops, problem: Problem) -> torch.Tensor:
 
 #: The op of a namespace that computes stable soft splatting's maximum and forward in one call.
 FUSED_STABLE = "splat_stable_forward"
-STABLE_KIND = 4
 
 
 def run_forward(ops, problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -106,7 +106,7 @@ def fused_stable_autograd_formula(backward_op):
         input, flow, metric, normalisation = inputs
         out, normaliser, maximum = output
         ctx.mark_non_differentiable(maximum)
-        save(ctx, STABLE_KIND, normalisation, (input, flow, metric, out, normaliser, maximum))
+        save(ctx, STABLE_CODE, normalisation, (input, flow, metric, out, normaliser, maximum))
 
     def backward(ctx, grad_out, grad_normaliser, grad_maximum):
         return gradients(ctx, backward_op, grad_out, grad_normaliser) + (None,)
