@@ -799,7 +799,9 @@ void forward_kernel(const at::Tensor& input, const Sources<acc_t>& src, int norm
 
 // The backward's gN = grad / D' and gD (SPEC.md), pixel-major: K values per target pixel (the
 // C channels' gN, then gD when the mode normalises; zero-padded to kPacked in the packed
-// layout), for rows [lo, hi) of image n into g[(y - lo) * W + x][K].
+// layout), for rows [lo, hi) of image n into g: row y at g + (y - lo) * pitch(), target x at
+// (x + 1) * K in it. The pixel before and after each row are left as they are: the caller's
+// zeros, which a tap outside the image reads (the AVX-512 gather loads a row's two taps at once).
 template <typename acc_t>
 struct Prepare {
   const acc_t* grad;
@@ -812,6 +814,8 @@ struct Prepare {
   int normalisation;
   int64_t C, H, W;
   int64_t K;  // values per target in g: C (+ 1 for gD), or kPacked (zero-padded) below that
+
+  int64_t pitch() const { return (W + 2) * K; }
 
   void rows(int64_t n, int64_t lo, int64_t hi, acc_t* g) const {
     // Each row as planes first (the channels' gN, then gD, then zeros), in loops that vectorise,
@@ -863,7 +867,7 @@ struct Prepare {
         if (extra)
           for (int64_t x = 0; x < W; ++x) sum[x] += extra[x * grad_norm_view.x];
       }
-      acc_t* row = g + (y - lo) * W * K;
+      acc_t* row = g + (y - lo) * pitch() + K;
       if (K == kPacked) {
         const acc_t* const lanes[kPacked] = {plane(0), plane(1), plane(2), plane(3)};
         interleave(lanes, row, W);
@@ -888,11 +892,19 @@ struct Gather {
   acc_t* gm;
 
   // Source rows [y_begin, y_end) of image n, whose kept taps all lie in target rows [lo, hi):
-  // row[r - lo + 1] holds target row r's values (Prepare's layout), for r in [lo - 1, hi] (the
-  // ends: any row, for dropped taps). CC is C when a compile-time constant, so that the
+  // row[r - lo + 1] holds target row r's values (Prepare's layout, padded with zeros), for r in
+  // [lo - 1, hi] (the ends: a row of zeros, for dropped taps). CC is C when a compile-time constant, so that the
   // per-channel sums live in registers.
   template <int CC, bool Stable, bool Normalised>
   void rows(int64_t n, int64_t y_begin, int64_t y_end, const acc_t* const* row, int64_t lo) const {
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+    if constexpr (std::is_same_v<acc_t, float> && packed_layout(CC)) {
+      if (src.H < std::numeric_limits<int32_t>::max() && src.W < std::numeric_limits<int32_t>::max()) {
+        rows_packed<CC, Stable, Normalised>(n, y_begin, y_end, row, lo);
+        return;
+      }
+    }
+#endif
     const int64_t H = src.H, W = src.W, HW = H * W, channels = CC > 0 ? CC : C;
     constexpr bool normalised = Normalised;  // sum is not
     const int64_t K = channels + (normalised ? 1 : 0);  // values used per target
@@ -962,6 +974,149 @@ struct Gather {
       }
     }
   }
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+  // rows() for float and up to three channels (Prepare's packed layout: four lanes per target),
+  // with AVX-512, four pixels at a time. A pixel's values are one 16-lane vector, lanes 4k..4k+3
+  // holding tap k's four lanes (a row's two taps are adjacent: two loads; a dropped tap reads
+  // zeros). The same terms as rows(), grouped the same way per tap: gathered = sum_k
+  // b_k * values_k; dot_k = sum_c values_k[c] * splatted[c]; grad_fx = sum_k dx_k * dot_k and
+  // grad_fy likewise, over kept taps. The sums over taps and channels run as trees, across the
+  // four pixels' vectors at once (transposes), so that each pixel takes few shuffles.
+  template <int CC, bool Stable, bool Normalised>
+  void rows_packed(int64_t n, int64_t y_begin, int64_t y_end, const float* const* row, int64_t lo) const {
+    static_assert(packed_layout(CC), "one to three channels");
+    constexpr int kGroup = 4;  // pixels per step
+    const int64_t H = src.H, W = src.W, HW = H * W;
+    std::vector<float> w(W);
+    auto chunk = std::make_unique<TapChunk<float>>();
+    // Per pixel of a chunk: make_taps's x0 and y0, tap_derivatives' factors, the values splatted
+    // beside the weight as kPacked lanes (pack_values: x * w per channel, then w; for stable x
+    // and 1, for sum x and 0; zeros), and the gathered lanes as planes.
+    alignas(64) int32_t x0[kChunk], y0[kChunk];
+    alignas(64) float east[kChunk], west[kChunk], north[kChunk], south[kChunk];
+    alignas(64) float splatted[kChunk * kPacked], gathered[kPacked][kChunk];
+    // A keep mask's bit k at bit 4k: pixel p's taps in the lanes 4k + p of the dots.
+    static constexpr unsigned short kSpread[16] = {0x0000, 0x0001, 0x0010, 0x0011, 0x0100, 0x0101, 0x0110, 0x0111,
+                                                   0x1000, 0x1001, 0x1010, 0x1011, 0x1100, 0x1101, 0x1110, 0x1111};
+    const __m512i transpose = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+    // Lane 4k + p: dx_k and dy_k of pixel p (tap_derivatives' signs).
+    const __m512 sign_x = _mm512_set_ps(1, 1, 1, 1, -1, -1, -1, -1, 1, 1, 1, 1, -1, -1, -1, -1);
+    const __m512 sign_y = _mm512_set_ps(1, 1, 1, 1, 1, 1, 1, 1, -1, -1, -1, -1, -1, -1, -1, -1);
+    // Four floats in each 128-bit block. Through the integer form: GCC 12 fails with an internal
+    // compiler error on _mm512_broadcast_f32x4 of a load when sanitizers are on.
+    auto broadcast = [](const float* four) {
+      return _mm512_castsi512_ps(_mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(four))));
+    };
+    for (int64_t y = y_begin; y < y_end; ++y) {
+      src.row_weights(n, y, w.data());
+      for (int64_t x_begin = 0; x_begin < W; x_begin += kChunk) {
+        const int64_t count = std::min(kChunk, W - x_begin);
+        const int64_t padded = (count + kGroup - 1) / kGroup * kGroup;  // the rest lands nowhere
+        const float* flow_x = src.flow_row(n, 0, y) + x_begin;
+        const float* flow_y = src.flow_row(n, 1, y) + x_begin;
+        const float* wx = w.data() + x_begin;
+        for (int64_t i = 0; i < padded; ++i) {  // make_taps and tap_derivatives' factors, vectorised
+          Taps<float, int32_t> t;  // H and W fit (rows() checks); pixels past count land nowhere
+          const bool lands = make_taps<float, int32_t>(static_cast<int32_t>(x_begin + i), static_cast<int32_t>(y),
+                                                       flow_x[i < count ? i : 0], flow_y[i < count ? i : 0],
+                                                       static_cast<int32_t>(H), static_cast<int32_t>(W), t) &&
+                             i < count;
+          chunk->keep[i] = lands ? static_cast<unsigned char>(t.keep[0] | t.keep[1] << 1 | t.keep[2] << 2 | t.keep[3] << 3) : 0;
+          if (Stable) chunk->corner[i] = static_cast<int64_t>(t.y0) * W + t.x0;
+          x0[i] = t.x0;
+          y0[i] = t.y0;
+          const float x0f = static_cast<float>(t.x0), y0f = static_cast<float>(t.y0);
+          east[i] = t.fx - x0f;
+          west[i] = x0f + 1.0f - t.fx;
+          south[i] = t.fy - y0f;
+          north[i] = y0f + 1.0f - t.fy;
+        }
+        if (Stable) chunk->fill_stable(src.maximum + n * HW, wx, W, count);
+        const scalar_t* pixels = in + in_view.at(n, 0, y, x_begin);
+        pack_values<CC, Stable>(pixels, in_view, Normalised ? wx : nullptr, splatted, count);
+        std::fill(splatted + count * kPacked, splatted + padded * kPacked, 0.0f);
+        float* grad_x = gf ? gf + (n * 2 * H + y) * W + x_begin : nullptr;
+        for (int64_t i = 0; i < padded; i += kGroup) {
+          __m512 dots[kGroup], sums[kGroup];
+          unsigned kept_dots = 0;
+          for (int p = 0; p < kGroup; ++p) {
+            const int64_t j = i + p;
+            const unsigned keep = chunk->keep[j];
+            // Its taps' values: zeros where a tap lies outside the image (the rows' padding and
+            // the rows of zeros at the ends, as row[0]); a pixel that lands nowhere reads row[0].
+            const int64_t r = y0[j] - lo + 1, column = static_cast<int64_t>(x0[j]) * kPacked;
+            const float* top = keep ? row[r] + column : row[0];
+            const float* bottom = keep ? row[r + 1] + column : row[0];
+            const __m512 values = _mm512_castpd_ps(_mm512_insertf64x4(
+                _mm512_castps_pd(_mm512_castps256_ps512(_mm256_loadu_ps(top))), _mm256_castps_pd(_mm256_loadu_ps(bottom)), 1));
+            const __m512 x_horizontal = _mm512_mask_blend_ps(0xF0F0, _mm512_set1_ps(west[j]), _mm512_set1_ps(east[j]));
+            const __m512 y_vertical = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(north[j]), _mm512_set1_ps(south[j]));
+            __m512 b = _mm512_mul_ps(x_horizontal, y_vertical);  // make_taps's weight[k], per lane
+            __m512 splat = broadcast(splatted + j * kPacked);
+            if (Stable) {  // tap k's weight s_k: b_k * s_k, and values times x * s_k
+              const __m512 s = _mm512_mask_blend_ps(
+                  0xFF00, _mm512_mask_blend_ps(0x00F0, _mm512_set1_ps(chunk->stable[0][j]), _mm512_set1_ps(chunk->stable[1][j])),
+                  _mm512_mask_blend_ps(0xF000, _mm512_set1_ps(chunk->stable[2][j]), _mm512_set1_ps(chunk->stable[3][j])));
+              b = _mm512_mul_ps(b, s);
+              splat = _mm512_mul_ps(splat, s);
+            }
+            dots[p] = _mm512_mul_ps(values, splat);
+            sums[p] = _mm512_mul_ps(b, values);
+            kept_dots |= static_cast<unsigned>(kSpread[keep]) << p;
+          }
+          // Lane 4k + p: dot_k of pixel p (a 4 x 4 transpose per tap, adding as it goes).
+          const __m512 low01 = _mm512_add_ps(_mm512_unpacklo_ps(dots[0], dots[1]), _mm512_unpackhi_ps(dots[0], dots[1]));
+          const __m512 low23 = _mm512_add_ps(_mm512_unpacklo_ps(dots[2], dots[3]), _mm512_unpackhi_ps(dots[2], dots[3]));
+          const __m512 dot = _mm512_add_ps(
+              _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(low01), _mm512_castps_pd(low23))),
+              _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(low01), _mm512_castps_pd(low23))));
+          if (grad_x) {
+            const __m512 dx = _mm512_mul_ps(_mm512_mask_blend_ps(0xFF00, broadcast(north + i), broadcast(south + i)), sign_x);
+            const __m512 dy = _mm512_mul_ps(_mm512_mask_blend_ps(0xF0F0, broadcast(west + i), broadcast(east + i)), sign_y);
+            const __m512 fx = _mm512_maskz_mul_ps(static_cast<__mmask16>(kept_dots), dot, dx);
+            const __m512 fy = _mm512_maskz_mul_ps(static_cast<__mmask16>(kept_dots), dot, dy);
+            // Sums over the taps: block 0 grad_fx, block 2 grad_fy, of the four pixels.
+            __m512 both = _mm512_add_ps(_mm512_shuffle_f32x4(fx, fy, 0x44), _mm512_shuffle_f32x4(fx, fy, 0xEE));
+            both = _mm512_add_ps(both, _mm512_shuffle_f32x4(both, both, 0xB1));
+            const __mmask8 valid = static_cast<__mmask8>(count - i >= kGroup ? 0xF : (1u << (count - i)) - 1);
+            _mm_mask_storeu_ps(grad_x + i, valid, _mm512_castps512_ps128(both));
+            _mm_mask_storeu_ps(grad_x + HW + i, valid, _mm512_extractf32x4_ps(both, 2));
+          }
+          // Block p: pixel p's gathered lanes (sums over the taps); then lane 4c + p.
+          const __m512 pair01 = _mm512_add_ps(_mm512_shuffle_f32x4(sums[0], sums[1], 0x44), _mm512_shuffle_f32x4(sums[0], sums[1], 0xEE));
+          const __m512 pair23 = _mm512_add_ps(_mm512_shuffle_f32x4(sums[2], sums[3], 0x44), _mm512_shuffle_f32x4(sums[2], sums[3], 0xEE));
+          const __m512 by_pixel = _mm512_add_ps(_mm512_shuffle_f32x4(pair01, pair23, 0x88), _mm512_shuffle_f32x4(pair01, pair23, 0xDD));
+          const __m512 by_lane = _mm512_permutexvar_ps(transpose, by_pixel);
+          _mm_store_ps(gathered[0] + i, _mm512_castps512_ps128(by_lane));
+          if (CC > 1 || gm) _mm_store_ps(gathered[1] + i, _mm512_extractf32x4_ps(by_lane, 1));
+          if (CC > 2 || (CC == 2 && gm)) _mm_store_ps(gathered[2] + i, _mm512_extractf32x4_ps(by_lane, 2));
+          if (CC == 3 && gm) _mm_store_ps(gathered[3] + i, _mm512_extractf32x4_ps(by_lane, 3));
+        }
+        if (gi) {
+          const bool per_pixel = Normalised && !Stable;  // w multiplies once, here
+          for (int c = 0; c < CC; ++c) {
+            scalar_t* target = gi + (n * CC + c) * HW + y * W + x_begin;
+            const float* g = gathered[c];
+            if (per_pixel)
+              for (int64_t i = 0; i < count; ++i) target[i] = static_cast<scalar_t>(g[i] * wx[i]);
+            else
+              for (int64_t i = 0; i < count; ++i) target[i] = static_cast<scalar_t>(g[i]);
+          }
+        }
+        if (gm) {
+          float* target = gm + (n * H + y) * W + x_begin;
+          for (int64_t i = 0; i < count; ++i) {
+            float grad_w = 0;
+            for (int c = 0; c < CC; ++c) grad_w += gathered[c][i] * static_cast<float>(pixels[i * in_view.x + c * in_view.c]);
+            grad_w += gathered[CC][i];
+            // stable: d exp(m - M) / dm is the tap weight, already in gathered
+            target[i] = Stable ? grad_w : grad_w * weight_derivative(src.kind, wx[i]);
+          }
+        }
+      }
+    }
+  }
+#endif
 };
 
 // Backward: per band of source rows, gN and gD of the target rows it reaches are prepared in a
@@ -1005,8 +1160,12 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& grad_normalis
         // with the previous one stay prepared, in a ring of rows (row r in slot r % capacity).
         int64_t capacity = 1;
         for (int64_t i = begin; i < end; ++i) capacity = std::max(capacity, all[i].hi - all[i].lo);
-        std::vector<acc_t> ring(static_cast<size_t>(capacity * W * K));
-        auto slot = [&](int64_t r) { return ring.data() + (r % capacity) * W * K; };
+        // Zeros: the padding of each row (Prepare), and a row for the taps above and below the
+        // image, which only the AVX-512 gather reads.
+        const int64_t pitch = prepare.pitch();
+        std::vector<acc_t> ring(static_cast<size_t>((capacity + 1) * pitch), acc_t(0));
+        const acc_t* zeros = ring.data() + capacity * pitch + K;
+        auto slot = [&](int64_t r) { return ring.data() + (r % capacity) * pitch; };
         int64_t held_n = -1, held_lo = 0, held_hi = 0;  // rows [held_lo, held_hi) of image held_n
         std::vector<const acc_t*> row;
         for (int64_t i = begin; i < end; ++i) {
@@ -1020,18 +1179,19 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& grad_normalis
             r += run;
           }
           held_hi = std::max(held_hi, band.hi);
-          row.assign(static_cast<size_t>(band.hi - band.lo + 2), ring.data());
-          for (int64_t r = band.lo; r < band.hi; ++r) row[r - band.lo + 1] = slot(r);
+          row.assign(static_cast<size_t>(band.hi - band.lo + 2), zeros);
+          for (int64_t r = band.lo; r < band.hi; ++r) row[r - band.lo + 1] = slot(r) + K;
           rows(band.n, band.y_begin, band.y_end, row.data(), band.lo);
         }
       });
       return;
     }
-    std::unique_ptr<acc_t[]> g(new acc_t[H * W * K]);
-    std::vector<const acc_t*> row(H + 2, g.get());
-    for (int64_t r = 0; r < H; ++r) row[r + 1] = g.get() + r * W * K;
+    const int64_t pitch = prepare.pitch();
+    std::vector<acc_t> g(static_cast<size_t>((H + 1) * pitch), acc_t(0));  // as the ring: zeros beside
+    std::vector<const acc_t*> row(H + 2, g.data() + H * pitch + K);
+    for (int64_t r = 0; r < H; ++r) row[r + 1] = g.data() + r * pitch + K;
     for (int64_t n = 0; n < N; ++n) {
-      at::parallel_for(0, H, 16, [&](int64_t begin, int64_t end) { prepare.rows(n, begin, end, g.get() + begin * W * K); });
+      at::parallel_for(0, H, 16, [&](int64_t begin, int64_t end) { prepare.rows(n, begin, end, g.data() + begin * pitch); });
       at::parallel_for(0, H, 4, [&](int64_t begin, int64_t end) { rows(n, begin, end, row.data(), 0); });
     }
   };
