@@ -160,12 +160,24 @@ struct TapChunk {
   static constexpr unsigned char kAll = 15;
 
   void fill(const Sources<acc_t>& src, int64_t n, int64_t y, int64_t x_begin, int64_t count, bool coordinates = false) {
+    // 32-bit tap indices where the image's sizes fit (conversions and products of half the
+    // width, twice the lanes), 64-bit otherwise.
+    if (src.H < std::numeric_limits<int32_t>::max() && src.W < std::numeric_limits<int32_t>::max())
+      fill_with<int32_t>(src, n, y, x_begin, count, coordinates);
+    else
+      fill_with<int64_t>(src, n, y, x_begin, count, coordinates);
+  }
+
+  template <typename index_t>
+  void fill_with(const Sources<acc_t>& src, int64_t n, int64_t y, int64_t x_begin, int64_t count, bool coordinates) {
     const acc_t* flow_x = src.flow_row(n, 0, y) + x_begin;
     const acc_t* flow_y = src.flow_row(n, 1, y) + x_begin;
+    const index_t H = static_cast<index_t>(src.H), W = static_cast<index_t>(src.W);
     for (int64_t i = 0; i < count; ++i) {
-      Taps<acc_t, int64_t> t;
-      const bool lands = make_taps<acc_t, int64_t>(x_begin + i, y, flow_x[i], flow_y[i], src.H, src.W, t);
-      corner[i] = t.y0 * src.W + t.x0;
+      Taps<acc_t, index_t> t;
+      const bool lands = make_taps<acc_t, index_t>(static_cast<index_t>(x_begin + i), static_cast<index_t>(y), flow_x[i],
+                                                   flow_y[i], H, W, t);
+      corner[i] = static_cast<int64_t>(t.y0) * src.W + t.x0;
       for (int k = 0; k < 4; ++k) weight[k][i] = t.weight[k];
       keep[i] = lands ? static_cast<unsigned char>(t.keep[0] | t.keep[1] << 1 | t.keep[2] << 2 | t.keep[3] << 3) : 0;
       if (coordinates) {
@@ -268,12 +280,18 @@ struct Schedule {
   std::vector<Band> phase[2];  // no two bands of a phase write a common target
 
   // work(band, p, state) for every band: the phases in order, the bands of a phase in
-  // parallel; `state`, a State of the thread's share of the phase, is reused across its bands.
+  // parallel; `state`, a State of the thread, is reused across its bands of both phases (a
+  // scratch is allocated and zeroed once per call and thread, not per phase).
   template <typename State, typename Work>
   void run(const Work& work) const {
+    std::vector<State> states(static_cast<size_t>(at::get_num_threads()));
     for (int p = 0; p < 2; ++p)
       at::parallel_for(0, static_cast<int64_t>(phase[p].size()), 1, [&](int64_t begin, int64_t end) {
-        State state;
+        // A thread number past the intra-op pool's (inside someone else's parallel region)
+        // takes a State of its own.
+        const size_t thread = static_cast<size_t>(at::get_thread_num());
+        State own;
+        State& state = thread < states.size() ? states[thread] : own;
         for (int64_t i = begin; i < end; ++i) work(phase[p][i], p, state);
       });
   }
@@ -494,6 +512,9 @@ void scatter_band_packed(const Band& band, const scalar_t* in, const View4& in_v
   std::vector<acc_t> w(W);
   auto chunk = std::make_unique<TapChunk<acc_t>>();
   std::vector<acc_t> values(kChunk * kPacked);
+  // Per pixel, its four taps' weights side by side (one load where all four are kept).
+  std::vector<acc_t> tap_weights(kChunk * kPacked);
+  const acc_t* const weight_planes[kPacked] = {chunk->weight[0], chunk->weight[1], chunk->weight[2], chunk->weight[3]};
   const int64_t offset[4] = {0, 1, W, W + 1};
   for (int64_t y = band.y_begin; y < band.y_end; ++y) {
     src.row_weights(n, y, w.data());
@@ -504,21 +525,22 @@ void scatter_band_packed(const Band& band, const scalar_t* in, const View4& in_v
       if (Stable) chunk->fill_stable(src.maximum + n * src.H * W, w.data() + x_begin, W, count);
       pack_values<CC, Stable>(in_row + x_begin * in_view.x, in_view, weighted ? w.data() + x_begin : nullptr,
                               values.data(), count);
+      interleave(weight_planes, tap_weights.data(), count);
       for (int64_t j = 0; j < count; ++j) {
         const int64_t i = pixel_order(j, count);
         const unsigned keep = chunk->keep[i];
         if (!keep) continue;
         const int64_t corner = chunk->corner[i] - row0;
-        const acc_t b[4] = {chunk->weight[0][i], chunk->weight[1][i], chunk->weight[2][i], chunk->weight[3][i]};
         const acc_t s[4] = {Stable ? chunk->stable[0][i] : acc_t(1), Stable ? chunk->stable[1][i] : acc_t(1),
                             Stable ? chunk->stable[2][i] : acc_t(1), Stable ? chunk->stable[3][i] : acc_t(1)};
         Lanes v;
         std::memcpy(&v, values.data() + i * kPacked, sizeof v);
         if (keep == TapChunk<acc_t>::kAll) {
+          Lanes b;  // the four taps' weights
+          std::memcpy(&b, tap_weights.data() + i * kPacked, sizeof b);
           const Pair v2 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 0, 1, 2, 3);
-          for (int row = 0; row < 2; ++row) {
+          auto add = [&](int row, Pair weight) {
             const int k = 2 * row;
-            const Pair weight = {b[k], b[k], b[k], b[k], b[k + 1], b[k + 1], b[k + 1], b[k + 1]};
             Pair value = v2;
             if (Stable) value *= Pair{s[k], s[k], s[k], s[k], s[k + 1], s[k + 1], s[k + 1], s[k + 1]};
             acc_t* target = scratch + (corner + row * W) * kPacked;
@@ -526,9 +548,12 @@ void scatter_band_packed(const Band& band, const scalar_t* in, const View4& in_v
             std::memcpy(&sum, target, sizeof sum);
             sum += weight * value;
             std::memcpy(target, &sum, sizeof sum);
-          }
+          };
+          add(0, __builtin_shufflevector(b, b, 0, 0, 0, 0, 1, 1, 1, 1));
+          add(1, __builtin_shufflevector(b, b, 2, 2, 2, 2, 3, 3, 3, 3));
           continue;
         }
+        const acc_t b[4] = {chunk->weight[0][i], chunk->weight[1][i], chunk->weight[2][i], chunk->weight[3][i]};
         for (int k = 0; k < 4; ++k) {
           if (!(keep >> k & 1)) continue;
           acc_t* target = scratch + (corner + offset[k]) * kPacked;
