@@ -8,12 +8,12 @@
 // bands are merged (at worst into one band per image). The bands of a phase then run in parallel:
 // no atomics, no per-thread copies of the output. With up to three channels a band accumulates
 // into a scratch of the rows it reaches, pixel-major (four lanes per target: the channels and the
-// normaliser), two vector read-modify-writes per pixel, then moves it into the NCHW outputs;
-// otherwise it adds straight into them. Every target receives the contributions of at most one
-// band per phase, each in a fixed pixel order, phase 0 first: the same sums, bitwise, whatever
-// the thread count. Phase 0 writes (or zeroes, then adds into) the rows it reaches; phase 1
-// finishes the rows it reaches once they are final (divides them; for stable soft, rescales
-// them first). The scatter-max of stable splatting runs on the same schedule, one update per
+// normaliser), two vector read-modify-writes per pixel, and moves each row into the NCHW outputs
+// once no later part of the band reaches it; otherwise it adds straight into them. Every target
+// receives the contributions of at most one band per phase, each in a fixed pixel order, phase
+// 0 first: the same sums, bitwise, whatever the thread count. Phase 0 writes (or zeroes, then
+// adds into) the rows it reaches; a row is finished (divided; for stable soft, rescaled first)
+// by the band that writes it last, as soon as it is final. The scatter-max of stable splatting runs on the same schedule, one update per
 // pixel into a band's scratch of the cells its pixels land in.
 // Stable soft: where an image's metrics allow (StableShortcut), the scatter splats plain soft
 // weights exp(metric - R), R the image's largest metric, and each final target is multiplied
@@ -34,6 +34,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -213,6 +214,7 @@ struct TapChunk {
 struct Band {
   int64_t n, y_begin, y_end;  // source rows [y_begin, y_end) of image n
   int64_t lo, hi;             // target rows its taps may reach: [lo, hi), empty if lo == hi
+  int64_t first, last;        // its parts, bands()'s bands [first, last) (one unless merged)
   bool empty() const { return hi <= lo; }
 };
 
@@ -266,6 +268,7 @@ std::vector<Band> merged(const std::vector<Band>& image) {
     if (i + 1 < image.size()) {
       const Band& next = image[i + 1];
       b.y_end = next.y_end;
+      b.last = next.last;
       if (!next.empty()) {
         b.lo = b.empty() ? next.lo : std::min(b.lo, next.lo);
         b.hi = std::max(b.hi, next.hi);
@@ -278,22 +281,27 @@ std::vector<Band> merged(const std::vector<Band>& image) {
 
 struct Schedule {
   std::vector<Band> phase[2];  // no two bands of a phase write a common target
+  std::vector<Band> parts;     // bands()'s bands, which phase[]'s bands are made of
 
   // work(band, p, state) for every band: the phases in order, the bands of a phase in
-  // parallel; `state`, a State of the thread, is reused across its bands of both phases (a
-  // scratch is allocated and zeroed once per call and thread, not per phase).
+  // parallel, each thread taking the next band not yet taken (bands differ in cost; what a band
+  // computes does not depend on its thread); `state`, a State of the thread, is reused across
+  // its bands of both phases (a scratch is allocated once per call and thread).
   template <typename State, typename Work>
   void run(const Work& work) const {
     std::vector<State> states(static_cast<size_t>(at::get_num_threads()));
-    for (int p = 0; p < 2; ++p)
-      at::parallel_for(0, static_cast<int64_t>(phase[p].size()), 1, [&](int64_t begin, int64_t end) {
+    for (int p = 0; p < 2; ++p) {
+      const int64_t count = static_cast<int64_t>(phase[p].size());
+      std::atomic<int64_t> next{0};
+      at::parallel_for(0, std::min<int64_t>(count, static_cast<int64_t>(states.size())), 1, [&](int64_t, int64_t) {
         // A thread number past the intra-op pool's (inside someone else's parallel region)
         // takes a State of its own.
         const size_t thread = static_cast<size_t>(at::get_thread_num());
         State own;
         State& state = thread < states.size() ? states[thread] : own;
-        for (int64_t i = begin; i < end; ++i) work(phase[p][i], p, state);
+        for (int64_t i = next++; i < count; i = next++) work(phase[p][i], p, state);
       });
+    }
   }
 
   // Per row of the N images, whether a band of phase p reaches it.
@@ -312,7 +320,10 @@ std::vector<Band> bands(const Sources<acc_t>& src, int64_t N) {
   const int64_t height = std::min<int64_t>(64, std::max<int64_t>(8, (src.H + 31) / 32));
   std::vector<Band> all;
   for (int64_t n = 0; n < N; ++n)
-    for (int64_t y = 0; y < src.H; y += height) all.push_back({n, y, std::min(src.H, y + height), y, y});
+    for (int64_t y = 0; y < src.H; y += height) {
+      const int64_t index = static_cast<int64_t>(all.size());
+      all.push_back({n, y, std::min(src.H, y + height), y, y, index, index + 1});
+    }
   at::parallel_for(0, static_cast<int64_t>(all.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) find_reach(src, all[i]);
   });
@@ -321,8 +332,9 @@ std::vector<Band> bands(const Sources<acc_t>& src, int64_t N) {
 
 template <typename acc_t>
 Schedule plan(const Sources<acc_t>& src, int64_t N) {
-  const std::vector<Band> all = bands(src, N);
   Schedule schedule;
+  schedule.parts = bands(src, N);
+  const std::vector<Band>& all = schedule.parts;
   for (int64_t n = 0; n < N; ++n) {
     std::vector<Band> image;
     for (const Band& b : all)
@@ -388,8 +400,9 @@ void scatter_band(const Band& band, const scalar_t* in, const View4& in_view, co
 // The packed scatter, for up to three channels: a band adds into a scratch of the rows it
 // reaches, pixel-major with four lanes per target (the channels, then the normaliser), so that
 // the two horizontal taps of a pixel are one 2 x 4-lane read-modify-write, and its two rows two
-// of them, instead of 4 x (C + 1) scalar ones. Then flush_band moves the scratch into the NCHW
-// outputs. Bands whose scratch would be larger than this use scatter_band.
+// of them, instead of 4 x (C + 1) scalar ones. A band runs part by part (bands()'s bands, in row
+// order); after each part, flush_rows moves the rows no later part reaches into the NCHW outputs,
+// while they are still in cache. Bands whose scratch would be larger than this use scatter_band.
 constexpr int kPacked = 4;  // lanes per target
 constexpr int64_t kPackedBytes = int64_t(16) << 20;
 
@@ -408,14 +421,36 @@ bool packs(const Band& band, int64_t C, int64_t W) {
   return packed_layout(C) && (band.hi - band.lo) * W * kPacked * static_cast<int64_t>(sizeof(acc_t)) <= kPackedBytes;
 }
 
-// A thread's scratch: all zeros between bands (flush_band zeroes what it reads).
+// A thread's scratch, rows [band.lo, band.hi) of the band it runs: a row is zeroed when a part
+// first reaches it (or a flush needs it), not before, so that it is in cache when it is used.
 template <typename acc_t>
 struct Scratch {
   std::vector<acc_t> data;
-  acc_t* rows(const Band& band, int64_t W) {
-    const size_t size = static_cast<size_t>((band.hi - band.lo) * W * kPacked);
-    if (data.size() < size) data.resize(size, acc_t(0));
+  int64_t first = 0, W = 0;  // the band's first row; the row width
+  int64_t lo = 0, hi = 0;    // rows zeroed so far: [lo, hi), empty after rows()
+
+  acc_t* rows(const Band& band, int64_t width) {
+    const size_t size = static_cast<size_t>((band.hi - band.lo) * width * kPacked);
+    if (data.size() < size) data.resize(size);
+    first = lo = hi = band.lo;
+    W = width;
     return data.data();
+  }
+  // Rows [from, to) zeroed unless they are; the zeroed rows stay one interval (rows between it
+  // and [from, to) are zeroed too).
+  void zero(int64_t from, int64_t to) {
+    if (from >= to) return;
+    auto clear = [&](int64_t a, int64_t b) {
+      if (a < b) std::fill(data.data() + (a - first) * W * kPacked, data.data() + (b - first) * W * kPacked, acc_t(0));
+    };
+    if (lo == hi) {
+      clear(from, to);
+      lo = from;
+      hi = to;
+      return;
+    }
+    if (from < lo) clear(from, lo), lo = from;
+    if (to > hi) clear(hi, to), hi = to;
   }
 };
 
@@ -498,16 +533,73 @@ void pack_values(const scalar_t* __restrict pixel, const View4& view, const acc_
     pack(view.x, view.c);  // channels_last and others
 }
 
-// One band's contributions added into `scratch`, rows [band.lo, band.hi) x W x kPacked. Lanes:
-// the C channels' x * w, then w (the normaliser's value; 0 for sum), then zeros; stable: x and
-// 1, times exp(metric - M(tap)) per tap. Added as plane[tap k] += b[k] * (v * s[k]), the
-// oracle's order, as in scatter_band.
-template <int CC, bool Stable, typename scalar_t, typename acc_t>
-void scatter_band_packed(const Band& band, const scalar_t* in, const View4& in_view, const Sources<acc_t>& src,
-                         acc_t* __restrict scratch) {
+// A chunk's pixels added into `scratch` (rows from row0 / W): the lanes v of a pixel (values),
+// times b[k] (and s[k] when stable) on tap k, as plane[tap k] += b[k] * (v * s[k]), the oracle's
+// order, as in scatter_band. Pixels in pixel_order: even ones, then odd ones. A pixel whose four
+// taps are kept takes two read-modify-writes of two targets (a row's taps are neighbours); with
+// AVX2 (float, not stable) written out, with the constants in registers.
+template <bool Stable, typename acc_t>
+void scatter_chunk(const TapChunk<acc_t>& chunk, const acc_t* __restrict values, const acc_t* __restrict tap_weights,
+                   int64_t count, int64_t row0, int64_t W, acc_t* __restrict scratch) {
   using Pair = typename Vector<acc_t, 2 * kPacked>::type;  // the lanes of two targets
   using Lanes = typename Vector<acc_t, kPacked>::type;
-  const int64_t W = src.W, n = band.n, row0 = band.lo * W;
+  const int64_t offset[4] = {0, 1, W, W + 1};
+#if defined(__AVX2__)
+  const __m256i north = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), south = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
+#endif
+  for (int64_t first = 0; first < 2; ++first)
+    for (int64_t i = first; i < count; i += 2) {
+      const unsigned keep = chunk.keep[i];
+      if (!keep) continue;
+      acc_t* target = scratch + (chunk.corner[i] - row0) * kPacked;
+      const acc_t* lanes = values + i * kPacked;
+      const acc_t s[4] = {Stable ? chunk.stable[0][i] : acc_t(1), Stable ? chunk.stable[1][i] : acc_t(1),
+                          Stable ? chunk.stable[2][i] : acc_t(1), Stable ? chunk.stable[3][i] : acc_t(1)};
+      if (keep == TapChunk<acc_t>::kAll) {
+#if defined(__AVX2__)
+        if constexpr (std::is_same_v<acc_t, float> && !Stable) {
+          const __m256 v = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(lanes));
+          const __m256 b = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(tap_weights + i * kPacked));
+          float* below = target + W * kPacked;
+          _mm256_storeu_ps(target, _mm256_add_ps(_mm256_loadu_ps(target), _mm256_mul_ps(_mm256_permutevar_ps(b, north), v)));
+          _mm256_storeu_ps(below, _mm256_add_ps(_mm256_loadu_ps(below), _mm256_mul_ps(_mm256_permutevar_ps(b, south), v)));
+          continue;
+        }
+#endif
+        Lanes v, b;  // the lanes; the four taps' weights
+        std::memcpy(&v, lanes, sizeof v);
+        std::memcpy(&b, tap_weights + i * kPacked, sizeof b);
+        const Pair v2 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 0, 1, 2, 3);
+        auto add = [&](int row, Pair weight) {
+          const int k = 2 * row;
+          Pair value = v2;
+          if (Stable) value *= Pair{s[k], s[k], s[k], s[k], s[k + 1], s[k + 1], s[k + 1], s[k + 1]};
+          acc_t* row_target = target + row * W * kPacked;
+          Pair sum;
+          std::memcpy(&sum, row_target, sizeof sum);
+          sum += weight * value;
+          std::memcpy(row_target, &sum, sizeof sum);
+        };
+        add(0, __builtin_shufflevector(b, b, 0, 0, 0, 0, 1, 1, 1, 1));
+        add(1, __builtin_shufflevector(b, b, 2, 2, 2, 2, 3, 3, 3, 3));
+        continue;
+      }
+      for (int k = 0; k < 4; ++k) {
+        if (!(keep >> k & 1)) continue;
+        const acc_t weight = chunk.weight[k][i];
+        acc_t* tap = target + offset[k] * kPacked;
+        for (int c = 0; c < kPacked; ++c) tap[c] += weight * (Stable ? lanes[c] * s[k] : lanes[c]);
+      }
+    }
+}
+
+// The contributions of one part of a band (its source rows) added into `scratch`, the band's
+// rows [band.lo, band.hi) x W x kPacked. Lanes: the C channels' x * w, then w (the normaliser's
+// value; 0 for sum), then zeros; stable: x and 1, times exp(metric - M(tap)) per tap.
+template <int CC, bool Stable, typename scalar_t, typename acc_t>
+void scatter_band_packed(const Band& band, const Band& part, const scalar_t* in, const View4& in_view,
+                         const Sources<acc_t>& src, acc_t* __restrict scratch) {
+  const int64_t W = src.W, n = band.n;
   const bool weighted = src.kind != SUM;
   std::vector<acc_t> w(W);
   auto chunk = std::make_unique<TapChunk<acc_t>>();
@@ -515,8 +607,7 @@ void scatter_band_packed(const Band& band, const scalar_t* in, const View4& in_v
   // Per pixel, its four taps' weights side by side (one load where all four are kept).
   std::vector<acc_t> tap_weights(kChunk * kPacked);
   const acc_t* const weight_planes[kPacked] = {chunk->weight[0], chunk->weight[1], chunk->weight[2], chunk->weight[3]};
-  const int64_t offset[4] = {0, 1, W, W + 1};
-  for (int64_t y = band.y_begin; y < band.y_end; ++y) {
+  for (int64_t y = part.y_begin; y < part.y_end; ++y) {
     src.row_weights(n, y, w.data());
     const scalar_t* in_row = in + in_view.at(n, 0, y, 0);
     for (int64_t x_begin = 0; x_begin < W; x_begin += kChunk) {
@@ -526,41 +617,7 @@ void scatter_band_packed(const Band& band, const scalar_t* in, const View4& in_v
       pack_values<CC, Stable>(in_row + x_begin * in_view.x, in_view, weighted ? w.data() + x_begin : nullptr,
                               values.data(), count);
       interleave(weight_planes, tap_weights.data(), count);
-      for (int64_t j = 0; j < count; ++j) {
-        const int64_t i = pixel_order(j, count);
-        const unsigned keep = chunk->keep[i];
-        if (!keep) continue;
-        const int64_t corner = chunk->corner[i] - row0;
-        const acc_t s[4] = {Stable ? chunk->stable[0][i] : acc_t(1), Stable ? chunk->stable[1][i] : acc_t(1),
-                            Stable ? chunk->stable[2][i] : acc_t(1), Stable ? chunk->stable[3][i] : acc_t(1)};
-        Lanes v;
-        std::memcpy(&v, values.data() + i * kPacked, sizeof v);
-        if (keep == TapChunk<acc_t>::kAll) {
-          Lanes b;  // the four taps' weights
-          std::memcpy(&b, tap_weights.data() + i * kPacked, sizeof b);
-          const Pair v2 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 0, 1, 2, 3);
-          auto add = [&](int row, Pair weight) {
-            const int k = 2 * row;
-            Pair value = v2;
-            if (Stable) value *= Pair{s[k], s[k], s[k], s[k], s[k + 1], s[k + 1], s[k + 1], s[k + 1]};
-            acc_t* target = scratch + (corner + row * W) * kPacked;
-            Pair sum;
-            std::memcpy(&sum, target, sizeof sum);
-            sum += weight * value;
-            std::memcpy(target, &sum, sizeof sum);
-          };
-          add(0, __builtin_shufflevector(b, b, 0, 0, 0, 0, 1, 1, 1, 1));
-          add(1, __builtin_shufflevector(b, b, 2, 2, 2, 2, 3, 3, 3, 3));
-          continue;
-        }
-        const acc_t b[4] = {chunk->weight[0][i], chunk->weight[1][i], chunk->weight[2][i], chunk->weight[3][i]};
-        for (int k = 0; k < 4; ++k) {
-          if (!(keep >> k & 1)) continue;
-          acc_t* target = scratch + (corner + offset[k]) * kPacked;
-          const acc_t* lanes = values.data() + i * kPacked;
-          for (int c = 0; c < kPacked; ++c) target[c] += b[k] * (Stable ? lanes[c] * s[k] : lanes[c]);
-        }
-      }
+      scatter_chunk<Stable>(*chunk, values.data(), tap_weights.data(), count, band.lo * W, W, scratch);
     }
   }
 }
@@ -703,49 +760,76 @@ struct Finish {
   }
 };
 
-// plane[c][x] = (or +=) lanes[x][c] for the first Planes lanes of W targets, the lanes zeroed:
-// one pass, which vectorises (the lanes split with shuffles).
+// plane[c][x] = (or +=) lanes[x][c] for the first Planes lanes of W targets: one pass, which
+// vectorises (the lanes split with shuffles).
 template <int Planes, bool Add, typename acc_t>
-void unpack_row(acc_t* __restrict lanes, acc_t* __restrict p0, acc_t* __restrict p1, acc_t* __restrict p2,
+void unpack_row(const acc_t* __restrict lanes, acc_t* __restrict p0, acc_t* __restrict p1, acc_t* __restrict p2,
                 acc_t* __restrict p3, int64_t W) {
   static_assert(Planes >= 1 && Planes <= kPacked, "1 to 4 planes");
   for (int64_t x = 0; x < W; ++x) {
-    acc_t* lane = lanes + x * kPacked;
+    const acc_t* lane = lanes + x * kPacked;
     const acc_t a0 = lane[0], a1 = lane[1], a2 = lane[2], a3 = lane[3];
     p0[x] = Add ? p0[x] + a0 : a0;
     if (Planes > 1) p1[x] = Add ? p1[x] + a1 : a1;
     if (Planes > 2) p2[x] = Add ? p2[x] + a2 : a2;
     if (Planes > 3) p3[x] = Add ? p3[x] + a3 : a3;
-    lane[0] = lane[1] = lane[2] = lane[3] = acc_t(0);
   }
 }
 
-// A packed band's scratch moved into the NCHW outputs (out, norm contiguous; norm null for sum)
-// and zeroed. Phase 0 stores (no other band has written these rows); phase 1 adds and, the rows
-// then final, finishes them.
-template <int CC, typename acc_t>
-void flush_band(const Band& band, int p, acc_t* scratch, acc_t* out, acc_t* norm, int64_t H, int64_t W,
-                const Finish<acc_t>& finish) {
+// unpack_row of CC channels and D (plane CC) for a final row, divided as Finish::row divides it
+// (out / D', D kept; no stable rescaling): one pass over the row instead of two.
+template <int CC, bool Add, int Normalisation, typename acc_t>
+void unpack_row_divided(const acc_t* __restrict lanes, acc_t* __restrict p0, acc_t* __restrict p1,
+                        acc_t* __restrict p2, acc_t* __restrict D, int64_t W) {
+  static_assert(CC >= 1 && CC < kPacked, "1 to 3 channels");
+  for (int64_t x = 0; x < W; ++x) {
+    const acc_t* lane = lanes + x * kPacked;
+    const acc_t d = Add ? D[x] + lane[CC] : lane[CC];
+    D[x] = d;
+    const acc_t divisor = safe_normaliser(d, Normalisation);
+    p0[x] = (Add ? p0[x] + lane[0] : lane[0]) / divisor;
+    if (CC > 1) p1[x] = (Add ? p1[x] + lane[1] : lane[1]) / divisor;
+    if (CC > 2) p2[x] = (Add ? p2[x] + lane[2] : lane[2]) / divisor;
+  }
+}
+
+// Rows [from, to) of a packed band's scratch (which starts at row band.lo) moved into the NCHW
+// outputs (out, norm contiguous; norm null for sum). Phase 0 stores (no other band has written
+// these rows), phase 1 adds. A row for which final(y) holds (no band of a later phase reaches
+// it) is finished at once, while in cache.
+template <int CC, typename acc_t, typename Final>
+void flush_rows(const Band& band, int p, int64_t from, int64_t to, const acc_t* scratch, acc_t* out, acc_t* norm,
+                int64_t H, int64_t W, const Finish<acc_t>& finish, const Final& final) {
   std::vector<acc_t> finishing(finish.needed() ? 2 * W : 0);
-  for (int64_t y = band.lo; y < band.hi; ++y) {
-    acc_t* lanes = scratch + (y - band.lo) * W * kPacked;
+  for (int64_t y = from; y < to; ++y) {
+    const acc_t* lanes = scratch + (y - band.lo) * W * kPacked;
     acc_t* plane[kPacked] = {};
     for (int c = 0; c < CC; ++c) plane[c] = out + ((band.n * CC + c) * H + y) * W;
     acc_t* D = norm ? norm + (band.n * H + y) * W : nullptr;
     plane[CC] = D;
+    const bool last = final(y);
+    const bool divided = last && finish.divides && !finish.scales(band.n);  // then D is not null
     auto unpack = [&](auto add) {
       constexpr bool Add = decltype(add)::value;
-      if (D)
+      auto divide = [&](auto code) {
+        unpack_row_divided<CC, Add, decltype(code)::value>(lanes, plane[0], plane[1], plane[2], D, W);
+      };
+      if (divided && finish.normalisation == ADDEPS)
+        divide(std::integral_constant<int, ADDEPS>());
+      else if (divided && finish.normalisation == ZEROEPS)
+        divide(std::integral_constant<int, ZEROEPS>());
+      else if (divided && finish.normalisation == CLIPEPS)
+        divide(std::integral_constant<int, CLIPEPS>());
+      else if (D)
         unpack_row<CC + 1, Add>(lanes, plane[0], plane[1], plane[2], plane[3], W);
       else
         unpack_row<CC, Add>(lanes, plane[0], plane[1], plane[2], plane[3], W);
     };
-    if (p == 0) {
+    if (p == 0)
       unpack(std::false_type());
-      continue;
-    }
-    unpack(std::true_type());
-    if (finish.needed()) finish.row(band.n, y, finishing.data());
+    else
+      unpack(std::true_type());
+    if (last && !divided) finish.row(band.n, y, finishing.data());
   }
 }
 
@@ -769,10 +853,18 @@ void forward_kernel(const at::Tensor& input, const Sources<acc_t>& src, int norm
   const Schedule schedule = planned ? *planned : plan(src, N);
   // No separate pass zeroes the outputs: a phase-0 band zeroes the rows it reaches (no other
   // band has written them yet) just before adding into them, while they are in cache; rows no
-  // phase-0 band reaches are zeroed first. Likewise a phase-1 band's rows are final once it
-  // is done (phase 0 is, and no other phase-1 band writes them): it finishes them at once.
-  // Rows no phase-1 band reaches are finished after the phases.
-  const std::vector<char> zeroed = schedule.reached(0, N, H), finished = schedule.reached(1, N, H);
+  // phase-0 band reaches are zeroed first. Likewise a band's rows that no phase-1 band reaches
+  // after it are final once it is done with them (a phase-1 band's all, as phase 0 is done and
+  // no other phase-1 band writes them): it finishes them at once. Rows no band reaches are
+  // finished after the phases.
+  const std::vector<char> zeroed = schedule.reached(0, N, H), reached_later = schedule.reached(1, N, H);
+  std::vector<char> finished(static_cast<size_t>(N * H), 0);  // each row set by one band at most
+  // Whether row y, which a band of phase p has just done, is to be finished now (marked so).
+  auto finishes = [&](int p, int64_t n, int64_t y) {
+    if (p == 0 && reached_later[n * H + y]) return false;
+    finished[n * H + y] = 1;
+    return finish.needed();
+  };
   const int64_t planes = C + (norm_data ? 1 : 0);
   auto zero_rows = [&](int64_t n, int64_t lo, int64_t hi) {
     for (int64_t p = 0; p < planes; ++p) {
@@ -793,11 +885,25 @@ void forward_kernel(const at::Tensor& input, const Sources<acc_t>& src, int norm
       if (CC > 0 && packs<acc_t>(band, C, W)) {
         acc_t* rows = scratch.rows(band, W);
         constexpr int packed = packed_layout(CC) ? CC : 1;  // C when packs() holds
-        if (per_tap)
-          scatter_band_packed<packed, true>(band, in, in_view, band_src, rows);
-        else
-          scatter_band_packed<packed, false>(band, in, in_view, band_src, rows);
-        flush_band<packed>(band, p, rows, out_data, norm_data, H, W, finish);
+        auto final = [&](int64_t y) { return finishes(p, band.n, y); };
+        int64_t flushed = band.lo;  // rows [band.lo, flushed) are in the outputs
+        for (int64_t k = band.first; k < band.last; ++k) {
+          const Band& part = schedule.parts[k];
+          if (!part.empty()) {
+            scratch.zero(part.lo, part.hi);
+            if (per_tap)
+              scatter_band_packed<packed, true>(band, part, in, in_view, band_src, rows);
+            else
+              scatter_band_packed<packed, false>(band, part, in, in_view, band_src, rows);
+          }
+          int64_t limit = band.hi;  // rows below the first that a later part reaches are done
+          for (int64_t later = k + 1; later < band.last; ++later)
+            if (!schedule.parts[later].empty()) limit = std::min(limit, schedule.parts[later].lo);
+          if (limit <= flushed) continue;
+          scratch.zero(flushed, limit);  // rows no part reached
+          flush_rows<packed>(band, p, flushed, limit, rows, out_data, norm_data, H, W, finish, final);
+          flushed = limit;
+        }
         return;
       }
       if (p == 0) zero_rows(band.n, band.lo, band.hi);
@@ -805,7 +911,9 @@ void forward_kernel(const at::Tensor& input, const Sources<acc_t>& src, int norm
         scatter_band<CC, true>(band, in, in_view, band_src, C, out_data, norm_data);
       else
         scatter_band<CC, false>(band, in, in_view, band_src, C, out_data, norm_data);
-      if (p == 1 && finish.needed()) finish.rows(band.n, band.lo, band.hi);
+      std::vector<acc_t> finishing(finish.needed() ? 2 * W : 0);
+      for (int64_t y = band.lo; y < band.hi; ++y)
+        if (finishes(p, band.n, y)) finish.row(band.n, y, finishing.data());
     });
   };
   switch (C) {
