@@ -13,8 +13,9 @@
 // receives the contributions of at most one band per phase, each in a fixed pixel order, phase
 // 0 first: the same sums, bitwise, whatever the thread count. Phase 0 writes (or zeroes, then
 // adds into) the rows it reaches; a row is finished (divided; for stable soft, rescaled first)
-// by the band that writes it last, as soon as it is final. The scatter-max of stable splatting runs on the same schedule, one update per
-// pixel into a band's scratch of the cells its pixels land in.
+// by the band that writes it last, as soon as it is final. The scatter-max of stable splatting
+// runs on the same schedule, one update per pixel into a band's scratch of the cells its pixels
+// land in.
 // Stable soft: where an image's metrics allow (StableShortcut), the scatter splats plain soft
 // weights exp(metric - R), R the image's largest metric, and each final target is multiplied
 // by exp(R - M(t)); splat_stable_forward computes M and this in one call, on one plan.
@@ -155,22 +156,26 @@ struct TapChunk {
   acc_t weight[4][kChunk];         // bilinear weight of each tap
   unsigned char keep[kChunk];      // bit k: tap k is kept (0: the pixel lands nowhere)
   acc_t stable[4][kChunk];         // stable: exp(metric - M(tap)), 0 for dropped taps
-  int64_t x0[kChunk], y0[kChunk];  // with coordinates: the rest of make_taps's Taps
-  acc_t fx[kChunk], fy[kChunk];
+  // With coordinates: make_taps's x0 and y0, and tap_factors (the backward's derivatives).
+  int64_t x0[kChunk], y0[kChunk];
+  acc_t east[kChunk], west[kChunk], south[kChunk], north[kChunk];
 
   static constexpr unsigned char kAll = 15;
 
-  void fill(const Sources<acc_t>& src, int64_t n, int64_t y, int64_t x_begin, int64_t count, bool coordinates = false) {
+  // Coordinates: also x0, y0 and the factors (a compile-time choice, so that the forward's loop
+  // has none of their code).
+  template <bool Coordinates = false>
+  void fill(const Sources<acc_t>& src, int64_t n, int64_t y, int64_t x_begin, int64_t count) {
     // 32-bit tap indices where the image's sizes fit (conversions and products of half the
     // width, twice the lanes), 64-bit otherwise.
     if (src.H < std::numeric_limits<int32_t>::max() && src.W < std::numeric_limits<int32_t>::max())
-      fill_with<int32_t>(src, n, y, x_begin, count, coordinates);
+      fill_with<int32_t, Coordinates>(src, n, y, x_begin, count);
     else
-      fill_with<int64_t>(src, n, y, x_begin, count, coordinates);
+      fill_with<int64_t, Coordinates>(src, n, y, x_begin, count);
   }
 
-  template <typename index_t>
-  void fill_with(const Sources<acc_t>& src, int64_t n, int64_t y, int64_t x_begin, int64_t count, bool coordinates) {
+  template <typename index_t, bool Coordinates>
+  void fill_with(const Sources<acc_t>& src, int64_t n, int64_t y, int64_t x_begin, int64_t count) {
     const acc_t* flow_x = src.flow_row(n, 0, y) + x_begin;
     const acc_t* flow_y = src.flow_row(n, 1, y) + x_begin;
     const index_t H = static_cast<index_t>(src.H), W = static_cast<index_t>(src.W);
@@ -181,23 +186,29 @@ struct TapChunk {
       corner[i] = static_cast<int64_t>(t.y0) * src.W + t.x0;
       for (int k = 0; k < 4; ++k) weight[k][i] = t.weight[k];
       keep[i] = lands ? static_cast<unsigned char>(t.keep[0] | t.keep[1] << 1 | t.keep[2] << 2 | t.keep[3] << 3) : 0;
-      if (coordinates) {
+      if (Coordinates) {
         x0[i] = t.x0;
         y0[i] = t.y0;
-        fx[i] = t.fx;
-        fy[i] = t.fy;
+        const TapFactors<acc_t> f = tap_factors(t);
+        east[i] = f.east;
+        west[i] = f.west;
+        south[i] = f.south;
+        north[i] = f.north;
       }
     }
   }
 
-  // make_taps's Taps of pixel i (filled with coordinates), for tap_derivatives.
-  Taps<acc_t, int64_t> taps(int64_t i) const {
-    Taps<acc_t, int64_t> t;
-    t.x0 = x0[i];
-    t.y0 = y0[i];
-    t.fx = fx[i];
-    t.fy = fy[i];
-    return t;
+  // tap_factors of pixel i (filled with coordinates), for factor_derivatives.
+  TapFactors<acc_t> factors(int64_t i) const { return {east[i], west[i], south[i], north[i]}; }
+
+  // Pixels [count, padded) marked as landing nowhere, with coordinates and factors 0 (so that
+  // a gather over groups of pixels reads defined values).
+  void pad(int64_t count, int64_t padded) {
+    for (int64_t i = count; i < padded; ++i) {
+      keep[i] = 0;
+      x0[i] = y0[i] = 0;
+      east[i] = west[i] = south[i] = north[i] = acc_t(0);
+    }
   }
 
   // stable[k][i] = exp(metric - M(target of tap k)) for the kept taps, 0 for the others: the
@@ -533,11 +544,12 @@ void pack_values(const scalar_t* __restrict pixel, const View4& view, const acc_
     pack(view.x, view.c);  // channels_last and others
 }
 
-// A chunk's pixels added into `scratch` (rows from row0 / W): the lanes v of a pixel (values),
-// times b[k] (and s[k] when stable) on tap k, as plane[tap k] += b[k] * (v * s[k]), the oracle's
-// order, as in scatter_band. Pixels in pixel_order: even ones, then odd ones. A pixel whose four
-// taps are kept takes two read-modify-writes of two targets (a row's taps are neighbours); with
-// AVX2 (float, not stable) written out, with the constants in registers.
+// A chunk's pixels added into `scratch`, whose first target is the image's flat index row0 (a
+// band's first row times W): the lanes v of a pixel (values), times b[k] (and s[k] when stable)
+// on tap k, as plane[tap k] += b[k] * (v * s[k]), the oracle's order, as in scatter_band. Pixels
+// in pixel_order: even ones, then odd ones. A pixel whose four taps are kept takes two
+// read-modify-writes of two targets (a row's taps are neighbours); with AVX2 (float, not
+// stable) written out, with the constants in registers.
 template <bool Stable, typename acc_t>
 void scatter_chunk(const TapChunk<acc_t>& chunk, const acc_t* __restrict values, const acc_t* __restrict tap_weights,
                    int64_t count, int64_t row0, int64_t W, acc_t* __restrict scratch) {
@@ -1054,7 +1066,7 @@ struct Gather {
       src.row_weights(n, y, w.data());
       for (int64_t x_begin = 0; x_begin < W; x_begin += kChunk) {
         const int64_t count = std::min(kChunk, W - x_begin);
-        chunk->fill(src, n, y, x_begin, count, true);
+        chunk->template fill<true>(src, n, y, x_begin, count);
         if (Stable) chunk->fill_stable(src.maximum + n * HW, w.data() + x_begin, W, count);
         for (int64_t i = 0; i < count; ++i) {
           const int64_t x = x_begin + i;
@@ -1068,7 +1080,7 @@ struct Gather {
           for (int64_t c = 0; c < K; ++c) splatted[c] = x_values[c] * pixel_w;
           acc_t grad_fx = 0, grad_fy = 0;
           const unsigned keep = chunk->keep[i];
-          if (keep && gf) tap_derivatives(chunk->taps(i), dx, dy);
+          if (keep && gf) factor_derivatives(chunk->factors(i), dx, dy);
           // Where the taps' values are (those of dropped taps are not read).
           const acc_t* north = keep ? row[chunk->y0[i] - lo + 1] + chunk->x0[i] * stride : nullptr;
           const acc_t* south = keep ? row[chunk->y0[i] - lo + 2] + chunk->x0[i] * stride : nullptr;
@@ -1122,11 +1134,9 @@ struct Gather {
     const int64_t H = src.H, W = src.W, HW = H * W;
     std::vector<float> w(W);
     auto chunk = std::make_unique<TapChunk<float>>();
-    // Per pixel of a chunk: make_taps's x0 and y0, tap_derivatives' factors, the values splatted
-    // beside the weight as kPacked lanes (pack_values: x * w per channel, then w; for stable x
-    // and 1, for sum x and 0; zeros), and the gathered lanes as planes.
-    alignas(64) int32_t x0[kChunk], y0[kChunk];
-    alignas(64) float east[kChunk], west[kChunk], north[kChunk], south[kChunk];
+    // Per pixel of a chunk: its taps (TapChunk, with coordinates), the values splatted beside
+    // the weight as kPacked lanes (pack_values: x * w per channel, then w; for stable x and 1,
+    // for sum x and 0; zeros), and the gathered lanes as planes.
     alignas(64) float splatted[kChunk * kPacked], gathered[kPacked][kChunk];
     // A keep mask's bit k at bit 4k: pixel p's taps in the lanes 4k + p of the dots.
     static constexpr unsigned short kSpread[16] = {0x0000, 0x0001, 0x0010, 0x0011, 0x0100, 0x0101, 0x0110, 0x0111,
@@ -1144,26 +1154,10 @@ struct Gather {
       src.row_weights(n, y, w.data());
       for (int64_t x_begin = 0; x_begin < W; x_begin += kChunk) {
         const int64_t count = std::min(kChunk, W - x_begin);
-        const int64_t padded = (count + kGroup - 1) / kGroup * kGroup;  // the rest lands nowhere
-        const float* flow_x = src.flow_row(n, 0, y) + x_begin;
-        const float* flow_y = src.flow_row(n, 1, y) + x_begin;
+        const int64_t padded = (count + kGroup - 1) / kGroup * kGroup;
         const float* wx = w.data() + x_begin;
-        for (int64_t i = 0; i < padded; ++i) {  // make_taps and tap_derivatives' factors, vectorised
-          Taps<float, int32_t> t;  // H and W fit (rows() checks); pixels past count land nowhere
-          const bool lands = make_taps<float, int32_t>(static_cast<int32_t>(x_begin + i), static_cast<int32_t>(y),
-                                                       flow_x[i < count ? i : 0], flow_y[i < count ? i : 0],
-                                                       static_cast<int32_t>(H), static_cast<int32_t>(W), t) &&
-                             i < count;
-          chunk->keep[i] = lands ? static_cast<unsigned char>(t.keep[0] | t.keep[1] << 1 | t.keep[2] << 2 | t.keep[3] << 3) : 0;
-          if (Stable) chunk->corner[i] = static_cast<int64_t>(t.y0) * W + t.x0;
-          x0[i] = t.x0;
-          y0[i] = t.y0;
-          const float x0f = static_cast<float>(t.x0), y0f = static_cast<float>(t.y0);
-          east[i] = t.fx - x0f;
-          west[i] = x0f + 1.0f - t.fx;
-          south[i] = t.fy - y0f;
-          north[i] = y0f + 1.0f - t.fy;
-        }
+        chunk->template fill<true>(src, n, y, x_begin, count);
+        chunk->pad(count, padded);  // the rest lands nowhere
         if (Stable) chunk->fill_stable(src.maximum + n * HW, wx, W, count);
         const scalar_t* pixels = in + in_view.at(n, 0, y, x_begin);
         pack_values<CC, Stable>(pixels, in_view, Normalised ? wx : nullptr, splatted, count);
@@ -1177,13 +1171,15 @@ struct Gather {
             const unsigned keep = chunk->keep[j];
             // Its taps' values: zeros where a tap lies outside the image (the rows' padding and
             // the rows of zeros at the ends, as row[0]); a pixel that lands nowhere reads row[0].
-            const int64_t r = y0[j] - lo + 1, column = static_cast<int64_t>(x0[j]) * kPacked;
+            const int64_t r = chunk->y0[j] - lo + 1, column = chunk->x0[j] * kPacked;
             const float* top = keep ? row[r] + column : row[0];
             const float* bottom = keep ? row[r + 1] + column : row[0];
             const __m512 values = _mm512_castpd_ps(_mm512_insertf64x4(
                 _mm512_castps_pd(_mm512_castps256_ps512(_mm256_loadu_ps(top))), _mm256_castps_pd(_mm256_loadu_ps(bottom)), 1));
-            const __m512 x_horizontal = _mm512_mask_blend_ps(0xF0F0, _mm512_set1_ps(west[j]), _mm512_set1_ps(east[j]));
-            const __m512 y_vertical = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(north[j]), _mm512_set1_ps(south[j]));
+            const __m512 x_horizontal =
+                _mm512_mask_blend_ps(0xF0F0, _mm512_set1_ps(chunk->west[j]), _mm512_set1_ps(chunk->east[j]));
+            const __m512 y_vertical =
+                _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(chunk->north[j]), _mm512_set1_ps(chunk->south[j]));
             __m512 b = _mm512_mul_ps(x_horizontal, y_vertical);  // make_taps's weight[k], per lane
             __m512 splat = broadcast(splatted + j * kPacked);
             if (Stable) {  // tap k's weight s_k: b_k * s_k, and values times x * s_k
@@ -1204,8 +1200,10 @@ struct Gather {
               _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(low01), _mm512_castps_pd(low23))),
               _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(low01), _mm512_castps_pd(low23))));
           if (grad_x) {
-            const __m512 dx = _mm512_mul_ps(_mm512_mask_blend_ps(0xFF00, broadcast(north + i), broadcast(south + i)), sign_x);
-            const __m512 dy = _mm512_mul_ps(_mm512_mask_blend_ps(0xF0F0, broadcast(west + i), broadcast(east + i)), sign_y);
+            const __m512 dx =
+                _mm512_mul_ps(_mm512_mask_blend_ps(0xFF00, broadcast(chunk->north + i), broadcast(chunk->south + i)), sign_x);
+            const __m512 dy =
+                _mm512_mul_ps(_mm512_mask_blend_ps(0xF0F0, broadcast(chunk->west + i), broadcast(chunk->east + i)), sign_y);
             const __m512 fx = _mm512_maskz_mul_ps(static_cast<__mmask16>(kept_dots), dot, dx);
             const __m512 fy = _mm512_maskz_mul_ps(static_cast<__mmask16>(kept_dots), dot, dy);
             // Sums over the taps: block 0 grad_fx, block 2 grad_fy, of the four pixels.

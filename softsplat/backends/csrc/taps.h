@@ -88,16 +88,31 @@ SOFTSPLAT_HD index_t tap_x(const Taps<T, index_t>& taps, int k) { return taps.x0
 template <typename T, typename index_t>
 SOFTSPLAT_HD index_t tap_y(const Taps<T, index_t>& taps, int k) { return taps.y0 + (k >> 1); }
 
+// The target's distances from the sides of its cell (x0, y0)-(x0+1, y0+1), the factors of the
+// bilinear weights: east = fx - x0, west = x0 + 1 - fx, south = fy - y0, north = y0 + 1 - fy.
+template <typename T>
+struct TapFactors {
+  T east, west, south, north;
+};
+
+template <typename T, typename index_t>
+SOFTSPLAT_HD TapFactors<T> tap_factors(const Taps<T, index_t>& taps) {
+  const T x0f = static_cast<T>(taps.x0), y0f = static_cast<T>(taps.y0);
+  return {taps.fx - x0f, x0f + T(1) - taps.fx, taps.fy - y0f, y0f + T(1) - taps.fy};
+}
+
 // d weight[k] / d fx and d fy, in the cell floor() selected (floor has zero derivative).
+template <typename T>
+SOFTSPLAT_HD void factor_derivatives(const TapFactors<T>& f, T dx[4], T dy[4]) {
+  dx[0] = -f.north; dy[0] = -f.west;
+  dx[1] = f.north;  dy[1] = -f.east;
+  dx[2] = -f.south; dy[2] = f.west;
+  dx[3] = f.south;  dy[3] = f.east;
+}
+
 template <typename T, typename index_t>
 SOFTSPLAT_HD void tap_derivatives(const Taps<T, index_t>& taps, T dx[4], T dy[4]) {
-  const T x0f = static_cast<T>(taps.x0), y0f = static_cast<T>(taps.y0);
-  const T east = taps.fx - x0f, west = x0f + T(1) - taps.fx;
-  const T south = taps.fy - y0f, north = y0f + T(1) - taps.fy;
-  dx[0] = -north; dy[0] = -west;
-  dx[1] = north;  dy[1] = -east;
-  dx[2] = -south; dy[2] = west;
-  dx[3] = south;  dy[3] = east;
+  factor_derivatives(tap_factors(taps), dx, dy);
 }
 
 // The per-pixel weight w splatted beside the input: 1, metric or exp(metric). No maximum is
