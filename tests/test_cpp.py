@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import softsplat
-from softsplat import Mode, backends
+from softsplat import Mode, backends, bench
 from softsplat.backends import cpp
 
 
@@ -107,14 +107,20 @@ def test_auto_prefers_cpp_on_cpu(ops) -> None:
     assert backends.select(call, "auto", deterministic=True).name == "cpp"  # deterministic on CPU
 
 
+@pytest.mark.parametrize("flow_kind", ["spread", "smooth"])
+@pytest.mark.parametrize("channels", [3, 4])  # the packed scatter (up to 3 channels) and the other
 @pytest.mark.parametrize("mode", ["sum", "soft"])
-def test_bitwise_reproducible(ops, mode) -> None:
-    """Same inputs, same bits: forward and every gradient, whatever the thread count."""
-    input, flow, metric = _tensors(shape=(2, 4, 150, 97), seed=3)
-    flow = flow * 10  # targets spread over many bands' rows
+def test_bitwise_reproducible(ops, mode, channels, flow_kind) -> None:
+    """Same inputs, same bits: forward and every gradient, whatever the thread count (5: more
+    threads than this machine's cores, bands of phase 1 waiting for those of phase 0)."""
+    if flow_kind == "spread":  # targets spread over many bands' rows: bands merged
+        input, flow, metric = _tensors(shape=(2, channels, 150, 97), seed=3)
+        flow = flow * 10
+    else:  # optical-flow-like: several bands per phase, those of phase 1 waiting for neighbours
+        input, flow, metric = bench.inputs((150, 97), channels=channels, batch=2, seed=3)
     metric = metric if mode == "soft" else None
     results = []
-    for threads in (1, 2, 1, 2):
+    for threads in (1, 2, 5, 1, 2):
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:

@@ -39,6 +39,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <thread>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -308,25 +309,81 @@ struct Schedule {
   std::vector<Band> phase[2];  // no two bands of a phase write a common target
   std::vector<Band> parts;     // bands()'s bands, which phase[]'s bands are made of
 
-  // work(band, p, state) for every band: the phases in order, the bands of a phase in
-  // parallel, each thread taking the next band not yet taken (bands differ in cost; what a band
-  // computes does not depend on its thread); `state`, a State of the thread, is reused across
-  // its bands of both phases (a scratch is allocated once per call and thread).
+  // work(band, p, state) for every band, each band of phase 1 after the bands of phase 0 it
+  // depends on (those of its image whose reach meets its own), the others in any order: the
+  // bands are listed so that a band of phase 1 comes soon after the last of them (order()),
+  // and each thread takes the next band not yet taken, waiting, for a band of phase 1, until
+  // those are done. So a phase-1 band adds into rows phase 0 has recently written, likely still
+  // in cache, and no barrier separates the phases. Nothing a band computes depends on its thread
+  // or on when it runs. `state`, a State of the thread, is reused across its bands (a scratch
+  // is allocated once per call and thread).
   template <typename State, typename Work>
   void run(const Work& work) const {
     std::vector<State> states(static_cast<size_t>(at::get_num_threads()));
-    for (int p = 0; p < 2; ++p) {
-      const int64_t count = static_cast<int64_t>(phase[p].size());
-      std::atomic<int64_t> next{0};
-      at::parallel_for(0, std::min<int64_t>(count, static_cast<int64_t>(states.size())), 1, [&](int64_t, int64_t) {
-        // A thread number past the intra-op pool's (inside someone else's parallel region)
-        // takes a State of its own.
-        const size_t thread = static_cast<size_t>(at::get_thread_num());
-        State own;
-        State& state = thread < states.size() ? states[thread] : own;
-        for (int64_t i = next++; i < count; i = next++) work(phase[p][i], p, state);
-      });
+    const std::vector<Task> tasks = order(static_cast<int64_t>(states.size()));
+    const int64_t count = static_cast<int64_t>(tasks.size());
+    std::unique_ptr<std::atomic<bool>[]> done(new std::atomic<bool>[phase[0].size()]);
+    for (size_t i = 0; i < phase[0].size(); ++i) done[i].store(false, std::memory_order_relaxed);
+    std::atomic<int64_t> next{0};
+    std::atomic<bool> failed{false};  // a band threw: the others stop (none waits forever)
+    at::parallel_for(0, std::min<int64_t>(count, static_cast<int64_t>(states.size())), 1, [&](int64_t, int64_t) {
+      // A thread number past the intra-op pool's (inside someone else's parallel region)
+      // takes a State of its own.
+      const size_t thread = static_cast<size_t>(at::get_thread_num());
+      State own;
+      State& state = thread < states.size() ? states[thread] : own;
+      for (int64_t i = next++; i < count && !failed.load(std::memory_order_relaxed); i = next++) {
+        const Task& task = tasks[static_cast<size_t>(i)];
+        // Listed earlier, so taken by a thread that never waits on a later band: no deadlock,
+        // with any number of threads.
+        for (const int64_t d : task.after)
+          while (!done[d].load(std::memory_order_acquire))
+            if (failed.load(std::memory_order_relaxed)) return;
+            else std::this_thread::yield();
+        try {
+          work(phase[task.p][task.index], task.p, state);
+        } catch (...) {
+          failed.store(true);
+          throw;  // at::parallel_for rethrows it
+        }
+        if (task.p == 0) done[task.index].store(true, std::memory_order_release);
+      }
+    });
+  }
+
+  struct Task {
+    int p;
+    int64_t index;               // in phase[p]
+    std::vector<int64_t> after;  // phase 1: the bands of phase 0 it waits for
+  };
+
+  // Phase 0's bands in order, each band of phase 1 (in order) inserted `lag` bands after the
+  // last band of phase 0 it depends on (when there are that many): with `lag` threads, that one
+  // has usually been done by the time a thread takes the band.
+  std::vector<Task> order(int64_t lag) const {
+    const std::vector<Band>& first = phase[0];
+    std::vector<Task> later;
+    size_t image_begin = 0;  // phase 0's bands of band.n: [image_begin, image_end)
+    for (size_t j = 0; j < phase[1].size(); ++j) {
+      const Band& band = phase[1][j];
+      while (image_begin < first.size() && first[image_begin].n < band.n) ++image_begin;
+      Task task{1, static_cast<int64_t>(j), {}};
+      for (size_t i = image_begin; i < first.size() && first[i].n == band.n; ++i)
+        if (!band.empty() && !first[i].empty() && first[i].lo < band.hi && band.lo < first[i].hi)
+          task.after.push_back(static_cast<int64_t>(i));
+      later.push_back(std::move(task));
     }
+    std::vector<Task> tasks;
+    size_t j = 0;
+    auto ready = [&](int64_t listed) {  // phase 0's bands [0, listed) are listed
+      return j < later.size() && (later[j].after.empty() || later[j].after.back() + lag < listed);
+    };
+    for (size_t i = 0; i < first.size(); ++i) {
+      while (ready(static_cast<int64_t>(i))) tasks.push_back(std::move(later[j++]));
+      tasks.push_back({0, static_cast<int64_t>(i), {}});
+    }
+    while (j < later.size()) tasks.push_back(std::move(later[j++]));
+    return tasks;
   }
 
   // Per row of the N images, whether a band of phase p reaches it.
