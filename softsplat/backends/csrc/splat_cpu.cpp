@@ -5,11 +5,12 @@
 // Schedule: source rows are cut into bands (their height from the image size alone) and each
 // band's reach, the target rows its taps can land on, is read from the flow. Bands alternate
 // between two phases; while two bands of one phase (and image) reach a common row, neighbouring
-// bands are merged (at worst into one band per image). The bands of a phase then run in parallel:
-// no atomics, no per-thread copies of the output. With up to three channels a band accumulates
-// into a scratch of the rows it reaches, pixel-major (four lanes per target: the channels and the
-// normaliser), two vector read-modify-writes per pixel, and moves each row into the NCHW outputs
-// once no later part of the band reaches it; otherwise it adds straight into them. Every target
+// bands are merged (at worst into one band per image). The bands then run in parallel, a band of
+// phase 1 once the bands of phase 0 whose rows it shares are done: no atomics, no per-thread
+// copies of the output. With up to three channels a band accumulates into a scratch of the rows
+// it reaches, pixel-major (four lanes per target: the channels and the normaliser), two vector
+// read-modify-writes per pixel, and moves each row into the NCHW outputs once no later part of
+// the band reaches it; otherwise it adds straight into them. Every target
 // receives the contributions of at most one band per phase, each in a fixed pixel order, phase
 // 0 first: the same sums, bitwise, whatever the thread count. Phase 0 writes (or zeroes, then
 // adds into) the rows it reaches; a row is finished (divided; for stable soft, rescaled first)
@@ -334,12 +335,13 @@ struct Schedule {
       State& state = thread < states.size() ? states[thread] : own;
       for (int64_t i = next++; i < count && !failed.load(std::memory_order_relaxed); i = next++) {
         const Task& task = tasks[static_cast<size_t>(i)];
-        // Listed earlier, so taken by a thread that never waits on a later band: no deadlock,
-        // with any number of threads.
+        // The bands it waits for are of phase 0, listed earlier, so already taken by threads
+        // that never wait (phase-0 bands do not): no deadlock, with any number of threads.
         for (const int64_t d : task.after)
-          while (!done[d].load(std::memory_order_acquire))
+          while (!done[d].load(std::memory_order_acquire)) {
             if (failed.load(std::memory_order_relaxed)) return;
-            else std::this_thread::yield();
+            std::this_thread::yield();
+          }
         try {
           work(phase[task.p][task.index], task.p, state);
         } catch (...) {
