@@ -365,7 +365,7 @@ struct Schedule {
   std::vector<Task> order(int64_t lag) const {
     const std::vector<Band>& first = phase[0];
     std::vector<Task> later;
-    size_t image_begin = 0;  // phase 0's bands of band.n: [image_begin, image_end)
+    size_t image_begin = 0;  // the first of phase 0's bands of band.n (bands are in image order)
     for (size_t j = 0; j < phase[1].size(); ++j) {
       const Band& band = phase[1][j];
       while (image_begin < first.size() && first[image_begin].n < band.n) ++image_begin;
