@@ -2,21 +2,20 @@
 //
 // Taps: make_taps (taps.h) runs over chunks of a row's pixels in loops the compiler vectorises,
 // filling arrays (TapChunk); exp is Sleef's vectorised one, a row at a time.
-// Schedule: source rows are cut into bands (their height from the image size alone) and each
-// band's reach, the target rows its taps can land on, is read from the flow. Bands alternate
-// between two phases; while two bands of one phase (and image) reach a common row, neighbouring
-// bands are merged (at worst into one band per image). The bands then run in parallel, a band of
-// phase 1 once the bands of phase 0 whose rows it shares are done: no atomics, no per-thread
-// copies of the output. With up to three channels a band accumulates into a scratch of the rows
-// it reaches, pixel-major (four lanes per target: the channels and the normaliser), two vector
-// read-modify-writes per pixel, and moves each row into the NCHW outputs once no later part of
-// the band reaches it; otherwise it adds straight into them. Every target
-// receives the contributions of at most one band per phase, each in a fixed pixel order, phase
-// 0 first: the same sums, bitwise, whatever the thread count. Phase 0 writes (or zeroes, then
-// adds into) the rows it reaches; a row is finished (divided; for stable soft, rescaled first)
-// by the band that writes it last, as soon as it is final. The scatter-max of stable splatting
-// runs on the same schedule, one update per pixel into a band's scratch of the cells its pixels
-// land in.
+// Schedule: source rows are cut into bands (their height from the image size alone) and each band's
+// reach, the target rows its taps can land on, is read from the flow. Bands alternate between two
+// phases; while two bands of one phase (and image) reach a common row, neighbouring bands are
+// merged (at worst into one band per image). The bands then run in parallel, a band of phase 1 once
+// the bands of phase 0 whose rows it shares are done: no atomics, no per-thread copies of the
+// output. With up to three channels a band accumulates into a scratch of the rows it reaches,
+// pixel-major (four lanes per target: the channels and the normaliser), two vector
+// read-modify-writes per pixel, and moves each row into the NCHW outputs once no later part of the
+// band reaches it; otherwise it adds straight into them. Every target receives the contributions of
+// at most one band per phase, each in a fixed pixel order, phase 0 first: the same sums, bitwise,
+// whatever the thread count. Phase 0 writes (or zeroes, then adds into) the rows it reaches; a row
+// is finished (divided; for stable soft, rescaled first) by the band that writes it last, as soon
+// as it is final. The scatter-max of stable splatting runs on the same schedule, one update per
+// pixel into a band's scratch of the cells its pixels land in.
 // Stable soft: where an image's metrics allow (StableShortcut), the scatter splats plain soft
 // weights exp(metric - R), R the image's largest metric, and each final target is multiplied
 // by exp(R - M(t)); splat_stable_forward computes M and this in one call, on one plan.
@@ -323,8 +322,8 @@ struct Schedule {
     std::vector<State> states(static_cast<size_t>(at::get_num_threads()));
     const std::vector<Task> tasks = order(static_cast<int64_t>(states.size()));
     const int64_t count = static_cast<int64_t>(tasks.size());
-    std::unique_ptr<std::atomic<bool>[]> done(new std::atomic<bool>[phase[0].size()]);
-    for (size_t i = 0; i < phase[0].size(); ++i) done[i].store(false, std::memory_order_relaxed);
+    // Per band of phase 0, whether it is done (value-initialised: false).
+    std::vector<std::atomic<bool>> done(phase[0].size());
     std::atomic<int64_t> next{0};
     std::atomic<bool> failed{false};  // a band threw: the others stop (none waits forever)
     at::parallel_for(0, std::min<int64_t>(count, static_cast<int64_t>(states.size())), 1, [&](int64_t, int64_t) {
