@@ -1,7 +1,7 @@
 """Running a backend on a case with its VJP, and comparing results with the oracle.
 
 The reference is the oracle computed in float64 on the same values. Where the oracle computed in
-the call's own compute dtype (SPEC.md: float32 for float16/bfloat16/float32) differs from that
+the call's own compute dtype (docs/spec.md: float32 for float16/bfloat16/float32) differs from that
 float64 result beyond tolerance, the answer depends on the compute dtype (``exp`` overflow or
 underflow, a coordinate whose rounding crosses an integer): there the backend may match either.
 Non-finite values must match exactly in kind (NaN, +inf, -inf) one of the two.

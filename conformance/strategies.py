@@ -18,7 +18,7 @@ from softsplat import Mode
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 LAYOUTS = ("contiguous", "channels_last", "strided")
 
-#: Flow values that exercise SPEC.md's edge cases; ``W``/``H`` are replaced by the image size.
+#: Flow values that exercise docs/spec.md's edge cases; ``W``/``H`` are replaced by the image size.
 SPECIAL_FLOWS = (0.0, 1.0, -1.0, 0.5, -0.5, 2.0, 1e30, -1e30, 1e6, -1e6, math.inf, -math.inf, math.nan)
 #: Metric values of large magnitude: ``exp`` overflows in float32 past ~88.7 and in float64
 #: past ~709.8; far below zero it underflows to exactly 0.

@@ -168,7 +168,7 @@ def softsplat(
 
 
 def validate(input, flow, metric, mode) -> Problem:
-    """Check every argument against SPEC.md; the only place where arguments are checked."""
+    """Check every argument against docs/spec.md; the only place where arguments are checked."""
     mode = Mode.parse(mode)
     _check_tensor("input", input)
     N, C, H, W = _check_shape("input", input, "[N, C, H, W]", None)

@@ -9,7 +9,7 @@ import enum
 
 import torch
 
-#: The constant of the ``addeps`` and ``clipeps`` normalisations (SPEC.md).
+#: The constant of the ``addeps`` and ``clipeps`` normalisations (docs/spec.md).
 EPS = 1e-7
 
 _KINDS = ("sum", "avg", "linear", "soft")
@@ -97,5 +97,5 @@ class Mode(str, enum.Enum):
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other floating dtype is computed in float32 (SPEC.md)."""
+    """float64 stays float64; every other floating dtype is computed in float32 (docs/spec.md)."""
     return torch.float64 if dtype == torch.float64 else torch.float32

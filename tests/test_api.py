@@ -14,7 +14,7 @@ def _tensors(N=1, C=2, H=3, W=4, dtype=torch.float32):
     return torch.randn(N, C, H, W, dtype=dtype), torch.randn(N, 2, H, W, dtype=dtype), torch.randn(N, 1, H, W, dtype=dtype)
 
 
-# --- one test per class of bad input (SPEC.md, "Edge cases") -------------------------------
+# --- one test per class of bad input (docs/spec.md, "Edge cases") -------------------------------
 
 @pytest.mark.parametrize(
     "argument, bad, expected",

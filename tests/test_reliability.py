@@ -162,7 +162,7 @@ def test_repeated_calls_do_not_grow_memory() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_autocast_keeps_the_spec_dtypes(dtype) -> None:
     """Under CPU autocast (bfloat16) the result keeps input's dtype and the values computed
-    outside autocast: splat has no autocast rule of its own, SPEC.md's dtype rules apply."""
+    outside autocast: splat has no autocast rule of its own, docs/spec.md's dtype rules apply."""
     input, flow, metric = (t.to(dtype) for t in _inputs(shape=(1, 3, 16, 20)))
     expected = softsplat.splat(input, flow, metric, mode="soft")
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -1,7 +1,7 @@
 """Backend ``cpp``: fused C++ kernels (CPU; CUDA where torch has CUDA and a toolkit), built with
 ``torch.utils.cpp_extension`` on first use and registered as ``torch.ops.softsplat`` ops.
 
-CPU: bitwise reproducible run to run (see ``csrc/splat_cpu.cpp``). CUDA: atomics in the forward,
+CPU: bitwise reproducible run to run (see ``csrc/cpu/schedule.h``). CUDA: atomics in the forward,
 so not deterministic; the backward is a gather and is.
 """
 
@@ -26,10 +26,16 @@ def _cuda_reason() -> str | None:
     return None
 
 
+#: The library's device-neutral op definitions and the CPU kernels, one translation unit per
+#: concept (compiled in parallel by ninja); paths under ``csrc/``.
+CPU_SOURCES = [
+    "library.cpp", "cpu/ops.cpp", "cpu/forward.cpp", "cpu/backward.cpp", "cpu/maximum.cpp", "cpu/schedule.cpp",
+]
+
+
 @functools.cache
 def library() -> OpLibrary:
-    sources = ["splat_cpu.cpp"] + ([] if _cuda_reason() else ["splat_cuda.cu"])
-    return OpLibrary("softsplat", sources, cflags=["-std=c++20"], cuda_cflags=["-O3", "-std=c++20"])
+    return OpLibrary("softsplat", CPU_SOURCES + ([] if _cuda_reason() else ["splat_cuda.cu"]), cuda_cflags=["-O3"])
 
 
 class CppBackend(OpsBackend):

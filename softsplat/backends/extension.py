@@ -26,8 +26,8 @@ CSRC = pathlib.Path(__file__).parent / "csrc"
 # -ffp-contract=off: a product and a sum stay two roundings, as the oracle computes them. Fused
 # into an FMA the product does not overflow on its own, so inf + (-inf) = NaN became +-inf (a
 # flow gradient Hypothesis found, float64, a metric near the largest double).
-CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp",
-          "-std=c++17"]
+# The C++ standard is torch's own (cpp_extension adds it).
+CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp"]
 
 
 #: Set (to 1) to build AddressSanitizer + UndefinedBehaviorSanitizer libraries (`nox -s sanitize`);
@@ -82,8 +82,9 @@ class OpLibrary:
     def name(self) -> str:
         """Library name: namespace plus a hash of every source, header and flag that builds it."""
         digest = hashlib.sha256()
-        for path in sorted(set(self.sources) | set(CSRC.glob("*.h")) | set(CSRC.glob("*.cuh"))):
-            digest.update(path.name.encode() + path.read_bytes())
+        headers = {p for pattern in ("**/*.h", "**/*.cuh") for p in CSRC.glob(pattern)}
+        for path in sorted(set(self.sources) | headers):
+            digest.update(str(path.relative_to(CSRC)).encode() + path.read_bytes())
         digest.update(" ".join(self.cflags + self.cuda_cflags).encode() + torch.__version__.encode())
         digest.update(_cpu_model().encode())
         return f"{self.namespace}_{digest.hexdigest()[:12]}"

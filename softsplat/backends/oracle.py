@@ -1,7 +1,7 @@
 """Backend ``torch``: the oracle. Pure, differentiable torch, written to be read, not to be fast.
 
-This module is the executable form of SPEC.md; every other backend is tested against it, and its
-gradients are whatever autograd makes of it. Where it and SPEC.md disagree, fix one of them.
+This module is the executable form of docs/spec.md; every other backend is tested against it, and its
+gradients are whatever autograd makes of it. Where it and docs/spec.md disagree, fix one of them.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def splat_stable(values: torch.Tensor, metric: torch.Tensor, flow: torch.Tensor,
 
 
 def safe_normaliser(normaliser: torch.Tensor, mode: Mode) -> torch.Tensor:
-    """``D'`` of SPEC.md: the normaliser made safe to divide by, as ``mode`` says."""
+    """``D'`` of docs/spec.md: the normaliser made safe to divide by, as ``mode`` says."""
     if mode.normalisation == "addeps":
         return normaliser + EPS
     if mode.normalisation == "zeroeps":
@@ -101,7 +101,7 @@ def safe_normaliser(normaliser: torch.Tensor, mode: Mode) -> torch.Tensor:
 
 
 def splat(input, flow, metric, mode: Mode) -> torch.Tensor:
-    """SPEC.md's ``splat``, computed in the compute dtype and returned in ``input``'s dtype."""
+    """docs/spec.md's ``splat``, computed in the compute dtype and returned in ``input``'s dtype."""
     return splat_with_normaliser(input, flow, metric, mode)[0]
 
 

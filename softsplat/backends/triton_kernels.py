@@ -147,7 +147,7 @@ def _splat_fwd_kernel(
 
 @triton.jit
 def _safe(D, NORM: tl.constexpr):
-    """D' of SPEC.md; NaN stays NaN."""
+    """D' of docs/spec.md; NaN stays NaN."""
     if NORM == 0:
         return D + 1e-7
     elif NORM == 3:  # raw: no division

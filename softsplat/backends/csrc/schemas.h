@@ -7,7 +7,9 @@
 // an empty tensor for each one output_mask does not ask for. Kind 4 (stable soft) needs
 // `maximum`, the per-target maximum metric M [N, 1, H, W] that splat_maximum computes (-inf
 // where nothing lands); it passes no gradient. The cpp library also defines
-// splat_stable_forward (splat_cpu.cpp): both passes of kind 4 in one call, CPU only.
+// splat_stable_forward (SOFTSPLAT_DEFINE_FUSED_STABLE): both passes of kind 4 in one call,
+// (out, normaliser, maximum) as splat_maximum then splat_forward with kind 4 give them;
+// implemented by the CPU kernels only.
 #pragma once
 
 #define SOFTSPLAT_DEFINE_OPS(m)                                                                  \
@@ -17,3 +19,6 @@
         "Tensor? metric, Tensor out, Tensor normaliser, int kind, int normalisation, "           \
         "bool[3] output_mask, Tensor? maximum=None) -> (Tensor, Tensor, Tensor)");               \
   m.def("splat_maximum(Tensor flow, Tensor metric) -> Tensor")
+
+#define SOFTSPLAT_DEFINE_FUSED_STABLE(m) \
+  m.def("splat_stable_forward(Tensor input, Tensor flow, Tensor metric, int normalisation) -> (Tensor, Tensor, Tensor)")

@@ -1,4 +1,4 @@
-// The cpp backend's CUDA implementation of the `softsplat` ops (schemas in splat_cpu.cpp):
+// The cpp backend's CUDA implementation of the `softsplat` ops (defined in library.cpp):
 // kernels run on the input's device (device guard) and on that device's current stream.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>

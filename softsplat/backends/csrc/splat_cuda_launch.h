@@ -20,6 +20,7 @@
 #include <optional>
 #include <tuple>
 
+#include "checks.h"
 #include "splat_kernels.cuh"
 
 namespace softsplat {
@@ -49,41 +50,8 @@ inline bool fits_int32(std::initializer_list<at::Tensor> tensors, int64_t larges
   return true;
 }
 
-inline void check(const at::Tensor& input, const at::Tensor& flow, const std::optional<at::Tensor>& metric,
-                  int64_t kind, int64_t normalisation) {
-  TORCH_CHECK(input.dim() == 4 && flow.dim() == 4, "softsplat: input and flow must be 4-D");
-  TORCH_CHECK(kind >= SUM && kind <= STABLE && normalisation >= ADDEPS && normalisation <= RAW,
-              "softsplat: kind must be 0..4 and normalisation 0..3");
-  const auto compute = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(flow.scalar_type() == compute, "softsplat: flow must be in the compute dtype");
-  TORCH_CHECK(flow.size(0) == input.size(0) && flow.size(1) == 2 && flow.size(2) == input.size(2) &&
-              flow.size(3) == input.size(3), "softsplat: flow must be [N, 2, H, W]");
-  TORCH_CHECK(flow.device() == input.device(), "softsplat: flow must be on input's device");
-  if (kind >= LINEAR) {
-    TORCH_CHECK(metric.has_value() && metric->defined() && metric->scalar_type() == compute &&
-                metric->dim() == 4 && metric->size(0) == input.size(0) && metric->size(1) == 1 &&
-                metric->size(2) == input.size(2) && metric->size(3) == input.size(3) &&
-                metric->device() == input.device(),
-                "softsplat: this mode needs a metric [N, 1, H, W] in the compute dtype on input's device");
-  }
-}
-
-// The stable kind's maximum, checked; undefined for the other kinds.
-inline at::Tensor checked_maximum(const at::Tensor& flow, const std::optional<at::Tensor>& maximum, int64_t kind) {
-  if (kind != STABLE) return at::Tensor();
-  TORCH_CHECK(maximum.has_value() && maximum->defined() && maximum->scalar_type() == flow.scalar_type() &&
-              maximum->dim() == 4 && maximum->size(0) == flow.size(0) && maximum->size(1) == 1 &&
-              maximum->size(2) == flow.size(2) && maximum->size(3) == flow.size(3) && maximum->device() == flow.device(),
-              "softsplat: stable splatting needs the maximum [N, 1, H, W] in the compute dtype");
-  return maximum->contiguous();
-}
-
 inline at::Tensor splat_maximum(const at::Tensor& flow, const at::Tensor& metric) {
-  TORCH_CHECK(flow.dim() == 4 && flow.size(1) == 2 && metric.dim() == 4 && metric.size(1) == 1 &&
-              metric.size(0) == flow.size(0) && metric.size(2) == flow.size(2) && metric.size(3) == flow.size(3) &&
-              metric.scalar_type() == flow.scalar_type() && metric.device() == flow.device() &&
-              (flow.scalar_type() == at::kFloat || flow.scalar_type() == at::kDouble),
-              "softsplat: splat_maximum takes flow [N, 2, H, W] and metric [N, 1, H, W], float32 or float64");
+  checks::check_maximum_arguments("splat_maximum", flow, metric);
   SOFTSPLAT_DEVICE_GUARD(flow);
   const int64_t N = flow.size(0), H = flow.size(2), W = flow.size(3);
   at::Tensor maximum = at::full({N, 1, H, W}, -std::numeric_limits<double>::infinity(), flow.options());
@@ -107,8 +75,8 @@ inline std::tuple<at::Tensor, at::Tensor> splat_forward(const at::Tensor& input,
                                                         const std::optional<at::Tensor>& metric_arg,
                                                         int64_t kind, int64_t normalisation,
                                                         const std::optional<at::Tensor>& maximum_arg) {
-  check(input, flow, metric_arg, kind, normalisation);
-  const at::Tensor maximum = checked_maximum(flow, maximum_arg, kind);
+  checks::check_arguments("splat_forward", input, flow, metric_arg, kind, normalisation);
+  const at::Tensor maximum = checks::checked_maximum("splat_forward", flow, maximum_arg, kind);
   SOFTSPLAT_DEVICE_GUARD(input);
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
   const auto options = input.options().dtype(flow.scalar_type());
@@ -148,23 +116,18 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> splat_backward(
     const at::Tensor& input, const at::Tensor& flow, const std::optional<at::Tensor>& metric_arg,
     const at::Tensor& out_arg, const at::Tensor& normaliser_arg, int64_t kind, int64_t normalisation,
     std::array<bool, 3> output_mask, const std::optional<at::Tensor>& maximum_arg) {
-  check(input, flow, metric_arg, kind, normalisation);
-  const at::Tensor maximum = checked_maximum(flow, maximum_arg, kind);
-  SOFTSPLAT_DEVICE_GUARD(input);
-  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  checks::check_arguments("splat_backward", input, flow, metric_arg, kind, normalisation);
+  const at::Tensor maximum = checks::checked_maximum("splat_backward", flow, maximum_arg, kind);
   const bool with_metric = kind >= LINEAR;
   const bool normalised = kind != SUM;
-  TORCH_CHECK(grad_out.scalar_type() == flow.scalar_type() && grad_out.sizes() == input.sizes() &&
-              grad_out.device() == input.device(), "softsplat: grad_out must be [N, C, H, W] in the compute dtype");
-  const at::Tensor out = normalised ? out_arg.contiguous() : at::Tensor();
-  const at::Tensor normaliser = normalised ? normaliser_arg.contiguous() : at::Tensor();
-  TORCH_CHECK(!normalised || (out.sizes() == input.sizes() && normaliser.size(1) == 1 && normaliser.numel() == N * H * W),
-              "softsplat: out must be [N, C, H, W] and normaliser [N, 1, H, W]");
-  const at::Tensor metric = with_metric ? *metric_arg : at::Tensor();
   const at::Tensor grad_normaliser =
       normalised && grad_normaliser_arg.has_value() && grad_normaliser_arg->defined() ? *grad_normaliser_arg : at::Tensor();
-  TORCH_CHECK(!grad_normaliser.defined() || grad_normaliser.sizes() == normaliser.sizes(),
-              "softsplat: grad_normaliser must be [N, 1, H, W]");
+  checks::check_backward_arguments("splat_backward", grad_out, grad_normaliser, input, out_arg, normaliser_arg, kind);
+  SOFTSPLAT_DEVICE_GUARD(input);
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  const at::Tensor out = normalised ? out_arg.contiguous() : at::Tensor();
+  const at::Tensor normaliser = normalised ? normaliser_arg.contiguous() : at::Tensor();
+  const at::Tensor metric = with_metric ? *metric_arg : at::Tensor();
   const bool want_metric = output_mask[2] && with_metric;
   at::Tensor grad_input = at::empty(output_mask[0] ? input.sizes() : at::IntArrayRef{0}, input.options());
   at::Tensor grad_flow = at::empty(output_mask[1] ? flow.sizes() : at::IntArrayRef{0}, flow.options());

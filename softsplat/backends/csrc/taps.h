@@ -147,7 +147,7 @@ SOFTSPLAT_HD bool replaces_maximum(T current, T value) {
 template <typename T>
 SOFTSPLAT_HD T eps() { return static_cast<T>(1e-7); }
 
-// D' of SPEC.md: the normaliser made safe to divide by. NaN stays NaN in every variant.
+// D' of docs/spec.md: the normaliser made safe to divide by. NaN stays NaN in every variant.
 template <typename T>
 SOFTSPLAT_HD T safe_normaliser(T normaliser, int normalisation) {
   if (normalisation == ADDEPS) return normaliser + eps<T>();

@@ -1,0 +1,420 @@
+// The backward of the CPU kernels. Per band of source rows (schedule.h's bands), gN = grad / D'
+// and gD of the rows it reaches are prepared in a ring of rows of the thread (rows its previous
+// band also reached are kept); every source pixel gathers from its four taps and writes only
+// its own gradients: no atomics, and results independent of the thread count.
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <limits>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+#include "kernels.h"
+#include "packed.h"
+#include "tap_chunk.h"
+
+namespace softsplat {
+namespace cpu {
+
+namespace {
+
+// The backward's gN = grad / D' and gD (docs/spec.md), pixel-major: K values per target pixel (the
+// C channels' gN, then gD when the mode normalises; zero-padded to kPacked in the packed
+// layout), for rows [lo, hi) of image n into g: row y at g + (y - lo) * pitch(), target x at
+// (x + 1) * K in it. The pixel before and after each row are left as they are: the caller's
+// zeros, which a tap outside the image reads (the AVX-512 gather loads a row's two taps at once).
+template <typename acc_t>
+struct Prepare {
+  const acc_t* grad;
+  View4 grad_view;
+  const acc_t* result;  // out; null for sum
+  View4 result_view;
+  const acc_t* norm;    // D; null for sum
+  const acc_t* grad_norm;
+  View4 grad_norm_view;
+  int normalisation;
+  int64_t C, H, W;
+  int64_t K;  // values per target in g: C (+ 1 for gD), or kPacked (zero-padded) below that
+
+  int64_t pitch() const { return (W + 2) * K; }
+
+  void rows(int64_t n, int64_t lo, int64_t hi, acc_t* g) const {
+    // Each row as planes first (the channels' gN, then gD, then zeros), in loops that vectorise,
+    // then interleaved into g.
+    const int64_t used = C + (norm ? 1 : 0);
+    std::vector<acc_t> divisor(W), planes(std::max(used, K) * W, acc_t(0));
+    auto plane = [&](int64_t c) { return planes.data() + c * W; };
+    for (int64_t y = lo; y < hi; ++y) {
+      const acc_t* D = norm ? norm + (n * H + y) * W : nullptr;
+      if (D)
+        for (int64_t x = 0; x < W; ++x) divisor[x] = safe_normaliser(D[x], normalisation);
+      acc_t* sum = D ? plane(C) : nullptr;
+      if (D) std::fill(sum, sum + W, acc_t(0));
+      for (int64_t c = 0; c < C; ++c) {
+        // A broadcast gradient (stride 0, as sum().backward() gives) and a contiguous one each
+        // have their loop.
+        const acc_t* gc = grad + grad_view.at(n, c, y, 0);
+        const int64_t step = grad_view.x;
+        acc_t* channel = plane(c);
+        const acc_t one = acc_t(1);
+        const acc_t* by = D ? divisor.data() : nullptr;
+        if (step == 0)
+          for (int64_t x = 0; x < W; ++x) channel[x] = gc[0] / (by ? by[x] : one);
+        else if (step == 1)
+          for (int64_t x = 0; x < W; ++x) channel[x] = gc[x] / (by ? by[x] : one);
+        else
+          for (int64_t x = 0; x < W; ++x) channel[x] = gc[x * step] / (by ? by[x] : one);
+        if (!D) continue;
+        const acc_t* r = result + result_view.at(n, c, y, 0);
+        if (result_view.x == 1)
+          for (int64_t x = 0; x < W; ++x) sum[x] -= channel[x] * r[x];
+        else
+          for (int64_t x = 0; x < W; ++x) sum[x] -= channel[x] * r[x * result_view.x];
+      }
+      if (D) {
+        const acc_t* extra = grad_norm ? grad_norm + grad_norm_view.at(n, 0, y, 0) : nullptr;
+        // gD is 0 where D' does not pass D's gradient; the normalisation a compile-time
+        // constant, so that the loop vectorises (with it a variable, it did not).
+        auto pass = [&](auto code) {
+          constexpr int kNormalisation = decltype(code)::value;
+          for (int64_t x = 0; x < W; ++x) sum[x] = normaliser_passes_gradient(D[x], kNormalisation) ? sum[x] : acc_t(0);
+        };
+        with_normalisation(normalisation, pass);
+        if (extra)
+          for (int64_t x = 0; x < W; ++x) sum[x] += extra[x * grad_norm_view.x];
+      }
+      acc_t* row = g + (y - lo) * pitch() + K;
+      if (K == kPacked) {
+        const acc_t* const lanes[kPacked] = {plane(0), plane(1), plane(2), plane(3)};
+        interleave(lanes, row, W);
+      } else {
+        for (int64_t c = 0; c < used; ++c)
+          for (int64_t x = 0; x < W; ++x) row[x * K + c] = plane(c)[x];
+      }
+    }
+  }
+};
+
+// The backward's gather: every source pixel reads gN (and gD) at its four taps and writes its
+// own gradients; only those asked for (non-null) are computed.
+template <typename scalar_t, typename acc_t>
+struct Gather {
+  const scalar_t* in;
+  View4 in_view;
+  const Sources<acc_t>& src;
+  int64_t C;
+  scalar_t* gi;
+  acc_t* gf;
+  acc_t* gm;
+
+  // Source rows [y_begin, y_end) of image n, whose kept taps all lie in target rows [lo, hi):
+  // row[r - lo + 1] holds target row r's values (Prepare's layout, padded with zeros), for r in
+  // [lo - 1, hi] (the ends: a row of zeros, for dropped taps). CC is C when a compile-time constant, so that the
+  // per-channel sums live in registers.
+  template <int CC, bool Stable, bool Normalised>
+  void rows(int64_t n, int64_t y_begin, int64_t y_end, const acc_t* const* row, int64_t lo) const {
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+    if constexpr (std::is_same_v<acc_t, float> && packed_layout(CC)) {
+      if (src.H < std::numeric_limits<int32_t>::max() && src.W < std::numeric_limits<int32_t>::max()) {
+        rows_packed<CC, Stable, Normalised>(n, y_begin, y_end, row, lo);
+        return;
+      }
+    }
+#endif
+    const int64_t H = src.H, W = src.W, HW = H * W, channels = CC > 0 ? CC : C;
+    constexpr bool normalised = Normalised;  // sum is not
+    const int64_t K = channels + (normalised ? 1 : 0);  // values used per target
+    const int64_t stride = packed_layout(channels) ? kPacked : K;  // Prepare's layout
+    constexpr int64_t kLocal = CC > 0 ? CC + 1 : 1;
+    acc_t local_gathered[kLocal], local_x[kLocal], local_splatted[kLocal];
+    std::vector<acc_t> heap_gathered(CC > 0 ? 0 : C + 1), heap_x(CC > 0 ? 0 : C + 1), heap_splatted(CC > 0 ? 0 : C + 1), w(W);
+    acc_t* gathered = CC > 0 ? local_gathered : heap_gathered.data();
+    acc_t* x_values = CC > 0 ? local_x : heap_x.data();
+    acc_t* splatted = CC > 0 ? local_splatted : heap_splatted.data();
+    auto chunk = std::make_unique<TapChunk<acc_t>>();
+    acc_t dx[4] = {}, dy[4] = {};  // stay 0 unless gf is asked for
+    for (int64_t y = y_begin; y < y_end; ++y) {
+      src.row_weights(n, y, w.data());
+      for (int64_t x_begin = 0; x_begin < W; x_begin += kChunk) {
+        const int64_t count = std::min(kChunk, W - x_begin);
+        chunk->template fill<true>(src, n, y, x_begin, count);
+        if (Stable) chunk->fill_stable(src.maximum + n * HW, w.data() + x_begin, W, count);
+        for (int64_t i = 0; i < count; ++i) {
+          const int64_t x = x_begin + i;
+          // Computed for every pixel, landed or not, as autograd does through the oracle: a
+          // pixel that lands nowhere gathers zeros, and 0 * inf stays NaN as it does there.
+          for (int64_t c = 0; c < channels; ++c) x_values[c] = static_cast<acc_t>(in[in_view.at(n, c, y, x)]);
+          for (int64_t c = 0; c <= channels; ++c) gathered[c] = 0;
+          // The values splatted beside the weight: x * w (oracle's order); stable: per tap, below.
+          const acc_t pixel_w = normalised ? w[x] : acc_t(1);
+          x_values[channels] = 1;  // beside the channels, the normaliser's value
+          for (int64_t c = 0; c < K; ++c) splatted[c] = x_values[c] * pixel_w;
+          acc_t grad_fx = 0, grad_fy = 0;
+          const unsigned keep = chunk->keep[i];
+          if (keep && gf) factor_derivatives(chunk->factors(i), dx, dy);
+          // Where the taps' values are (those of dropped taps are not read).
+          const acc_t* north = keep ? row[chunk->y0[i] - lo + 1] + chunk->x0[i] * stride : nullptr;
+          const acc_t* south = keep ? row[chunk->y0[i] - lo + 2] + chunk->x0[i] * stride : nullptr;
+          for (int k = 0; k < 4; ++k) {
+            if (!(keep >> k & 1)) continue;
+            const acc_t* values = (k < 2 ? north : south) + (k & 1) * stride;
+            // The weight splatted beside the input: per tap for stable, else per pixel (and
+            // then applied to the input gradient once, below).
+            const acc_t tap_w = Stable ? chunk->stable[k][i] : pixel_w;
+            const acc_t b = Stable ? chunk->weight[k][i] * tap_w : chunk->weight[k][i];
+            acc_t dot = 0;  // d loss / d weight[k]: the splatted values times gN, then gD
+            for (int64_t c = 0; c < K; ++c) {
+              gathered[c] += b * values[c];
+              dot += values[c] * (Stable ? x_values[c] * tap_w : splatted[c]);
+            }
+            grad_fx += dx[k] * dot;
+            grad_fy += dy[k] * dot;
+          }
+          const bool per_pixel = normalised && !Stable;  // w multiplies once, here
+          if (gi) {
+            for (int64_t c = 0; c < channels; ++c)
+              gi[((n * channels + c) * H + y) * W + x] = static_cast<scalar_t>(per_pixel ? gathered[c] * w[x] : gathered[c]);
+          }
+          if (gf) {
+            gf[((n * 2 + 0) * H + y) * W + x] = grad_fx;
+            gf[((n * 2 + 1) * H + y) * W + x] = grad_fy;
+          }
+          if (gm) {
+            acc_t grad_w = 0;
+            for (int64_t c = 0; c < channels; ++c) grad_w += gathered[c] * x_values[c];
+            grad_w += gathered[channels];
+            // stable: d exp(m - M) / dm is the tap weight, already in gathered[]
+            gm[(n * H + y) * W + x] = Stable ? grad_w : grad_w * weight_derivative(src.kind, w[x]);
+          }
+        }
+      }
+    }
+  }
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+  // rows() for float and up to three channels (Prepare's packed layout: four lanes per target),
+  // with AVX-512, four pixels at a time. A pixel's values are one 16-lane vector, lanes 4k..4k+3
+  // holding tap k's four lanes (a row's two taps are adjacent: two loads; a dropped tap reads
+  // zeros). The same terms as rows(), grouped the same way per tap: gathered = sum_k
+  // b_k * values_k; dot_k = sum_c values_k[c] * splatted[c]; grad_fx = sum_k dx_k * dot_k and
+  // grad_fy likewise, over kept taps. The sums over taps and channels run as trees, across the
+  // four pixels' vectors at once (transposes), so that each pixel takes few shuffles.
+  template <int CC, bool Stable, bool Normalised>
+  void rows_packed(int64_t n, int64_t y_begin, int64_t y_end, const float* const* row, int64_t lo) const {
+    static_assert(packed_layout(CC), "one to three channels");
+    constexpr int kGroup = 4;  // pixels per step
+    const int64_t H = src.H, W = src.W, HW = H * W;
+    std::vector<float> w(W);
+    auto chunk = std::make_unique<TapChunk<float>>();
+    // Per pixel of a chunk: its taps (TapChunk, with coordinates), the values splatted beside
+    // the weight as kPacked lanes (pack_values: x * w per channel, then w; for stable x and 1,
+    // for sum x and 0; zeros), and the gathered lanes as planes.
+    alignas(64) float splatted[kChunk * kPacked], gathered[kPacked][kChunk];
+    // A keep mask's bit k at bit 4k: pixel p's taps in the lanes 4k + p of the dots.
+    static constexpr unsigned short kSpread[16] = {0x0000, 0x0001, 0x0010, 0x0011, 0x0100, 0x0101, 0x0110, 0x0111,
+                                                   0x1000, 0x1001, 0x1010, 0x1011, 0x1100, 0x1101, 0x1110, 0x1111};
+    const __m512i transpose = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+    // Lane 4k + p: dx_k and dy_k of pixel p (tap_derivatives' signs).
+    const __m512 sign_x = _mm512_set_ps(1, 1, 1, 1, -1, -1, -1, -1, 1, 1, 1, 1, -1, -1, -1, -1);
+    const __m512 sign_y = _mm512_set_ps(1, 1, 1, 1, 1, 1, 1, 1, -1, -1, -1, -1, -1, -1, -1, -1);
+    // Four floats in each 128-bit block. Through the integer form: GCC 12 fails with an internal
+    // compiler error on _mm512_broadcast_f32x4 of a load when sanitizers are on.
+    auto broadcast = [](const float* four) {
+      return _mm512_castsi512_ps(_mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(four))));
+    };
+    for (int64_t y = y_begin; y < y_end; ++y) {
+      src.row_weights(n, y, w.data());
+      for (int64_t x_begin = 0; x_begin < W; x_begin += kChunk) {
+        const int64_t count = std::min(kChunk, W - x_begin);
+        const int64_t padded = (count + kGroup - 1) / kGroup * kGroup;
+        const float* wx = w.data() + x_begin;
+        chunk->template fill<true>(src, n, y, x_begin, count);
+        chunk->pad(count, padded);  // the rest lands nowhere
+        if (Stable) chunk->fill_stable(src.maximum + n * HW, wx, W, count);
+        const scalar_t* pixels = in + in_view.at(n, 0, y, x_begin);
+        pack_values<CC, Stable>(pixels, in_view, Normalised ? wx : nullptr, splatted, count);
+        std::fill(splatted + count * kPacked, splatted + padded * kPacked, 0.0f);
+        float* grad_x = gf ? gf + (n * 2 * H + y) * W + x_begin : nullptr;
+        for (int64_t i = 0; i < padded; i += kGroup) {
+          __m512 dots[kGroup], sums[kGroup];
+          unsigned kept_dots = 0;
+          for (int p = 0; p < kGroup; ++p) {
+            const int64_t j = i + p;
+            const unsigned keep = chunk->keep[j];
+            // Its taps' values: zeros where a tap lies outside the image (the rows' padding and
+            // the rows of zeros at the ends, as row[0]); a pixel that lands nowhere reads row[0].
+            const int64_t r = chunk->y0[j] - lo + 1, column = chunk->x0[j] * kPacked;
+            const float* top = keep ? row[r] + column : row[0];
+            const float* bottom = keep ? row[r + 1] + column : row[0];
+            const __m512 values = _mm512_castpd_ps(_mm512_insertf64x4(
+                _mm512_castps_pd(_mm512_castps256_ps512(_mm256_loadu_ps(top))), _mm256_castps_pd(_mm256_loadu_ps(bottom)), 1));
+            const __m512 x_horizontal =
+                _mm512_mask_blend_ps(0xF0F0, _mm512_set1_ps(chunk->west[j]), _mm512_set1_ps(chunk->east[j]));
+            const __m512 y_vertical =
+                _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(chunk->north[j]), _mm512_set1_ps(chunk->south[j]));
+            __m512 b = _mm512_mul_ps(x_horizontal, y_vertical);  // make_taps's weight[k], per lane
+            __m512 splat = broadcast(splatted + j * kPacked);
+            if (Stable) {  // tap k's weight s_k: b_k * s_k, and values times x * s_k
+              const __m512 s = _mm512_mask_blend_ps(
+                  0xFF00, _mm512_mask_blend_ps(0x00F0, _mm512_set1_ps(chunk->stable[0][j]), _mm512_set1_ps(chunk->stable[1][j])),
+                  _mm512_mask_blend_ps(0xF000, _mm512_set1_ps(chunk->stable[2][j]), _mm512_set1_ps(chunk->stable[3][j])));
+              b = _mm512_mul_ps(b, s);
+              splat = _mm512_mul_ps(splat, s);
+            }
+            dots[p] = _mm512_mul_ps(values, splat);
+            sums[p] = _mm512_mul_ps(b, values);
+            kept_dots |= static_cast<unsigned>(kSpread[keep]) << p;
+          }
+          // Lane 4k + p: dot_k of pixel p (a 4 x 4 transpose per tap, adding as it goes).
+          const __m512 low01 = _mm512_add_ps(_mm512_unpacklo_ps(dots[0], dots[1]), _mm512_unpackhi_ps(dots[0], dots[1]));
+          const __m512 low23 = _mm512_add_ps(_mm512_unpacklo_ps(dots[2], dots[3]), _mm512_unpackhi_ps(dots[2], dots[3]));
+          const __m512 dot = _mm512_add_ps(
+              _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(low01), _mm512_castps_pd(low23))),
+              _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(low01), _mm512_castps_pd(low23))));
+          if (grad_x) {
+            const __m512 dx =
+                _mm512_mul_ps(_mm512_mask_blend_ps(0xFF00, broadcast(chunk->north + i), broadcast(chunk->south + i)), sign_x);
+            const __m512 dy =
+                _mm512_mul_ps(_mm512_mask_blend_ps(0xF0F0, broadcast(chunk->west + i), broadcast(chunk->east + i)), sign_y);
+            const __m512 fx = _mm512_maskz_mul_ps(static_cast<__mmask16>(kept_dots), dot, dx);
+            const __m512 fy = _mm512_maskz_mul_ps(static_cast<__mmask16>(kept_dots), dot, dy);
+            // Sums over the taps: block 0 grad_fx, block 2 grad_fy, of the four pixels.
+            __m512 both = _mm512_add_ps(_mm512_shuffle_f32x4(fx, fy, 0x44), _mm512_shuffle_f32x4(fx, fy, 0xEE));
+            both = _mm512_add_ps(both, _mm512_shuffle_f32x4(both, both, 0xB1));
+            const __mmask8 valid = static_cast<__mmask8>(count - i >= kGroup ? 0xF : (1u << (count - i)) - 1);
+            _mm_mask_storeu_ps(grad_x + i, valid, _mm512_castps512_ps128(both));
+            _mm_mask_storeu_ps(grad_x + HW + i, valid, _mm512_extractf32x4_ps(both, 2));
+          }
+          // Block p: pixel p's gathered lanes (sums over the taps); then lane 4c + p.
+          const __m512 pair01 = _mm512_add_ps(_mm512_shuffle_f32x4(sums[0], sums[1], 0x44), _mm512_shuffle_f32x4(sums[0], sums[1], 0xEE));
+          const __m512 pair23 = _mm512_add_ps(_mm512_shuffle_f32x4(sums[2], sums[3], 0x44), _mm512_shuffle_f32x4(sums[2], sums[3], 0xEE));
+          const __m512 by_pixel = _mm512_add_ps(_mm512_shuffle_f32x4(pair01, pair23, 0x88), _mm512_shuffle_f32x4(pair01, pair23, 0xDD));
+          const __m512 by_lane = _mm512_permutexvar_ps(transpose, by_pixel);
+          _mm_store_ps(gathered[0] + i, _mm512_castps512_ps128(by_lane));
+          if (CC > 1 || gm) _mm_store_ps(gathered[1] + i, _mm512_extractf32x4_ps(by_lane, 1));
+          if (CC > 2 || (CC == 2 && gm)) _mm_store_ps(gathered[2] + i, _mm512_extractf32x4_ps(by_lane, 2));
+          if (CC == 3 && gm) _mm_store_ps(gathered[3] + i, _mm512_extractf32x4_ps(by_lane, 3));
+        }
+        if (gi) {
+          const bool per_pixel = Normalised && !Stable;  // w multiplies once, here
+          for (int c = 0; c < CC; ++c) {
+            scalar_t* target = gi + (n * CC + c) * HW + y * W + x_begin;
+            const float* g = gathered[c];
+            if (per_pixel)
+              for (int64_t i = 0; i < count; ++i) target[i] = static_cast<scalar_t>(g[i] * wx[i]);
+            else
+              for (int64_t i = 0; i < count; ++i) target[i] = static_cast<scalar_t>(g[i]);
+          }
+        }
+        if (gm) {
+          float* target = gm + (n * H + y) * W + x_begin;
+          for (int64_t i = 0; i < count; ++i) {
+            float grad_w = 0;
+            for (int c = 0; c < CC; ++c) grad_w += gathered[c][i] * static_cast<float>(pixels[i * in_view.x + c * in_view.c]);
+            grad_w += gathered[CC][i];
+            // stable: d exp(m - M) / dm is the tap weight, already in gathered
+            target[i] = Stable ? grad_w : grad_w * weight_derivative(src.kind, wx[i]);
+          }
+        }
+      }
+    }
+  }
+#endif
+};
+
+}  // namespace
+
+// Backward: per band of source rows, gN and gD of the target rows it reaches are prepared in a
+// ring of rows of the thread (kept for its next band, which reaches most of them too), then the
+// band's pixels gather from it. Where flows reach so far that the bands' rows would add up to
+// more than twice the image, each image is prepared once, whole, and gathered from.
+template <typename scalar_t, typename acc_t>
+void backward_kernel(const at::Tensor& grad_out, const at::Tensor& grad_normaliser,
+                     const at::Tensor& input, const Sources<acc_t>& src, const at::Tensor& out,
+                     const at::Tensor& normaliser, int normalisation, at::Tensor& grad_input,
+                     at::Tensor& grad_flow, at::Tensor& grad_metric) {
+  const int64_t N = input.size(0), C = input.size(1), H = src.H, W = src.W;
+  const bool normalised = src.kind != SUM;
+  const int64_t K = packed_layout(C) ? kPacked : C + (normalised ? 1 : 0);  // Prepare's layout
+  const Prepare<acc_t> prepare{grad_out.data_ptr<acc_t>(), View4(grad_out),
+                               normalised ? out.data_ptr<acc_t>() : nullptr, normalised ? View4(out) : View4(),
+                               normalised ? normaliser.data_ptr<acc_t>() : nullptr,
+                               grad_normaliser.defined() ? grad_normaliser.data_ptr<acc_t>() : nullptr,
+                               grad_normaliser.defined() ? View4(grad_normaliser) : View4(),
+                               normalisation, C, H, W, K};
+  const Gather<scalar_t, acc_t> gather{input.data_ptr<scalar_t>(), View4(input), src, C,
+                                       grad_input.defined() ? grad_input.data_ptr<scalar_t>() : nullptr,
+                                       grad_flow.defined() ? grad_flow.data_ptr<acc_t>() : nullptr,
+                                       grad_metric.defined() ? grad_metric.data_ptr<acc_t>() : nullptr};
+  auto run = [&](auto channels) {
+    constexpr int CC = decltype(channels)::value;
+    auto rows = [&](int64_t n, int64_t y_begin, int64_t y_end, const acc_t* const* row, int64_t lo) {
+      if (src.kind == STABLE)
+        gather.template rows<CC, true, true>(n, y_begin, y_end, row, lo);
+      else if (normalised)
+        gather.template rows<CC, false, true>(n, y_begin, y_end, row, lo);
+      else
+        gather.template rows<CC, false, false>(n, y_begin, y_end, row, lo);
+    };
+    const std::vector<Band> all = bands(src, N);
+    int64_t reach = 0;
+    for (const Band& band : all) reach += band.hi - band.lo;
+    if (reach <= 2 * N * H) {
+      at::parallel_for(0, static_cast<int64_t>(all.size()), 1, [&](int64_t begin, int64_t end) {
+        // The thread's bands are neighbours, and so are their reaches: the rows a band shares
+        // with the previous one stay prepared, in a ring of rows (row r in slot r % capacity).
+        int64_t capacity = 1;
+        for (int64_t i = begin; i < end; ++i) capacity = std::max(capacity, all[i].hi - all[i].lo);
+        // Zeros: the padding of each row (Prepare), and a row for the taps above and below the
+        // image, which only the AVX-512 gather reads.
+        const int64_t pitch = prepare.pitch();
+        std::vector<acc_t> ring(static_cast<size_t>((capacity + 1) * pitch), acc_t(0));
+        const acc_t* zeros = ring.data() + capacity * pitch + K;
+        auto slot = [&](int64_t r) { return ring.data() + (r % capacity) * pitch; };
+        int64_t held_n = -1, held_lo = 0, held_hi = 0;  // rows [held_lo, held_hi) of image held_n
+        std::vector<const acc_t*> row;
+        for (int64_t i = begin; i < end; ++i) {
+          const Band& band = all[i];
+          if (band.n != held_n || band.lo < held_lo || band.lo >= held_hi) held_hi = band.lo;  // none reusable
+          held_n = band.n;
+          held_lo = band.lo;
+          for (int64_t r = held_hi; r < band.hi;) {  // prepare the missing rows, a run of slots at a time
+            const int64_t run = std::min(band.hi - r, capacity - r % capacity);
+            prepare.rows(band.n, r, r + run, slot(r));
+            r += run;
+          }
+          held_hi = std::max(held_hi, band.hi);
+          row.assign(static_cast<size_t>(band.hi - band.lo + 2), zeros);
+          for (int64_t r = band.lo; r < band.hi; ++r) row[r - band.lo + 1] = slot(r) + K;
+          rows(band.n, band.y_begin, band.y_end, row.data(), band.lo);
+        }
+      });
+      return;
+    }
+    const int64_t pitch = prepare.pitch();
+    std::vector<acc_t> g(static_cast<size_t>((H + 1) * pitch), acc_t(0));  // as the ring: zeros beside
+    std::vector<const acc_t*> row(H + 2, g.data() + H * pitch + K);
+    for (int64_t r = 0; r < H; ++r) row[r + 1] = g.data() + r * pitch + K;
+    for (int64_t n = 0; n < N; ++n) {
+      at::parallel_for(0, H, 16, [&](int64_t begin, int64_t end) { prepare.rows(n, begin, end, g.data() + begin * pitch); });
+      at::parallel_for(0, H, 4, [&](int64_t begin, int64_t end) { rows(n, begin, end, row.data(), 0); });
+    }
+  };
+  switch (C) {
+    case 1: run(std::integral_constant<int, 1>()); break;
+    case 2: run(std::integral_constant<int, 2>()); break;
+    case 3: run(std::integral_constant<int, 3>()); break;
+    case 4: run(std::integral_constant<int, 4>()); break;
+    default: run(std::integral_constant<int, 0>());
+  }
+}
+
+template void backward_kernel<float, float>(const at::Tensor&, const at::Tensor&, const at::Tensor&, const Sources<float>&, const at::Tensor&, const at::Tensor&, int, at::Tensor&, at::Tensor&, at::Tensor&);
+template void backward_kernel<double, double>(const at::Tensor&, const at::Tensor&, const at::Tensor&, const Sources<double>&, const at::Tensor&, const at::Tensor&, int, at::Tensor&, at::Tensor&, at::Tensor&);
+template void backward_kernel<c10::Half, float>(const at::Tensor&, const at::Tensor&, const at::Tensor&, const Sources<float>&, const at::Tensor&, const at::Tensor&, int, at::Tensor&, at::Tensor&, at::Tensor&);
+template void backward_kernel<c10::BFloat16, float>(const at::Tensor&, const at::Tensor&, const at::Tensor&, const Sources<float>&, const at::Tensor&, const at::Tensor&, int, at::Tensor&, at::Tensor&, at::Tensor&);
+
+}  // namespace cpu
+}  // namespace softsplat

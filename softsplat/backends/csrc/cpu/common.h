@@ -1,0 +1,77 @@
+// What every CPU kernel reads: element strides of a tensor, the flow and metric of a call
+// (Sources) with each row's per-pixel weights, and the fixed orders the kernels keep.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "../taps.h"
+#include "simd.h"
+
+namespace softsplat {
+namespace cpu {
+
+struct View4 {  // element strides of an [N, C, H, W] tensor
+  int64_t n, c, y, x;
+  explicit View4(const at::Tensor& t) : n(t.stride(0)), c(t.stride(1)), y(t.stride(2)), x(t.stride(3)) {}
+  View4() : n(0), c(0), y(0), x(0) {}
+  int64_t at(int64_t in, int64_t ic, int64_t iy, int64_t ix) const { return in * n + ic * c + iy * y + ix * x; }
+};
+
+// The flow [N, 2, H, W] and metric [N, 1, H, W] (null for sum and avg), both contiguous.
+template <typename acc_t>
+struct Sources {
+  const acc_t* flow;
+  const acc_t* metric;
+  int64_t H, W;
+  int kind;
+  const acc_t* maximum;  // stable: M [N, 1, H, W] contiguous; else null
+  const acc_t* shift = nullptr;  // soft: w = exp(metric - shift[n]) (StableShortcut), else exp(metric)
+
+  const acc_t* flow_row(int64_t n, int64_t component, int64_t y) const { return flow + ((n * 2 + component) * H + y) * W; }
+  const acc_t* metric_row(int64_t n, int64_t y) const { return metric + (n * H + y) * W; }
+
+  // The per-pixel weights w of source row y: pixel_weight (1, metric or exp(metric)), computed
+  // a row at a time so that exp vectorises; soft with a shift: exp(metric - shift[n]). Stable:
+  // the metric (TapChunk::fill_stable).
+  void row_weights(int64_t n, int64_t y, acc_t* w) const {
+    if (!metric) {
+      std::fill(w, w + W, acc_t(1));
+      return;
+    }
+    const acc_t* m = metric_row(n, y);
+    if (kind == SOFT && shift)
+      for (int64_t x = 0; x < W; ++x) w[x] = m[x] - shift[n];
+    else
+      std::copy(m, m + W, w);
+    if (kind == SOFT) exp_inplace(w, W);
+  }
+};
+
+// f(std::integral_constant<int, code>()) for a normalisation code, so that a loop inside f sees
+// it as a constant (with it a variable, loops did not vectorise).
+template <typename F>
+void with_normalisation(int normalisation, const F& f) {
+  switch (normalisation) {
+    case ADDEPS: f(std::integral_constant<int, ADDEPS>()); break;
+    case ZEROEPS: f(std::integral_constant<int, ZEROEPS>()); break;
+    case CLIPEPS: f(std::integral_constant<int, CLIPEPS>()); break;
+    default: f(std::integral_constant<int, RAW>());
+  }
+}
+
+// visit(i) for a chunk's pixels i < count in the order the scatters take them: even columns,
+// then odd ones. Pixels side by side usually share two targets; visited one after the other,
+// each update would wait for the previous one's store. Fixed, so sums stay reproducible. Two
+// plain loops: an index computed per pixel cost the packed scatter ~5%.
+template <typename Visit>
+inline void in_pixel_order(int64_t count, const Visit& visit) {
+  for (int64_t first = 0; first < 2; ++first)
+    for (int64_t i = first; i < count; i += 2) visit(i);
+}
+
+}  // namespace cpu
+}  // namespace softsplat

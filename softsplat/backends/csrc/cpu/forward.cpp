@@ -1,0 +1,447 @@
+// The forward of the CPU kernels, on the band schedule (schedule.h). With up to three channels
+// a band accumulates into a scratch of the rows it reaches in the packed layout (packed.h), two
+// vector read-modify-writes per pixel, and moves each row into the NCHW outputs once no later
+// part of the band reaches it; otherwise it adds straight into them. Phase 0 writes (or zeroes,
+// then adds into) the rows it reaches; a row is finished (divided; for stable soft, rescaled
+// first) by the band that writes it last, as soon as it is final. Every target receives the
+// contributions of at most one band per phase, each in a fixed pixel order, phase 0 first: the
+// same sums, bitwise, whatever the thread count.
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+#include "kernels.h"
+#include "packed.h"
+#include "tap_chunk.h"
+
+namespace softsplat {
+namespace cpu {
+
+namespace {
+
+// One band's contributions, added into out [N, C, H, W] and norm [N, 1, H, W] (null for sum),
+// both contiguous. CC is C when it is a compile-time constant (the common channel counts).
+template <int CC, bool Stable, typename scalar_t, typename acc_t>
+void scatter_band(const Band& band, const scalar_t* in, const View4& in_view, const Sources<acc_t>& src,
+                  int64_t C, acc_t* out, acc_t* norm) {
+  const int64_t W = src.W, HW = src.H * src.W, n = band.n;
+  const int64_t channels = CC > 0 ? CC : C;
+  const bool weighted = src.kind != SUM;
+  std::vector<acc_t> w(W);
+  auto chunk = std::make_unique<TapChunk<acc_t>>();
+  acc_t* out_n = out + n * channels * HW;
+  acc_t* norm_n = norm ? norm + n * HW : nullptr;
+  const int64_t offset[4] = {0, 1, W, W + 1};  // of tap k from the north-west one
+  for (int64_t y = band.y_begin; y < band.y_end; ++y) {
+    src.row_weights(n, y, w.data());
+    const scalar_t* in_row = in + in_view.at(n, 0, y, 0);
+    for (int64_t x_begin = 0; x_begin < W; x_begin += kChunk) {
+      const int64_t count = std::min(kChunk, W - x_begin);
+      chunk->fill(src, n, y, x_begin, count);
+      if (Stable) chunk->fill_stable(src.maximum + n * HW, w.data() + x_begin, W, count);
+      in_pixel_order(count, [&](int64_t i) {
+        const unsigned keep = chunk->keep[i];
+        if (!keep) return;
+        const int64_t x = x_begin + i, corner = chunk->corner[i];
+        const acc_t b[4] = {chunk->weight[0][i], chunk->weight[1][i], chunk->weight[2][i], chunk->weight[3][i]};
+        // The weight splatted with tap k: w, or exp(metric - M(tap)) for stable; sum: none.
+        const acc_t wx = weighted ? w[x] : acc_t(1);
+        const acc_t s[4] = {Stable ? chunk->stable[0][i] : wx, Stable ? chunk->stable[1][i] : wx,
+                            Stable ? chunk->stable[2][i] : wx, Stable ? chunk->stable[3][i] : wx};
+        // plane[tap k] += b[k] * (v * s[k]): the oracle's order.
+        auto deposit = [&](acc_t* plane, acc_t v, bool scale) {
+          auto value = [&](int k) { return scale ? v * s[k] : v; };
+          if (keep == TapChunk<acc_t>::kAll) {
+            acc_t* p = plane + corner;
+            p[0] += b[0] * value(0);
+            p[1] += b[1] * value(1);
+            p[W] += b[2] * value(2);
+            p[W + 1] += b[3] * value(3);
+            return;
+          }
+          for (int k = 0; k < 4; ++k)
+            if (keep >> k & 1) plane[corner + offset[k]] += b[k] * value(k);
+        };
+        const scalar_t* pixel = in_row + x * in_view.x;
+        for (int64_t c = 0; c < channels; ++c) deposit(out_n + c * HW, static_cast<acc_t>(pixel[c * in_view.c]), weighted);
+        if (norm_n) deposit(norm_n, acc_t(1), true);  // b[k] * (1 * s[k]) = b[k] * s[k] exactly
+      });
+    }
+  }
+}
+
+// The packed scatter, for up to three channels: a band adds into a scratch of the rows it
+// reaches, pixel-major with four lanes per target (the channels, then the normaliser), so that
+// the two horizontal taps of a pixel are one 2 x 4-lane read-modify-write, and its two rows two
+// of them, instead of 4 x (C + 1) scalar ones. A band runs part by part (bands()'s bands, in row
+// order); after each part, flush_rows moves the rows no later part reaches into the NCHW outputs,
+// while they are still in cache. Bands whose scratch would be larger than this use scatter_band.
+constexpr int64_t kPackedBytes = int64_t(16) << 20;
+
+template <typename acc_t>
+bool packs(const Band& band, int64_t C, int64_t W) {
+  return packed_layout(C) && (band.hi - band.lo) * W * kPacked * static_cast<int64_t>(sizeof(acc_t)) <= kPackedBytes;
+}
+
+// A thread's scratch, rows [band.lo, band.hi) of the band it runs: a row is zeroed when a part
+// first reaches it (or a flush needs it), not before, so that it is in cache when it is used.
+template <typename acc_t>
+struct Scratch {
+  std::vector<acc_t> data;
+  int64_t first = 0, W = 0;  // the band's first row; the row width
+  int64_t lo = 0, hi = 0;    // rows zeroed so far: [lo, hi), empty after rows()
+
+  acc_t* rows(const Band& band, int64_t width) {
+    const size_t size = static_cast<size_t>((band.hi - band.lo) * width * kPacked);
+    if (data.size() < size) data.resize(size);
+    first = lo = hi = band.lo;
+    W = width;
+    return data.data();
+  }
+  // Rows [from, to) zeroed unless they are; the zeroed rows stay one interval (rows between it
+  // and [from, to) are zeroed too).
+  void zero(int64_t from, int64_t to) {
+    if (from >= to) return;
+    auto clear = [&](int64_t a, int64_t b) {
+      if (a < b) std::fill(data.data() + (a - first) * W * kPacked, data.data() + (b - first) * W * kPacked, acc_t(0));
+    };
+    if (lo == hi) {
+      clear(from, to);
+      lo = from;
+      hi = to;
+      return;
+    }
+    if (from < lo) clear(from, lo), lo = from;
+    if (to > hi) clear(hi, to), hi = to;
+  }
+};
+
+// A chunk's pixels added into `scratch`, whose first target is the image's flat index row0 (a
+// band's first row times W): the lanes v of a pixel (values), times b[k] (and s[k] when stable)
+// on tap k, as plane[tap k] += b[k] * (v * s[k]), the oracle's order, as in scatter_band. Pixels
+// in_pixel_order. A pixel whose four taps are kept takes two read-modify-writes of two targets
+// (a row's taps are neighbours); with AVX2 (float, not stable) written out, with the constants
+// in registers.
+template <bool Stable, typename acc_t>
+void scatter_chunk(const TapChunk<acc_t>& chunk, const acc_t* __restrict values, const acc_t* __restrict tap_weights,
+                   int64_t count, int64_t row0, int64_t W, acc_t* __restrict scratch) {
+  using Pair = typename Vector<acc_t, 2 * kPacked>::type;  // the lanes of two targets
+  using Lanes = typename Vector<acc_t, kPacked>::type;
+  const int64_t offset[4] = {0, 1, W, W + 1};
+#if defined(__AVX2__)
+  const __m256i north = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), south = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
+#endif
+  in_pixel_order(count, [&](int64_t i) {
+    const unsigned keep = chunk.keep[i];
+    if (!keep) return;
+    acc_t* target = scratch + (chunk.corner[i] - row0) * kPacked;
+    const acc_t* lanes = values + i * kPacked;
+    const acc_t s[4] = {Stable ? chunk.stable[0][i] : acc_t(1), Stable ? chunk.stable[1][i] : acc_t(1),
+                        Stable ? chunk.stable[2][i] : acc_t(1), Stable ? chunk.stable[3][i] : acc_t(1)};
+    if (keep == TapChunk<acc_t>::kAll) {
+#if defined(__AVX2__)
+      if constexpr (std::is_same_v<acc_t, float> && !Stable) {
+        const __m256 v = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(lanes));
+        const __m256 b = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(tap_weights + i * kPacked));
+        float* below = target + W * kPacked;
+        _mm256_storeu_ps(target, _mm256_add_ps(_mm256_loadu_ps(target), _mm256_mul_ps(_mm256_permutevar_ps(b, north), v)));
+        _mm256_storeu_ps(below, _mm256_add_ps(_mm256_loadu_ps(below), _mm256_mul_ps(_mm256_permutevar_ps(b, south), v)));
+        return;
+      }
+#endif
+      Lanes v, b;  // the lanes; the four taps' weights
+      std::memcpy(&v, lanes, sizeof v);
+      std::memcpy(&b, tap_weights + i * kPacked, sizeof b);
+      const Pair v2 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 0, 1, 2, 3);
+      auto add = [&](int row, Pair weight) {
+        const int k = 2 * row;
+        Pair value = v2;
+        if (Stable) value *= Pair{s[k], s[k], s[k], s[k], s[k + 1], s[k + 1], s[k + 1], s[k + 1]};
+        acc_t* row_target = target + row * W * kPacked;
+        Pair sum;
+        std::memcpy(&sum, row_target, sizeof sum);
+        sum += weight * value;
+        std::memcpy(row_target, &sum, sizeof sum);
+      };
+      add(0, __builtin_shufflevector(b, b, 0, 0, 0, 0, 1, 1, 1, 1));
+      add(1, __builtin_shufflevector(b, b, 2, 2, 2, 2, 3, 3, 3, 3));
+      return;
+    }
+    for (int k = 0; k < 4; ++k) {
+      if (!(keep >> k & 1)) continue;
+      const acc_t weight = chunk.weight[k][i];
+      acc_t* tap = target + offset[k] * kPacked;
+      for (int c = 0; c < kPacked; ++c) tap[c] += weight * (Stable ? lanes[c] * s[k] : lanes[c]);
+    }
+  });
+}
+
+// The contributions of one part of a band (its source rows) added into `scratch`, the band's
+// rows [band.lo, band.hi) x W x kPacked. Lanes: the C channels' x * w, then w (the normaliser's
+// value; 0 for sum), then zeros; stable: x and 1, times exp(metric - M(tap)) per tap.
+template <int CC, bool Stable, typename scalar_t, typename acc_t>
+void scatter_band_packed(const Band& band, const Band& part, const scalar_t* in, const View4& in_view,
+                         const Sources<acc_t>& src, acc_t* __restrict scratch) {
+  const int64_t W = src.W, n = band.n;
+  const bool weighted = src.kind != SUM;
+  std::vector<acc_t> w(W);
+  auto chunk = std::make_unique<TapChunk<acc_t>>();
+  std::vector<acc_t> values(kChunk * kPacked);
+  // Per pixel, its four taps' weights side by side (one load where all four are kept).
+  std::vector<acc_t> tap_weights(kChunk * kPacked);
+  const acc_t* const weight_planes[kPacked] = {chunk->weight[0], chunk->weight[1], chunk->weight[2], chunk->weight[3]};
+  for (int64_t y = part.y_begin; y < part.y_end; ++y) {
+    src.row_weights(n, y, w.data());
+    const scalar_t* in_row = in + in_view.at(n, 0, y, 0);
+    for (int64_t x_begin = 0; x_begin < W; x_begin += kChunk) {
+      const int64_t count = std::min(kChunk, W - x_begin);
+      chunk->fill(src, n, y, x_begin, count);
+      if (Stable) chunk->fill_stable(src.maximum + n * src.H * W, w.data() + x_begin, W, count);
+      pack_values<CC, Stable>(in_row + x_begin * in_view.x, in_view, weighted ? w.data() + x_begin : nullptr,
+                              values.data(), count);
+      interleave(weight_planes, tap_weights.data(), count);
+      scatter_chunk<Stable>(*chunk, values.data(), tap_weights.data(), count, band.lo * W, W, scratch);
+    }
+  }
+}
+
+// What happens to a row of the outputs once its sums are final (out, norm contiguous): images
+// with the stable shortcut have them multiplied by exp(min(R - M, kStableSpread)) (NaN kept);
+// then, when `divides`, out /= D'.
+template <typename acc_t>
+struct Finish {
+  acc_t* out;
+  acc_t* norm;  // null for sum
+  int64_t C, H, W;
+  int normalisation;
+  bool divides;
+  const acc_t* maximum;                    // stable: M
+  const StableShortcut<acc_t>* shortcut;   // stable: per image; else null
+
+  bool scales(int64_t n) const { return shortcut && shortcut->taken[n]; }
+  bool needed() const { return divides || (shortcut && shortcut->any()); }
+
+  // Row y of image n; `scratch`: 2 W values.
+  void row(int64_t n, int64_t y, acc_t* scratch) const {
+    const bool scaled = scales(n);
+    if (!divides && !scaled) return;
+    acc_t* D = norm + (n * H + y) * W;
+    acc_t* scale = scratch;
+    acc_t* divisor = scratch + W;
+    if (!scaled) {
+      for (int64_t x = 0; x < W; ++x) divisor[x] = safe_normaliser(D[x], normalisation);
+      for (int64_t c = 0; c < C; ++c) {
+        acc_t* row = out + ((n * C + c) * H + y) * W;
+        for (int64_t x = 0; x < W; ++x) row[x] /= divisor[x];
+      }
+      return;
+    }
+    const acc_t* M = maximum + (n * H + y) * W;
+    const acc_t R = shortcut->shift[n];
+    for (int64_t x = 0; x < W; ++x) {
+      const acc_t exponent = R - M[x];
+      scale[x] = kStableSpread<acc_t> < exponent ? kStableSpread<acc_t> : exponent;  // NaN kept
+    }
+    exp_inplace(scale, W);
+    // D, then the result's factor: the scale, over D' when dividing (one division per target).
+    // One simple loop each, so that they vectorise.
+    for (int64_t x = 0; x < W; ++x) D[x] *= scale[x];
+    if (divides) {
+      acc_t* __restrict factor = scale;
+      for (int64_t x = 0; x < W; ++x) divisor[x] = safe_normaliser(D[x], normalisation);
+      for (int64_t x = 0; x < W; ++x) factor[x] /= divisor[x];
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      acc_t* row = out + ((n * C + c) * H + y) * W;
+      for (int64_t x = 0; x < W; ++x) row[x] *= scale[x];
+    }
+  }
+
+  // Rows [lo, hi) of image n.
+  void rows(int64_t n, int64_t lo, int64_t hi) const {
+    std::vector<acc_t> scratch(2 * W);
+    for (int64_t y = lo; y < hi; ++y) row(n, y, scratch.data());
+  }
+};
+
+// plane[c][x] = (or +=) lanes[x][c] for the first Planes lanes of W targets: one pass, which
+// vectorises (the lanes split with shuffles).
+template <int Planes, bool Add, typename acc_t>
+void unpack_row(const acc_t* __restrict lanes, acc_t* __restrict p0, acc_t* __restrict p1, acc_t* __restrict p2,
+                acc_t* __restrict p3, int64_t W) {
+  static_assert(Planes >= 1 && Planes <= kPacked, "1 to 4 planes");
+  for (int64_t x = 0; x < W; ++x) {
+    const acc_t* lane = lanes + x * kPacked;
+    const acc_t a0 = lane[0], a1 = lane[1], a2 = lane[2], a3 = lane[3];
+    p0[x] = Add ? p0[x] + a0 : a0;
+    if (Planes > 1) p1[x] = Add ? p1[x] + a1 : a1;
+    if (Planes > 2) p2[x] = Add ? p2[x] + a2 : a2;
+    if (Planes > 3) p3[x] = Add ? p3[x] + a3 : a3;
+  }
+}
+
+// unpack_row of CC channels and D (plane CC) for a final row, divided as Finish::row divides it
+// (out / D', D kept; no stable rescaling): one pass over the row instead of two.
+template <int CC, bool Add, int Normalisation, typename acc_t>
+void unpack_row_divided(const acc_t* __restrict lanes, acc_t* __restrict p0, acc_t* __restrict p1,
+                        acc_t* __restrict p2, acc_t* __restrict D, int64_t W) {
+  static_assert(CC >= 1 && CC < kPacked, "1 to 3 channels");
+  for (int64_t x = 0; x < W; ++x) {
+    const acc_t* lane = lanes + x * kPacked;
+    const acc_t d = Add ? D[x] + lane[CC] : lane[CC];
+    D[x] = d;
+    const acc_t divisor = safe_normaliser(d, Normalisation);
+    p0[x] = (Add ? p0[x] + lane[0] : lane[0]) / divisor;
+    if (CC > 1) p1[x] = (Add ? p1[x] + lane[1] : lane[1]) / divisor;
+    if (CC > 2) p2[x] = (Add ? p2[x] + lane[2] : lane[2]) / divisor;
+  }
+}
+
+// Rows [from, to) of a packed band's scratch (which starts at row band.lo) moved into the NCHW
+// outputs (out, norm contiguous; norm null for sum). Phase 0 stores (no other band has written
+// these rows), phase 1 adds. A row for which final(y) holds (no band of a later phase reaches
+// it) is finished at once, while in cache.
+template <int CC, typename acc_t, typename Final>
+void flush_rows(const Band& band, int p, int64_t from, int64_t to, const acc_t* scratch, acc_t* out, acc_t* norm,
+                int64_t H, int64_t W, const Finish<acc_t>& finish, const Final& final) {
+  std::vector<acc_t> finishing(finish.needed() ? 2 * W : 0);
+  for (int64_t y = from; y < to; ++y) {
+    const acc_t* lanes = scratch + (y - band.lo) * W * kPacked;
+    acc_t* plane[kPacked] = {};
+    for (int c = 0; c < CC; ++c) plane[c] = out + ((band.n * CC + c) * H + y) * W;
+    acc_t* D = norm ? norm + (band.n * H + y) * W : nullptr;
+    plane[CC] = D;
+    const bool last = final(y);
+    const bool divided = last && finish.divides && !finish.scales(band.n);  // then D is not null
+    auto unpack = [&](auto add) {
+      constexpr bool Add = decltype(add)::value;
+      auto divide = [&](auto code) {
+        unpack_row_divided<CC, Add, decltype(code)::value>(lanes, plane[0], plane[1], plane[2], D, W);
+      };
+      if (divided)
+        with_normalisation(finish.normalisation, divide);
+      else if (D)
+        unpack_row<CC + 1, Add>(lanes, plane[0], plane[1], plane[2], plane[3], W);
+      else
+        unpack_row<CC, Add>(lanes, plane[0], plane[1], plane[2], plane[3], W);
+    };
+    if (p == 0)
+      unpack(std::false_type());
+    else
+      unpack(std::true_type());
+    if (last && !divided) finish.row(band.n, y, finishing.data());
+  }
+}
+
+}  // namespace
+
+template <typename scalar_t, typename acc_t>
+void forward_kernel(const at::Tensor& input, const Sources<acc_t>& src, int normalisation, at::Tensor& out,
+                    at::Tensor& normaliser, const Schedule* planned,
+                    std::unique_ptr<StableShortcut<acc_t>> shortcut) {
+  const int64_t N = input.size(0), C = input.size(1), H = src.H, W = src.W;
+  const scalar_t* in = input.data_ptr<scalar_t>();
+  const View4 in_view(input);
+  acc_t* out_data = out.data_ptr<acc_t>();
+  acc_t* norm_data = src.kind != SUM ? normaliser.data_ptr<acc_t>() : nullptr;
+  if (src.kind == STABLE && !shortcut) shortcut = std::make_unique<StableShortcut<acc_t>>(src, N);
+  // The images with the shortcut splat soft weights exp(m - R).
+  Sources<acc_t> shifted = src;
+  shifted.kind = SOFT;
+  shifted.shift = shortcut ? shortcut->shift.data() : nullptr;
+  auto sources = [&](int64_t n) -> const Sources<acc_t>& { return shortcut && shortcut->taken[n] ? shifted : src; };
+  const Finish<acc_t> finish{out_data, norm_data, C, H, W, normalisation, src.kind != SUM && normalisation != RAW,
+                             src.maximum, shortcut.get()};
+  const Schedule schedule = planned ? *planned : plan(src, N);
+  // No separate pass zeroes the outputs: a phase-0 band zeroes the rows it reaches (no other
+  // band has written them yet) just before adding into them, while they are in cache; rows no
+  // phase-0 band reaches are zeroed first. Likewise a band's rows that no phase-1 band reaches
+  // after it are final once it is done with them (a phase-1 band's all, as phase 0 is done and
+  // no other phase-1 band writes them): it finishes them at once. Rows no band reaches are
+  // finished after the phases.
+  const std::vector<char> zeroed = schedule.reached(0, N, H), reached_later = schedule.reached(1, N, H);
+  std::vector<char> finished(static_cast<size_t>(N * H), 0);  // each row set by one band at most
+  // Whether row y, which a band of phase p has just done, is to be finished now (marked so).
+  auto finishes = [&](int p, int64_t n, int64_t y) {
+    if (p == 0 && reached_later[n * H + y]) return false;
+    finished[n * H + y] = 1;
+    return finish.needed();
+  };
+  const int64_t planes = C + (norm_data ? 1 : 0);
+  auto zero_rows = [&](int64_t n, int64_t lo, int64_t hi) {
+    for (int64_t p = 0; p < planes; ++p) {
+      acc_t* rows = p < C ? out_data + ((n * C + p) * H + lo) * W : norm_data + (n * H + lo) * W;
+      std::fill(rows, rows + (hi - lo) * W, acc_t(0));
+    }
+  };
+  at::parallel_for(0, N * H, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t index = begin; index < end; ++index)
+      if (!zeroed[index]) zero_rows(index / H, index % H, index % H + 1);
+  });
+  auto scatter = [&](auto channels) {
+    constexpr int CC = decltype(channels)::value;
+    schedule.template run<Scratch<acc_t>>([&](const Band& band, int p, Scratch<acc_t>& scratch) {
+      if (band.empty()) return;  // none of its pixels lands
+      const Sources<acc_t>& band_src = sources(band.n);
+      const bool per_tap = band_src.kind == STABLE;
+      if (CC > 0 && packs<acc_t>(band, C, W)) {
+        acc_t* rows = scratch.rows(band, W);
+        constexpr int packed = packed_layout(CC) ? CC : 1;  // C when packs() holds
+        auto final = [&](int64_t y) { return finishes(p, band.n, y); };
+        int64_t flushed = band.lo;  // rows [band.lo, flushed) are in the outputs
+        for (int64_t k = band.first; k < band.last; ++k) {
+          const Band& part = schedule.parts[k];
+          if (!part.empty()) {
+            scratch.zero(part.lo, part.hi);
+            if (per_tap)
+              scatter_band_packed<packed, true>(band, part, in, in_view, band_src, rows);
+            else
+              scatter_band_packed<packed, false>(band, part, in, in_view, band_src, rows);
+          }
+          int64_t limit = band.hi;  // rows below the first that a later part reaches are done
+          for (int64_t later = k + 1; later < band.last; ++later)
+            if (!schedule.parts[later].empty()) limit = std::min(limit, schedule.parts[later].lo);
+          if (limit <= flushed) continue;
+          scratch.zero(flushed, limit);  // rows no part reached
+          flush_rows<packed>(band, p, flushed, limit, rows, out_data, norm_data, H, W, finish, final);
+          flushed = limit;
+        }
+        return;
+      }
+      if (p == 0) zero_rows(band.n, band.lo, band.hi);
+      if (per_tap)
+        scatter_band<CC, true>(band, in, in_view, band_src, C, out_data, norm_data);
+      else
+        scatter_band<CC, false>(band, in, in_view, band_src, C, out_data, norm_data);
+      std::vector<acc_t> finishing(finish.needed() ? 2 * W : 0);
+      for (int64_t y = band.lo; y < band.hi; ++y)
+        if (finishes(p, band.n, y)) finish.row(band.n, y, finishing.data());
+    });
+  };
+  switch (C) {
+    case 1: scatter(std::integral_constant<int, 1>()); break;
+    case 2: scatter(std::integral_constant<int, 2>()); break;
+    case 3: scatter(std::integral_constant<int, 3>()); break;
+    case 4: scatter(std::integral_constant<int, 4>()); break;
+    default: scatter(std::integral_constant<int, 0>());
+  }
+  if (!finish.needed()) return;
+  at::parallel_for(0, N * H, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t index = begin; index < end; ++index)
+      if (!finished[index]) finish.rows(index / H, index % H, index % H + 1);
+  });
+}
+
+template void forward_kernel<float, float>(const at::Tensor&, const Sources<float>&, int, at::Tensor&, at::Tensor&, const Schedule*, std::unique_ptr<StableShortcut<float>>);
+template void forward_kernel<double, double>(const at::Tensor&, const Sources<double>&, int, at::Tensor&, at::Tensor&, const Schedule*, std::unique_ptr<StableShortcut<double>>);
+template void forward_kernel<c10::Half, float>(const at::Tensor&, const Sources<float>&, int, at::Tensor&, at::Tensor&, const Schedule*, std::unique_ptr<StableShortcut<float>>);
+template void forward_kernel<c10::BFloat16, float>(const at::Tensor&, const Sources<float>&, int, at::Tensor&, at::Tensor&, const Schedule*, std::unique_ptr<StableShortcut<float>>);
+
+}  // namespace cpu
+}  // namespace softsplat
