@@ -9,9 +9,8 @@ import os
 import torch
 
 from . import backends
-from .backends import oracle
 from .backends.base import FLOATING, Problem, Signature, dtype_names
-from .modes import Mode
+from .modes import Mode, safe_normaliser
 
 #: Environment variable that replaces ``backend="auto"`` by a named backend.
 BACKEND_ENV = "SOFTSPLAT_BACKEND"
@@ -119,7 +118,7 @@ def splat_many(
     if mode.kind == "sum":
         return numerator.to(problems[0].input.dtype)
     normaliser = torch.stack([part[1] for part in parts]).sum(0)
-    out = (numerator / oracle.safe_normaliser(normaliser, mode)).to(problems[0].input.dtype)
+    out = (numerator / safe_normaliser(normaliser, mode)).to(problems[0].input.dtype)
     return (out, normaliser) if return_normaliser else out
 
 

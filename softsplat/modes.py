@@ -12,14 +12,33 @@ import torch
 #: The constant of the ``addeps`` and ``clipeps`` normalisations (docs/spec.md).
 EPS = 1e-7
 
+
+
+class Kind(enum.IntEnum):
+    """The kernels' code for what is splatted (``kind`` of the ops; ``taps.h``'s ``Kind``, which a
+    test compares with this). ``STABLE`` is soft splatting with each target's maximum metric
+    subtracted. Kinds from ``LINEAR`` on read a metric."""
+
+    SUM = 0
+    AVG = 1
+    LINEAR = 2
+    SOFT = 3
+    STABLE = 4
+
+
+class Normalisation(enum.IntEnum):
+    """The kernels' code for how the normaliser is made safe (``normalisation`` of the ops;
+    ``taps.h``'s ``Normalisation``). ``RAW``: no division, the numerator and the normaliser are
+    returned as they are (how ``splat_many`` sums several sources before dividing)."""
+
+    ADDEPS = 0
+    ZEROEPS = 1
+    CLIPEPS = 2
+    RAW = 3
+
+
 _KINDS = ("sum", "avg", "linear", "soft")
 _NORMALISATIONS = ("addeps", "zeroeps", "clipeps")
-#: The compiled kernels' normalisation code for "no division": they return the numerator and
-#: the normaliser as they are (how splat_many sums several sources before dividing).
-RAW_CODE = 3
-#: The compiled kernels' kind code for stable soft splatting (soft with each target's maximum
-#: metric subtracted).
-STABLE_CODE = 4
 # Names the reference implementation's users and papers also use.
 _ALIASES = {"summation": "sum", "average": "avg", "softmax": "soft"}
 
@@ -64,14 +83,14 @@ class Mode(str, enum.Enum):
         return self.kind in ("linear", "soft")
 
     @property
-    def kind_code(self) -> int:
-        """The integer the compiled kernels take for ``kind`` (order of ``_KINDS``)."""
-        return _KINDS.index(self.kind)
+    def kind_code(self) -> Kind:
+        """The code the compiled kernels take for ``kind``."""
+        return Kind[self.kind.upper()]
 
     @property
-    def normalisation_code(self) -> int:
-        """The integer the compiled kernels take for ``normalisation``; 0 for ``sum``."""
-        return _NORMALISATIONS.index(self.normalisation) if self.normalisation else 0
+    def normalisation_code(self) -> Normalisation:
+        """The code the compiled kernels take for ``normalisation``; ``ADDEPS`` for ``sum``."""
+        return Normalisation[self.normalisation.upper()] if self.normalisation else Normalisation.ADDEPS
 
     @classmethod
     def parse(cls, value: object, argument: str = "mode") -> Mode:
@@ -99,3 +118,12 @@ class Mode(str, enum.Enum):
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; every other floating dtype is computed in float32 (docs/spec.md)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def safe_normaliser(normaliser: torch.Tensor, mode: Mode) -> torch.Tensor:
+    """``D'`` of docs/spec.md: the normaliser made safe to divide by, as ``mode`` says."""
+    if mode.normalisation == "addeps":
+        return normaliser + EPS
+    if mode.normalisation == "zeroeps":
+        return torch.where(normaliser == 0, torch.ones_like(normaliser), normaliser)
+    return normaliser.clamp_min(EPS)

@@ -8,7 +8,7 @@ import functools
 
 import torch
 
-from ..modes import RAW_CODE, STABLE_CODE, Mode, compute_dtype
+from ..modes import Kind, Mode, Normalisation, compute_dtype
 
 FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -39,12 +39,12 @@ class Problem:
     maximum: torch.Tensor | None = None
 
     @property
-    def kind_code(self) -> int:
-        return STABLE_CODE if self.stable else self.mode.kind_code
+    def kind_code(self) -> Kind:
+        return Kind.STABLE if self.stable else self.mode.kind_code
 
     @property
-    def normalisation_code(self) -> int:
-        return RAW_CODE if self.raw else self.mode.normalisation_code
+    def normalisation_code(self) -> Normalisation:
+        return Normalisation.RAW if self.raw else self.mode.normalisation_code
 
     @property
     def signature(self) -> Signature:

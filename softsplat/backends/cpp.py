@@ -35,12 +35,13 @@ CPU_SOURCES = [
 
 @functools.cache
 def library() -> OpLibrary:
-    return OpLibrary("softsplat", CPU_SOURCES + ([] if _cuda_reason() else ["splat_cuda.cu"]), cuda_cflags=["-O3"])
+    return OpLibrary("softsplat", CPU_SOURCES + ([] if _cuda_reason() else ["splat_cuda.cu"]), cuda_cflags=["-O3"], fused_stable=True)
 
 
 class CppBackend(OpsBackend):
     name = "cpp"
     deterministic_on = ("cpu",)
+    fused_stable_on = ("cpu",)
 
     @property
     def summary(self) -> str:

@@ -18,8 +18,16 @@ import threading
 
 import torch
 
+from ..modes import Kind
 from .extension import CSRC
-from .ops import OpsBackend, gradient_buffers, register_python_side
+from .ops import (
+    OpsBackend,
+    forward_buffers,
+    gradient_buffers,
+    per_pixel_strides,
+    prepared_gradients,
+    register_python_side,
+)
 
 #: What the backend hands to NVRTC: the shared kernel header and its fp16/bf16 types.
 KERNEL_SOURCE = '#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n#include "splat_kernels.cuh"\n'
@@ -133,14 +141,10 @@ def _launch(device: torch.device, dtype: torch.dtype, kernel: str, index: str, t
         function((blocks,), (THREADS,), tuple(converted), stream=stream)
 
 
-def _metric_strides(metric):
-    return (metric.stride(0), metric.stride(2), metric.stride(3)) if metric is not None else (0, 0, 0)
-
-
 def _source_arguments(input, flow, metric) -> tuple:
     """The leading kernel arguments of the forward and backward kernels: input, flow and
     metric with their strides."""
-    return (input, *input.stride(), flow, *flow.stride(), metric, *_metric_strides(metric))
+    return (input, *input.stride(), flow, *flow.stride(), metric, *per_pixel_strides(metric))
 
 
 def maximum_impl(flow: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
@@ -151,7 +155,7 @@ def maximum_impl(flow: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
     index = "int" if _fits_int32((flow, metric, maximum), N * H * W) else "long long"
     dtype = torch.float64 if flow.dtype == torch.float64 else torch.float32
     _launch(flow.device, dtype, "maximum", index, N * H * W, flow, *flow.stride(), metric,
-            *_metric_strides(metric), *(("index", v) for v in (N, H, W)), maximum)
+            *per_pixel_strides(metric), *(("index", v) for v in (N, H, W)), maximum)
     return maximum
 
 
@@ -164,11 +168,10 @@ def forward_impl(
     maximum: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     N, C, H, W = input.shape
-    out = torch.zeros((N, C, H, W), dtype=flow.dtype, device=input.device)
-    normaliser = torch.zeros((N, 1, H, W) if kind else (0,), dtype=flow.dtype, device=input.device)
+    out, normaliser = forward_buffers(input, flow, kind)
     if N * H * W == 0:
         return out, normaliser
-    metric = metric if kind >= 2 else None
+    metric = metric if kind >= Kind.LINEAR else None
     index = "int" if _fits_int32((input, flow, metric, out), N * (C + 1) * H * W) else "long long"
     sizes = tuple(("index", v) for v in (N, C, H, W))
     _launch(
@@ -180,11 +183,11 @@ def forward_impl(
         *_source_arguments(input, flow, metric),
         *sizes,
         ("int", kind),
-        maximum.contiguous() if kind == 4 else None,
+        maximum.contiguous() if kind == Kind.STABLE else None,
         out,
-        normaliser if kind else None,
+        normaliser if kind != Kind.SUM else None,
     )
-    if kind and C:
+    if kind != Kind.SUM and C:
         _launch(
             input.device,
             input.dtype,
@@ -216,10 +219,11 @@ def backward_impl(
     (grad_input, grad_flow, grad_metric), want_metric = gradient_buffers(input, flow, metric, kind, output_mask)
     if N * H * W == 0 or not (output_mask[0] or output_mask[1] or want_metric):
         return grad_input, grad_flow, grad_metric
-    g = torch.empty((N, H, W, C + (1 if kind else 0)), dtype=flow.dtype, device=flow.device)
+    g = prepared_gradients(input, flow, kind)
     out, normaliser = out.contiguous(), normaliser.contiguous()
-    metric = metric if kind >= 2 else None
-    grad_normaliser = grad_normaliser if kind and grad_normaliser is not None else None
+    metric = metric if kind >= Kind.LINEAR else None
+    normalised = kind != Kind.SUM
+    grad_normaliser = grad_normaliser if normalised and grad_normaliser is not None else None
     index = (
         "int"
         if _fits_int32((input, flow, metric, grad_out, grad_normaliser, out, g), N * (C + 1) * H * W)
@@ -234,10 +238,10 @@ def backward_impl(
         N * H * W,
         grad_out,
         *grad_out.stride(),
-        out if kind else None,
-        normaliser if kind else None,
+        out if normalised else None,
+        normaliser if normalised else None,
         grad_normaliser,
-        *_metric_strides(grad_normaliser),
+        *per_pixel_strides(grad_normaliser),
         *sizes,
         ("int", kind),
         ("int", normalisation),
@@ -253,7 +257,7 @@ def backward_impl(
         g,
         *sizes,
         ("int", kind),
-        maximum.contiguous() if kind == 4 else None,
+        maximum.contiguous() if kind == Kind.STABLE else None,
         grad_input if output_mask[0] else None,
         grad_flow if output_mask[1] else None,
         grad_metric if want_metric else None,

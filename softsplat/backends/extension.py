@@ -70,8 +70,9 @@ def compiler_reason() -> str | None:
 class OpLibrary:
     """One compiled library of the ``splat_forward``/``splat_backward`` ops in ``namespace``."""
 
-    def __init__(self, namespace: str, sources: list[str], *, cflags=(), cuda_cflags=()):
+    def __init__(self, namespace: str, sources: list[str], *, cflags=(), cuda_cflags=(), fused_stable=False):
         self.namespace = namespace
+        self.fused_stable = fused_stable  # defines splat_stable_forward (schemas.h)
         self.sources = [CSRC / s for s in sources]
         self.cflags = CFLAGS + list(cflags) + (SANITIZE_FLAGS if os.environ.get(SANITIZE_ENV) else [])
         self.ldflags = ["-fopenmp"] + (SANITIZE_LDFLAGS if os.environ.get(SANITIZE_ENV) else [])
@@ -131,7 +132,7 @@ class OpLibrary:
             verbose=False,
         )
         ops = getattr(torch.ops, self.namespace)
-        register_python_side(self.namespace)
+        register_python_side(self.namespace, self.fused_stable)
         return ops
 
 

@@ -6,15 +6,38 @@ from __future__ import annotations
 
 import torch
 
-from ..modes import STABLE_CODE
+from ..modes import Kind
 from .base import Backend, Problem
+
+
+def per_pixel_strides(tensor: torch.Tensor | None) -> tuple[int, int, int]:
+    """The (n, y, x) strides of an ``[N, 1, H, W]`` tensor (metric, grad_normaliser) as kernels
+    take them; zeros for an absent one (never read)."""
+    return (tensor.stride(0), tensor.stride(2), tensor.stride(3)) if tensor is not None else (0, 0, 0)
+
+
+def forward_buffers(input: torch.Tensor, flow: torch.Tensor, kind: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``splat_forward``'s outputs, zeroed, for kernels that add into them: the result
+    ``[N, C, H, W]`` and the normaliser ``[N, 1, H, W]`` (``[0]`` for sum), in flow's dtype (the
+    compute dtype)."""
+    N, C, H, W = input.shape
+    out = torch.zeros((N, C, H, W), dtype=flow.dtype, device=input.device)
+    normaliser = torch.zeros((N, 1, H, W) if kind != Kind.SUM else (0,), dtype=flow.dtype, device=input.device)
+    return out, normaliser
+
+
+def prepared_gradients(input: torch.Tensor, flow: torch.Tensor, kind: int) -> torch.Tensor:
+    """The backward's scratch ``g`` ``[N, H, W, K]``: per target, gN of the C channels, then gD
+    for the normalised kinds (docs/spec.md, gradients)."""
+    N, C, H, W = input.shape
+    return torch.empty((N, H, W, C + (1 if kind != Kind.SUM else 0)), dtype=flow.dtype, device=flow.device)
 
 
 def gradient_buffers(input, flow, metric, kind: int, output_mask) -> tuple[tuple[torch.Tensor, ...], bool]:
     """The three tensors ``splat_backward`` returns, uninitialised (shape ``[0]`` for a
     gradient ``output_mask`` does not ask for), and whether the metric's is asked for."""
     N, _, H, W = input.shape
-    want_metric = bool(output_mask[2]) and metric is not None and kind >= 2
+    want_metric = bool(output_mask[2]) and metric is not None and kind >= Kind.LINEAR
     buffers = (
         input.new_empty(input.shape if output_mask[0] else (0,)),
         flow.new_empty(flow.shape if output_mask[1] else (0,)),
@@ -33,26 +56,27 @@ def scatter_maximum(ops, problem: Problem) -> torch.Tensor:
 FUSED_STABLE = "splat_stable_forward"
 
 
-def run_forward(ops, problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None]:
+def run_forward(ops, problem: Problem, fused_stable: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``Backend.run`` through ``ops`` (``torch.ops.<namespace>``, the ops of schemas.h).
 
     ``flow`` and ``metric`` are read in the compute dtype (a no-op when they already are);
     the op returns the compute dtype, cast here so that autograd casts gradients back. For
     stable soft splatting, the scatter-max pass runs first unless a (joint) maximum is given;
-    where the ops have ``splat_stable_forward`` (the cpp CPU kernels), that one call does both.
+    with ``fused_stable`` (the backend implements ``splat_stable_forward`` on the input's device)
+    that one call does both.
     """
     dtype = problem.compute_dtype
     flow = problem.flow.to(dtype)
     metric = None if problem.metric is None else problem.metric.to(dtype)
-    if problem.stable and problem.maximum is None and problem.input.device.type == "cpu" and hasattr(ops, FUSED_STABLE):
-        out, normaliser, _ = ops.splat_stable_forward(problem.input, flow, metric, problem.normalisation_code)
+    if problem.stable and problem.maximum is None and fused_stable:
+        out, normaliser, _ = ops.splat_stable_forward(problem.input, flow, metric, int(problem.normalisation_code))
         return (out if problem.raw else out.to(problem.input.dtype)), normaliser
     maximum = None
     if problem.stable:
         given = problem.maximum
         maximum = (given if given is not None else scatter_maximum(ops, problem)).to(dtype)
     out, normaliser = ops.splat_forward(
-        problem.input, flow, metric, problem.kind_code, problem.normalisation_code, maximum
+        problem.input, flow, metric, int(problem.kind_code), int(problem.normalisation_code), maximum
     )
     normaliser = None if problem.mode.kind == "sum" else normaliser
     return (out if problem.raw else out.to(problem.input.dtype)), normaliser
@@ -62,6 +86,8 @@ class OpsBackend(Backend):
     """A backend whose work is the ops of schemas.h in one ``torch.ops`` namespace."""
 
     _ops = None  # set by prepare(), which dispatch calls before run()
+    #: Device types on which the ops implement ``splat_stable_forward`` (run_forward uses it).
+    fused_stable_on: tuple[str, ...] = ()
 
     def load_ops(self):
         """``torch.ops.<namespace>``, defined (built, loaded, registered) if need be."""
@@ -78,7 +104,7 @@ class OpsBackend(Backend):
     def run(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self._ops is None:  # only when called without dispatch; dispatch prepares first
             self.prepare()
-        return run_forward(self._ops, problem)
+        return run_forward(self._ops, problem, problem.input.device.type in self.fused_stable_on)
 
 
 def autograd_formula(backward_op):
@@ -106,7 +132,7 @@ def fused_stable_autograd_formula(backward_op):
         input, flow, metric, normalisation = inputs
         out, normaliser, maximum = output
         ctx.mark_non_differentiable(maximum)
-        save(ctx, STABLE_CODE, normalisation, (input, flow, metric, out, normaliser, maximum))
+        save(ctx, Kind.STABLE, normalisation, (input, flow, metric, out, normaliser, maximum))
 
     def backward(ctx, grad_out, grad_normaliser, grad_maximum):
         return gradients(ctx, backward_op, grad_out, grad_normaliser) + (None,)
@@ -131,7 +157,7 @@ def gradients(ctx, backward_op, grad_out, grad_normaliser) -> tuple:
         ctx.needs_input_grad[1],
         metric is not None and ctx.needs_input_grad[2],
     ]
-    if ctx.kind == 0:  # sum has no normaliser
+    if ctx.kind == Kind.SUM:  # no normaliser
         grad_normaliser = None
     if grad_out is None:
         # Only the normaliser is used: its gradient alone, as that of a splat of no
@@ -149,8 +175,9 @@ def gradients(ctx, backward_op, grad_out, grad_normaliser) -> tuple:
     return tuple(g if wanted else None for g, wanted in zip(grads, mask))
 
 
-def register_python_side(namespace: str) -> None:
-    """Shapes for fake tensors (torch.compile, opcheck) and the autograd formula of the ops."""
+def register_python_side(namespace: str, fused_stable: bool = False) -> None:
+    """Shapes for fake tensors (torch.compile, opcheck) and the autograd formula of the ops
+    (with ``fused_stable``, of ``splat_stable_forward`` too)."""
     forward_name, backward_name = f"{namespace}::splat_forward", f"{namespace}::splat_backward"
     backward_op = getattr(torch.ops, namespace).splat_backward
 
@@ -161,7 +188,7 @@ def register_python_side(namespace: str) -> None:
     @torch.library.register_fake(forward_name)
     def _(input, flow, metric, kind, normalisation, maximum=None):
         out = flow.new_empty((input.shape[0], input.shape[1], *input.shape[2:]))
-        normaliser = flow.new_empty((input.shape[0], 1, *input.shape[2:]) if kind else (0,))
+        normaliser = flow.new_empty((input.shape[0], 1, *input.shape[2:]) if kind != Kind.SUM else (0,))
         return out, normaliser
 
     @torch.library.register_fake(backward_name)
@@ -170,7 +197,7 @@ def register_python_side(namespace: str) -> None:
 
     backward, setup_context = autograd_formula(backward_op)
     torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
-    if not hasattr(getattr(torch.ops, namespace), FUSED_STABLE):
+    if not fused_stable:
         return
     fused_name = f"{namespace}::{FUSED_STABLE}"
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..modes import EPS, Mode
+from ..modes import Mode, safe_normaliser
 from .base import Backend, Problem
 
 
@@ -89,15 +89,6 @@ def splat_stable(values: torch.Tensor, metric: torch.Tensor, flow: torch.Tensor,
         numerator.index_add_(0, target[keep], weight[keep].unsqueeze(1) * (per_pixel[keep] * w.unsqueeze(1)))
         normaliser.index_add_(0, target[keep], weight[keep].unsqueeze(1) * w.unsqueeze(1))
     return (numerator.view(N, H, W, K).permute(0, 3, 1, 2), normaliser.view(N, H, W, 1).permute(0, 3, 1, 2))
-
-
-def safe_normaliser(normaliser: torch.Tensor, mode: Mode) -> torch.Tensor:
-    """``D'`` of docs/spec.md: the normaliser made safe to divide by, as ``mode`` says."""
-    if mode.normalisation == "addeps":
-        return normaliser + EPS
-    if mode.normalisation == "zeroeps":
-        return torch.where(normaliser == 0, torch.ones_like(normaliser), normaliser)
-    return normaliser.clamp_min(EPS)
 
 
 def splat(input, flow, metric, mode: Mode) -> torch.Tensor:

@@ -15,99 +15,124 @@ import os
 
 import torch
 
-from .ops import OpsBackend, autograd_formula, gradient_buffers
+from ..modes import Kind
+from .ops import (
+    OpsBackend,
+    autograd_formula,
+    forward_buffers,
+    gradient_buffers,
+    per_pixel_strides,
+    prepared_gradients,
+)
 
 
 def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.cache
-def _ops():
-    """Define the ``softsplat_triton`` ops (once)."""
-    import triton
-    from torch.library import triton_op, wrap_triton
+def _block() -> int:
+    """Pixels per program. Large in the interpreter: each program costs milliseconds there,
+    whatever its size."""
+    return 4096 if interpreted() else 256
+
+
+def _acc(dtype: torch.dtype):
+    from . import triton_kernels as k
+
+    return k.tl.float64 if dtype == torch.float64 else k.tl.float32
+
+
+def _grid(count: int) -> tuple[int]:
+    return ((count + _block() - 1) // _block(),)
+
+
+def splat_maximum(flow: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
+    from torch.library import wrap_triton
 
     from . import triton_kernels as k
 
-    # Large blocks in the interpreter: each program costs milliseconds there, whatever its size.
-    block = 4096 if interpreted() else 256
-
-    def acc(dtype):
-        return k.tl.float64 if dtype == torch.float64 else k.tl.float32
-
-    def metric_strides(metric):
-        return (metric.stride(0), metric.stride(2), metric.stride(3)) if metric is not None else (0, 0, 0)
-
-    @triton_op("softsplat_triton::splat_maximum", mutates_args=())
-    def splat_maximum(flow: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
-        N, _, H, W = flow.shape
-        maximum = torch.full((N, 1, H, W), float("-inf"), dtype=flow.dtype, device=flow.device)
-        if N * H * W:
-            wrap_triton(k._splat_max_kernel)[(triton.cdiv(N * H * W, block),)](
-                flow, *flow.stride(), metric, *metric_strides(metric), maximum, N, H, W,
-                ACC=acc(flow.dtype), BLOCK=block,
-            )
-        return maximum
-
-    @triton_op("softsplat_triton::splat_forward", mutates_args=())
-    def splat_forward(
-        input: torch.Tensor, flow: torch.Tensor, metric: torch.Tensor | None, kind: int, normalisation: int,
-        maximum: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        N, C, H, W = input.shape
-        out = torch.zeros((N, C, H, W), dtype=flow.dtype, device=input.device)
-        normaliser = torch.zeros((N, 1, H, W) if kind else (0,), dtype=flow.dtype, device=input.device)
-        pixels = N * H * W
-        if pixels == 0:
-            return out, normaliser
-        metric_arg = metric if metric is not None else flow  # never read when kind < 2
-        maximum_arg = maximum.contiguous() if kind == k.STABLE else out  # only read when stable
-        wrap_triton(k._splat_fwd_kernel)[(triton.cdiv(pixels, block),)](
-            input, *input.stride(), flow, *flow.stride(), metric_arg, *metric_strides(metric),
-            maximum_arg, out, normaliser if kind else out, N, C, H, W,
-            KIND=kind, ACC=acc(flow.dtype), BLOCK=block,
+    N, _, H, W = flow.shape
+    maximum = torch.full((N, 1, H, W), float("-inf"), dtype=flow.dtype, device=flow.device)
+    if N * H * W:
+        wrap_triton(k._splat_max_kernel)[_grid(N * H * W)](
+            flow, *flow.stride(), metric, *per_pixel_strides(metric), maximum, N, H, W,
+            ACC=_acc(flow.dtype), BLOCK=_block(),
         )
-        if kind and C:
-            wrap_triton(k._splat_normalise_kernel)[(triton.cdiv(pixels * C, block),)](
-                out, normaliser, N, C, H, W, NORM=normalisation, BLOCK=block,
-            )
+    return maximum
+
+
+def splat_forward(
+    input: torch.Tensor, flow: torch.Tensor, metric: torch.Tensor | None, kind: int, normalisation: int,
+    maximum: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from torch.library import wrap_triton
+
+    from . import triton_kernels as k
+
+    N, C, H, W = input.shape
+    out, normaliser = forward_buffers(input, flow, kind)
+    pixels = N * H * W
+    if pixels == 0:
         return out, normaliser
+    normalised = kind != Kind.SUM
+    metric_arg = metric if metric is not None else flow  # never read below Kind.LINEAR
+    maximum_arg = maximum.contiguous() if kind == Kind.STABLE else out  # read only when stable
+    wrap_triton(k._splat_fwd_kernel)[_grid(pixels)](
+        input, *input.stride(), flow, *flow.stride(), metric_arg, *per_pixel_strides(metric),
+        maximum_arg, out, normaliser if normalised else out, N, C, H, W,
+        KIND=kind, ACC=_acc(flow.dtype), BLOCK=_block(),
+    )
+    if normalised and C:
+        wrap_triton(k._splat_normalise_kernel)[_grid(pixels * C)](
+            out, normaliser, N, C, H, W, NORM=normalisation, BLOCK=_block(),
+        )
+    return out, normaliser
 
-    @triton_op("softsplat_triton::splat_backward", mutates_args=())
-    def splat_backward(
-        grad_out: torch.Tensor, grad_normaliser: torch.Tensor | None, input: torch.Tensor, flow: torch.Tensor,
-        metric: torch.Tensor | None, out: torch.Tensor, normaliser: torch.Tensor, kind: int, normalisation: int,
-        output_mask: list[bool], maximum: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        N, C, H, W = input.shape
-        (grad_input, grad_flow, grad_metric), want_metric = gradient_buffers(input, flow, metric, kind, output_mask)
-        pixels = N * H * W
-        if pixels == 0 or not (output_mask[0] or output_mask[1] or want_metric):
-            return grad_input, grad_flow, grad_metric
-        g = torch.empty((N, H, W, C + (1 if kind else 0)), dtype=flow.dtype, device=flow.device)
-        has_gnorm = grad_normaliser is not None and kind != 0
-        gnorm = grad_normaliser if has_gnorm else g
-        grid = (triton.cdiv(pixels, block),)
-        out = out.contiguous()
-        wrap_triton(k._splat_bwd_prepare_kernel)[grid](
-            grad_out, *grad_out.stride(), out, normaliser.contiguous() if kind else out,
-            gnorm, *(metric_strides(gnorm) if has_gnorm else (0, 0, 0)), g, N, C, H, W,
-            KIND=kind, NORM=normalisation, HAS_GNORM=has_gnorm, ACC=acc(flow.dtype), BLOCK=block,
-        )
-        metric_arg = metric if metric is not None else flow
-        wrap_triton(k._splat_bwd_kernel)[grid](
-            input, *input.stride(), flow, *flow.stride(), metric_arg, *metric_strides(metric), g,
-            maximum.contiguous() if kind == k.STABLE else g,
-            grad_input if output_mask[0] else g, grad_flow if output_mask[1] else g,
-            grad_metric if want_metric else g, N, C, H, W,
-            KIND=kind, WANT_INPUT=bool(output_mask[0]), WANT_FLOW=bool(output_mask[1]),
-            WANT_METRIC=want_metric, ACC=acc(flow.dtype), BLOCK=block,
-        )
+
+def splat_backward(
+    grad_out: torch.Tensor, grad_normaliser: torch.Tensor | None, input: torch.Tensor, flow: torch.Tensor,
+    metric: torch.Tensor | None, out: torch.Tensor, normaliser: torch.Tensor, kind: int, normalisation: int,
+    output_mask: list[bool], maximum: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from torch.library import wrap_triton
+
+    from . import triton_kernels as k
+
+    N, C, H, W = input.shape
+    (grad_input, grad_flow, grad_metric), want_metric = gradient_buffers(input, flow, metric, kind, output_mask)
+    pixels = N * H * W
+    if pixels == 0 or not (output_mask[0] or output_mask[1] or want_metric):
         return grad_input, grad_flow, grad_metric
+    normalised = kind != Kind.SUM
+    g = prepared_gradients(input, flow, kind)
+    has_gnorm = grad_normaliser is not None and normalised
+    out = out.contiguous()
+    wrap_triton(k._splat_bwd_prepare_kernel)[_grid(pixels)](
+        grad_out, *grad_out.stride(), out, normaliser.contiguous() if normalised else out,
+        grad_normaliser if has_gnorm else g, *per_pixel_strides(grad_normaliser if has_gnorm else None), g,
+        N, C, H, W, KIND=kind, NORM=normalisation, HAS_GNORM=has_gnorm, ACC=_acc(flow.dtype), BLOCK=_block(),
+    )
+    wrap_triton(k._splat_bwd_kernel)[_grid(pixels)](
+        input, *input.stride(), flow, *flow.stride(), metric if metric is not None else flow,
+        *per_pixel_strides(metric), g, maximum.contiguous() if kind == Kind.STABLE else g,
+        grad_input if output_mask[0] else g, grad_flow if output_mask[1] else g,
+        grad_metric if want_metric else g, N, C, H, W,
+        KIND=kind, WANT_INPUT=bool(output_mask[0]), WANT_FLOW=bool(output_mask[1]),
+        WANT_METRIC=want_metric, ACC=_acc(flow.dtype), BLOCK=_block(),
+    )
+    return grad_input, grad_flow, grad_metric
 
-    backward, setup_context = autograd_formula(splat_backward)
-    splat_forward.register_autograd(backward, setup_context=setup_context)
+
+@functools.cache
+def _ops():
+    """Define the ``softsplat_triton`` ops (once): the functions above as ``triton_op``s."""
+    from torch.library import triton_op
+
+    triton_op("softsplat_triton::splat_maximum", mutates_args=())(splat_maximum)
+    forward = triton_op("softsplat_triton::splat_forward", mutates_args=())(splat_forward)
+    backward_op = triton_op("softsplat_triton::splat_backward", mutates_args=())(splat_backward)
+    backward, setup_context = autograd_formula(backward_op)
+    forward.register_autograd(backward, setup_context=setup_context)
     return torch.ops.softsplat_triton
 
 

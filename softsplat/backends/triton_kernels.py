@@ -13,9 +13,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-SUM, AVG, LINEAR, SOFT, STABLE = 0, 1, 2, 3, 4
-ADDEPS, ZEROEPS, CLIPEPS, RAW = 0, 1, 2, 3
-EPS = 1e-7
+from ..modes import EPS as _EPS
+from ..modes import Kind, Normalisation
+
+# The mode codes (softsplat.modes) as compile-time constants of the kernels.
+SUM, AVG, LINEAR, SOFT, STABLE = (tl.constexpr(int(k)) for k in Kind)
+ADDEPS, ZEROEPS, CLIPEPS, RAW = (tl.constexpr(int(k)) for k in Normalisation)
+EPS = tl.constexpr(_EPS)
 
 
 @triton.jit
@@ -46,9 +50,9 @@ def _taps(pixel, flow_ptr, sfn, sfc, sfy, sfx, H, W, ACC: tl.constexpr):
 def _weight(metric_ptr, n, x, y, smn, smy, smx, mask, KIND: tl.constexpr, ACC: tl.constexpr):
     """1, metric or exp(metric); no maximum subtracted, exactly the reference. STABLE: the
     metric itself (each tap's weight is _stable_weight)."""
-    if KIND == 2 or KIND == 4:
+    if KIND == LINEAR or KIND == STABLE:
         return tl.load(metric_ptr + n * smn + y * smy + x * smx, mask=mask, other=0.0).to(ACC)
-    elif KIND == 3:
+    elif KIND == SOFT:
         return tl.exp(tl.load(metric_ptr + n * smn + y * smy + x * smx, mask=mask, other=0.0).to(ACC))
     else:
         return tl.full(x.shape, 1.0, ACC)
@@ -114,7 +118,7 @@ def _splat_fwd_kernel(
     b_sw = west * south
     b_se = east * south
     d_nw = n * HW + y0 * W + x0  # tap offsets in [N, H, W]
-    if KIND == 4:  # a weight per tap
+    if KIND == STABLE:  # a weight per tap
         w_nw = _stable_weight(w, max_ptr, d_nw, keep_nw)
         w_ne = _stable_weight(w, max_ptr, d_nw + 1, keep_ne)
         w_sw = _stable_weight(w, max_ptr, d_nw + W, keep_sw)
@@ -128,7 +132,7 @@ def _splat_fwd_kernel(
     for c in range(0, C):
         v = tl.load(source + c * sin_c, mask=lands, other=0.0).to(ACC)
         plane = out_ptr + c * HW
-        if KIND == 0:
+        if KIND == SUM:
             tl.atomic_add(plane + t_nw, b_nw * v, mask=keep_nw)
             tl.atomic_add(plane + t_ne, b_ne * v, mask=keep_ne)
             tl.atomic_add(plane + t_sw, b_sw * v, mask=keep_sw)
@@ -138,7 +142,7 @@ def _splat_fwd_kernel(
             tl.atomic_add(plane + t_ne, b_ne * (v * w_ne), mask=keep_ne)
             tl.atomic_add(plane + t_sw, b_sw * (v * w_sw), mask=keep_sw)
             tl.atomic_add(plane + t_se, b_se * (v * w_se), mask=keep_se)
-    if KIND != 0:
+    if KIND != SUM:
         tl.atomic_add(norm_ptr + d_nw, b_nw * w_nw, mask=keep_nw)
         tl.atomic_add(norm_ptr + d_nw + 1, b_ne * w_ne, mask=keep_ne)
         tl.atomic_add(norm_ptr + d_nw + W, b_sw * w_sw, mask=keep_sw)
@@ -148,14 +152,14 @@ def _splat_fwd_kernel(
 @triton.jit
 def _safe(D, NORM: tl.constexpr):
     """D' of docs/spec.md; NaN stays NaN."""
-    if NORM == 0:
-        return D + 1e-7
-    elif NORM == 3:  # raw: no division
+    if NORM == ADDEPS:
+        return D + EPS
+    elif NORM == RAW:  # raw: no division
         return tl.full(D.shape, 1.0, D.dtype)
-    elif NORM == 1:
+    elif NORM == ZEROEPS:
         return tl.where(D == 0.0, 1.0, D)
     else:
-        return tl.where(D < 1e-7, 1e-7, D)
+        return tl.where(D < EPS, EPS, D)
 
 
 @triton.jit
@@ -183,9 +187,9 @@ def _splat_bwd_prepare_kernel(
     y = (pixel // W) % H
     n = pixel // (W * H)
     HW = H * W
-    K = C + (1 if KIND != 0 else 0)
+    K = C + (1 if KIND != SUM else 0)
     row = g_ptr + pixel * K
-    if KIND == 0:
+    if KIND == SUM:
         for c in range(0, C):
             grad = tl.load(grad_ptr + n * sgn + c * sgc + y * sgy + x * sgx, mask=valid, other=0.0).to(ACC)
             tl.store(row + c, grad, mask=valid)
@@ -197,11 +201,11 @@ def _splat_bwd_prepare_kernel(
             gN = tl.load(grad_ptr + n * sgn + c * sgc + y * sgy + x * sgx, mask=valid, other=0.0).to(ACC) / divisor
             tl.store(row + c, gN, mask=valid)
             gD -= gN * tl.load(out_ptr + (n * C + c) * HW + y * W + x, mask=valid, other=0.0).to(ACC)
-        if NORM == 1:
+        if NORM == ZEROEPS:
             gD = tl.where(D == 0.0, 0.0, gD)
-        if NORM == 2:
-            gD = tl.where(D >= 1e-7, gD, 0.0)
-        if NORM == 3:
+        if NORM == CLIPEPS:
+            gD = tl.where(D >= EPS, gD, 0.0)
+        if NORM == RAW:
             gD = tl.zeros(x.shape, ACC)
         if HAS_GNORM:
             gD += tl.load(gnorm_ptr + n * sdn + y * sdy + x * sdx, mask=valid, other=0.0).to(ACC)
@@ -250,7 +254,7 @@ def _splat_bwd_kernel(
     keep_ne = lands & (x0 + 1 <= W - 1) & (y0 >= 0)
     keep_sw = lands & (x0 >= 0) & (y0 + 1 <= H - 1)
     keep_se = lands & (x0 + 1 <= W - 1) & (y0 + 1 <= H - 1)
-    K = C + (1 if KIND != 0 else 0)
+    K = C + (1 if KIND != SUM else 0)
     g_nw = g_ptr + (n * H * W + y0 * W + x0) * K
     g_ne = g_nw + K
     g_sw = g_nw + W * K
@@ -259,7 +263,7 @@ def _splat_bwd_kernel(
     b_ne = east * north
     b_sw = west * south
     b_se = east * south
-    if KIND == 4:  # per-tap weights, folded into the gathers; the per-pixel factor is then 1
+    if KIND == STABLE:  # per-tap weights, folded into the gathers; the per-pixel factor is then 1
         d_nw = n * H * W + y0 * W + x0
         w_nw = _stable_weight(w, max_ptr, d_nw, keep_nw)
         w_ne = _stable_weight(w, max_ptr, d_nw + 1, keep_ne)
@@ -281,7 +285,7 @@ def _splat_bwd_kernel(
     source = input_ptr + n * sin_n + y * sin_y + x * sin_x
     for c in range(0, C):
         v = tl.load(source + c * sin_c, mask=valid, other=0.0).to(ACC)
-        splatted = v * w if KIND != 0 else v
+        splatted = v * w if KIND != SUM else v
         # Computed for every pixel, landed or not, as autograd does through the oracle.
         gathered, dfx, dfy = _tap_terms(
             g_nw, g_ne, g_sw, g_se, c, keep_nw, keep_ne, keep_sw, keep_se, b_nw, b_ne, b_sw, b_se,
@@ -290,10 +294,10 @@ def _splat_bwd_kernel(
         grad_fx += dfx
         grad_fy += dfy
         if WANT_INPUT:
-            result = gathered * w if KIND != 0 else gathered
+            result = gathered * w if KIND != SUM else gathered
             tl.store(grad_input_ptr + ((n * C + c) * H + y) * W + x, result.to(grad_input_ptr.dtype.element_ty), mask=valid)
         grad_w += gathered * v
-    if KIND != 0:
+    if KIND != SUM:
         gathered, dfx, dfy = _tap_terms(
             g_nw, g_ne, g_sw, g_se, C, keep_nw, keep_ne, keep_sw, keep_se, b_nw, b_ne, b_sw, b_se,
             w * w_nw, w * w_ne, w * w_sw, w * w_se, north, south, west, east,
@@ -307,5 +311,5 @@ def _splat_bwd_kernel(
         tl.store(grad_flow_ptr + ((n * 2) * H + y) * W + x, grad_fx, mask=valid)
         tl.store(grad_flow_ptr + ((n * 2 + 1) * H + y) * W + x, grad_fy, mask=valid)
     if WANT_METRIC:
-        derivative = w if KIND == 3 else tl.full(x.shape, 1.0, ACC)  # STABLE: w_k folded in
+        derivative = w if KIND == SOFT else tl.full(x.shape, 1.0, ACC)  # STABLE: w_k folded in
         tl.store(grad_metric_ptr + (n * H + y) * W + x, grad_w * derivative, mask=valid)

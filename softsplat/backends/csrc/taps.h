@@ -13,7 +13,7 @@
 
 namespace softsplat {
 
-// Mode codes, in the order of softsplat.modes._KINDS and _NORMALISATIONS. STABLE is soft
+// Mode codes: softsplat.modes.Kind and Normalisation (tests/test_contract.py compares). STABLE is soft
 // splatting with each target's maximum metric M(t) subtracted: a tap's weight is
 // exp(metric - M(t)), given M (from the scatter-max pass). Kinds >= LINEAR read a metric.
 enum Kind : int { SUM = 0, AVG = 1, LINEAR = 2, SOFT = 3, STABLE = 4 };
