@@ -21,6 +21,7 @@ import torch
 
 import softsplat
 from softsplat.backends import oracle
+from softsplat.modes import safe_normaliser
 
 from .strategies import Case
 
@@ -191,7 +192,7 @@ def gradient_magnitudes(
             weight = ones
         if joint is None:
             numerator, normaliser = oracle.splat_with_normaliser(x, flow, metric, mode, raw=True, stable=case.stable)
-            divisor = oracle.safe_normaliser(normaliser, mode).abs()
+            divisor = safe_normaliser(normaliser, mode).abs()
             out = (numerator / divisor).abs()
         else:
             divisor, out = (t.double().cpu().abs() for t in joint)
