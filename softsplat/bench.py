@@ -1,4 +1,4 @@
-"""``softsplat bench``: every available backend side by side, timed in one run on this machine.
+"""``softsplat bench``: every available backend side by side, timed in one run on the machine that runs it.
 
 Also the helpers the asv benchmarks (``asv_bench/``) share: inputs, a plain pure-torch port to
 compare against, synchronised timing, and the memory-bandwidth bound of the fused forward.
@@ -131,7 +131,7 @@ def splat_call(backend: str):
 def copy_bandwidth(device="cpu") -> float:
     """Measured bytes per second of a large tensor copy (read + write). The source is written
     first: an untouched ``empty`` tensor's pages all map the kernel's one zero page, whose reads
-    hit the cache, and the bandwidth came out up to 2.4 times too high here."""
+    hit the cache, which makes the bandwidth come out too high."""
     source = torch.ones(64 * 1024 * 1024 // 4, device=device)
     target = torch.empty_like(source)
     seconds = timed(lambda: target.copy_(source), device, repeats=5)

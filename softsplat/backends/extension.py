@@ -24,16 +24,16 @@ CSRC = pathlib.Path(__file__).parent / "csrc"
 # the CPU model is part of the cache key. -fno-trapping-math lets loops with floor() and float
 # compares vectorise; no result changes (it only drops assumptions about FP exception flags).
 # -ffp-contract=off: a product and a sum stay two roundings, as the oracle computes them. Fused
-# into an FMA the product does not overflow on its own, so inf + (-inf) = NaN became +-inf (a
-# flow gradient Hypothesis found, float64, a metric near the largest double).
+# into an FMA a product that overflows on its own does not, so where the oracle's
+# inf + (-inf) gives NaN an FMA gives a finite or infinite value instead.
 # The C++ standard is torch's own (cpp_extension adds it).
 CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp"]
 
 
 #: Set (to 1) to build AddressSanitizer + UndefinedBehaviorSanitizer libraries (`nox -s sanitize`);
 #: the process must preload gcc's libasan and libubsan. -O1 (the level AddressSanitizer's
-#: documentation suggests) and line tables only (-g1; reports still name file and line): the cpp
-#: library's sanitized build took 4.5 min here at -O3 -g, 1.5 min so.
+#: documentation suggests, and a third of -O3's build time) and line tables only (-g1;
+#: reports still name file and line).
 SANITIZE_ENV = "SOFTSPLAT_SANITIZE"
 SANITIZE_FLAGS = ["-O1", "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g1"]
 SANITIZE_LDFLAGS = ["-fsanitize=address,undefined"]

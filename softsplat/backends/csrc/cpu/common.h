@@ -66,7 +66,7 @@ void with_normalisation(int normalisation, const F& f) {
 // visit(i) for a chunk's pixels i < count in the order the scatters take them: even columns,
 // then odd ones. Pixels side by side usually share two targets; visited one after the other,
 // each update would wait for the previous one's store. Fixed, so sums stay reproducible. Two
-// plain loops: an index computed per pixel cost the packed scatter ~5%.
+// plain loops, which are cheaper than an index computed per pixel.
 template <typename Visit>
 inline void in_pixel_order(int64_t count, const Visit& visit) {
   for (int64_t first = 0; first < 2; ++first)

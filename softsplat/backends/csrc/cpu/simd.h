@@ -62,8 +62,8 @@ struct Vector {
 
 // max(current, value) as replaces_maximum takes it, NaN winning: current < value ? value :
 // current keeps a NaN current, then a NaN value is taken. Two selects, which loops vectorise
-// (std::max's reference and a branch on NaN did not: with random metrics the 2 x 2 pass of
-// maximum_kernel lost ~9 ms to mispredictions at 1080p, one thread).
+// (std::max's reference and a branch on NaN do not, and with random metrics such a branch is
+// mispredicted often).
 template <typename acc_t>
 inline acc_t maximum_of(acc_t current, acc_t value) {
   const acc_t larger = current < value ? value : current;
