@@ -13,7 +13,7 @@ from .ops import OpsBackend
 
 @functools.cache
 def library() -> OpLibrary:
-    return OpLibrary("softsplat_cuda_host", ["splat_cuda_host.cpp"], cflags=["-std=c++20"])
+    return OpLibrary("softsplat_cuda_host", ["splat_cuda_host.cpp"])
 
 
 class CudaHostBackend(OpsBackend):

@@ -70,10 +70,12 @@ def compiler_reason() -> str | None:
 class OpLibrary:
     """One compiled library of the ``splat_forward``/``splat_backward`` ops in ``namespace``."""
 
-    def __init__(self, namespace: str, sources: list[str], *, cflags=(), cuda_cflags=(), fused_stable=False):
+    def __init__(self, namespace: str, sources: list[str], *, cflags=(), cuda_cflags=(), fused_stable=False,
+                 root: pathlib.Path = CSRC):
         self.namespace = namespace
         self.fused_stable = fused_stable  # defines splat_stable_forward (schemas.h)
-        self.sources = [CSRC / s for s in sources]
+        self.root = root  # sources and headers are under it (csrc/)
+        self.sources = [root / s for s in sources]
         self.cflags = CFLAGS + list(cflags) + (SANITIZE_FLAGS if os.environ.get(SANITIZE_ENV) else [])
         self.ldflags = ["-fopenmp"] + (SANITIZE_LDFLAGS if os.environ.get(SANITIZE_ENV) else [])
         self.cuda_cflags = list(cuda_cflags)
@@ -81,11 +83,14 @@ class OpLibrary:
         self._ops = None
 
     def name(self) -> str:
-        """Library name: namespace plus a hash of every source, header and flag that builds it."""
+        """Library name: namespace plus a hash of what makes a build valid: every source and
+        header (by path relative to the root and content, not by where the checkout is), the
+        flags, torch's version and the CPU. Two checkouts or environments with the same sources
+        and torch share one build."""
         digest = hashlib.sha256()
-        headers = {p for pattern in ("**/*.h", "**/*.cuh") for p in CSRC.glob(pattern)}
+        headers = {p for pattern in ("**/*.h", "**/*.cuh") for p in self.root.glob(pattern)}
         for path in sorted(set(self.sources) | headers):
-            digest.update(str(path.relative_to(CSRC)).encode() + path.read_bytes())
+            digest.update(str(path.relative_to(self.root)).encode() + path.read_bytes())
         digest.update(" ".join(self.cflags + self.cuda_cflags).encode() + torch.__version__.encode())
         digest.update(_cpu_model().encode())
         return f"{self.namespace}_{digest.hexdigest()[:12]}"
@@ -97,8 +102,11 @@ class OpLibrary:
         root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
         return pathlib.Path(root) / "softsplat" / self.name()
 
+    def library_path(self) -> pathlib.Path:
+        return self.build_directory() / f"{self.name()}.so"
+
     def is_built(self) -> bool:
-        return (self.build_directory() / f"{self.name()}.so").exists()
+        return self.library_path().exists()
 
     def ops(self):
         """``torch.ops.<namespace>``, building and loading the library on the first call."""
@@ -109,16 +117,25 @@ class OpLibrary:
         return self._ops
 
     def _load(self):
+        """Load the library, building it first if no valid build exists. A finished build is
+        loaded as it is, never handed to ninja again: ninja would rebuild it whenever the
+        checkout or environment that asks differs from the one that built it."""
+        if not self.is_built():
+            self._build()
+        torch.ops.load_library(str(self.library_path()))
+        self._register()
+        return getattr(torch.ops, self.namespace)
+
+    def _build(self) -> None:
         from torch.utils import cpp_extension
 
         directory = self.build_directory()
-        if not self.is_built():
-            print(
-                f"softsplat: building {self.namespace} ({', '.join(s.name for s in self.sources)}) "
-                f"once, cached in {directory}",
-                file=sys.stderr,
-                flush=True,
-            )
+        print(
+            f"softsplat: building {self.namespace} ({', '.join(s.name for s in self.sources)}), "
+            f"once for these sources and this torch, into {directory}",
+            file=sys.stderr,
+            flush=True,
+        )
         directory.mkdir(parents=True, exist_ok=True)
         cpp_extension.load(
             name=self.name(),
@@ -126,13 +143,12 @@ class OpLibrary:
             extra_cflags=self.cflags,
             extra_cuda_cflags=self.cuda_cflags,
             extra_ldflags=self.ldflags,
-            extra_include_paths=[str(CSRC)],
+            extra_include_paths=[str(self.root)],
             build_directory=str(directory),
             is_python_module=False,
             verbose=False,
         )
-        ops = getattr(torch.ops, self.namespace)
+
+    def _register(self) -> None:
+        """The Python side of the ops (fake tensors, autograd)."""
         register_python_side(self.namespace, self.fused_stable)
-        return ops
-
-
