@@ -151,6 +151,7 @@ def forward_bytes(size, channels=3, batch=1, dtype=torch.float32, mode="soft") -
 
 def run(args) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import Progress
     from rich.table import Table
 
@@ -166,11 +167,11 @@ def run(args) -> int:
     for backend in candidates:
         call = backends.Signature(torch.device(device).type, dtype, Mode.parse(modes[0].removesuffix(STABLE_SUFFIX)))
         reasons = backend.not_supported_reasons(call)
-        if backend.name == "triton" and not torch.cuda.is_available():
-            reasons.append("runs in the Triton interpreter here: its times mean nothing")
+        if not reasons and backend.name == "triton" and not torch.cuda.is_available():
+            reasons.append("it would run in Triton's interpreter (no CUDA device), whose times mean nothing")
         (skipped if reasons else runnable).append((backend, reasons))
     for backend, reasons in skipped:
-        console.print(f"[yellow]skipped {backend.name}[/]: {'; '.join(reasons)}")
+        console.print(f"[yellow]skipped {backend.name}[/]: {escape('; '.join(reasons))}")
     bandwidth = copy_bandwidth(device)
     contenders = [(b.name, splat_call(b.name)) for b, _ in runnable] + [("naive port", naive_port)]
     rows = []
@@ -226,9 +227,11 @@ def stable_ratios(rows) -> list[str]:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--sizes", default="256x448,1080x1920", help="HEIGHTxWIDTH,... (default 256x448,1080x1920)")
-    parser.add_argument("--modes", default="soft", help="comma-separated modes, soft+stable for stable soft (default soft)")
+    from . import cli
+
+    parser.add_argument("--sizes", default="256x448,1080x1920", type=cli.size_list, help="HEIGHTxWIDTH,... (default 256x448,1080x1920)")
+    parser.add_argument("--modes", default="soft", type=cli.mode_names, help="comma-separated modes, soft+stable for stable soft (default soft)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the median is shown")
-    parser.add_argument("--backends", default="", help="comma-separated backends (default: every available one)")
+    parser.add_argument("--backends", default="", type=cli.backend_names, help="comma-separated backends (default: every available one)")

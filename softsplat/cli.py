@@ -1,8 +1,13 @@
-"""The command line: ``softsplat info``, ``build``, ``demo``. Imports only downward."""
+"""softsplat: softmax splatting (differentiable forward warping) for PyTorch.
+
+Commands: info (the backends here), build (build the compiled backends ahead of first use),
+demo (the modes compared on a scene or your frames), bench (every backend timed side by side).
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from . import backends
 from .backends.base import dtype_names
@@ -11,6 +16,7 @@ from .backends.base import dtype_names
 def info(args: argparse.Namespace) -> int:
     """Print every backend: availability, devices, dtypes, determinism and reason."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="softsplat backends (auto tries: " + " > ".join(backends.PRIORITY) + ")")
@@ -24,7 +30,7 @@ def info(args: argparse.Namespace) -> int:
             "/".join(backend.devices()),
             dtype_names(backend.dtypes),
             "/".join(backend.deterministic_on) or "-",
-            backend.summary if available else backend.unavailable_reason,
+            escape(backend.summary if available else backend.unavailable_reason),
         )
     Console(width=max(Console().width, 140)).print(table)
     return 0
@@ -73,9 +79,93 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     bench_module.add_arguments(parser)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a mistake answered in one line (exit code 2): the option, what was
+    expected, what was given."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def backend_name(value: str) -> str:
+    """--backend: 'auto' or a backend a user can name."""
+    from . import backends
+
+    names = [name for name in backends.names() if not backends.get(name).test_only]
+    if value != "auto" and value not in names:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or one of {', '.join(names)}, got {value!r}")
+    return value
+
+
+def backend_names(value: str) -> str:
+    """--backends: a comma-separated list of backend names."""
+    for name in value.split(","):
+        if name.strip() and name.strip() != "auto":
+            backend_name(name.strip())
+    return value
+
+
+def mode_names(value: str) -> str:
+    """--modes: comma-separated modes, each optionally with +stable (soft modes only)."""
+    from .modes import Mode
+
+    for name in value.split(","):
+        base, stable = name.strip().removesuffix("+stable"), name.strip().endswith("+stable")
+        try:
+            mode = Mode.parse(base)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected modes such as soft, avg, linear, sum, soft-zeroeps or soft+stable, got {name!r}"
+            ) from None
+        if stable and mode.kind != "soft":
+            raise argparse.ArgumentTypeError(f"expected +stable on soft modes only, got {name!r}")
+    return value
+
+
+def times(value: str) -> str:
+    """--times: comma-separated numbers."""
+    for item in value.split(","):
+        try:
+            float(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0,0.5,1, got {item!r}") from None
+    return value
+
+
+def flo_file(value: str) -> str:
+    """--flow: a readable Middlebury .flo file."""
+    from . import io
+
+    try:
+        io.read_flo(value)
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"expected a readable .flo file, got {value!r} ({error.strerror})") from None
+    except io.FloError as error:
+        raise argparse.ArgumentTypeError(f"expected a Middlebury .flo file, got {error}") from None
+    return value
+
+
+def image_file(value: str) -> str:
+    """--one/--two: a readable image file."""
+    import os
+
+    if not os.path.isfile(value):
+        raise argparse.ArgumentTypeError(f"expected an image file (PNG), got {value!r}, which does not exist")
+    return value
+
+
+def size_list(value: str) -> str:
+    """--sizes: comma-separated HEIGHTxWIDTH."""
+    for item in value.split(","):
+        parts = item.strip().lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH sizes such as 256x448,1080x1920, got {item!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="softsplat", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="softsplat", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     commands.add_parser("info", help=info.__doc__).set_defaults(func=info)
     commands.add_parser("build", help=build.__doc__).set_defaults(func=build)
     demo_parser = commands.add_parser("demo", help="warp an embedded scene (or your frames) with all four modes")
@@ -85,4 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     _bench_arguments(bench_parser)
     bench_parser.set_defaults(func=bench)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UsageError as error:  # a combination of options that cannot work, found later
+        print(f"softsplat {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+class UsageError(ValueError):
+    """Options that are each valid but do not go together (demo: image sizes, the flow's size)."""

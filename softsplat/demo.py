@@ -246,20 +246,20 @@ def run(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from . import io
+    from . import cli, io
 
     console = Console()
     started = time.perf_counter()
     times = [float(v) for v in args.times.split(",")] if args.times else [args.t]
     if args.one or args.two:
         if not (args.one and args.two):
-            raise SystemExit("softsplat demo: --one and --two go together")
+            raise cli.UsageError("--one and --two go together: expected both, got only one")
         one, two = load_image(args.one), load_image(args.two)
         if one.shape != two.shape:
-            raise SystemExit(f"softsplat demo: --one is {tuple(one.shape[2:])}, --two is {tuple(two.shape[2:])}")
+            raise cli.UsageError(f"--two: expected an image of --one's size {tuple(one.shape[2:])}, got {tuple(two.shape[2:])}")
         flow = io.read_flo(args.flow).unsqueeze(0) if args.flow else estimate_flow(one, two)
         if flow.shape[2:] != one.shape[2:]:
-            raise SystemExit(f"softsplat demo: the flow is {tuple(flow.shape[2:])}, the images {tuple(one.shape[2:])}")
+            raise cli.UsageError(f"--flow: expected a flow of the images' size {tuple(one.shape[2:])}, got {tuple(flow.shape[2:])}")
         flow_back = estimate_flow(two, one) if args.bidirectional else None
         truth_at = None
     else:
@@ -307,15 +307,17 @@ def run(args) -> int:
 
 
 def add_arguments(parser) -> None:
+    from . import cli
+
     parser.add_argument("--t", type=float, default=0.5, help="time to warp frame one to (default 0.5)")
-    parser.add_argument("--times", default="", help="comma-separated times for a sweep, e.g. 0,0.25,0.5,0.75,1")
+    parser.add_argument("--times", default="", type=cli.times, help="comma-separated times for a sweep, e.g. 0,0.25,0.5,0.75,1")
     parser.add_argument("--alpha", type=float, default=20.0, help="metric scale: soft uses -alpha * brightness error")
     parser.add_argument("--out", default="softsplat-demo.png", help="figure to write (default softsplat-demo.png)")
     parser.add_argument("--gif", default=None, help="also write the time sweep as an animated GIF")
-    parser.add_argument("--backend", default="auto", help="backend to use (default auto)")
-    parser.add_argument("--one", help="first frame (PNG) instead of the embedded scene")
-    parser.add_argument("--two", help="second frame (PNG)")
-    parser.add_argument("--flow", help="forward flow one -> two (.flo); estimated with OpenCV if omitted")
+    parser.add_argument("--backend", default="auto", type=cli.backend_name, help="backend to use (default auto)")
+    parser.add_argument("--one", type=cli.image_file, help="first frame (PNG) instead of the embedded scene")
+    parser.add_argument("--two", type=cli.image_file, help="second frame (PNG)")
+    parser.add_argument("--flow", type=cli.flo_file, help="forward flow one -> two (.flo); estimated with OpenCV if omitted")
     parser.add_argument("--bidirectional", action="store_true",
                         help="also warp frame two backward and splat both jointly (splat_many), with its PSNR")
     parser.add_argument("--height", type=int, default=270, help="embedded scene height (default 270)")

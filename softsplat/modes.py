@@ -103,9 +103,12 @@ class Mode(str, enum.Enum):
             )
         head, sep, suffix = value.strip().lower().partition("-")
         kind = _ALIASES.get(head, head)
-        valid = ", ".join(repr(m.value) for m in cls) + " (legacy: 'summation', 'average', 'softmax')"
         if kind not in _KINDS or (sep and suffix not in _NORMALISATIONS):
-            raise ValueError(f"{argument}: expected one of {valid}, got {value!r}")
+            raise ValueError(
+                f"{argument}: expected 'sum', 'avg', 'linear' or 'soft', the last three optionally with "
+                f"'-addeps' (the default), '-zeroeps' or '-clipeps' (legacy names: 'summation', "
+                f"'average', 'softmax'), got {value!r}"
+            )
         if kind == "sum":
             if sep:
                 raise ValueError(

@@ -5,7 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from softsplat import backends
+from softsplat.cli import main
 
 
 def test_info_prints_every_backend() -> None:
@@ -18,3 +21,50 @@ def test_info_prints_every_backend() -> None:
 def test_unknown_command_fails_with_usage() -> None:
     result = subprocess.run([sys.executable, "-m", "softsplat", "frobnicate"], capture_output=True, text=True)
     assert result.returncode == 2 and "invalid choice: 'frobnicate'" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, option, given",
+    [
+        (["demo", "--backend", "nope"], "--backend", "'nope'"),
+        (["demo", "--backend", "cuda-host"], "--backend", "'cuda-host'"),
+        (["bench", "--modes", "softmax-foo"], "--modes", "'softmax-foo'"),
+        (["bench", "--modes", "avg+stable"], "--modes", "'avg+stable'"),
+        (["demo", "--times", "0,abc"], "--times", "'abc'"),
+        (["demo", "--flow", "PNG"], "--flow", "PIEH"),
+        (["demo", "--flow", "missing.flo"], "--flow", "'missing.flo'"),
+        (["demo", "--one", "missing.png", "--two", "missing.png"], "--one", "'missing.png'"),
+        (["bench", "--sizes", "256by448"], "--sizes", "'256by448'"),
+        (["bench", "--backends", "cpp,nope"], "--backends", "'nope'"),
+    ],
+)
+def test_a_command_line_mistake_is_one_line_naming_the_option(argv, option, given, tmp_path, capsys) -> None:
+    if "PNG" in argv:  # a PNG passed as the flow
+        png = tmp_path / "frame.png"
+        png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+        argv = [str(png) if a == "PNG" else a for a in argv]
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1, error
+    assert option in error and given in error and "expected" in error, error
+
+
+def test_help_names_every_command(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert all(command in out for command in ("info", "build", "demo", "bench"))
+    assert "Imports only downward" not in out
+
+
+def test_info_shows_install_hints_verbatim(capsys, monkeypatch) -> None:
+    import softsplat.backends.triton_backend as triton_backend
+
+    monkeypatch.setattr(triton_backend.importlib.util, "find_spec", lambda name: None)
+    backend = triton_backend.TritonBackend()
+    monkeypatch.setattr("softsplat.backends.all_backends", lambda: [backend])
+    monkeypatch.setenv("COLUMNS", "400")  # one line per row
+    assert main(["info"]) == 0
+    assert "pip install 'softsplat[triton]'" in capsys.readouterr().out
