@@ -123,8 +123,8 @@ def mode_names(value: str) -> str:
 
 
 def times(value: str) -> str:
-    """--times: comma-separated numbers."""
-    for item in value.split(","):
+    """--times: comma-separated numbers (empty: the default, --t alone)."""
+    for item in value.split(",") if value else []:
         try:
             float(item)
         except ValueError:

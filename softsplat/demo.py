@@ -157,34 +157,61 @@ def flow_to_rgb(flow: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(hsv_to_rgb(torch.stack([hue, saturation, torch.ones_like(hue)], -1).numpy()))
 
 
-def figure(path, one, two, flow, truth, results, scores, t, backend_name) -> None:
+def figure(path, one, two, flow, reference, results, scores, t, backend_name, joint=False) -> None:
+    """The frames, the flow (with a colour-wheel key), each mode's result and, where a reference
+    exists (``reference``: ``(image, title)``, else None), its PSNR and error map (with a colour
+    scale). ``joint``: the results splat both frames (``splat_many``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     def show(axis, image, title):
-        if image.dim() == 2:  # an error map
-            axis.imshow(image.numpy(), cmap="magma", vmin=0, vmax=0.5)
-        else:
-            axis.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
-        axis.set_title(title, fontsize=9)
+        axis.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
+        axis.set_title(title, fontsize=12)
         axis.axis("off")
 
-    fig, axes = plt.subplots(3, 4, figsize=(16, 8.6))
+    rows = 3 if reference is not None else 2
+    fig, axes = plt.subplots(rows, 4, figsize=(16, 3.1 * rows + 0.6))
     show(axes[0, 0], one[0], "frame one (t = 0)")
     show(axes[0, 1], two[0], "frame two (t = 1)")
     axes[0, 2].imshow(flow_to_rgb(flow).numpy())
-    axes[0, 2].set_title("forward flow (hue: direction)", fontsize=9)
+    axes[0, 2].set_title("forward flow", fontsize=12)
     axes[0, 2].axis("off")
-    show(axes[0, 3], truth[0], f"true frame at t = {t:g}")
+    key = axes[0, 2].inset_axes([0.78, 0.02, 0.2, 0.2 * one.shape[3] / one.shape[2]])
+    key.imshow(flow_to_rgb(colour_wheel()).numpy())
+    key.axis("off")
+    if reference is not None:
+        show(axes[0, 3], reference[0][0], reference[1])
+    else:
+        axes[0, 3].axis("off")
+        axes[0, 3].text(0.5, 0.5, f"no ground truth at t = {t:g}\nfor these frames: no PSNR", ha="center",
+                        va="center", fontsize=12, transform=axes[0, 3].transAxes)
+    error_image = None
     for column, mode in enumerate(MODES):
-        show(axes[1, column], results[mode][0], f"{mode} splatting: PSNR {scores[mode]:.2f} dB")
-        show(axes[2, column], (results[mode][0].clamp(0, 1) - truth[0]).abs().mean(0), f"{mode}: |error|")
-    fig.suptitle(f"softsplat demo: frame one warped to t = {t:g} (backend: {backend_name})")
+        title = f"{mode} splatting" + (f": PSNR {scores[mode]:.2f} dB" if reference is not None else "")
+        show(axes[1, column], results[mode][0], title)
+        if reference is not None:
+            error = (results[mode][0].clamp(0, 1) - reference[0][0]).abs().mean(0)
+            error_image = axes[2, column].imshow(error.numpy(), cmap="magma", vmin=0, vmax=0.5)
+            axes[2, column].set_title(f"{mode}: |error|", fontsize=12)
+            axes[2, column].axis("off")
+    what = "frames one and two splatted jointly (splat_many)" if joint else "frame one warped"
+    fig.suptitle(f"softsplat demo: {what} to t = {t:g} (backend: {backend_name})", fontsize=14)
     fig.tight_layout()
+    if error_image is not None:  # the error maps' scale, beside the last one
+        fig.subplots_adjust(right=0.95)
+        scale = axes[2, 3].inset_axes([1.03, 0.0, 0.04, 1.0])
+        fig.colorbar(error_image, cax=scale, label="mean |error| over RGB")
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def colour_wheel(size: int = 64) -> torch.Tensor:
+    """A flow field whose colours are flow_to_rgb's key: direction as hue, length as saturation."""
+    y, x = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    inside = (x**2 + y**2 <= 1).float()
+    return torch.stack([x * inside, y * inside]).unsqueeze(0)
 
 
 def animation(path, one, flow, metric_by_mode, times, backend) -> None:
@@ -194,17 +221,20 @@ def animation(path, one, flow, metric_by_mode, times, backend) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.animation import FuncAnimation, PillowWriter
 
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
+    H, W = one.shape[2:]
+    panel = 4.0  # inches per panel's width; the height follows the frames' aspect
+    fig, axes = plt.subplots(1, 4, figsize=(4 * panel, panel * H / W + 0.6))
+    fig.subplots_adjust(left=0.005, right=0.995, bottom=0.01, top=1 - 0.55 / (panel * H / W + 0.6), wspace=0.02)
     images = []
     for axis, mode in zip(axes, MODES):
         axis.axis("off")
-        axis.set_title(mode)
+        axis.set_title(mode, fontsize=12)
         images.append(axis.imshow(one[0].permute(1, 2, 0).numpy()))
 
     def draw(t):
         for image, result in zip(images, warp_all(one, flow, metric_by_mode, t, backend).values()):
             image.set_data(result[0].clamp(0, 1).permute(1, 2, 0).numpy())
-        fig.suptitle(f"t = {t:.2f}")
+        fig.suptitle(f"t = {t:.2f}", fontsize=12)
         return images
 
     FuncAnimation(fig, draw, frames=list(times)).save(path, writer=PillowWriter(fps=4))
@@ -242,7 +272,13 @@ def estimate_flow(one: torch.Tensor, two: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(flow).permute(2, 0, 1).unsqueeze(0).float()
 
 
+def _written(console, what: str, path: str, existed: bool) -> None:
+    console.print(f"{what}: {path}" + (" (replaced the earlier file)" if existed else ""))
+
+
 def run(args) -> int:
+    import os
+
     from rich.console import Console
     from rich.table import Table
 
@@ -258,50 +294,70 @@ def run(args) -> int:
         if one.shape != two.shape:
             raise cli.UsageError(f"--two: expected an image of --one's size {tuple(one.shape[2:])}, got {tuple(two.shape[2:])}")
         flow = io.read_flo(args.flow).unsqueeze(0) if args.flow else estimate_flow(one, two)
-        if flow.shape[2:] != one.shape[2:]:
-            raise cli.UsageError(f"--flow: expected a flow of the images' size {tuple(one.shape[2:])}, got {tuple(flow.shape[2:])}")
-        flow_back = estimate_flow(two, one) if args.bidirectional else None
-        truth_at = None
+        if not args.flow:
+            console.print("forward flow: estimated with OpenCV's DIS optical flow (pass --flow F.flo to give it)")
+        flow_back = None
+        if args.bidirectional:
+            flow_back = io.read_flo(args.flow_back).unsqueeze(0) if args.flow_back else estimate_flow(two, one)
+            if not args.flow_back:
+                console.print("backward flow: estimated with OpenCV's DIS optical flow (pass --flow-back F.flo to give it)")
+        for option, field in (("--flow", flow), ("--flow-back", flow_back)):
+            if field is not None and field.shape[2:] != one.shape[2:]:
+                raise cli.UsageError(f"{option}: expected a flow of the images' size {tuple(one.shape[2:])}, got {tuple(field.shape[2:])}")
+
+        def reference_at(t):  # your frames: only frame two, at t = 1
+            return (two, "frame two (the reference at t = 1)") if t == 1 else None
     else:
+        if args.flow_back:
+            raise cli.UsageError("--flow-back: expected it with --one, --two and --bidirectional, got it with the embedded scene")
         scene = Scene.default(args.height, args.width)
         one, two, flow, flow_back = scene.frame(0.0), scene.frame(1.0), scene.flow(), scene.flow(backward=True)
-        truth_at = scene.frame
+
+        def reference_at(t):
+            return scene.frame(t), f"true frame at t = {t:g}"
     metric_by_mode = metrics(one, two, flow, args.alpha)
+    metric_two = metrics(two, one, flow_back, args.alpha) if args.bidirectional else None
     backend = api.resolve_backend(one, Mode.SOFT, args.backend)
     console.print(f"softsplat demo: backend [bold]{backend}[/] ({'picked by auto' if args.backend == 'auto' else 'chosen'})")
 
-    table = Table(title="PSNR against the true frame (dB)" if truth_at else "PSNR against frame two at t = 1 (dB)")
-    table.add_column("t")
-    for mode in MODES:
-        table.add_column(mode, justify="right")
-    shown = None
-    for t in times:
-        results = warp_all(one, flow, metric_by_mode, t, backend)
-        truth = truth_at(t) if truth_at else (two if t == 1 else None)
-        scores = {m: psnr(r, truth) if truth is not None else float("nan") for m, r in results.items()}
-        best = max(scores.values())
-        table.add_row(f"{t:g}", *(f"[bold]{scores[m]:.2f}[/]" if scores[m] == best else f"{scores[m]:.2f}" for m in MODES))
-        if shown is None or t == args.t:
-            shown = (t, results, truth if truth is not None else one, scores)
-    console.print(table)
-    if args.bidirectional:
-        metric_two = metrics(two, one, flow_back, args.alpha)
-        both = Table(title="Bidirectional (splat_many of both frames): PSNR (dB)")
-        both.add_column("t")
-        for mode in MODES:
-            both.add_column(mode, justify="right")
-        for t in times:
-            truth = truth_at(t) if truth_at else (two if t == 1 else None)
-            joint = warp_both(one, two, flow, flow_back, metric_by_mode, metric_two, t, backend)
-            both.add_row(f"{t:g}", *(f"{psnr(joint[m], truth):.2f}" if truth is not None else "nan" for m in MODES))
-        console.print(both)
-    t, results, truth, scores = shown
-    figure(args.out, one, two, flow, truth, results, scores, t, backend)
-    console.print(f"figure: {args.out}")
+    def results_at(t, joint):
+        if joint:
+            return warp_both(one, two, flow, flow_back, metric_by_mode, metric_two, t, backend)
+        return warp_all(one, flow, metric_by_mode, t, backend)
+
+    scored = [t for t in times if reference_at(t) is not None]
+    shown_t = args.t if args.t in times else times[0]
+    variants = [False, True] if args.bidirectional else [False]
+    if scored:
+        console.print("PSNR (dB) against " + ("the true frame" if args.one is None else "frame two, your frames' reference at t = 1"))
+    for joint in variants:
+        if scored:
+            table = Table(title="both frames (splat_many)" if joint else "frame one warped")
+            table.add_column("t")
+            for mode in MODES:
+                table.add_column(mode, justify="right")
+            for t in scored:
+                reference = reference_at(t)[0]
+                scores = {m: psnr(r, reference) for m, r in results_at(t, joint).items()}
+                best = max(scores.values())
+                table.add_row(f"{t:g}", *(f"[bold]{scores[m]:.2f}[/]" if scores[m] == best else f"{scores[m]:.2f}" for m in MODES))
+            console.print(table)
+    unscored = [t for t in times if reference_at(t) is None]
+    if unscored:
+        console.print(f"no PSNR at t = {', '.join(f'{t:g}' for t in unscored)}: your frames have no ground truth there "
+                      "(at t = 1 frame two is compared)")
+    joint = bool(args.bidirectional)
+    results = results_at(shown_t, joint)
+    reference = reference_at(shown_t)
+    scores = {m: psnr(r, reference[0]) for m, r in results.items()} if reference is not None else {}
+    existed = os.path.exists(args.out)
+    figure(args.out, one, two, flow, reference, results, scores, shown_t, backend, joint=joint)
+    _written(console, "figure", args.out, existed)
     if args.gif:
         sweep = times if len(times) > 1 else [i / 8 for i in range(9)]
+        existed = os.path.exists(args.gif)
         animation(args.gif, one, flow, metric_by_mode, sweep, backend)
-        console.print(f"animation: {args.gif}")
+        _written(console, "animation", args.gif, existed)
     console.print(f"done in {time.perf_counter() - started:.1f} s")
     return 0
 
@@ -318,7 +374,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--one", type=cli.image_file, help="first frame (PNG) instead of the embedded scene")
     parser.add_argument("--two", type=cli.image_file, help="second frame (PNG)")
     parser.add_argument("--flow", type=cli.flo_file, help="forward flow one -> two (.flo); estimated with OpenCV if omitted")
+    parser.add_argument("--flow-back", type=cli.flo_file,
+                        help="backward flow two -> one (.flo) for --bidirectional; estimated with OpenCV if omitted")
     parser.add_argument("--bidirectional", action="store_true",
-                        help="also warp frame two backward and splat both jointly (splat_many), with its PSNR")
+                        help="also warp frame two backward and splat both jointly (splat_many): its PSNR, and the figure shows it")
     parser.add_argument("--height", type=int, default=270, help="embedded scene height (default 270)")
     parser.add_argument("--width", type=int, default=480, help="embedded scene width (default 480)")

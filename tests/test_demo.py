@@ -116,3 +116,65 @@ def test_bidirectional_joint_splatting_fills_the_holes() -> None:
     both = demo.warp_both(one, two, flow, flow_back, metric_one, metric_two, 0.5, backend="auto")
     for mode in ("avg", "linear", "soft"):
         assert demo.psnr(both[mode], truth) > demo.psnr(single[mode], truth) + 3, mode
+
+
+def _figure_texts(monkeypatch) -> list[str]:
+    """Every text of the figures the demo draws (titles, suptitle, annotations), collected as
+    each figure is closed."""
+    import matplotlib.pyplot as plt
+
+    texts, close = [], plt.close
+
+    def collect(fig=None):
+        if fig is not None and hasattr(fig, "get_axes"):
+            texts.append(fig._suptitle.get_text() if fig._suptitle else "")
+            for axis in fig.get_axes():
+                texts.append(axis.get_title())
+                texts.extend(text.get_text() for text in axis.texts)
+        return close(fig)
+
+    monkeypatch.setattr(plt, "close", collect)
+    return texts
+
+
+def _user_frames(tmp_path) -> dict[str, str]:
+    import matplotlib.image
+
+    scene = demo.Scene.default(60, 100)
+    for name, t in (("a.png", 0.0), ("b.png", 1.0)):
+        matplotlib.image.imsave(tmp_path / name, scene.frame(t)[0].permute(1, 2, 0).numpy())
+    io.write_flo(tmp_path / "f.flo", scene.flow())
+    io.write_flo(tmp_path / "b.flo", scene.flow(backward=True))
+    return {"one": str(tmp_path / "a.png"), "two": str(tmp_path / "b.png"), "flow": str(tmp_path / "f.flo")}
+
+
+def test_user_frames_without_ground_truth_show_no_nan_and_no_true_frame(tmp_path, monkeypatch, capsys) -> None:
+    texts = _figure_texts(monkeypatch)
+    monkeypatch.setenv("COLUMNS", "200")  # table titles on one line
+    args = _arguments(tmp_path, **_user_frames(tmp_path), times="0.5,1", backend="torch")
+    assert demo.run(args) == 0
+    printed = capsys.readouterr().out
+    assert "nan" not in printed.lower() and "no PSNR at t = 0.5" in printed
+    assert "against frame two, your frames' reference at t = 1" in printed  # the one reference, named
+    assert texts and not any("nan" in text.lower() or "true frame" in text for text in texts), texts
+    assert any("no ground truth" in text for text in texts)
+
+
+def test_bidirectional_shows_the_joint_result_in_the_figure(tmp_path, monkeypatch) -> None:
+    texts = _figure_texts(monkeypatch)
+    frames = _user_frames(tmp_path)
+    figures = {}
+    for joint in (False, True):
+        out = tmp_path / f"figure-{joint}.png"
+        extra = {"bidirectional": True, "flow_back": str(tmp_path / "b.flo")} if joint else {}
+        assert demo.run(_arguments(tmp_path, **frames, **extra, backend="torch", out=str(out))) == 0
+        figures[joint] = out.read_bytes()
+    assert figures[True] != figures[False]
+    assert any("jointly (splat_many)" in text for text in texts)
+
+
+def test_an_existing_figure_is_replaced_with_a_word(tmp_path, capsys) -> None:
+    args = _arguments(tmp_path, height=40, width=64, backend="torch")
+    (tmp_path / "figure.png").write_bytes(b"old")
+    assert demo.run(args) == 0
+    assert "(replaced the earlier file)" in capsys.readouterr().out

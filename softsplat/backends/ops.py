@@ -142,7 +142,7 @@ def fused_stable_autograd_formula(backward_op):
 
 def save(ctx, kind: int, normalisation: int, tensors) -> None:
     """What ``gradients`` needs: the mode codes and (input, flow, metric, out, normaliser, maximum)."""
-    ctx.kind, ctx.normalisation = kind, normalisation
+    ctx.kind, ctx.normalisation = int(kind), int(normalisation)
     ctx.save_for_backward(*tensors)
     # An output the loss does not use gets None, not a materialised tensor of zeros (the
     # normaliser's, usually: a full [N, 1, H, W] fill per backward).
