@@ -1,12 +1,12 @@
 """softsplat: softmax splatting (differentiable forward warping) for PyTorch, on every device."""
 
-from . import backends
+from . import backends, onnx
 from .api import BACKEND_ENV, resolve_backend, softsplat, splat, splat_many
 from .backends import BackendNotSupportedError
 from .modes import Mode
 
 __all__ = [
-    "BACKEND_ENV", "BackendNotSupportedError", "Mode", "backends", "resolve_backend", "softsplat", "splat",
+    "BACKEND_ENV", "BackendNotSupportedError", "Mode", "backends", "onnx", "resolve_backend", "softsplat", "splat",
     "splat_many",
 ]
 __version__ = "0.1.0"

@@ -6,6 +6,7 @@ compare against, synchronised timing, and the memory-bandwidth bound of the fuse
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
@@ -118,6 +119,34 @@ def passes(call, tensors, mode):
 STABLE_SUFFIX = "+stable"
 
 
+def onnxruntime_call():
+    """ONNX Runtime on the CPU running each mode's exported model (``softsplat.onnx.standalone``,
+    exported on the first call): forward only."""
+    import onnxruntime
+
+    from . import onnx
+
+    sessions = {}
+
+    def call(input, flow, metric, mode):
+        if input.requires_grad:
+            raise NotImplementedError("ONNX Runtime runs the forward only")
+        if mode not in sessions:
+            program = onnx.standalone(mode.removesuffix(STABLE_SUFFIX), stable=mode.endswith(STABLE_SUFFIX), dtype=input.dtype)
+            proto = program.model_proto.SerializeToString()
+            sessions[mode] = onnxruntime.InferenceSession(proto, providers=["CPUExecutionProvider"])
+        session = sessions[mode]
+        arguments = [a for a in (input, flow, metric) if a is not None]
+        feeds = {i.name: a.numpy() for i, a in zip(session.get_inputs(), arguments)}
+        return torch.from_numpy(session.run(None, feeds)[0])
+
+    return call
+
+
+#: Contenders that have no backward pass.
+FORWARD_ONLY = ("onnxruntime",)
+
+
 def splat_call(backend: str):
     """``splat`` on ``backend``; a mode ending in ``+stable`` (``soft+stable``) runs stable soft."""
 
@@ -174,6 +203,12 @@ def run(args) -> int:
         console.print(f"[yellow]skipped {backend.name}[/]: {escape('; '.join(reasons))}")
     bandwidth = copy_bandwidth(device)
     contenders = [(b.name, splat_call(b.name)) for b, _ in runnable] + [("naive port", naive_port)]
+    if args.onnxruntime:
+        reason = onnxruntime_reason(device, dtype)
+        if reason:
+            console.print(f"[yellow]skipped onnxruntime[/]: {escape(reason)}")
+        else:
+            contenders.append(("onnxruntime", onnxruntime_call()))
     rows = []
     # Per size and contender, the modes are timed in turns (timed_together): the forwards, then
     # the forward+backward passes, so that a contender's ratios between modes (stable / plain)
@@ -189,7 +224,10 @@ def run(args) -> int:
                 progress.update(task, description=f"{name} {size[0]}x{size[1]}")
                 closures = {mode: passes(call, tensors, mode) for mode in modes}
                 forward = timed_together({mode: pair[0] for mode, pair in closures.items()}, device, args.repeats)
-                both = timed_together({mode: pair[1] for mode, pair in closures.items()}, device, args.repeats)
+                if name in FORWARD_ONLY:
+                    both = {mode: float("nan") for mode in modes}
+                else:
+                    both = timed_together({mode: pair[1] for mode, pair in closures.items()}, device, args.repeats)
                 for mode in modes:
                     times[size, mode, name] = (forward[mode], both[mode])
                 progress.advance(task)
@@ -202,16 +240,32 @@ def run(args) -> int:
     for size, mode, measured, bound in rows:
         oracle, naive = measured.get("torch"), measured["naive port"]
         for name, (forward, both) in measured.items():
-            versus_oracle = f"{oracle[0] / forward:.1f}x / {oracle[1] / both:.1f}x" if oracle else "-"
             table.add_row(
-                f"{size[0]}x{size[1]}", mode, name, f"{forward * 1e3:.1f}", f"{both * 1e3:.1f}", versus_oracle,
-                f"{naive[0] / forward:.1f}x / {naive[1] / both:.1f}x", f"{forward / bound:.1f}x",
+                f"{size[0]}x{size[1]}", mode, name, f"{forward * 1e3:.1f}", "-" if both != both else f"{both * 1e3:.1f}",
+                _speedups(oracle, forward, both) if oracle else "-", _speedups(naive, forward, both), f"{forward / bound:.1f}x",
             )
     console.print(table)
     console.print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; bound = bytes the fused forward must move / that bandwidth")
     for line in stable_ratios(rows):
         console.print(line)
     return 0
+
+
+def _speedups(reference, forward: float, both: float) -> str:
+    """``reference``'s (forward, forward+backward) times over these ("-" where not measured)."""
+    return f"{reference[0] / forward:.1f}x / " + ("-" if both != both else f"{reference[1] / both:.1f}x")
+
+
+def onnxruntime_reason(device: str, dtype: torch.dtype) -> str | None:
+    """Why ONNX Runtime cannot be a contender here, or None."""
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"{', '.join(missing)} not installed (pip install 'softsplat[onnx]')"
+    if torch.device(device).type != "cpu" or dtype not in (torch.float32, torch.float16):
+        return "compared on the CPU in float32 or float16 only"
+    return None
 
 
 def stable_ratios(rows) -> list[str]:
@@ -235,3 +289,5 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the median is shown")
     parser.add_argument("--backends", default="", type=cli.backend_names, help="comma-separated backends (default: every available one)")
+    parser.add_argument("--onnxruntime", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time ONNX Runtime (CPU) running the exported model, forward only, when the onnx extra is installed")

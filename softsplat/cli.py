@@ -1,7 +1,8 @@
 """softsplat: softmax splatting (differentiable forward warping) for PyTorch.
 
 Commands: info (the backends here), build (build the compiled backends ahead of first use),
-demo (the modes compared on a scene or your frames), bench (every backend timed side by side).
+demo (the modes compared on a scene or your frames), bench (every backend timed side by side),
+export-onnx (a standalone splatting model as an ONNX file).
 """
 
 from __future__ import annotations
@@ -65,6 +66,53 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     from . import demo as demo_module
 
     demo_module.add_arguments(parser)
+
+
+def export_onnx(args: argparse.Namespace) -> int:
+    """Write a standalone splatting model to ONNX (for pipelines that compose ONNX files)."""
+    import importlib.util
+
+    import torch
+
+    from . import onnx
+
+    missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(f"export-onnx needs {' and '.join(missing)}: pip install 'softsplat[onnx]'")
+    program = onnx.standalone(args.mode, stable=args.stable, return_normaliser=args.normaliser,
+                              sources=args.sources, dtype=getattr(torch, args.dtype))
+    program.save(args.out)
+    inputs = ", ".join(i.name for i in program.model.graph.inputs)
+    outputs = ", ".join(o.name for o in program.model.graph.outputs)
+    print(f"{args.out}: ONNX opset {onnx.OPSET}, inputs {inputs} (batch, channels, height, width dynamic), outputs {outputs}")
+    return 0
+
+
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mode", required=True, type=mode_name, help="splatting mode, e.g. soft, avg, linear-zeroeps, sum")
+    parser.add_argument("--stable", action="store_true", help="stable soft splatting (soft modes)")
+    parser.add_argument("--normaliser", action="store_true", help="also output the normaliser (normalised modes)")
+    parser.add_argument("--sources", type=source_count, default=1, help="joint splatting of this many sources (splat_many)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="dtype of the input images")
+    parser.add_argument("--out", default="softsplat.onnx", help="file to write (default softsplat.onnx)")
+
+
+def mode_name(value: str) -> str:
+    """--mode: one splatting mode."""
+    from .modes import Mode
+
+    try:
+        Mode.parse(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a mode such as soft, avg, linear, sum or soft-zeroeps, got {value!r}") from None
+    return value
+
+
+def source_count(value: str) -> int:
+    """--sources: a positive integer."""
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of sources, got {value!r}")
+    return int(value)
 
 
 def bench(args: argparse.Namespace) -> int:
@@ -174,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     bench_parser = commands.add_parser("bench", help="time every available backend side by side")
     _bench_arguments(bench_parser)
     bench_parser.set_defaults(func=bench)
+    export_parser = commands.add_parser("export-onnx", help="write a standalone splatting model to ONNX")
+    _export_arguments(export_parser)
+    export_parser.set_defaults(func=export_onnx)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

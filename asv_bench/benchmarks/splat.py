@@ -1,9 +1,11 @@
 """asv benchmarks of softsplat.splat: backend x mode x size x dtype x pass.
 
 Times are synchronised with the device. Unavailable backends, dtypes a backend does not declare,
-and combinations too slow to time here raise NotImplementedError in setup, which asv reports as
-skipped. SOFTSPLAT_ASV_TINY=1 replaces every size by 16x24 (the test suite runs each parameter
-set once that way, without timing).
+combinations too slow to time on the device, and measurements that do not apply (CUDA memory on
+a CPU-only machine) raise NotImplementedError in setup, which asv reports as skipped.
+SOFTSPLAT_ASV_TINY=1 replaces every size by 16x24 (the test suite runs each parameter set once
+that way, without timing). SOFTSPLAT_ASV_SUBSET=1 keeps one size (256x448) and one dtype
+(float32): the run a contributor makes before a pull request.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from softsplat import backends, bench
 
 BACKENDS = [name for name in backends.names() if not backends.get(name).test_only]
 MODES = ["sum", "soft"]
-SIZES = ["256x448", "1080x1920", "2160x3840"]
-DTYPES = ["float32", "float16"]
+SUBSET = bool(os.environ.get("SOFTSPLAT_ASV_SUBSET"))
+SIZES = ["256x448"] if SUBSET else ["256x448", "1080x1920", "2160x3840"]
+DTYPES = ["float32"] if SUBSET else ["float32", "float16"]
 PASSES = ["forward", "forward+backward"]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -40,15 +43,15 @@ def _check(backend_name: str, mode: str, size: str, dtype_name: str) -> torch.dt
     return dtype
 
 
-class Splat:
-    params = [BACKENDS, MODES, SIZES, DTYPES, PASSES]
-    param_names = ["backend", "mode", "size", "dtype", "pass"]
+class _Call:
+    """Setup shared by the benchmarks: the inputs and the timed function of one parameter set."""
+
     number = 1
     repeat = (2, 5, 30.0)
     warmup_time = 0.0
     timeout = 600
 
-    def setup(self, backend, mode, size, dtype, pass_):
+    def _prepare(self, backend, mode, size, dtype, pass_):
         dtype = _check(backend, mode, size, dtype)
         self.size = _size(size)
         self.tensors = bench.inputs(self.size, dtype=dtype, device=DEVICE)
@@ -57,27 +60,53 @@ class Splat:
         self.function()  # warm-up: builds and caches what the backend needs
         self.mode, self.dtype = mode, dtype
 
+
+class Splat(_Call):
+    """Time and peak (host) memory of one call."""
+
+    params = [BACKENDS, MODES, SIZES, DTYPES, PASSES]
+    param_names = ["backend", "mode", "size", "dtype", "pass"]
+
+    def setup(self, backend, mode, size, dtype, pass_):
+        self._prepare(backend, mode, size, dtype, pass_)
+
     def time_splat(self, *params):
         self.function()
         if DEVICE == "cuda":
             torch.cuda.synchronize()
 
-    def track_bandwidth_fraction(self, backend, mode, size, dtype, pass_):
-        """Fraction of the machine's copy bandwidth the forward achieves (1.0 = at the bound)."""
-        if pass_ != "forward":
-            raise NotImplementedError("bandwidth is tracked for the forward pass only")
+    def peakmem_splat(self, *params):
+        self.function()
+
+
+class Bandwidth(_Call):
+    """Fraction of the machine's copy bandwidth the forward achieves (1.0 = at the bound)."""
+
+    params = [BACKENDS, MODES, SIZES, DTYPES]
+    param_names = ["backend", "mode", "size", "dtype"]
+
+    def setup(self, backend, mode, size, dtype):
+        self._prepare(backend, mode, size, dtype, "forward")
+
+    def track_bandwidth_fraction(self, *params):
         seconds = bench.timed(self.function, DEVICE, repeats=3)
         return bench.forward_bytes(self.size, dtype=self.dtype, mode=self.mode) / seconds / bench.copy_bandwidth(DEVICE)
 
     track_bandwidth_fraction.unit = "fraction"
 
-    def peakmem_splat(self, *params):
-        self.function()
 
-    def track_peak_cuda_memory(self, *params):
-        """Peak bytes allocated on the GPU by one call (CUDA only; peakmem_splat covers CPU)."""
+class CudaMemory(_Call):
+    """Peak bytes allocated on the GPU by one call (peakmem_splat covers the host)."""
+
+    params = [BACKENDS, MODES, SIZES, DTYPES, PASSES]
+    param_names = ["backend", "mode", "size", "dtype", "pass"]
+
+    def setup(self, backend, mode, size, dtype, pass_):
         if DEVICE != "cuda":
             raise NotImplementedError("CUDA memory is tracked on CUDA devices only")
+        self._prepare(backend, mode, size, dtype, pass_)
+
+    def track_peak_cuda_memory(self, *params):
         torch.cuda.reset_peak_memory_stats()
         self.function()
         return torch.cuda.max_memory_allocated()

@@ -150,5 +150,10 @@ class OpLibrary:
         )
 
     def _register(self) -> None:
-        """The Python side of the ops (fake tensors, autograd)."""
+        """The Python side of the ops (fake tensors, autograd; a clear refusal of the legacy
+        ONNX exporter)."""
+        from .. import onnx
+
         register_python_side(self.namespace, self.fused_stable)
+        names = ["splat_forward", "splat_backward", "splat_maximum"] + (["splat_stable_forward"] if self.fused_stable else [])
+        onnx.refuse_legacy_export(self.namespace, names)

@@ -1,0 +1,281 @@
+"""Export to ONNX: softsplat's ops as standard ONNX operators (opset 18), written with onnxscript.
+
+    import softsplat
+    torch.onnx.export(model, args, "model.onnx", dynamo=True,
+                      custom_translation_table=softsplat.onnx.translations())
+
+The translation follows docs/spec.md as the oracle does, with static shapes: every source pixel
+has four taps; a tap that is dropped (the pixel does not land, or the tap lies outside the
+image) is sent to index 0 with weight 0. The splat is one ``ScatterElements`` with
+``reduction="add"`` over all four taps of the channels and the normaliser together (the
+numerator and ``D`` of one mode); stable soft splatting adds one ``ScatterElements`` with
+``reduction="max"`` for ``M``. Shapes are read at run time (``Shape``, ``Range``), so batch,
+height and width may be dynamic. Sums are taken in the runtime's order, not the oracle's: results
+agree within the conformance tolerances, not bitwise.
+
+Known difference: a NaN metric in stable mode propagates into ``M`` through ``ScatterElements``'
+``max`` only as far as the runtime's ``max`` propagates NaN (ONNX leaves it unspecified).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .modes import EPS, Kind, Normalisation
+
+#: The opset the translation needs (ScatterElements with reduction "max").
+OPSET = 18
+
+
+def _op():
+    from onnxscript import opset18
+
+    return opset18
+
+
+def _constant(value: float, like):
+    """A scalar of ``like``'s dtype."""
+    op = _op()
+    return op.CastLike(op.Constant(value_float=value), like)
+
+
+def _ints(*values: int):
+    return _op().Constant(value_ints=list(values))
+
+
+def _taps(flow):
+    """The four taps of every source pixel of ``flow`` ``[N, 2, H, W]`` (docs/spec.md, section 2),
+    tap-major along the last axis: ``(index [N, 1, 4HW] int64, weight [N, 1, 4HW], keep [N, 1,
+    4HW] bool, shape [N, C, H, W] parts)``. A dropped tap has index 0 and is masked by ``keep``."""
+    op = _op()
+    shape = op.Shape(flow)
+    N, H, W = (op.Slice(shape, _ints(a), _ints(a + 1)) for a in (0, 2, 3))
+    xs = op.CastLike(op.Range(op.Constant(value_int=0), op.Squeeze(W), op.Constant(value_int=1)), flow)
+    ys = op.Unsqueeze(op.CastLike(op.Range(op.Constant(value_int=0), op.Squeeze(H), op.Constant(value_int=1)), flow), _ints(1))
+    fx = op.Add(op.Squeeze(op.Slice(flow, _ints(0), _ints(1), _ints(1)), _ints(1)), xs)  # [N, H, W]
+    fy = op.Add(op.Squeeze(op.Slice(flow, _ints(1), _ints(2), _ints(1)), _ints(1)), ys)
+    Wf, Hf = op.CastLike(W, flow), op.CastLike(H, flow)
+    one, zero, minus_one = _constant(1.0, flow), _constant(0.0, flow), _constant(-1.0, flow)
+    lands = op.And(
+        op.And(op.GreaterOrEqual(fx, minus_one), op.Less(fx, Wf)),
+        op.And(op.GreaterOrEqual(fy, minus_one), op.Less(fy, Hf)),
+    )  # NaN and infinities fail a bound
+    fx, fy = op.Where(lands, fx, zero), op.Where(lands, fy, zero)
+    x0, y0 = op.Floor(fx), op.Floor(fy)
+    x1, y1 = op.Add(x0, one), op.Add(y0, one)
+    corners = (
+        (x0, y0, op.Mul(op.Sub(x1, fx), op.Sub(y1, fy))),
+        (x1, y0, op.Mul(op.Sub(fx, x0), op.Sub(y1, fy))),
+        (x0, y1, op.Mul(op.Sub(x1, fx), op.Sub(fy, y0))),
+        (x1, y1, op.Mul(op.Sub(fx, x0), op.Sub(fy, y0))),
+    )
+    W_last, H_last = op.Sub(Wf, one), op.Sub(Hf, one)
+    indices, weights, keeps = [], [], []
+    for tx, ty, weight in corners:
+        keep = op.And(
+            op.And(lands, op.And(op.GreaterOrEqual(tx, zero), op.LessOrEqual(tx, W_last))),
+            op.And(op.GreaterOrEqual(ty, zero), op.LessOrEqual(ty, H_last)),
+        )
+        index = op.Add(op.Mul(op.Cast(ty, to=7), W), op.Cast(tx, to=7))  # 7: int64
+        indices.append(op.Where(keep, index, op.Constant(value_int=0)))
+        weights.append(weight)
+        keeps.append(keep)
+    flat = op.Concat(N, _ints(1), _ints(-1), axis=0)  # [N, 1, 4HW]
+    index = op.Reshape(op.Concat(*indices, axis=1), flat)
+    weight = op.Reshape(op.Concat(*weights, axis=1), flat)
+    keep = op.Reshape(op.Concat(*keeps, axis=1), flat)
+    return index, weight, keep, (N, H, W)
+
+
+def _per_tap(values, N):
+    """``values`` ``[N, K, H, W]`` as ``[N, K, 4HW]``: each pixel's value once per tap."""
+    op = _op()
+    return op.Tile(op.Reshape(values, op.Concat(N, _ints(0), _ints(-1), axis=0)), _ints(1, 1, 4))
+
+
+def _scatter_add(updates, index, N, H, W):
+    """``S`` of docs/spec.md: ``updates`` ``[N, K, 4HW]`` added at ``index`` ``[N, 1, 4HW]``."""
+    op = _op()
+    K = op.Slice(op.Shape(updates), _ints(1), _ints(2))
+    HW = op.Mul(H, W)
+    data = op.Expand(op.CastLike(op.Constant(value_float=0.0), updates), op.Concat(N, K, HW, axis=0))
+    summed = op.ScatterElements(data, op.Expand(index, op.Shape(updates)), updates, axis=2, reduction="add")
+    return op.Reshape(summed, op.Concat(N, K, H, W, axis=0))
+
+
+def _maximum(flow, metric):
+    """``M`` of stable soft splatting ``[N, 1, H, W]``: a scatter-max, -inf where nothing lands."""
+    op = _op()
+    index, _, keep, (N, H, W) = _taps(flow)
+    minus_infinity = _constant(float("-inf"), flow)
+    updates = op.Where(keep, _per_tap(metric, N), minus_infinity)
+    data = op.Expand(minus_infinity, op.Concat(N, _ints(1), op.Mul(H, W), axis=0))
+    maximum = op.ScatterElements(data, index, updates, axis=2, reduction="max")
+    return op.Reshape(maximum, op.Concat(N, _ints(1), H, W, axis=0))
+
+
+def _safe_normaliser(D, normalisation: int):
+    op = _op()
+    eps = _constant(EPS, D)
+    if normalisation == Normalisation.ADDEPS:
+        return op.Add(D, eps)
+    if normalisation == Normalisation.ZEROEPS:
+        return op.Where(op.Equal(D, _constant(0.0, D)), _constant(1.0, D), D)
+    return op.Where(op.Less(D, eps), eps, D)  # clipeps; NaN stays NaN
+
+
+def _forward(input, flow, metric, kind: int, normalisation: int, maximum=None):
+    """``splat_forward`` of csrc/schemas.h: (result or numerator, normaliser) in flow's dtype."""
+    op = _op()
+    index, weight, keep, (N, H, W) = _taps(flow)
+    x = op.CastLike(input, flow)
+    zero = _constant(0.0, flow)
+    if kind == Kind.STABLE:
+        ones = op.Expand(_constant(1.0, flow), op.Concat(N, _ints(1), H, W, axis=0))
+        per_tap = _per_tap(op.Concat(x, ones, axis=1), N)
+        reached = op.GatherElements(op.Reshape(maximum, op.Concat(N, _ints(1), _ints(-1), axis=0)), index, axis=2)
+        exponent = op.Exp(op.Sub(_per_tap(metric, N), reached))
+        w = op.Where(op.Equal(reached, _constant(float("-inf"), flow)), zero, exponent)
+        updates = op.Mul(weight, op.Mul(per_tap, w))
+    else:
+        if kind == Kind.SUM:
+            values = x
+        else:
+            w = {Kind.AVG: None, Kind.LINEAR: metric, Kind.SOFT: op.Exp(metric) if metric is not None else None}[Kind(kind)]
+            if w is None:
+                w = op.Expand(_constant(1.0, flow), op.Concat(N, _ints(1), H, W, axis=0))
+            values = op.Concat(op.Mul(x, w), w, axis=1)
+        updates = op.Mul(weight, _per_tap(values, N))
+    sums = _scatter_add(op.Where(keep, updates, zero), index, N, H, W)
+    if kind == Kind.SUM:
+        return sums, op.CastLike(op.Constant(value_floats=[]), flow)
+    C = op.Slice(op.Shape(input), _ints(1), _ints(2))
+    numerator = op.Slice(sums, _ints(0), C, _ints(1))
+    D = op.Slice(sums, C, op.Add(C, _ints(1)), _ints(1))
+    if normalisation == Normalisation.RAW:
+        return numerator, D
+    return op.Div(numerator, _safe_normaliser(D, normalisation)), D
+
+
+def _stable_forward(input, flow, metric, normalisation: int):
+    """``splat_stable_forward``: (result, normaliser, maximum)."""
+    maximum = _maximum(flow, metric)
+    out, normaliser = _forward(input, flow, metric, Kind.STABLE, normalisation, maximum)
+    return out, normaliser, maximum
+
+
+def _splat_forward(input, flow, metric=None, kind: int = 0, normalisation: int = 0, maximum=None):
+    return _forward(input, flow, metric, kind, normalisation, maximum)
+
+
+def _splat_maximum(flow, metric):
+    return _maximum(flow, metric)
+
+
+def translations() -> dict:
+    """``custom_translation_table`` for ``torch.onnx.export(..., dynamo=True)``: the ONNX
+    translation of every op of the ``softsplat`` library (the ``cpp`` backend's, built and loaded
+    here if need be), which is what a model calling ``splat``/``splat_many`` traces to."""
+    from .backends import cpp
+
+    ops = cpp.library().ops()
+    return {
+        ops.splat_forward.default: _splat_forward,
+        ops.splat_maximum.default: _splat_maximum,
+        ops.splat_stable_forward.default: _stable_forward,
+    }
+
+
+LEGACY_MESSAGE = (
+    "softsplat: the TorchScript-based ONNX exporter (torch.onnx.export(..., dynamo=False)) cannot "
+    "export {op}; export with torch.onnx.export(model, args, dynamo=True, "
+    "custom_translation_table=softsplat.onnx.translations())"
+)
+
+
+def refuse_legacy_export(namespace: str, op_names) -> None:
+    """Make the TorchScript-based exporter stop at a softsplat op with a message that names the
+    way that works, instead of 'unrecognized namespace'."""
+    from torch.onnx import register_custom_op_symbolic
+
+    for name in op_names:
+        qualified = f"{namespace}::{name}"
+
+        def refuse(g, *args, _op=qualified):
+            raise torch.onnx.errors.OnnxExporterError(LEGACY_MESSAGE.format(op=_op))
+
+        register_custom_op_symbolic(qualified, refuse, 9)
+
+
+class SplatModel(torch.nn.Module):
+    """``splat`` as a module: (input, flow[, metric]) -> result[, normaliser]."""
+
+    def __init__(self, mode: str, stable: bool = False, return_normaliser: bool = False):
+        super().__init__()
+        self.mode, self.stable, self.return_normaliser = mode, stable, return_normaliser
+
+    def forward(self, input, flow, metric=None):
+        from . import api
+
+        return api.splat(input, flow, metric, mode=self.mode, stable=self.stable, return_normaliser=self.return_normaliser)
+
+
+class SplatManyModel(torch.nn.Module):
+    """``splat_many`` of ``sources`` sources as a module: (input0, flow0[, metric0], input1, ...)."""
+
+    def __init__(self, mode: str, sources: int, stable: bool = False):
+        super().__init__()
+        from .modes import Mode
+
+        self.mode, self.stable, self.sources = mode, stable, sources
+        self.per_source = 3 if Mode.parse(mode).needs_metric else 2
+
+    def forward(self, *tensors):
+        from . import api
+
+        step = self.per_source
+        groups = [tuple(tensors[i:i + step]) + ((None,) if step == 2 else ()) for i in range(0, len(tensors), step)]
+        return api.splat_many(groups, mode=self.mode, stable=self.stable)
+
+
+def example_arguments(mode, dtype: torch.dtype = torch.float32, sources: int = 1) -> tuple:
+    """Example inputs for exporting (N, C, H, W = 2, 3, 5, 7: distinct and none 1, so that every
+    size stays dynamic), each source's tensors distinct."""
+    from .modes import Mode
+
+    mode = Mode.parse(mode)
+    generator = torch.Generator().manual_seed(0)
+    N, C, H, W = 2, 3, 5, 7
+    arguments = []
+    for _ in range(sources):
+        arguments += [torch.rand(N, C, H, W, generator=generator).to(dtype), torch.randn(N, 2, H, W, generator=generator)]
+        if mode.needs_metric:
+            arguments.append(torch.randn(N, 1, H, W, generator=generator))
+    return tuple(arguments)
+
+
+def dynamic_shapes(arguments) -> tuple:
+    """Batch, height and width dynamic for every tensor; channels too for the inputs."""
+    dims = {0: torch.export.Dim("N"), 2: torch.export.Dim("H"), 3: torch.export.Dim("W")}
+    return tuple({**dims, 1: torch.export.Dim("C")} if a.shape[1] == 3 else dims for a in arguments)
+
+
+def standalone(mode: str, *, stable: bool = False, return_normaliser: bool = False, sources: int = 1,
+               dtype: torch.dtype = torch.float32):
+    """A standalone splatting model exported to ONNX (an ``ONNXProgram``; ``.save(path)`` writes
+    it): inputs ``input``, ``flow`` (float32) and, for linear and soft, ``metric`` (float32) per
+    source, with dynamic batch, channels, height and width; outputs the result (and the
+    normaliser)."""
+    if sources == 1:
+        model = SplatModel(mode, stable, return_normaliser)
+    else:
+        model = SplatManyModel(mode, sources, stable)
+    arguments = example_arguments(mode, dtype, sources)
+    names = [f"{name}{i if sources > 1 else ''}" for i in range(sources) for name in ("input", "flow", "metric")]
+    names = [n for n in names if len(arguments) == len(names) or not n.startswith("metric")]
+    outputs = ["result", "normaliser"] if return_normaliser else ["result"]
+    return torch.onnx.export(
+        model, arguments, dynamo=True, custom_translation_table=translations(),
+        dynamic_shapes=dynamic_shapes(arguments) if sources == 1 else (dynamic_shapes(arguments),), opset_version=OPSET, input_names=names, output_names=outputs,
+        verbose=False,
+    )
