@@ -44,3 +44,35 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         help="device to run the conformance suite on (default: cuda if available, else cpu)",
     )
+    group.addoption(
+        "--require-gpu",
+        action="store_true",
+        help="GPU CI: refuse to start without a CUDA device, and fail (not skip) every test that "
+        "would skip for want of one",
+    )
+
+
+#: Skip reasons that mean "no GPU here"; under --require-gpu such a skip is a failure.
+GPU_SKIP_WORDS = ("CUDA", "GPU", "cuda")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--require-gpu"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise pytest.UsageError(
+                "--require-gpu: no CUDA device is visible (torch.cuda.is_available() is False); GPU CI "
+                "runs on a runner with a GPU and a CUDA build of torch (SOFTSPLAT_TORCH)"
+            )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and item.config.getoption("--require-gpu"):
+        reason = str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if any(word in reason for word in GPU_SKIP_WORDS):
+            report.outcome = "failed"
+            report.longrepr = f"--require-gpu: skipped for want of a GPU on a GPU runner: {reason}"
