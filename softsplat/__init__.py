@@ -3,10 +3,11 @@
 from . import backends, onnx
 from .api import BACKEND_ENV, resolve_backend, softsplat, splat, splat_many
 from .backends import BackendNotSupportedError
+from .backends.base import BackendFailedError
 from .modes import Mode
 
 __all__ = [
-    "BACKEND_ENV", "BackendNotSupportedError", "Mode", "backends", "onnx", "resolve_backend", "softsplat", "splat",
+    "BACKEND_ENV", "BackendFailedError", "BackendNotSupportedError", "Mode", "backends", "onnx", "resolve_backend", "softsplat", "splat",
     "splat_many",
 ]
 __version__ = "0.1.0"

@@ -24,14 +24,15 @@ def info(args: argparse.Namespace) -> int:
     for column in ("backend", "available", "devices", "dtypes", "deterministic on", "reason"):
         table.add_column(column)
     for backend in backends.all_backends():
-        available = backend.is_available()
+        failure = backend.known_failure() if backend.is_available() else None
+        available = backend.is_available() and failure is None
         table.add_row(
             backend.name,
-            "[green]yes[/]" if available else "[red]no[/]",
+            "[green]yes[/]" if available else "[red]no[/]" if failure is None else "[red]build failed[/]",
             "/".join(backend.devices()),
             dtype_names(backend.dtypes),
             "/".join(backend.deterministic_on) or "-",
-            escape(backend.summary if available else backend.unavailable_reason),
+            escape(backend.summary if available else failure or backend.unavailable_reason),
         )
     Console(width=max(Console().width, 140)).print(table)
     return 0
@@ -47,6 +48,7 @@ def build(args: argparse.Namespace) -> int:
             print(f"{backend.name}: skipped, {backend.unavailable_reason}")
             continue
         try:
+            backend.forget_failure()  # a failed build is retried here, with its output
             backend.prepare()
         except Exception as error:  # report every backend, then fail
             failed += 1

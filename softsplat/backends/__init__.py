@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import importlib
 import threading
+import warnings
 
-from .base import Backend, Signature
+from .base import Backend, BackendFailedError, Signature
 
 #: Every backend, by name: ``module:class`` (imported on first use, never compiling) or an
 #: instance given to ``register``.
@@ -86,14 +87,24 @@ def select(call: Signature, name: str, argument: str = "backend", deterministic:
     ``deterministic`` is ``torch.are_deterministic_algorithms_enabled()``. The chosen backend
     is prepared (built, loaded) before it is returned.
     """
-    backend = _choose(call, name, argument, deterministic)
-    backend.prepare()
-    return backend
+    while True:
+        backend = _choose(call, name, argument, deterministic)
+        try:
+            backend.prepare_once()
+            return backend
+        except BackendFailedError as error:
+            if name != "auto":
+                raise
+            # One warning per backend and process: a failed backend is not tried again, so
+            # later calls pass it over in _choose without a word.
+            warnings.warn(f"softsplat: 'auto' passes over {error}; softsplat info shows it", RuntimeWarning, stacklevel=4)
 
 
 def _choose(call: Signature, name: str, argument: str, deterministic: bool) -> Backend:
     if name != "auto":
         backend = get(name, argument)
+        if backend.failure is not None:  # it failed to build or load earlier in this process
+            raise BackendFailedError(f"backend {name!r} {backend.failure}")
         reasons = backend.not_supported_reasons(call)
         if reasons:
             raise BackendNotSupportedError(

@@ -13,6 +13,10 @@ from ..modes import Kind, Mode, Normalisation, compute_dtype
 FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+class BackendFailedError(RuntimeError):
+    """A backend could not be built or loaded here; the message has the error's tail and a fix."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Signature:
     """What decides which backends can compute a call: hashable, free of tensors, so that the
@@ -66,6 +70,10 @@ class Backend(abc.ABC):
     deterministic_on: tuple[str, ...] = ()
     #: A backend that exists to test something else (never in ``PRIORITY``, not prebuilt).
     test_only: bool = False
+    #: How to fix a failure to prepare (build or load) the backend; ends its error messages.
+    fix_hint: str = ""
+    #: Why ``prepare`` failed in this process, or None; a failed backend is not tried again.
+    failure: str | None = None
 
     def devices(self) -> tuple[str, ...]:
         """Device types the backend can run on (may depend on the environment)."""
@@ -93,6 +101,8 @@ class Backend(abc.ABC):
         """Every reason this backend cannot compute a call like ``call``; empty when it can."""
         if self.unavailable_reason is not None:
             return [self.unavailable_reason]
+        if self.failure is not None:
+            return [self.failure]
         reasons = []
         if call.device_type not in self.devices():
             reasons.append(f"runs on {'/'.join(self.devices())}, the tensors are on {call.device_type}")
@@ -104,6 +114,29 @@ class Backend(abc.ABC):
         """Make ``run`` ready (for example build and load a library). Called once the backend is
         chosen, outside any torch.compile trace; raises with the reason if it cannot be done."""
         return None
+
+    def known_failure(self) -> str | None:
+        """A failure to prepare known without trying (this process's, or one recorded by an
+        earlier one), or None."""
+        return self.failure
+
+    def forget_failure(self) -> None:
+        """Let ``prepare_once`` try again."""
+        self.failure = None
+
+    def prepare_once(self) -> None:
+        """``prepare``, remembering a failure: raises ``BackendFailedError`` with the reason (the
+        error's last lines and how to fix it), now and on every later call, without retrying."""
+        if self.failure is None:
+            try:
+                self.prepare()
+                return
+            except Exception as error:
+                lines = [line for line in str(error).strip().splitlines() if line.strip()]
+                tail = "\n    ".join(lines[-12:]) or type(error).__name__
+                self.failure = f"failed to build or load ({type(error).__name__}): {tail}" + (
+                    f"\n  fix: {self.fix_hint}" if self.fix_hint else "")
+        raise BackendFailedError(f"backend {self.name!r} {self.failure}")
 
     def maximum(self, problem: Problem) -> torch.Tensor:
         """``M`` of stable soft splatting for ``problem`` ([N, 1, H, W], compute dtype, no

@@ -42,6 +42,20 @@ class CppBackend(OpsBackend):
     name = "cpp"
     deterministic_on = ("cpu",)
     fused_stable_on = ("cpu",)
+    fix_hint = (
+        "install a working C++ compiler (g++ or clang++, or set CXX to one) and ninja, then run "
+        "`softsplat build`, which tries again and prints the compiler's output"
+    )
+
+    def known_failure(self) -> str | None:
+        earlier = library().earlier_failure()
+        if self.failure is None and earlier is not None:
+            return "an earlier build failed: " + earlier.strip().splitlines()[-1] + "; `softsplat build` tries again"
+        return self.failure
+
+    def forget_failure(self) -> None:
+        library().forget_failure()
+        self.failure = None
 
     @property
     def summary(self) -> str:

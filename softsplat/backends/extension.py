@@ -116,12 +116,36 @@ class OpLibrary:
                     self._ops = self._load()
         return self._ops
 
+    def failure_path(self) -> pathlib.Path:
+        return self.build_directory() / "build-failed.txt"
+
+    def earlier_failure(self) -> str | None:
+        """The error of an earlier failed build of this library with this compiler, or None."""
+        try:
+            compiler, _, error = self.failure_path().read_text().partition("\n")
+        except OSError:
+            return None
+        return error if compiler == os.environ.get("CXX", "c++") else None
+
+    def forget_failure(self) -> None:
+        """Let the next load try the build again (``softsplat build`` does)."""
+        self.failure_path().unlink(missing_ok=True)
+
     def _load(self):
         """Load the library, building it first if no valid build exists. A finished build is
         loaded as it is, never handed to ninja again: ninja would rebuild it whenever the
-        checkout or environment that asks differs from the one that built it."""
+        checkout or environment that asks differs from the one that built it. A failed build is
+        recorded (with the compiler it used) and not tried again until ``forget_failure``."""
         if not self.is_built():
-            self._build()
+            earlier = self.earlier_failure()
+            if earlier is not None:
+                raise RuntimeError(f"an earlier build failed ({self.failure_path()}); `softsplat build` tries again:\n{earlier}")
+            try:
+                self._build()
+            except Exception as error:
+                self.failure_path().parent.mkdir(parents=True, exist_ok=True)
+                self.failure_path().write_text(f"{os.environ.get('CXX', 'c++')}\n{type(error).__name__}: {error}")
+                raise
         torch.ops.load_library(str(self.library_path()))
         self._register()
         return getattr(torch.ops, self.namespace)
