@@ -101,3 +101,14 @@ def test_info_shows_cupy_and_its_reason() -> None:
     reason = backends.get("cupy").unavailable_reason
     if reason:
         assert "no" in line and reason.split()[0] in line
+
+
+def test_a_cupy_of_another_cuda_major_than_torch_is_reported() -> None:
+    from softsplat.backends.cupy_backend import cuda_mismatch, installed_cupy_cuda
+
+    reason = cuda_mismatch(12, "13.0")
+    assert "CuPy is built for CUDA 12, torch for CUDA 13.0" in reason and "softsplat[cupy13]" in reason
+    assert cuda_mismatch(13, "13.0") is None and cuda_mismatch(12, "12.6") is None
+    assert cuda_mismatch(12, None) is None  # a CPU torch: nothing to match
+    assert cuda_mismatch(None, "13.0") is None  # a source build of CuPy: its CUDA is its own
+    assert installed_cupy_cuda() in (None, 12, 13)

@@ -279,6 +279,36 @@ def _define_ops():
     return torch.ops.softsplat_cupy
 
 
+def installed_cupy_cuda() -> int | None:
+    """The CUDA major version the installed CuPy wheel is built for (cupy-cuda12x: 12), or None
+    (no CuPy, or a source build whose CUDA is whatever it was built against)."""
+    import importlib.metadata
+    import re
+
+    for distribution in importlib.metadata.distributions():
+        match = re.fullmatch(r"cupy-cuda(\d+)x", (distribution.metadata["Name"] or "").lower())
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def cuda_mismatch(cupy_cuda: int | None, torch_cuda: str | None) -> str | None:
+    """Why a CuPy for CUDA ``cupy_cuda`` cannot serve a torch built for ``torch_cuda``, or None."""
+    if cupy_cuda is None or not torch_cuda:
+        return None
+    torch_major = int(torch_cuda.split(".")[0])
+    if cupy_cuda == torch_major:
+        return None
+    return (f"the installed CuPy is built for CUDA {cupy_cuda}, torch for CUDA {torch_cuda}: install the CuPy of "
+            f"torch's CUDA (pip uninstall cupy-cuda{cupy_cuda}x; pip install 'softsplat[cupy{torch_major}]')")
+
+
+def cupy_extra() -> str:
+    """The extra that installs the CuPy matching torch's CUDA (cupy13 for a CPU torch)."""
+    major = (torch.version.cuda or "13").split(".")[0]
+    return f"cupy{major}"
+
+
 class CupyBackend(OpsBackend):
     name = "cupy"
     summary = "the CUDA kernels of splat_kernels.cuh through NVRTC (cupy.RawModule), per device and dtype"
@@ -289,7 +319,10 @@ class CupyBackend(OpsBackend):
 
     def _unavailable_reason(self) -> str | None:
         if importlib.util.find_spec("cupy") is None:
-            return "CuPy is not installed (pip install 'softsplat[cupy]')"
+            return f"CuPy is not installed (pip install 'softsplat[{cupy_extra()}]')"
+        mismatch = cuda_mismatch(installed_cupy_cuda(), torch.version.cuda)
+        if mismatch:
+            return mismatch
         try:
             from cupy_backends.cuda.libs import nvrtc
 
