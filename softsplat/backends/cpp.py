@@ -11,6 +11,7 @@ import functools
 
 import torch
 
+from . import build_flags
 from .extension import OpLibrary, compiler_reason
 from .ops import OpsBackend
 
@@ -33,9 +34,15 @@ CPU_SOURCES = [
 ]
 
 
-@functools.cache
 def library() -> OpLibrary:
-    return OpLibrary("softsplat", CPU_SOURCES + ([] if _cuda_reason() else ["splat_cuda.cu"]), cuda_cflags=["-O3"], fused_stable=True)
+    """The library of the CPU level chosen now (build_flags.chosen_level)."""
+    return _library(build_flags.chosen_level())
+
+
+@functools.cache
+def _library(level: str) -> OpLibrary:
+    sources = CPU_SOURCES + ([] if _cuda_reason() else ["splat_cuda.cu"])
+    return OpLibrary("softsplat", sources, cuda_cflags=["-O3"], fused_stable=True, level=level)
 
 
 class CppBackend(OpsBackend):
@@ -48,20 +55,32 @@ class CppBackend(OpsBackend):
     )
 
     def known_failure(self) -> str | None:
-        earlier = library().earlier_failure()
+        try:
+            earlier = library().earlier_failure()
+        except ValueError as error:  # SOFTSPLAT_CPU_LEVEL names a level this CPU cannot run
+            return str(error)
         if self.failure is None and earlier is not None:
             return "an earlier build failed: " + earlier.strip().splitlines()[-1] + "; `softsplat build` tries again"
         return self.failure
 
     def forget_failure(self) -> None:
-        library().forget_failure()
+        try:
+            library().forget_failure()
+        except ValueError:
+            pass  # nothing was built; prepare() raises the level's error
         self.failure = None
 
     @property
     def summary(self) -> str:
         cuda = _cuda_reason()
+        try:
+            library()
+        except ValueError as error:  # SOFTSPLAT_CPU_LEVEL names a level this CPU cannot run
+            return str(error)
         built = "built" if library().is_built() else "builds on first use"
-        return f"fused C++ kernels ({built}); CUDA kernels: " + (f"not built, {cuda}" if cuda else "built")
+        supported = ", ".join(build_flags.supported_levels())
+        return (f"fused C++ kernels ({built}); CPU level {library().level} (this CPU runs {supported}; "
+                f"{build_flags.LEVEL_ENV} chooses); CUDA kernels: " + (f"not built, {cuda}" if cuda else "built"))
 
     def devices(self) -> tuple[str, ...]:
         return ("cpu",) if _cuda_reason() else ("cpu", "cuda")

@@ -17,17 +17,10 @@ import threading
 
 import torch
 
+from . import build_flags
 from .ops import register_python_side
 
 CSRC = pathlib.Path(__file__).parent / "csrc"
-# Built on the machine that runs it, so -march=native (512-bit vectors where the CPU has them);
-# the CPU model is part of the cache key. -fno-trapping-math lets loops with floor() and float
-# compares vectorise; no result changes (it only drops assumptions about FP exception flags).
-# -ffp-contract=off: a product and a sum stay two roundings, as the oracle computes them. Fused
-# into an FMA a product that overflows on its own does not, so where the oracle's
-# inf + (-inf) gives NaN an FMA gives a finite or infinite value instead.
-# The C++ standard is torch's own (cpp_extension adds it).
-CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp"]
 
 
 #: Set (to 1) to build AddressSanitizer + UndefinedBehaviorSanitizer libraries (`nox -s sanitize`);
@@ -37,22 +30,6 @@ CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-trapping-ma
 SANITIZE_ENV = "SOFTSPLAT_SANITIZE"
 SANITIZE_FLAGS = ["-O1", "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g1"]
 SANITIZE_LDFLAGS = ["-fsanitize=address,undefined"]
-
-
-def _cpu_model() -> str:
-    """The CPU's model and instruction-set flags (Linux), else what ``platform`` knows."""
-    import platform
-
-    try:
-        lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        lines = []
-    first = {}
-    for line in lines:
-        key = line.split(":")[0].strip()
-        if key in ("model name", "flags"):
-            first.setdefault(key, line)
-    return "\n".join(first.values()) or platform.processor() or platform.machine()
 
 
 def compiler_reason() -> str | None:
@@ -71,29 +48,32 @@ class OpLibrary:
     """One compiled library of the ``splat_forward``/``splat_backward`` ops in ``namespace``."""
 
     def __init__(self, namespace: str, sources: list[str], *, cflags=(), cuda_cflags=(), fused_stable=False,
-                 root: pathlib.Path = CSRC):
+                 root: pathlib.Path = CSRC, level: str | None = None):
         self.namespace = namespace
         self.fused_stable = fused_stable  # defines splat_stable_forward (schemas.h)
         self.root = root  # sources and headers are under it (csrc/)
         self.sources = [root / s for s in sources]
-        self.cflags = CFLAGS + list(cflags) + (SANITIZE_FLAGS if os.environ.get(SANITIZE_ENV) else [])
-        self.ldflags = ["-fopenmp"] + (SANITIZE_LDFLAGS if os.environ.get(SANITIZE_ENV) else [])
+        #: The CPU instruction-set level the library is built for (build_flags).
+        self.level = level or build_flags.chosen_level()
+        cpu, link = build_flags.cpu_flags(self.level, build_flags.compiler_kind(), build_flags.architecture())
+        sanitize = bool(os.environ.get(SANITIZE_ENV))
+        self.cflags = cpu + list(cflags) + (SANITIZE_FLAGS if sanitize else [])
+        self.ldflags = link + (SANITIZE_LDFLAGS if sanitize else [])
         self.cuda_cflags = list(cuda_cflags)
         self._lock = threading.Lock()
         self._ops = None
 
     def name(self) -> str:
-        """Library name: namespace plus a hash of what makes a build valid: every source and
-        header (by path relative to the root and content, not by where the checkout is), the
-        flags, torch's version and the CPU. Two checkouts or environments with the same sources
-        and torch share one build."""
+        """Library name: namespace, level, and a hash of what makes a build valid: every source
+        and header (by path relative to the root and content, not by where the checkout is), the
+        flags (which name the level; no flag depends on this particular CPU) and torch's
+        version. Two checkouts or environments with the same sources and torch share one build."""
         digest = hashlib.sha256()
         headers = {p for pattern in ("**/*.h", "**/*.cuh") for p in self.root.glob(pattern)}
         for path in sorted(set(self.sources) | headers):
             digest.update(str(path.relative_to(self.root)).encode() + path.read_bytes())
-        digest.update(" ".join(self.cflags + self.cuda_cflags).encode() + torch.__version__.encode())
-        digest.update(_cpu_model().encode())
-        return f"{self.namespace}_{digest.hexdigest()[:12]}"
+        digest.update(" ".join(self.cflags + self.ldflags + self.cuda_cflags).encode() + torch.__version__.encode())
+        return f"{self.namespace}_{self.level}_{digest.hexdigest()[:12]}"
 
     def build_directory(self) -> pathlib.Path:
         """Under torch's extension directory (``TORCH_EXTENSIONS_DIR`` when set)."""
@@ -164,9 +144,10 @@ class OpLibrary:
         cpp_extension.load(
             name=self.name(),
             sources=[str(s) for s in self.sources],
-            extra_cflags=self.cflags,
-            extra_cuda_cflags=self.cuda_cflags,
-            extra_ldflags=self.ldflags,
+            # Copies: cpp_extension appends to the lists it is given, and name() hashes ours.
+            extra_cflags=list(self.cflags),
+            extra_cuda_cflags=list(self.cuda_cflags),
+            extra_ldflags=list(self.ldflags),
             extra_include_paths=[str(self.root)],
             build_directory=str(directory),
             is_python_module=False,

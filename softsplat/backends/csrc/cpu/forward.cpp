@@ -131,8 +131,10 @@ struct Scratch {
 template <bool Stable, typename acc_t>
 void scatter_chunk(const TapChunk<acc_t>& chunk, const acc_t* __restrict values, const acc_t* __restrict tap_weights,
                    int64_t count, int64_t row0, int64_t W, acc_t* __restrict scratch) {
+#if defined(SOFTSPLAT_VECTOR_EXTENSION)
   using Pair = typename Vector<acc_t, 2 * kPacked>::type;  // the lanes of two targets
   using Lanes = typename Vector<acc_t, kPacked>::type;
+#endif
   const int64_t offset[4] = {0, 1, W, W + 1};
 #if defined(__AVX2__)
   const __m256i north = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), south = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
@@ -144,6 +146,7 @@ void scatter_chunk(const TapChunk<acc_t>& chunk, const acc_t* __restrict values,
     const acc_t* lanes = values + i * kPacked;
     const acc_t s[4] = {Stable ? chunk.stable[0][i] : acc_t(1), Stable ? chunk.stable[1][i] : acc_t(1),
                         Stable ? chunk.stable[2][i] : acc_t(1), Stable ? chunk.stable[3][i] : acc_t(1)};
+#if defined(SOFTSPLAT_VECTOR_EXTENSION)
     if (keep == TapChunk<acc_t>::kAll) {
 #if defined(__AVX2__)
       if constexpr (std::is_same_v<acc_t, float> && !Stable) {
@@ -159,7 +162,7 @@ void scatter_chunk(const TapChunk<acc_t>& chunk, const acc_t* __restrict values,
       std::memcpy(&v, lanes, sizeof v);
       std::memcpy(&b, tap_weights + i * kPacked, sizeof b);
       const Pair v2 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 0, 1, 2, 3);
-      auto add = [&](int row, Pair weight) {
+      auto add = [&](int row, const Pair& weight) {  // by reference: no vector-ABI dependence
         const int k = 2 * row;
         Pair value = v2;
         if (Stable) value *= Pair{s[k], s[k], s[k], s[k], s[k + 1], s[k + 1], s[k + 1], s[k + 1]};
@@ -173,6 +176,7 @@ void scatter_chunk(const TapChunk<acc_t>& chunk, const acc_t* __restrict values,
       add(1, __builtin_shufflevector(b, b, 2, 2, 2, 2, 3, 3, 3, 3));
       return;
     }
+#endif  // else the loop below takes the four taps
     for (int k = 0; k < 4; ++k) {
       if (!(keep >> k & 1)) continue;
       const acc_t weight = chunk.weight[k][i];

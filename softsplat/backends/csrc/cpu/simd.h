@@ -54,11 +54,15 @@ inline void exp_inplace(double* a, int64_t n) {
 #endif
 }
 
-// GCC's vector extension: Lanes values of T, with element-wise arithmetic.
+#if defined(__GNUC__)
+// GCC's (and clang's) vector extension: Lanes values of T, with element-wise arithmetic.
+// Compilers without it (MSVC) take the scalar paths that use none.
+#define SOFTSPLAT_VECTOR_EXTENSION 1
 template <typename T, int Lanes>
 struct Vector {
   typedef T type __attribute__((vector_size(Lanes * sizeof(T))));
 };
+#endif
 
 // max(current, value) as replaces_maximum takes it, NaN winning: current < value ? value :
 // current keeps a NaN current, then a NaN value is taken. Two selects, which loops vectorise

@@ -22,7 +22,7 @@ void stable_exponents(const acc_t* __restrict maximum, const acc_t* __restrict m
     const acc_t M = maximum[(corner[i] + offset) * kept];
     // Conditions as acc_t compares: selects of one width, which the vectoriser takes.
     const bool dropped = static_cast<acc_t>(kept) == acc_t(0);
-    exponent[i] = dropped | (M == minus_infinity) ? minus_infinity : metric[i] - M;
+    exponent[i] = (dropped | (M == minus_infinity)) ? minus_infinity : metric[i] - M;
   }
 }
 

@@ -1,0 +1,113 @@
+"""Compiler flags and CPU instruction-set levels of the compiled CPU kernels.
+
+The CPU kernels are built once per instruction-set level (one library per level: a library
+never mixes code of two levels, so no inline function compiled for AVX-512 can be picked by the
+linker for a call on a CPU without it), and the level is chosen at load time: the highest the
+CPU supports (as torch detects it), or the one ``SOFTSPLAT_CPU_LEVEL`` names. Results agree
+across levels within the conformance tolerances, not bitwise (the vector paths sum in other
+orders).
+
+Flags are chosen per compiler (GCC, clang, Apple clang, MSVC) and architecture (x86-64,
+aarch64): no x86 flag reaches a compiler for another architecture. Importing this module runs
+no compiler; ``compiler_kind`` runs ``$CXX --version`` once.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import subprocess
+
+#: Names a level for the environment variable and ``softsplat info``.
+LEVEL_ENV = "SOFTSPLAT_CPU_LEVEL"
+
+#: The levels of each architecture, lowest first.
+LEVELS = {"x86_64": ("baseline", "avx2", "avx512"), "aarch64": ("baseline",)}
+
+
+def architecture(machine: str | None = None) -> str:
+    """``x86_64`` or ``aarch64`` (other architectures build the baseline as ``other``)."""
+    machine = (machine or platform.machine()).lower()
+    if machine in ("x86_64", "amd64", "x64"):
+        return "x86_64"
+    if machine in ("aarch64", "arm64"):
+        return "aarch64"
+    return "other"
+
+
+def supported_levels(capability: str | None = None, machine: str | None = None) -> tuple[str, ...]:
+    """The levels this CPU runs, lowest first, from torch's own detection
+    (``torch.backends.cpu.get_cpu_capability()``: ``AVX512``, ``AVX2``, ``DEFAULT``, ...)."""
+    arch = architecture(machine)
+    if arch != "x86_64":
+        return ("baseline",)
+    if capability is None:
+        import torch
+
+        capability = torch.backends.cpu.get_cpu_capability()
+    capability = capability.upper()
+    if "AVX512" in capability:
+        return LEVELS["x86_64"]
+    if "AVX2" in capability:
+        return LEVELS["x86_64"][:2]
+    return ("baseline",)
+
+
+def chosen_level(environment=None, capability: str | None = None, machine: str | None = None) -> str:
+    """The level to load: ``SOFTSPLAT_CPU_LEVEL`` when set (one this CPU supports), else the
+    highest supported one."""
+    environment = os.environ if environment is None else environment
+    supported = supported_levels(capability, machine)
+    wanted = environment.get(LEVEL_ENV, "").strip().lower()
+    if not wanted:
+        return supported[-1]
+    known = LEVELS.get(architecture(machine), ("baseline",))
+    if wanted not in known:
+        raise ValueError(f"{LEVEL_ENV}: expected one of {', '.join(known)}, got {wanted!r}")
+    if wanted not in supported:
+        raise ValueError(f"{LEVEL_ENV}: this CPU runs {', '.join(supported)}; {wanted!r} would stop at an illegal instruction")
+    return wanted
+
+
+@functools.cache
+def compiler_kind(compiler: str | None = None) -> str:
+    """``gcc``, ``clang``, ``apple-clang`` or ``msvc``, from the compiler's own banner."""
+    compiler = compiler or os.environ.get("CXX", "cl" if os.name == "nt" else "c++")
+    if os.path.basename(compiler).lower() in ("cl", "cl.exe"):
+        return "msvc"
+    try:
+        banner = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "gcc"  # the build reports the real problem
+    if "Apple clang" in banner:
+        return "apple-clang"
+    if "clang" in banner:
+        return "clang"
+    return "gcc"
+
+
+def cpu_flags(level: str, kind: str, arch: str) -> tuple[list[str], list[str]]:
+    """``(compile flags, link flags)`` of the CPU kernels at ``level`` for a compiler of
+    ``kind`` targeting ``arch``. Every compiler: full optimisation, no contraction of a product
+    and a sum into one rounding (the oracle rounds twice), and OpenMP, through which
+    ``at::parallel_for`` runs in parallel."""
+    if kind == "msvc":
+        arch_flags = {"baseline": [], "avx2": ["/arch:AVX2"], "avx512": ["/arch:AVX512"]}[level] if arch == "x86_64" else []
+        return ["/O2", "/fp:precise", "/openmp", *arch_flags], []
+    # -fno-trapping-math lets loops with floor() and compares vectorise (no result changes).
+    flags = ["-O3", "-fno-trapping-math", "-ffp-contract=off"]
+    if arch == "x86_64":
+        flags += {
+            "baseline": ["-march=x86-64", "-mtune=generic"],
+            "avx2": ["-march=x86-64-v3", "-mtune=generic"],
+            "avx512": ["-march=x86-64-v4", "-mtune=generic", "-mprefer-vector-width=512"],
+        }[level]
+    elif arch == "aarch64" and kind != "apple-clang":
+        flags += ["-march=armv8-a"]  # NEON is part of the baseline
+    if kind == "apple-clang":  # OpenMP through torch's bundled libomp
+        import torch
+
+        lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+        return flags + ["-Xpreprocessor", "-fopenmp"], [f"-L{lib}", "-lomp"]
+    return flags + ["-fopenmp"], ["-fopenmp"]
