@@ -57,10 +57,13 @@ def test_auto_falls_back_once_and_a_named_backend_raises(failing_compiler) -> No
     attempts = calls.read_text().count("x")
     assert attempts >= 1
 
-    # A later process does not build again (the failure is recorded), warns once, and info says so.
+    # A later process does not build again (the failure is recorded), warns once, and info says
+    # so. It asks the compiler who it is (`--version`, for the flags), nothing more.
     result = run([sys.executable, "-c", SCRIPT], environment)
     assert result.returncode == 0 and "WARNINGS 1" in result.stdout, result.stderr[-3000:]
-    assert calls.read_text().count("x") == attempts
+    assert "softsplat: building" not in result.stderr
+    assert calls.read_text().count("x") <= attempts + 1
+    attempts = calls.read_text().count("x")
     info = run([sys.executable, "-m", "softsplat", "info"], {**environment, "COLUMNS": "300"})
     assert "build failed" in info.stdout and "softsplat build" in info.stdout, info.stdout
 
