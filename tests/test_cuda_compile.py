@@ -13,6 +13,9 @@ import torch.utils.cpp_extension as cpp_extension
 
 from softsplat.backends.extension import CSRC
 
+#: The flags the cpp backend builds its CUDA kernels with (no FMA contraction: docs/spec.md).
+CUDA_FLAGS = ["-O3", "--fmad=false"]
+
 NVCC = shutil.which("nvcc") or ("/usr/local/bin/nvcc" if pathlib.Path("/usr/local/bin/nvcc").exists() else None)
 
 
@@ -24,7 +27,7 @@ def test_cuda_translation_unit_compiles_for_sm80_and_sm90(tmp_path) -> None:
     stub.write_text("#pragma once\n")
     includes = [tmp_path / "stub", CSRC, *map(pathlib.Path, cpp_extension.include_paths())]
     command = [
-        NVCC, "-std=c++20", "-c", str(CSRC / "splat_cuda.cu"), "-o", str(tmp_path / "splat_cuda.o"),
+        NVCC, "-std=c++20", *CUDA_FLAGS, "-c", str(CSRC / "splat_cuda.cu"), "-o", str(tmp_path / "splat_cuda.o"),
         "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr",
         "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
         *(f"-I{path}" for path in includes),
@@ -34,3 +37,9 @@ def test_cuda_translation_unit_compiles_for_sm80_and_sm90(tmp_path) -> None:
     symbols = subprocess.run(["nm", "-C", str(tmp_path / "splat_cuda.o")], capture_output=True, text=True, check=True).stdout
     for kernel in ("splat_forward_kernel", "splat_normalise_kernel", "splat_backward_prepare_kernel", "splat_backward_kernel"):
         assert kernel in symbols, f"{kernel} was not compiled"
+
+
+def test_the_cpp_backend_builds_cuda_with_the_checked_flags() -> None:
+    from softsplat.backends import cpp
+
+    assert cpp.library().cuda_cflags == CUDA_FLAGS

@@ -25,7 +25,7 @@ def test_kernel_source_compiles_with_nvrtc(architecture) -> None:
     from cupy_backends.cuda.libs import nvrtc
 
     names = [name for dtype in cupy_backend.SCALAR_TYPES for name in cupy_backend.kernel_names(dtype).values()]
-    program = nvrtc.createProgram(cupy_backend.KERNEL_SOURCE, "softsplat_kernels.cu", (), ())
+    program = nvrtc.createProgram(cupy_backend.kernel_code(), "softsplat_kernels.cu", (), ())
     try:
         for name in names:
             nvrtc.addNameExpression(program, name)
@@ -48,7 +48,7 @@ class _FakeModule:
     built: list = []
 
     def __init__(self, code, options, name_expressions):
-        assert code == cupy_backend.KERNEL_SOURCE
+        assert code == cupy_backend.kernel_code()
         _FakeModule.built.append(self)
         self.launches = []
 
@@ -112,3 +112,48 @@ def test_a_cupy_of_another_cuda_major_than_torch_is_reported() -> None:
     assert cuda_mismatch(12, None) is None  # a CPU torch: nothing to match
     assert cuda_mismatch(None, "13.0") is None  # a source build of CuPy: its CUDA is its own
     assert installed_cupy_cuda() in (None, 12, 13)
+
+
+def test_the_compiled_code_changes_with_the_headers_it_includes(tmp_path) -> None:
+    """CuPy caches compiled programs by their code: the code names the included headers' hash,
+    so an edited taps.h or splat_kernels.cuh is compiled anew, never served an old cubin."""
+    import shutil
+
+    from softsplat.backends.extension import CSRC
+
+    copy = tmp_path / "csrc"
+    shutil.copytree(CSRC, copy)
+    before = cupy_backend.kernel_code(copy)
+    assert before == cupy_backend.kernel_code()
+    for header in cupy_backend.KERNEL_HEADERS:
+        path = copy / header
+        path.write_text(path.read_text() + "\n// edited\n")
+        after = cupy_backend.kernel_code(copy)
+        assert after != before and after.endswith(cupy_backend.KERNEL_SOURCE)
+        before = after
+
+
+@needs_cupy
+def test_nvrtc_contracts_no_multiply_add() -> None:
+    """The backend compiles with --fmad=false (docs/spec.md, floating point): the backward, whose
+    sums of products a compiler would fuse, has fewer FMAs than with contraction allowed (those
+    left are the math library's own, in exp)."""
+    import re
+
+    from cupy_backends.cuda.libs import nvrtc
+
+    def backward_fmas(options) -> int:
+        program = nvrtc.createProgram(cupy_backend.kernel_code(), "softsplat_kernels.cu", (), ())
+        try:
+            for name in cupy_backend.kernel_names(torch.float32).values():
+                nvrtc.addNameExpression(program, name)
+            nvrtc.compileProgram(program, (*options, "--gpu-architecture=compute_80"))
+            ptx = nvrtc.getPTX(program).decode()
+        finally:
+            nvrtc.destroyProgram(program)
+        return sum(entry.count("fma.rn") for entry in re.split(r"\.entry ", ptx) if entry.startswith("_ZN9softsplat21splat_backward_kernel"))
+
+    options = cupy_backend.nvrtc_options()
+    assert "--fmad=false" in options
+    contracted = backward_fmas([o for o in options if o != "--fmad=false"] + ["--fmad=true"])
+    assert backward_fmas(options) < contracted

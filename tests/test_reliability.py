@@ -175,6 +175,10 @@ def test_index_width_helper_past_int32() -> None:
     small = torch.empty(2, 3, 4, 5)
     assert cupy_backend._fits_int32([small], 2 * 4 * 4 * 5)
     assert not cupy_backend._fits_int32([small], 2**31)  # N*(C+1)*H*W past 2^31-1
+    # Below 2^31 - 1, but a grid-stride index (up to MAX_BLOCKS * THREADS = 2^28 past the last
+    # element) would pass it: 64-bit.
+    assert not cupy_backend._fits_int32([small], 2**31 - 2**27)
+    assert cupy_backend._fits_int32([small], 2**31 - 2**28 - 2)
     huge = torch.empty(1).expand(2**16, 2**16)  # 2^32 elements, stride 0: no memory
     assert not cupy_backend._fits_int32([huge], 10)  # pixel indices would pass 2^31-1
 

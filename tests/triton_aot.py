@@ -1,5 +1,14 @@
-"""Compile every Triton kernel of the triton backend ahead of time for CUDA targets (no GPU
-needed): ``python tests/triton_aot.py 80 90``. Exits non-zero on any compile error. Run by
+"""Compile, for CUDA targets and without a GPU, every kernel launch the triton backend makes, with
+the signature and specialisation Triton's own launcher derives from the real arguments
+(``create_function_from_signature`` and ``JITFunction._pack_args``, as ``JITFunction.run`` calls
+them): ``python tests/triton_aot.py 80 90``. The launches are recorded by running the backend's
+op functions on CPU tensors with ``wrap_triton`` replaced by a recorder, over shapes that
+include 1x1, 1xW, Hx1, odd sizes, strided and channels_last inputs, every dtype and mode.
+
+Each compiled kernel is then read: launched without FMA contraction (and no ``fma.rn`` in the
+kernels without exp, whose library code has FMAs of its own), no 32-bit product in the TTIR
+(sizes are widened to 64 bits), no ordering (``acq_rel``, ``fence``, ``membar``) around the
+forward's and the scatter-max's atomics, no local memory (``.local``: spills). Exits non-zero, naming the kernel, on any failure. Run by
 tests/test_triton.py in a subprocess, since TRITON_INTERPRET must not be set here."""
 
 from __future__ import annotations
@@ -7,81 +16,111 @@ from __future__ import annotations
 import itertools
 import sys
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.compiler.compiler import make_backend
+from triton.runtime.jit import create_function_from_signature
 
-from softsplat.backends import triton_kernels as k
-
-POINTER = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32", "float64": "*fp64"}
-
-
-def compute(dtype: str) -> str:
-    return "float64" if dtype == "float64" else "float32"
+LAUNCHES: list[tuple] = []
 
 
-def specialisations():
-    """(kernel, signature, constexprs) for every input dtype, kind and normalisation."""
-    for dtype in POINTER:
-        acc = compute(dtype)
-        acc_ptr, acc_tl = POINTER[acc], getattr(k.tl, acc)
-        for kind in (k.SUM, k.AVG, k.LINEAR, k.SOFT, k.STABLE):
-            yield k._splat_fwd_kernel, {
-                "input_ptr": POINTER[dtype], "sin_n": "i64", "sin_c": "i64", "sin_y": "i64", "sin_x": "i64",
-                "flow_ptr": acc_ptr, "sfn": "i64", "sfc": "i64", "sfy": "i64", "sfx": "i64",
-                "metric_ptr": acc_ptr, "smn": "i64", "smy": "i64", "smx": "i64", "max_ptr": acc_ptr,
-                "out_ptr": acc_ptr, "norm_ptr": acc_ptr, "N": "i64", "C": "i64", "H": "i64", "W": "i64",
-                "KIND": "constexpr", "ACC": "constexpr", "BLOCK": "constexpr",
-            }, {"KIND": kind, "ACC": acc_tl, "BLOCK": 256}
-            for want in itertools.product((False, True), repeat=3):
-                yield k._splat_bwd_kernel, {
-                    "input_ptr": POINTER[dtype], "sin_n": "i64", "sin_c": "i64", "sin_y": "i64", "sin_x": "i64",
-                    "flow_ptr": acc_ptr, "sfn": "i64", "sfc": "i64", "sfy": "i64", "sfx": "i64",
-                    "metric_ptr": acc_ptr, "smn": "i64", "smy": "i64", "smx": "i64", "g_ptr": acc_ptr,
-                    "max_ptr": acc_ptr,
-                    "grad_input_ptr": POINTER[dtype] if want[0] else acc_ptr,
-                    "grad_flow_ptr": acc_ptr, "grad_metric_ptr": acc_ptr,
-                    "N": "i64", "C": "i64", "H": "i64", "W": "i64",
-                    "KIND": "constexpr", "WANT_INPUT": "constexpr", "WANT_FLOW": "constexpr",
-                    "WANT_METRIC": "constexpr", "ACC": "constexpr", "BLOCK": "constexpr",
-                }, {"KIND": kind, "WANT_INPUT": want[0], "WANT_FLOW": want[1], "WANT_METRIC": want[2] and kind >= 2,
-                    "ACC": acc_tl, "BLOCK": 256}
-        if dtype == acc:  # the scatter-max works in the compute dtype only
-            yield k._splat_max_kernel, {
-                "flow_ptr": acc_ptr, "sfn": "i64", "sfc": "i64", "sfy": "i64", "sfx": "i64",
-                "metric_ptr": acc_ptr, "smn": "i64", "smy": "i64", "smx": "i64", "max_ptr": acc_ptr,
-                "N": "i64", "H": "i64", "W": "i64", "ACC": "constexpr", "BLOCK": "constexpr",
-            }, {"ACC": acc_tl, "BLOCK": 256}
-        for norm in (k.ADDEPS, k.ZEROEPS, k.CLIPEPS, k.RAW):
-            if dtype != acc:
-                continue  # normalise and prepare work in the compute dtype only
-            yield k._splat_normalise_kernel, {
-                "out_ptr": acc_ptr, "norm_ptr": acc_ptr, "N": "i64", "C": "i64", "H": "i64", "W": "i64",
-                "NORM": "constexpr", "BLOCK": "constexpr",
-            }, {"NORM": norm, "BLOCK": 256}
-            for kind, has_gnorm in ((k.SUM, False), (k.SOFT, False), (k.SOFT, True)):
-                yield k._splat_bwd_prepare_kernel, {
-                    "grad_ptr": acc_ptr, "sgn": "i64", "sgc": "i64", "sgy": "i64", "sgx": "i64",
-                    "out_ptr": acc_ptr, "norm_ptr": acc_ptr, "gnorm_ptr": acc_ptr, "sdn": "i64", "sdy": "i64",
-                    "sdx": "i64", "g_ptr": acc_ptr, "N": "i64", "C": "i64", "H": "i64", "W": "i64",
-                    "KIND": "constexpr", "NORM": "constexpr", "HAS_GNORM": "constexpr", "ACC": "constexpr",
-                    "BLOCK": "constexpr",
-                }, {"KIND": kind, "NORM": norm, "HAS_GNORM": has_gnorm, "ACC": acc_tl, "BLOCK": 256}
+class Recorder:
+    """Stands in for ``torch.library.wrap_triton``: records each launch instead of running it."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: LAUNCHES.append((self.kernel, args, kwargs))
+
+
+def record() -> None:
+    """Every launch of the backend's ops over the cases."""
+    torch.library.wrap_triton = Recorder
+    from softsplat.backends import triton_backend as backend
+
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(1, 1, 1, 1), (1, 3, 1, 7), (2, 2, 5, 1), (2, 4, 9, 16)]
+    layouts = ["contiguous", "channels_last", "strided"]
+    dtypes = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+    for (N, C, H, W), layout, dtype in itertools.product(shapes, layouts, dtypes):
+        if layout != "contiguous" and dtype != torch.float32:
+            continue  # every layout in float32; the other dtypes contiguous
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        input = torch.randn(N, C, H, W, generator=generator).to(dtype)
+        if layout == "channels_last":
+            input = input.contiguous(memory_format=torch.channels_last)
+        elif layout == "strided":
+            input = torch.randn(N, C, H, 2 * W, generator=generator).to(dtype)[..., ::2]
+        flow = torch.randn(N, 2, H, W, generator=generator).to(acc)
+        metric = torch.randn(N, 1, H, W, generator=generator).to(acc)
+        maximum = backend.splat_maximum(flow, metric)
+        for kind, normalisation in [(0, 0), (1, 0), (1, 1), (2, 2), (3, 0), (3, 3), (4, 0)]:
+            m = metric if kind >= 2 else None
+            out, normaliser = backend.splat_forward(input, flow, m, kind, normalisation, maximum if kind == 4 else None)
+            grad = torch.randn(N, C, H, W, generator=generator).to(acc)
+            # Every output mask and a normaliser's gradient for soft; the full gradient otherwise.
+            masks = ([True, True, True], [True, False, False], [False, True, True]) if kind == 3 else ([True, True, True],)
+            for mask in masks:
+                for grad_normaliser in (None, torch.randn(N, 1, H, W, generator=generator).to(acc)) if kind == 3 else (None,):
+                    backend.splat_backward(grad, grad_normaliser, input, flow, m, out, normaliser, kind, normalisation,
+                                           mask, maximum if kind == 4 else None)
+
+
+def constexprs_of(fn, constexprs) -> dict:
+    """The constexpr arguments by name (``_pack_args`` keys them by position)."""
+    names = [p.name for p in fn.params]
+    return {names[path[0]]: value for path, value in constexprs.items()}
+
+
+def compile_all(architectures) -> list[str]:
+    problems, compiled = [], {}
+    for architecture in architectures:
+        target = GPUTarget("cuda", int(architecture), 32)
+        backend = make_backend(target)
+        for kernel, args, kwargs in LAUNCHES:
+            fn = kernel  # the JITFunction
+            binder = create_function_from_signature(fn.signature, fn.params, backend)
+            bound_args, specialization, options = binder(*args, **kwargs)
+            key = (architecture, fn.__name__, str(specialization), str(options))
+            if key in compiled:
+                continue
+            options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+            source = triton.compiler.ASTSource(fn, signature, constexprs, attrs)
+            try:
+                binary = triton.compile(source, target=target, options=options.__dict__)
+            except Exception as error:  # a launch the launcher would make and that does not compile
+                problems.append(f"{fn.__name__} sm_{architecture} {signature} {constexprs}: {type(error).__name__}: {error}")
+                continue
+            compiled[key] = binary
+            ptx = binary.asm["ptx"]
+            name = f"{fn.__name__} sm_{architecture} {specialization}"
+            if options.enable_fp_fusion is not False:
+                problems.append(f"{name}: launched with FMA contraction allowed")
+            # Kernels without exp: no FMA at all (exp's own library code has FMAs of its own).
+            if constexprs_of(fn, constexprs).get("KIND") not in (3, 4) and "fma.rn" in ptx:
+                problems.append(f"{name}: an FMA in the PTX (contraction must be off)")
+            if ".local" in ptx:
+                problems.append(f"{name}: local memory in the PTX (a spill)")
+            # Sizes and indices are 64-bit: no product is formed in 32 bits (docs/spec.md, sizes).
+            narrow = [line.strip() for line in binary.asm["ttir"].splitlines() if "arith.muli" in line and ": i32" in line]
+            if narrow:
+                problems.append(f"{name}: a 32-bit product in the TTIR: {narrow[0]}")
+            if fn.__name__ in ("_splat_fwd_kernel", "_splat_max_kernel"):
+                for ordering in ("acq_rel", "fence.", "membar"):
+                    if ordering in ptx:
+                        problems.append(f"{name}: {ordering} around the atomics (they must be relaxed)")
+    print(f"compiled {len(compiled)} kernel specialisations from {len(LAUNCHES)} launches for sm_{', sm_'.join(architectures)}")
+    return problems
 
 
 def main(architectures) -> int:
-    compiled = set()
-    for architecture in architectures:
-        target = GPUTarget("cuda", int(architecture), 32)
-        for kernel, signature, constexprs in specialisations():
-            source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-            key = (architecture, kernel.__name__, tuple(sorted(signature.items())), tuple(sorted((n, str(v)) for n, v in constexprs.items())))
-            if key in compiled:
-                continue
-            binary = triton.compile(source, target=target)
-            assert binary.asm.get("cubin"), f"{kernel.__name__}: no cubin for sm_{architecture}"
-            compiled.add(key)
-    print(f"compiled {len(compiled)} kernel specialisations for sm_{', sm_'.join(architectures)}")
-    return 0
+    record()
+    problems = compile_all(architectures)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ so not deterministic; the backward is a gather and is.
 
 from __future__ import annotations
 
-import functools
+import threading
 
 import torch
 
@@ -34,15 +34,20 @@ CPU_SOURCES = [
 ]
 
 
+_LIBRARIES: dict[str, OpLibrary] = {}
+_LIBRARIES_LOCK = threading.Lock()
+
+
 def library() -> OpLibrary:
-    """The library of the CPU level chosen now (build_flags.chosen_level)."""
-    return _library(build_flags.chosen_level())
-
-
-@functools.cache
-def _library(level: str) -> OpLibrary:
-    sources = CPU_SOURCES + ([] if _cuda_reason() else ["splat_cuda.cu"])
-    return OpLibrary("softsplat", sources, cuda_cflags=["-O3"], fused_stable=True, level=level)
+    """The library of the CPU level chosen now (build_flags.chosen_level): one object per level
+    and process, even when many threads ask at once (its lock makes the one build)."""
+    level = build_flags.chosen_level()
+    with _LIBRARIES_LOCK:
+        if level not in _LIBRARIES:
+            sources = CPU_SOURCES + ([] if _cuda_reason() else ["splat_cuda.cu"])
+            _LIBRARIES[level] = OpLibrary("softsplat", sources, cuda_cflags=["-O3", "--fmad=false"], fused_stable=True,
+                                          level=level)
+        return _LIBRARIES[level]
 
 
 class CppBackend(OpsBackend):

@@ -11,6 +11,7 @@ and autograd registration. CuPy is imported on first use only.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import os
 import pathlib
@@ -31,6 +32,17 @@ from .ops import (
 
 #: What the backend hands to NVRTC: the shared kernel header and its fp16/bf16 types.
 KERNEL_SOURCE = '#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n#include "splat_kernels.cuh"\n'
+#: The headers KERNEL_SOURCE includes from csrc/.
+KERNEL_HEADERS = ("splat_kernels.cuh", "taps.h")
+
+
+def kernel_code(root: pathlib.Path | None = None) -> str:
+    """KERNEL_SOURCE with a first line naming the hash of the headers it includes: CuPy keys its
+    on-disk cache by the code and the options, not by what the code includes, so without it an
+    edited or upgraded header would meet an old cubin."""
+    root = root or CSRC
+    digest = hashlib.sha256(b"".join((root / name).read_bytes() for name in KERNEL_HEADERS)).hexdigest()
+    return f"// softsplat kernels {digest}\n" + KERNEL_SOURCE
 SCALAR_TYPES = {
     torch.float16: "__half",
     torch.bfloat16: "__nv_bfloat16",
@@ -39,6 +51,7 @@ SCALAR_TYPES = {
 }
 INT32_MAX = 2**31 - 1
 THREADS = 256
+MAX_BLOCKS = 1 << 20  # blocks of a launch at most; grid-stride loops cover the rest
 
 
 def kernel_names(dtype: torch.dtype) -> dict[tuple[str, str], str]:
@@ -71,8 +84,10 @@ def cuda_include() -> str | None:
 
 
 def nvrtc_options() -> tuple[str, ...]:
+    """NVRTC's options: C++17, csrc/ and the CUDA headers on the include path, and no FMA
+    contraction (docs/spec.md, floating point)."""
     include = cuda_include()
-    return ("-std=c++17", f"-I{CSRC}") + ((f"-I{include}",) if include else ())
+    return ("-std=c++17", "--fmad=false", f"-I{CSRC}") + ((f"-I{include}",) if include else ())
 
 
 _modules: dict[tuple[int, torch.dtype], object] = {}
@@ -88,7 +103,7 @@ def module_for(device_index: int, dtype: torch.dtype):
             import cupy
 
             _modules[key] = cupy.RawModule(
-                code=KERNEL_SOURCE,
+                code=kernel_code(),
                 options=nvrtc_options(),
                 name_expressions=list(kernel_names(dtype).values()),
             )
@@ -97,8 +112,10 @@ def module_for(device_index: int, dtype: torch.dtype):
 
 def _fits_int32(tensors, largest_product: int) -> bool:
     """As splat_cuda_launch.h: 32-bit indexing only when every product of sizes the kernels
-    form, every element count and every element offset stays below 2^31 - 1."""
-    if largest_product >= INT32_MAX:
+    form (plus the grid-stride step), every element count and every element offset stays below
+    2^31 - 1."""
+    # A grid-stride index steps up to the grid's size past the last element: it must fit too.
+    if largest_product + MAX_BLOCKS * THREADS >= INT32_MAX:
         return False
     for t in tensors:
         if t is None or t.numel() == 0:
@@ -133,7 +150,7 @@ def _launch(device: torch.device, dtype: torch.dtype, kernel: str, index: str, t
             converted.append(np.int32(value[1]))
         else:
             converted.append(np.int64(value))  # strides: long long
-    blocks = max(1, min((total + THREADS - 1) // THREADS, 1 << 20))
+    blocks = max(1, min((total + THREADS - 1) // THREADS, MAX_BLOCKS))
     device_index = device.index if device.index is not None else torch.cuda.current_device()
     with cupy.cuda.Device(device_index):
         function = module_for(device_index, dtype).get_function(kernel_names(dtype)[kernel, index])

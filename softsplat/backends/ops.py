@@ -27,10 +27,11 @@ def forward_buffers(input: torch.Tensor, flow: torch.Tensor, kind: int) -> tuple
 
 
 def prepared_gradients(input: torch.Tensor, flow: torch.Tensor, kind: int) -> torch.Tensor:
-    """The backward's scratch ``g`` ``[N, H, W, K]``: per target, gN of the C channels, then gD
-    for the normalised kinds (docs/spec.md, gradients)."""
+    """The GPU backward's scratch ``g`` ``[N, K, H, W]``: per target, gN of the C channels, then
+    gD for the normalised kinds (docs/spec.md, gradients). Planar, so that the threads of
+    neighbouring pixels store and gather neighbouring addresses."""
     N, C, H, W = input.shape
-    return torch.empty((N, H, W, C + (1 if kind != Kind.SUM else 0)), dtype=flow.dtype, device=flow.device)
+    return torch.empty((N, C + (1 if kind != Kind.SUM else 0), H, W), dtype=flow.dtype, device=flow.device)
 
 
 def gradient_buffers(input, flow, metric, kind: int, output_mask) -> tuple[tuple[torch.Tensor, ...], bool]:

@@ -9,13 +9,14 @@ it without a GPU); ``opcheck`` and ``torch.compile`` need a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
 
 import torch
 
-from ..modes import Kind
+from ..modes import Kind, Normalisation
 from .ops import (
     OpsBackend,
     autograd_formula,
@@ -42,6 +43,17 @@ def _acc(dtype: torch.dtype):
     return k.tl.float64 if dtype == torch.float64 else k.tl.float32
 
 
+#: Every launch: no contraction of a product and a sum into one FMA (docs/spec.md, floating point).
+LAUNCH_OPTIONS = {"enable_fp_fusion": False}
+
+
+def _on(device: torch.device):
+    """The launch context of ``device``: Triton launches on the current CUDA device and its
+    current stream, so the input's device is made current (a no-op on the CPU, in the
+    interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _grid(count: int) -> tuple[int]:
     return ((count + _block() - 1) // _block(),)
 
@@ -53,10 +65,12 @@ def splat_maximum(flow: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
 
     N, _, H, W = flow.shape
     maximum = torch.full((N, 1, H, W), float("-inf"), dtype=flow.dtype, device=flow.device)
-    if N * H * W:
+    if N * H * W == 0:
+        return maximum
+    with _on(flow.device):
         wrap_triton(k._splat_max_kernel)[_grid(N * H * W)](
             flow, *flow.stride(), metric, *per_pixel_strides(metric), maximum, N, H, W,
-            ACC=_acc(flow.dtype), BLOCK=_block(),
+            ACC=_acc(flow.dtype), BLOCK=_block(), **LAUNCH_OPTIONS,
         )
     return maximum
 
@@ -77,15 +91,16 @@ def splat_forward(
     normalised = kind != Kind.SUM
     metric_arg = metric if metric is not None else flow  # never read below Kind.LINEAR
     maximum_arg = maximum.contiguous() if kind == Kind.STABLE else out  # read only when stable
-    wrap_triton(k._splat_fwd_kernel)[_grid(pixels)](
-        input, *input.stride(), flow, *flow.stride(), metric_arg, *per_pixel_strides(metric),
-        maximum_arg, out, normaliser if normalised else out, N, C, H, W,
-        KIND=kind, ACC=_acc(flow.dtype), BLOCK=_block(),
-    )
-    if normalised and C:
-        wrap_triton(k._splat_normalise_kernel)[_grid(pixels * C)](
-            out, normaliser, N, C, H, W, NORM=normalisation, BLOCK=_block(),
+    with _on(input.device):
+        wrap_triton(k._splat_fwd_kernel)[_grid(pixels)](
+            input, *input.stride(), flow, *flow.stride(), metric_arg, *per_pixel_strides(metric),
+            maximum_arg, out, normaliser if normalised else out, N, C, H, W,
+            KIND=kind, ACC=_acc(flow.dtype), BLOCK=_block(), **LAUNCH_OPTIONS,
         )
+        if normalised and C and normalisation != Normalisation.RAW:  # raw: the numerator as it is
+            wrap_triton(k._splat_normalise_kernel)[_grid(pixels * C)](
+                out, normaliser, N, C, H, W, NORM=normalisation, BLOCK=_block(), **LAUNCH_OPTIONS,
+            )
     return out, normaliser
 
 
@@ -107,19 +122,21 @@ def splat_backward(
     g = prepared_gradients(input, flow, kind)
     has_gnorm = grad_normaliser is not None and normalised
     out = out.contiguous()
-    wrap_triton(k._splat_bwd_prepare_kernel)[_grid(pixels)](
-        grad_out, *grad_out.stride(), out, normaliser.contiguous() if normalised else out,
-        grad_normaliser if has_gnorm else g, *per_pixel_strides(grad_normaliser if has_gnorm else None), g,
-        N, C, H, W, KIND=kind, NORM=normalisation, HAS_GNORM=has_gnorm, ACC=_acc(flow.dtype), BLOCK=_block(),
-    )
-    wrap_triton(k._splat_bwd_kernel)[_grid(pixels)](
-        input, *input.stride(), flow, *flow.stride(), metric if metric is not None else flow,
-        *per_pixel_strides(metric), g, maximum.contiguous() if kind == Kind.STABLE else g,
-        grad_input if output_mask[0] else g, grad_flow if output_mask[1] else g,
-        grad_metric if want_metric else g, N, C, H, W,
-        KIND=kind, WANT_INPUT=bool(output_mask[0]), WANT_FLOW=bool(output_mask[1]),
-        WANT_METRIC=want_metric, ACC=_acc(flow.dtype), BLOCK=_block(),
-    )
+    with _on(input.device):
+        wrap_triton(k._splat_bwd_prepare_kernel)[_grid(pixels)](
+            grad_out, *grad_out.stride(), out, normaliser.contiguous() if normalised else out,
+            grad_normaliser if has_gnorm else g, *per_pixel_strides(grad_normaliser if has_gnorm else None), g,
+            N, C, H, W, KIND=kind, NORM=normalisation, HAS_GNORM=has_gnorm, ACC=_acc(flow.dtype), BLOCK=_block(),
+            **LAUNCH_OPTIONS,
+        )
+        wrap_triton(k._splat_bwd_kernel)[_grid(pixels)](
+            input, *input.stride(), flow, *flow.stride(), metric if metric is not None else flow,
+            *per_pixel_strides(metric), g, maximum.contiguous() if kind == Kind.STABLE else g,
+            grad_input if output_mask[0] else g, grad_flow if output_mask[1] else g,
+            grad_metric if want_metric else g, N, C, H, W,
+            KIND=kind, WANT_INPUT=bool(output_mask[0]), WANT_FLOW=bool(output_mask[1]),
+            WANT_METRIC=want_metric, ACC=_acc(flow.dtype), BLOCK=_block(), **LAUNCH_OPTIONS,
+        )
     return grad_input, grad_flow, grad_metric
 
 

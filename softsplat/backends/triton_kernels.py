@@ -5,7 +5,10 @@ backend imports it, lazily.
 Forward: one lane per source pixel adds its weighted channels and weight to its four taps with
 ``tl.atomic_add``, then one lane per output element divides. Backward: one lane per target pixel
 prepares ``gN = grad / D'`` and ``gD``, then one lane per source pixel gathers from its taps and
-writes only its own gradients: no atomics. Pixel indices are 64-bit throughout.
+writes only its own gradients: no atomics. Sizes are widened to 64 bits on entry, so every
+index and product of sizes is 64-bit; sizes are never specialised (a size of 1 stays a runtime
+value, as it does for every other size). Atomics are relaxed: splatting needs no ordering
+between them. The launcher disables FMA contraction (docs/spec.md, floating point).
 """
 
 from __future__ import annotations
@@ -66,11 +69,30 @@ def _stable_weight(m, max_ptr, target, keep):
 
 
 @triton.jit
+def _atomic_float_max(ptr, value, mask, ACC: tl.constexpr):
+    """``*ptr = max(*ptr, value)`` as replaces_maximum (taps.h) takes it, NaN winning, through
+    integer atomics on the bits, so that compiled and interpreted kernels run the same logic:
+    a non-negative float orders as its bits taken as a signed integer, a negative one inversely
+    as its bits taken unsigned. Every NaN is first made the positive quiet NaN (which then beats
+    every other value both ways) and -0.0 is made +0.0."""
+    value = tl.where(value != value, float("nan"), value + 0.0)
+    if ACC == tl.float64:
+        signed = value.to(tl.int64, bitcast=True)
+        tl.atomic_max(ptr.to(tl.pointer_type(tl.int64)), signed, mask=mask & (signed >= 0), sem="relaxed")
+        tl.atomic_min(ptr.to(tl.pointer_type(tl.uint64)), value.to(tl.uint64, bitcast=True), mask=mask & (signed < 0),
+                      sem="relaxed")
+    else:
+        signed = value.to(tl.int32, bitcast=True)
+        tl.atomic_max(ptr.to(tl.pointer_type(tl.int32)), signed, mask=mask & (signed >= 0), sem="relaxed")
+        tl.atomic_min(ptr.to(tl.pointer_type(tl.uint32)), value.to(tl.uint32, bitcast=True), mask=mask & (signed < 0),
+                      sem="relaxed")
+
+
+@triton.jit(do_not_specialize=["N", "H", "W"])
 def _splat_max_kernel(flow_ptr, sfn, sfc, sfy, sfx, metric_ptr, smn, smy, smx, max_ptr, N, H, W,
                       ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """M of stable splatting, into max_ptr filled with -inf: an atomic max per kept tap.
-    (NaN metrics: the interpreter's max propagates NaN like the other backends; compiled float
-    atomic_max follows the hardware's ordering.)"""
+    """M of stable splatting, into max_ptr filled with -inf: an atomic max per kept tap."""
+    N, H, W = N.to(tl.int64), H.to(tl.int64), W.to(tl.int64)
     pixel = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     valid = pixel < N * H * W
     pixel = tl.where(valid, pixel, 0)
@@ -78,13 +100,13 @@ def _splat_max_kernel(flow_ptr, sfn, sfc, sfy, sfx, metric_ptr, smn, smy, smx, m
     lands = lands & valid
     m = tl.load(metric_ptr + n * smn + y * smy + x * smx, mask=valid, other=0.0).to(ACC)
     t_nw = n * H * W + y0 * W + x0
-    tl.atomic_max(max_ptr + t_nw, m, mask=lands & (x0 >= 0) & (y0 >= 0))
-    tl.atomic_max(max_ptr + t_nw + 1, m, mask=lands & (x0 + 1 <= W - 1) & (y0 >= 0))
-    tl.atomic_max(max_ptr + t_nw + W, m, mask=lands & (x0 >= 0) & (y0 + 1 <= H - 1))
-    tl.atomic_max(max_ptr + t_nw + W + 1, m, mask=lands & (x0 + 1 <= W - 1) & (y0 + 1 <= H - 1))
+    _atomic_float_max(max_ptr + t_nw, m, lands & (x0 >= 0) & (y0 >= 0), ACC)
+    _atomic_float_max(max_ptr + t_nw + 1, m, lands & (x0 + 1 <= W - 1) & (y0 >= 0), ACC)
+    _atomic_float_max(max_ptr + t_nw + W, m, lands & (x0 >= 0) & (y0 + 1 <= H - 1), ACC)
+    _atomic_float_max(max_ptr + t_nw + W + 1, m, lands & (x0 + 1 <= W - 1) & (y0 + 1 <= H - 1), ACC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "C", "H", "W"])
 def _splat_fwd_kernel(
     input_ptr, sin_n, sin_c, sin_y, sin_x,
     flow_ptr, sfn, sfc, sfy, sfx,
@@ -94,6 +116,7 @@ def _splat_fwd_kernel(
     N, C, H, W,
     KIND: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    N, C, H, W = N.to(tl.int64), C.to(tl.int64), H.to(tl.int64), W.to(tl.int64)
     pixel = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     valid = pixel < N * H * W
     pixel = tl.where(valid, pixel, 0)
@@ -133,20 +156,20 @@ def _splat_fwd_kernel(
         v = tl.load(source + c * sin_c, mask=lands, other=0.0).to(ACC)
         plane = out_ptr + c * HW
         if KIND == SUM:
-            tl.atomic_add(plane + t_nw, b_nw * v, mask=keep_nw)
-            tl.atomic_add(plane + t_ne, b_ne * v, mask=keep_ne)
-            tl.atomic_add(plane + t_sw, b_sw * v, mask=keep_sw)
-            tl.atomic_add(plane + t_se, b_se * v, mask=keep_se)
+            tl.atomic_add(plane + t_nw, b_nw * v, mask=keep_nw, sem="relaxed")
+            tl.atomic_add(plane + t_ne, b_ne * v, mask=keep_ne, sem="relaxed")
+            tl.atomic_add(plane + t_sw, b_sw * v, mask=keep_sw, sem="relaxed")
+            tl.atomic_add(plane + t_se, b_se * v, mask=keep_se, sem="relaxed")
         else:  # b * (v * w): the oracle's order
-            tl.atomic_add(plane + t_nw, b_nw * (v * w_nw), mask=keep_nw)
-            tl.atomic_add(plane + t_ne, b_ne * (v * w_ne), mask=keep_ne)
-            tl.atomic_add(plane + t_sw, b_sw * (v * w_sw), mask=keep_sw)
-            tl.atomic_add(plane + t_se, b_se * (v * w_se), mask=keep_se)
+            tl.atomic_add(plane + t_nw, b_nw * (v * w_nw), mask=keep_nw, sem="relaxed")
+            tl.atomic_add(plane + t_ne, b_ne * (v * w_ne), mask=keep_ne, sem="relaxed")
+            tl.atomic_add(plane + t_sw, b_sw * (v * w_sw), mask=keep_sw, sem="relaxed")
+            tl.atomic_add(plane + t_se, b_se * (v * w_se), mask=keep_se, sem="relaxed")
     if KIND != SUM:
-        tl.atomic_add(norm_ptr + d_nw, b_nw * w_nw, mask=keep_nw)
-        tl.atomic_add(norm_ptr + d_nw + 1, b_ne * w_ne, mask=keep_ne)
-        tl.atomic_add(norm_ptr + d_nw + W, b_sw * w_sw, mask=keep_sw)
-        tl.atomic_add(norm_ptr + d_nw + W + 1, b_se * w_se, mask=keep_se)
+        tl.atomic_add(norm_ptr + d_nw, b_nw * w_nw, mask=keep_nw, sem="relaxed")
+        tl.atomic_add(norm_ptr + d_nw + 1, b_ne * w_ne, mask=keep_ne, sem="relaxed")
+        tl.atomic_add(norm_ptr + d_nw + W, b_sw * w_sw, mask=keep_sw, sem="relaxed")
+        tl.atomic_add(norm_ptr + d_nw + W + 1, b_se * w_se, mask=keep_se, sem="relaxed")
 
 
 @triton.jit
@@ -162,8 +185,9 @@ def _safe(D, NORM: tl.constexpr):
         return tl.where(D < EPS, EPS, D)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "C", "H", "W"])
 def _splat_normalise_kernel(out_ptr, norm_ptr, N, C, H, W, NORM: tl.constexpr, BLOCK: tl.constexpr):
+    N, C, H, W = N.to(tl.int64), C.to(tl.int64), H.to(tl.int64), W.to(tl.int64)
     element = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     valid = element < N * C * H * W
     HW = H * W
@@ -172,15 +196,16 @@ def _splat_normalise_kernel(out_ptr, norm_ptr, N, C, H, W, NORM: tl.constexpr, B
     tl.store(out_ptr + element, value / _safe(D, NORM), mask=valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "C", "H", "W"])
 def _splat_bwd_prepare_kernel(
     grad_ptr, sgn, sgc, sgy, sgx,
     out_ptr, norm_ptr,  # contiguous; unused for sum
     gnorm_ptr, sdn, sdy, sdx,  # gradient of the normaliser output; HAS_GNORM
-    g_ptr,  # [N, H, W, K] with K = C (+1 for the normalised kinds)
+    g_ptr,  # [N, K, H, W] with K = C (+1 for the normalised kinds): planar, coalesced
     N, C, H, W,
     KIND: tl.constexpr, NORM: tl.constexpr, HAS_GNORM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    N, C, H, W = N.to(tl.int64), C.to(tl.int64), H.to(tl.int64), W.to(tl.int64)
     pixel = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     valid = pixel < N * H * W
     x = pixel % W
@@ -188,18 +213,18 @@ def _splat_bwd_prepare_kernel(
     n = pixel // (W * H)
     HW = H * W
     K = C + (1 if KIND != SUM else 0)
-    row = g_ptr + pixel * K
+    row = g_ptr + n * K * HW + (pixel - n * HW)  # channel c at row + c * HW
     if KIND == SUM:
         for c in range(0, C):
             grad = tl.load(grad_ptr + n * sgn + c * sgc + y * sgy + x * sgx, mask=valid, other=0.0).to(ACC)
-            tl.store(row + c, grad, mask=valid)
+            tl.store(row + c * HW, grad, mask=valid)
     else:
         D = tl.load(norm_ptr + pixel, mask=valid, other=1.0).to(ACC)
         divisor = _safe(D, NORM)
         gD = tl.zeros(x.shape, ACC)
         for c in range(0, C):
             gN = tl.load(grad_ptr + n * sgn + c * sgc + y * sgy + x * sgx, mask=valid, other=0.0).to(ACC) / divisor
-            tl.store(row + c, gN, mask=valid)
+            tl.store(row + c * HW, gN, mask=valid)
             gD -= gN * tl.load(out_ptr + (n * C + c) * HW + y * W + x, mask=valid, other=0.0).to(ACC)
         if NORM == ZEROEPS:
             gD = tl.where(D == 0.0, 0.0, gD)
@@ -209,13 +234,13 @@ def _splat_bwd_prepare_kernel(
             gD = tl.zeros(x.shape, ACC)
         if HAS_GNORM:
             gD += tl.load(gnorm_ptr + n * sdn + y * sdy + x * sdx, mask=valid, other=0.0).to(ACC)
-        tl.store(row + C, gD, mask=valid)
+        tl.store(row + C * HW, gD, mask=valid)
 
 
 @triton.jit
 def _tap_terms(g_nw, g_ne, g_sw, g_se, offset, keep_nw, keep_ne, keep_sw, keep_se, b_nw, b_ne, b_sw, b_se,
                a_nw, a_ne, a_sw, a_se, north, south, west, east):
-    """For value ``offset`` of the taps' prepared gradients q: the gather sum(b * q) and the
+    """For the plane at ``offset`` of the taps' prepared gradients q: the gather sum(b * q) and the
     flow terms sum(d b / d fx, fy * q * a), with ``a`` the value each tap splatted. A tap that
     is not kept adds nothing (not even 0 * inf)."""
     q_nw = tl.load(g_nw + offset, mask=keep_nw, other=0.0)
@@ -232,7 +257,7 @@ def _tap_terms(g_nw, g_ne, g_sw, g_se, offset, keep_nw, keep_ne, keep_sw, keep_s
     return gathered, dfx, dfy
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "C", "H", "W"])
 def _splat_bwd_kernel(
     input_ptr, sin_n, sin_c, sin_y, sin_x,
     flow_ptr, sfn, sfc, sfy, sfx,
@@ -244,6 +269,7 @@ def _splat_bwd_kernel(
     KIND: tl.constexpr, WANT_INPUT: tl.constexpr, WANT_FLOW: tl.constexpr, WANT_METRIC: tl.constexpr,
     ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    N, C, H, W = N.to(tl.int64), C.to(tl.int64), H.to(tl.int64), W.to(tl.int64)
     pixel = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     valid = pixel < N * H * W
     pixel = tl.where(valid, pixel, 0)
@@ -255,10 +281,11 @@ def _splat_bwd_kernel(
     keep_sw = lands & (x0 >= 0) & (y0 + 1 <= H - 1)
     keep_se = lands & (x0 + 1 <= W - 1) & (y0 + 1 <= H - 1)
     K = C + (1 if KIND != SUM else 0)
-    g_nw = g_ptr + (n * H * W + y0 * W + x0) * K
-    g_ne = g_nw + K
-    g_sw = g_nw + W * K
-    g_se = g_sw + K
+    HW = H * W
+    g_nw = g_ptr + n * K * HW + y0 * W + x0  # channel c at g_nw + c * HW
+    g_ne = g_nw + 1
+    g_sw = g_nw + W
+    g_se = g_sw + 1
     b_nw = west * north
     b_ne = east * north
     b_sw = west * south
@@ -288,7 +315,7 @@ def _splat_bwd_kernel(
         splatted = v * w if KIND != SUM else v
         # Computed for every pixel, landed or not, as autograd does through the oracle.
         gathered, dfx, dfy = _tap_terms(
-            g_nw, g_ne, g_sw, g_se, c, keep_nw, keep_ne, keep_sw, keep_se, b_nw, b_ne, b_sw, b_se,
+            g_nw, g_ne, g_sw, g_se, c * HW, keep_nw, keep_ne, keep_sw, keep_se, b_nw, b_ne, b_sw, b_se,
             splatted * w_nw, splatted * w_ne, splatted * w_sw, splatted * w_se, north, south, west, east,
         )
         grad_fx += dfx
@@ -299,7 +326,7 @@ def _splat_bwd_kernel(
         grad_w += gathered * v
     if KIND != SUM:
         gathered, dfx, dfy = _tap_terms(
-            g_nw, g_ne, g_sw, g_se, C, keep_nw, keep_ne, keep_sw, keep_se, b_nw, b_ne, b_sw, b_se,
+            g_nw, g_ne, g_sw, g_se, C * HW, keep_nw, keep_ne, keep_sw, keep_se, b_nw, b_ne, b_sw, b_se,
             w * w_nw, w * w_ne, w * w_sw, w * w_se, north, south, west, east,
         )
         grad_w += gathered

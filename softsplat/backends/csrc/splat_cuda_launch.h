@@ -27,10 +27,11 @@ namespace softsplat {
 namespace launch {
 
 constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = int64_t(1) << 20;  // blocks of a launch at most; grid-stride loops cover the rest
 
 inline unsigned int blocks_for(int64_t total) {
   const int64_t blocks = (total + kThreads - 1) / kThreads;
-  return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(blocks, 1 << 20)));  // grid-stride beyond
+  return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(blocks, kMaxBlocks)));
 }
 
 // Largest element offset a kernel forms into `t`, plus one.
@@ -42,9 +43,10 @@ inline int64_t extent(const at::Tensor& t) {
 }
 
 // 32-bit indexing is exact when every offset, and every product of sizes the kernels form
-// (N*C*H*W at most, the gradient buffer N*H*W*(C+1)), stays below 2^31 - 1.
+// (N*C*H*W at most, the gradient buffer N*H*W*(C+1)), stays below 2^31 - 1, and so does a
+// grid-stride index, which steps up to kMaxBlocks * kThreads past the last element.
 inline bool fits_int32(std::initializer_list<at::Tensor> tensors, int64_t largest_product) {
-  if (largest_product >= INT_MAX) return false;
+  if (largest_product + kMaxBlocks * kThreads >= INT_MAX) return false;
   for (const auto& t : tensors)
     if (extent(t) >= INT_MAX) return false;
   return true;
@@ -134,7 +136,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> splat_backward(
   at::Tensor grad_metric = at::empty(want_metric ? at::IntArrayRef{N, 1, H, W} : at::IntArrayRef{0}, flow.options());
   if (N * H * W == 0 || !(output_mask[0] || output_mask[1] || want_metric)) return {grad_input, grad_flow, grad_metric};
   const int64_t K = C + (normalised ? 1 : 0);
-  at::Tensor g = at::empty({N, H, W, K}, flow.options());
+  at::Tensor g = at::empty({N, K, H, W}, flow.options());  // planar: coalesced (splat_kernels.cuh)
   const bool small = fits_int32({input, flow, metric, grad_out, grad_normaliser, out, g}, N * (C + 1) * H * W);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "splat_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;

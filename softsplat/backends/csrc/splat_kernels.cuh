@@ -114,7 +114,9 @@ __global__ void splat_normalise_kernel(acc_t* __restrict__ out, const acc_t* __r
   }
 }
 
-// g[n, y, x, :] = (gN_0 .. gN_{C-1}, gD) for the normalised kinds, (grad_0 .. grad_{C-1}) for sum.
+// g[n, :, y, x] = (gN_0 .. gN_{C-1}, gD) for the normalised kinds, (grad_0 .. grad_{C-1}) for sum:
+// planar [N, K, H, W], so that neighbouring threads (neighbouring pixels) store, and gather from
+// the taps of neighbouring pixels, neighbouring addresses (coalesced).
 template <typename acc_t, typename index_t>
 __global__ void splat_backward_prepare_kernel(
     const acc_t* __restrict__ grad, long long gr_sn, long long gr_sc, long long gr_sy, long long gr_sx,
@@ -125,22 +127,24 @@ __global__ void splat_backward_prepare_kernel(
     acc_t* __restrict__ g) {
   const index_t K = C + (kind == SUM ? 0 : 1);
   SOFTSPLAT_KERNEL_LOOP(pixel, N * H * W) {
-    const index_t x = pixel % W, y = (pixel / W) % H, n = pixel / (W * H);
-    acc_t* row = g + pixel * K;
+    const index_t x = pixel % W, y = (pixel / W) % H, n = pixel / (W * H), HW = H * W;
+    acc_t* planes = g + n * K * HW + (pixel - n * HW);  // channel c at planes[c * HW]
     if (kind == SUM) {
       for (index_t c = 0; c < C; ++c)
-        row[c] = grad[n * (index_t)gr_sn + c * (index_t)gr_sc + y * (index_t)gr_sy + x * (index_t)gr_sx];
+        planes[c * HW] = grad[n * (index_t)gr_sn + c * (index_t)gr_sc + y * (index_t)gr_sy + x * (index_t)gr_sx];
       continue;
     }
     const acc_t D = normaliser[pixel];
     const acc_t divisor = safe_normaliser(D, normalisation);
     acc_t gD = 0;
     for (index_t c = 0; c < C; ++c) {
-      row[c] = grad[n * (index_t)gr_sn + c * (index_t)gr_sc + y * (index_t)gr_sy + x * (index_t)gr_sx] / divisor;
-      gD -= row[c] * out[((n * C + c) * H + y) * W + x];
+      const acc_t gN = grad[n * (index_t)gr_sn + c * (index_t)gr_sc + y * (index_t)gr_sy + x * (index_t)gr_sx] / divisor;
+      planes[c * HW] = gN;
+      gD -= gN * out[((n * C + c) * H + y) * W + x];
     }
-    row[C] = normaliser_passes_gradient(D, normalisation) ? gD : acc_t(0);
-    if (grad_normaliser) row[C] += grad_normaliser[n * (index_t)gn_sn + y * (index_t)gn_sy + x * (index_t)gn_sx];
+    acc_t last = normaliser_passes_gradient(D, normalisation) ? gD : acc_t(0);
+    if (grad_normaliser) last += grad_normaliser[n * (index_t)gn_sn + y * (index_t)gn_sy + x * (index_t)gn_sx];
+    planes[C * HW] = last;
   }
 }
 
@@ -171,7 +175,7 @@ __global__ void splat_backward_kernel(
     acc_t tap_w[4];  // stable: exp(metric - M(tap)), folded into the gathers; else 1
     for (int k = 0; k < 4; ++k) {
       const bool kept = lands && taps.keep[k];
-      tap_rows[k] = kept ? g + ((n * H + tap_y(taps, k)) * W + tap_x(taps, k)) * K : nullptr;
+      tap_rows[k] = kept ? g + n * K * H * W + tap_y(taps, k) * W + tap_x(taps, k) : nullptr;  // channel c at [c * HW]
       tap_w[k] = kept && stable ? stable_weight(m, maximum[(n * H + tap_y(taps, k)) * W + tap_x(taps, k)]) : acc_t(1);
     }
 
@@ -184,7 +188,7 @@ __global__ void splat_backward_kernel(
       acc_t gathered = 0;
       for (int k = 0; k < 4; ++k) {
         if (!tap_rows[k]) continue;
-        const acc_t q = tap_rows[k][c];
+        const acc_t q = tap_rows[k][c * H * W];
         gathered += taps.weight[k] * (stable ? tap_w[k] * q : q);
         const acc_t tap_splatted = stable ? v * tap_w[k] : splatted;
         grad_fx += dx[k] * (q * tap_splatted);
@@ -197,7 +201,7 @@ __global__ void splat_backward_kernel(
     if (normalised) {
       for (int k = 0; k < 4; ++k) {
         if (!tap_rows[k]) continue;
-        const acc_t q = tap_rows[k][C];
+        const acc_t q = tap_rows[k][C * H * W];
         grad_w += taps.weight[k] * (stable ? tap_w[k] * q : q);
         const acc_t tap_weight = stable ? tap_w[k] : w;
         grad_fx += dx[k] * (q * tap_weight);
