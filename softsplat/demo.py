@@ -320,13 +320,17 @@ def run(args) -> int:
     backend = api.resolve_backend(one, Mode.SOFT, args.backend)
     console.print(f"softsplat demo: backend [bold]{backend}[/] ({'picked by auto' if args.backend == 'auto' else 'chosen'})")
 
-    def results_at(t, joint):
-        if joint:
-            return warp_both(one, two, flow, flow_back, metric_by_mode, metric_two, t, backend)
-        return warp_all(one, flow, metric_by_mode, t, backend)
+    warped = {}  # (t, joint) -> the four modes' results, each computed once
 
-    scored = [t for t in times if reference_at(t) is not None]
+    def results_at(t, joint):
+        if (t, joint) not in warped:
+            warped[t, joint] = (warp_both(one, two, flow, flow_back, metric_by_mode, metric_two, t, backend) if joint
+                                else warp_all(one, flow, metric_by_mode, t, backend))
+        return warped[t, joint]
+
     shown_t = args.t if args.t in times else times[0]
+    references = {t: reference_at(t) for t in {*times, shown_t}}  # each rendered once
+    scored = [t for t in times if references[t] is not None]
     variants = [False, True] if args.bidirectional else [False]
     if scored:
         console.print("PSNR (dB) against " + ("the true frame" if args.one is None else "frame two, your frames' reference at t = 1"))
@@ -337,18 +341,18 @@ def run(args) -> int:
             for mode in MODES:
                 table.add_column(mode, justify="right")
             for t in scored:
-                reference = reference_at(t)[0]
+                reference = references[t][0]
                 scores = {m: psnr(r, reference) for m, r in results_at(t, joint).items()}
                 best = max(scores.values())
                 table.add_row(f"{t:g}", *(f"[bold]{scores[m]:.2f}[/]" if scores[m] == best else f"{scores[m]:.2f}" for m in MODES))
             console.print(table)
-    unscored = [t for t in times if reference_at(t) is None]
+    unscored = [t for t in times if references[t] is None]
     if unscored:
         console.print(f"no PSNR at t = {', '.join(f'{t:g}' for t in unscored)}: your frames have no ground truth there "
                       "(at t = 1 frame two is compared)")
     joint = bool(args.bidirectional)
     results = results_at(shown_t, joint)
-    reference = reference_at(shown_t)
+    reference = references[shown_t]
     scores = {m: psnr(r, reference[0]) for m, r in results.items()} if reference is not None else {}
     existed = os.path.exists(args.out)
     figure(args.out, one, two, flow, reference, results, scores, shown_t, backend, joint=joint)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .modes import EPS, Kind, Normalisation
+from .modes import EPS, Kind, Mode, Normalisation
 
 #: The opset the translation needs (ScatterElements with reduction "max").
 OPSET = 18
@@ -124,14 +124,14 @@ def _safe_normaliser(D, normalisation: int):
     return op.Where(op.Less(D, eps), eps, D)  # clipeps; NaN stays NaN
 
 
-def _forward(input, flow, metric, kind: int, normalisation: int, maximum=None):
+def _forward(input, flow, metric=None, kind: int = Kind.SUM, normalisation: int = Normalisation.ADDEPS, maximum=None):
     """``splat_forward`` of csrc/schemas.h: (result or numerator, normaliser) in flow's dtype."""
     op = _op()
     index, weight, keep, (N, H, W) = _taps(flow)
     x = op.CastLike(input, flow)
     zero = _constant(0.0, flow)
+    ones = op.Expand(_constant(1.0, flow), op.Concat(N, _ints(1), H, W, axis=0))  # [N, 1, H, W]
     if kind == Kind.STABLE:
-        ones = op.Expand(_constant(1.0, flow), op.Concat(N, _ints(1), H, W, axis=0))
         per_tap = _per_tap(op.Concat(x, ones, axis=1), N)
         reached = op.GatherElements(op.Reshape(maximum, op.Concat(N, _ints(1), _ints(-1), axis=0)), index, axis=2)
         exponent = op.Exp(op.Sub(_per_tap(metric, N), reached))
@@ -141,9 +141,7 @@ def _forward(input, flow, metric, kind: int, normalisation: int, maximum=None):
         if kind == Kind.SUM:
             values = x
         else:
-            w = {Kind.AVG: None, Kind.LINEAR: metric, Kind.SOFT: op.Exp(metric) if metric is not None else None}[Kind(kind)]
-            if w is None:
-                w = op.Expand(_constant(1.0, flow), op.Concat(N, _ints(1), H, W, axis=0))
+            w = metric if kind == Kind.LINEAR else op.Exp(metric) if kind == Kind.SOFT else ones  # avg: 1
             values = op.Concat(op.Mul(x, w), w, axis=1)
         updates = op.Mul(weight, _per_tap(values, N))
     sums = _scatter_add(op.Where(keep, updates, zero), index, N, H, W)
@@ -164,14 +162,6 @@ def _stable_forward(input, flow, metric, normalisation: int):
     return out, normaliser, maximum
 
 
-def _splat_forward(input, flow, metric=None, kind: int = 0, normalisation: int = 0, maximum=None):
-    return _forward(input, flow, metric, kind, normalisation, maximum)
-
-
-def _splat_maximum(flow, metric):
-    return _maximum(flow, metric)
-
-
 def translations() -> dict:
     """``custom_translation_table`` for ``torch.onnx.export(..., dynamo=True)``: the ONNX
     translation of every op of the ``softsplat`` library (the ``cpp`` backend's, built and loaded
@@ -180,8 +170,8 @@ def translations() -> dict:
 
     ops = cpp.library().ops()
     return {
-        ops.splat_forward.default: _splat_forward,
-        ops.splat_maximum.default: _splat_maximum,
+        ops.splat_forward.default: _forward,
+        ops.splat_maximum.default: _maximum,
         ops.splat_stable_forward.default: _stable_forward,
     }
 
@@ -225,8 +215,6 @@ class SplatManyModel(torch.nn.Module):
 
     def __init__(self, mode: str, sources: int, stable: bool = False):
         super().__init__()
-        from .modes import Mode
-
         self.mode, self.stable, self.sources = mode, stable, sources
         self.per_source = 3 if Mode.parse(mode).needs_metric else 2
 
@@ -241,8 +229,6 @@ class SplatManyModel(torch.nn.Module):
 def example_arguments(mode, dtype: torch.dtype = torch.float32, sources: int = 1) -> tuple:
     """Example inputs for exporting (N, C, H, W = 2, 3, 5, 7: distinct and none 1, so that every
     size stays dynamic), each source's tensors distinct."""
-    from .modes import Mode
-
     mode = Mode.parse(mode)
     generator = torch.Generator().manual_seed(0)
     N, C, H, W = 2, 3, 5, 7

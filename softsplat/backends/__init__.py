@@ -104,7 +104,7 @@ def _choose(call: Signature, name: str, argument: str, deterministic: bool) -> B
     if name != "auto":
         backend = get(name, argument)
         if backend.failure is not None:  # it failed to build or load earlier in this process
-            raise BackendFailedError(f"backend {name!r} {backend.failure}")
+            raise backend.failed_error()
         reasons = backend.not_supported_reasons(call)
         if reasons:
             raise BackendNotSupportedError(

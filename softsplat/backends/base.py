@@ -136,7 +136,11 @@ class Backend(abc.ABC):
                 tail = "\n    ".join(lines[-12:]) or type(error).__name__
                 self.failure = f"failed to build or load ({type(error).__name__}): {tail}" + (
                     f"\n  fix: {self.fix_hint}" if self.fix_hint else "")
-        raise BackendFailedError(f"backend {self.name!r} {self.failure}")
+        raise self.failed_error()
+
+    def failed_error(self) -> BackendFailedError:
+        """The error a backend that failed to prepare raises when it is asked for."""
+        return BackendFailedError(f"backend {self.name!r} {self.failure}")
 
     def maximum(self, problem: Problem) -> torch.Tensor:
         """``M`` of stable soft splatting for ``problem`` ([N, 1, H, W], compute dtype, no

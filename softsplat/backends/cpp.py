@@ -50,6 +50,15 @@ def library() -> OpLibrary:
         return _LIBRARIES[level]
 
 
+def _library_or_error() -> tuple[OpLibrary | None, str | None]:
+    """``(library(), None)``, or ``(None, why)`` when SOFTSPLAT_CPU_LEVEL names a level this CPU
+    cannot run (what ``info`` shows; ``prepare`` raises it)."""
+    try:
+        return library(), None
+    except ValueError as error:
+        return None, str(error)
+
+
 class CppBackend(OpsBackend):
     name = "cpp"
     deterministic_on = ("cpu",)
@@ -60,31 +69,29 @@ class CppBackend(OpsBackend):
     )
 
     def known_failure(self) -> str | None:
-        try:
-            earlier = library().earlier_failure()
-        except ValueError as error:  # SOFTSPLAT_CPU_LEVEL names a level this CPU cannot run
-            return str(error)
+        built, level_error = _library_or_error()
+        if level_error is not None:
+            return level_error
+        earlier = built.earlier_failure()
         if self.failure is None and earlier is not None:
             return "an earlier build failed: " + earlier.strip().splitlines()[-1] + "; `softsplat build` tries again"
         return self.failure
 
     def forget_failure(self) -> None:
-        try:
-            library().forget_failure()
-        except ValueError:
-            pass  # nothing was built; prepare() raises the level's error
+        built, _ = _library_or_error()
+        if built is not None:  # else nothing was built; prepare() raises the level's error
+            built.forget_failure()
         self.failure = None
 
     @property
     def summary(self) -> str:
+        built, level_error = _library_or_error()
+        if level_error is not None:
+            return level_error
         cuda = _cuda_reason()
-        try:
-            library()
-        except ValueError as error:  # SOFTSPLAT_CPU_LEVEL names a level this CPU cannot run
-            return str(error)
-        built = "built" if library().is_built() else "builds on first use"
+        state = "built" if built.is_built() else "builds on first use"
         supported = ", ".join(build_flags.supported_levels())
-        return (f"fused C++ kernels ({built}); CPU level {library().level} (this CPU runs {supported}; "
+        return (f"fused C++ kernels ({state}); CPU level {built.level} (this CPU runs {supported}; "
                 f"{build_flags.LEVEL_ENV} chooses); CUDA kernels: " + (f"not built, {cuda}" if cuda else "built"))
 
     def devices(self) -> tuple[str, ...]:
