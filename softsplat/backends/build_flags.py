@@ -19,6 +19,13 @@ import os
 import platform
 import subprocess
 
+#: The library's device-neutral op definitions and the CPU kernels, one translation unit per
+#: concept (compiled in parallel by ninja); paths under ``csrc/``. The same list builds on first
+#: use (cpp.py) and into a wheel (setup.py).
+CPU_SOURCES = [
+    "library.cpp", "cpu/ops.cpp", "cpu/forward.cpp", "cpu/backward.cpp", "cpu/maximum.cpp", "cpu/schedule.cpp",
+]
+
 #: Names a level for the environment variable and ``softsplat info``.
 LEVEL_ENV = "SOFTSPLAT_CPU_LEVEL"
 
@@ -90,11 +97,13 @@ def compiler_kind(compiler: str | None = None) -> str:
 def cpu_flags(level: str, kind: str, arch: str) -> tuple[list[str], list[str]]:
     """``(compile flags, link flags)`` of the CPU kernels at ``level`` for a compiler of
     ``kind`` targeting ``arch``. Every compiler: full optimisation, no contraction of a product
-    and a sum into one rounding (the oracle rounds twice), and OpenMP, through which
-    ``at::parallel_for`` runs in parallel."""
+    and a sum into one rounding (the oracle rounds twice), and torch's stable ABI only
+    (``stable_abi_flags``). No OpenMP: the kernels run in parallel through torch's own thread
+    pool (``torch::stable::parallel_for``), so no compiler needs an OpenMP runtime."""
+    stable = stable_abi_flags(kind)
     if kind == "msvc":
         arch_flags = {"baseline": [], "avx2": ["/arch:AVX2"], "avx512": ["/arch:AVX512"]}[level] if arch == "x86_64" else []
-        return ["/O2", "/fp:precise", "/openmp", *arch_flags], []
+        return ["/O2", "/fp:precise", *arch_flags, *stable], []
     # -fno-trapping-math lets loops with floor() and compares vectorise (no result changes).
     flags = ["-O3", "-fno-trapping-math", "-ffp-contract=off"]
     if arch == "x86_64":
@@ -105,9 +114,23 @@ def cpu_flags(level: str, kind: str, arch: str) -> tuple[list[str], list[str]]:
         }[level]
     elif arch == "aarch64" and kind != "apple-clang":
         flags += ["-march=armv8-a"]  # NEON is part of the baseline
-    if kind == "apple-clang":  # OpenMP through torch's bundled libomp
-        import torch
+    return flags + stable, []
 
-        lib = os.path.join(os.path.dirname(torch.__file__), "lib")
-        return flags + ["-Xpreprocessor", "-fopenmp"], [f"-L{lib}", "-lomp"]
-    return flags + ["-fopenmp"], ["-fopenmp"]
+
+#: nvcc's flags for the CUDA kernels: no contraction into FMAs (docs/spec.md, "Floating point").
+CUDA_FLAGS = ["-O3", "--fmad=false"]
+
+
+#: The oldest torch release the compiled libraries serve: the headers they include are limited
+#: to its stable ABI (``TORCH_TARGET_VERSION``; including anything else fails to compile), and
+#: torch keeps that ABI in every later release. 2.10 is the first whose stable ABI has what the
+#: kernels need: ``parallel_for`` and ``get_num_threads``, ``new_empty``/``new_zeros`` with a
+#: dtype, and list arguments (``bool[3]``).
+OLDEST_TORCH = (2, 10)
+
+
+def stable_abi_flags(kind: str = "gcc") -> list[str]:
+    """The define that limits torch's headers to ``OLDEST_TORCH``'s stable ABI."""
+    major, minor = OLDEST_TORCH
+    define = f"TORCH_TARGET_VERSION=0x{major:02x}{minor:02x}000000000000"
+    return [("/D" if kind == "msvc" else "-D") + define]

@@ -1,5 +1,7 @@
-"""Backend ``cpp``: fused C++ kernels (CPU; CUDA where torch has CUDA and a toolkit), built with
-``torch.utils.cpp_extension`` on first use and registered as ``torch.ops.softsplat`` ops.
+"""Backend ``cpp``: fused C++ kernels (CPU; CUDA where torch has CUDA and a toolkit), registered as
+``torch.ops.softsplat`` ops: a wheel's prebuilt libraries where they can be used (prebuilt.py),
+else built with ``torch.utils.cpp_extension`` on first use. ``SOFTSPLAT_PREBUILT=0`` builds even
+where a wheel's libraries could be used.
 
 CPU: bitwise reproducible run to run (see ``csrc/cpu/schedule.h``). CUDA: atomics in the forward,
 so not deterministic; the backward is a gather and is.
@@ -7,17 +9,33 @@ so not deterministic; the backward is a gather and is.
 
 from __future__ import annotations
 
+import os
 import threading
 
 import torch
 
-from . import build_flags
+from . import build_flags, prebuilt
 from .extension import OpLibrary, compiler_reason
 from .ops import OpsBackend
 
+#: Set to 0 to build the kernels on first use even where prebuilt libraries could be used.
+PREBUILT_ENV = "SOFTSPLAT_PREBUILT"
+
+
+def _prebuilt_cpu(level: str):
+    """The wheel's library of ``level`` when it is to be used, else None."""
+    if os.environ.get(PREBUILT_ENV, "").strip() == "0":
+        return None
+    return prebuilt.cpu_library(level, torch.__version__)
+
 
 def _cuda_reason() -> str | None:
-    """Why the CUDA kernels are not built into the library here, or None."""
+    """Why the library here has no CUDA kernels, or None."""
+    if _prebuilt_cpu(build_flags.chosen_level()) is not None:
+        path, what = prebuilt.cuda_library(torch.version.cuda)
+        if path is None:
+            return what
+        return None if torch.cuda.is_available() else "torch has no CUDA device"
     if not torch.cuda.is_available():
         return "torch has no CUDA device"
     from torch.utils import cpp_extension
@@ -27,11 +45,7 @@ def _cuda_reason() -> str | None:
     return None
 
 
-#: The library's device-neutral op definitions and the CPU kernels, one translation unit per
-#: concept (compiled in parallel by ninja); paths under ``csrc/``.
-CPU_SOURCES = [
-    "library.cpp", "cpu/ops.cpp", "cpu/forward.cpp", "cpu/backward.cpp", "cpu/maximum.cpp", "cpu/schedule.cpp",
-]
+CPU_SOURCES = build_flags.CPU_SOURCES
 
 
 _LIBRARIES: dict[str, OpLibrary] = {}
@@ -45,8 +59,12 @@ def library() -> OpLibrary:
     with _LIBRARIES_LOCK:
         if level not in _LIBRARIES:
             sources = CPU_SOURCES + ([] if _cuda_reason() else ["splat_cuda.cu"])
-            _LIBRARIES[level] = OpLibrary("softsplat", sources, cuda_cflags=["-O3", "--fmad=false"], fused_stable=True,
-                                          level=level)
+            cpu = _prebuilt_cpu(level)
+            cuda, _ = prebuilt.cuda_library(torch.version.cuda)
+            # The CUDA library loads wherever torch is a CUDA build of its major, with or without a GPU.
+            libraries = None if cpu is None else [cpu] + ([cuda] if cuda is not None else [])
+            _LIBRARIES[level] = OpLibrary("softsplat", sources, cuda_cflags=build_flags.CUDA_FLAGS, fused_stable=True,
+                                          level=level, prebuilt=libraries)
         return _LIBRARIES[level]
 
 
@@ -89,15 +107,26 @@ class CppBackend(OpsBackend):
         if level_error is not None:
             return level_error
         cuda = _cuda_reason()
-        state = "built" if built.is_built() else "builds on first use"
+        if built.prebuilt is not None:
+            oldest = ".".join(map(str, build_flags.OLDEST_TORCH))
+            state = f"prebuilt, torch >= {oldest} stable ABI"
+            path, cuda_state = prebuilt.cuda_library(torch.version.cuda)
+            if path is not None and not torch.cuda.is_available():
+                cuda_state += " (unused: torch has no CUDA device)"
+        else:
+            state = "built" if built.is_built() else "builds on first use"
+            cuda_state = f"not built, {cuda}" if cuda else "built"
         supported = ", ".join(build_flags.supported_levels())
         return (f"fused C++ kernels ({state}); CPU level {built.level} (this CPU runs {supported}; "
-                f"{build_flags.LEVEL_ENV} chooses); CUDA kernels: " + (f"not built, {cuda}" if cuda else "built"))
+                f"{build_flags.LEVEL_ENV} chooses); CUDA kernels: {cuda_state}")
 
     def devices(self) -> tuple[str, ...]:
         return ("cpu",) if _cuda_reason() else ("cpu", "cuda")
 
     def _unavailable_reason(self) -> str | None:
+        built, _ = _library_or_error()
+        if built is not None and built.prebuilt is not None:
+            return None  # nothing to compile
         return compiler_reason()
 
     def load_ops(self):

@@ -48,8 +48,11 @@ class OpLibrary:
     """One compiled library of the ``splat_forward``/``splat_backward`` ops in ``namespace``."""
 
     def __init__(self, namespace: str, sources: list[str], *, cflags=(), cuda_cflags=(), fused_stable=False,
-                 root: pathlib.Path = CSRC, level: str | None = None):
+                 root: pathlib.Path = CSRC, level: str | None = None, prebuilt: list[pathlib.Path] | None = None):
         self.namespace = namespace
+        #: Compiled libraries to load instead of building (a wheel's, prebuilt.py), the one that
+        #: defines the ops first; None: build on first use.
+        self.prebuilt = prebuilt
         self.fused_stable = fused_stable  # defines splat_stable_forward (schemas.h)
         self.root = root  # sources and headers are under it (csrc/)
         self.sources = [root / s for s in sources]
@@ -59,7 +62,7 @@ class OpLibrary:
         sanitize = bool(os.environ.get(SANITIZE_ENV))
         self.cflags = cpu + list(cflags) + (SANITIZE_FLAGS if sanitize else [])
         self.ldflags = link + (SANITIZE_LDFLAGS if sanitize else [])
-        self.cuda_cflags = list(cuda_cflags)
+        self.cuda_cflags = list(cuda_cflags) + build_flags.stable_abi_flags()
         self._lock = threading.Lock()
         self._ops = None
 
@@ -86,7 +89,7 @@ class OpLibrary:
         return self.build_directory() / f"{self.name()}.so"
 
     def is_built(self) -> bool:
-        return self.library_path().exists()
+        return self.prebuilt is not None or self.library_path().exists()
 
     def ops(self):
         """``torch.ops.<namespace>``, building and loading the library on the first call."""
@@ -116,6 +119,11 @@ class OpLibrary:
         loaded as it is, never handed to ninja again: ninja would rebuild it whenever the
         checkout or environment that asks differs from the one that built it. A failed build is
         recorded (with the compiler it used) and not tried again until ``forget_failure``."""
+        if self.prebuilt is not None:
+            for path in self.prebuilt:
+                torch.ops.load_library(str(path))
+            self._register()
+            return getattr(torch.ops, self.namespace)
         if not self.is_built():
             earlier = self.earlier_failure()
             if earlier is not None:

@@ -5,7 +5,7 @@
 // splatting kernels use neither shared memory nor __syncthreads, which this shim does not offer.
 #pragma once
 
-#include <ATen/Parallel.h>
+#include "tensor.h"
 
 #include <atomic>
 #include <bit>
@@ -43,7 +43,7 @@ inline double __longlong_as_double(long long v) { return std::bit_cast<double>(v
 
 template <typename... Parameters, typename... Arguments>
 void launch(void (*kernel)(Parameters...), dim3 grid, dim3 block, Arguments... arguments) {
-  at::parallel_for(0, grid.x, 1, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, grid.x, 1, [&](int64_t begin, int64_t end) {
     gridDim = grid;
     blockDim = block;
     for (int64_t b = begin; b < end; ++b) {

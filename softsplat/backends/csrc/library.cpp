@@ -1,10 +1,10 @@
 // The `softsplat` op library: the schemas, defined once for every device. The CPU kernels
 // (cpu/ops.cpp) and the CUDA launchers (splat_cuda.cu) register their implementations of them.
-#include <torch/library.h>
+#include "tensor.h"
 
 #include "schemas.h"
 
-TORCH_LIBRARY(softsplat, m) {
+STABLE_TORCH_LIBRARY(softsplat, m) {
   SOFTSPLAT_DEFINE_OPS(m);
   SOFTSPLAT_DEFINE_FUSED_STABLE(m);
 }

@@ -1,21 +1,48 @@
 // The cpp backend's CUDA implementation of the `softsplat` ops (defined in library.cpp):
-// kernels run on the input's device (device guard) and on that device's current stream.
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+// kernels run on the input's device (device guard) and on that device's current stream. Only
+// torch's stable ABI is used (tensor.h), as by the CPU kernels.
+#include <cuda_runtime.h>
 
-#define SOFTSPLAT_DEVICE_GUARD(tensor) const c10::cuda::CUDAGuard device_guard((tensor).device())
-#define SOFTSPLAT_LAUNCH(kernel, blocks, threads, ...)                                   \
-  do {                                                                                  \
-    kernel<<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream().stream()>>>(__VA_ARGS__); \
-    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                     \
+#ifndef USE_CUDA
+#define USE_CUDA  // declares the C shim's CUDA functions (the current stream)
+#endif
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/accelerator.h>
+
+#include "tensor.h"
+
+namespace softsplat {
+namespace launch {
+
+// The current stream of the current device (the guard made it the input's).
+inline cudaStream_t current_stream() {
+  void* stream = nullptr;
+  STD_TORCH_CHECK(aoti_torch_get_current_cuda_stream(torch::stable::accelerator::getCurrentDeviceIndex(), &stream) ==
+                      AOTI_TORCH_SUCCESS,
+                  "softsplat: could not get the current CUDA stream");
+  return static_cast<cudaStream_t>(stream);
+}
+
+inline void check_launch() {
+  const cudaError_t error = cudaGetLastError();
+  STD_TORCH_CHECK(error == cudaSuccess, "softsplat: CUDA kernel launch failed: ", cudaGetErrorString(error));
+}
+
+}  // namespace launch
+}  // namespace softsplat
+
+#define SOFTSPLAT_DEVICE_GUARD(tensor) \
+  const torch::stable::accelerator::DeviceGuard device_guard((tensor).get_device_index())
+#define SOFTSPLAT_LAUNCH(kernel, blocks, threads, ...)                                        \
+  do {                                                                                       \
+    kernel<<<blocks, threads, 0, softsplat::launch::current_stream()>>>(__VA_ARGS__);         \
+    softsplat::launch::check_launch();                                                       \
   } while (0)
 
 #include "splat_cuda_launch.h"
 
-TORCH_LIBRARY_IMPL(softsplat, CUDA, m) {
-  m.impl("splat_forward", &softsplat::launch::splat_forward);
-  m.impl("splat_backward", &softsplat::launch::splat_backward);
-  m.impl("splat_maximum", &softsplat::launch::splat_maximum);
+STABLE_TORCH_LIBRARY_IMPL(softsplat, CUDA, m) {
+  m.impl("splat_forward", TORCH_BOX(&softsplat::launch::splat_forward));
+  m.impl("splat_backward", TORCH_BOX(&softsplat::launch::splat_backward));
+  m.impl("splat_maximum", TORCH_BOX(&softsplat::launch::splat_maximum));
 }

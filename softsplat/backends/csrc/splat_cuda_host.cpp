@@ -7,15 +7,14 @@
 #define SOFTSPLAT_LAUNCH(kernel, blocks, threads, ...) \
   softsplat_host::launch(kernel, softsplat_host::dim3(blocks), softsplat_host::dim3(threads), __VA_ARGS__)
 
-#include <torch/library.h>
-
 #include "schemas.h"
+#include "tensor.h"
 #include "splat_cuda_launch.h"
 
-TORCH_LIBRARY(softsplat_cuda_host, m) { SOFTSPLAT_DEFINE_OPS(m); }
+STABLE_TORCH_LIBRARY(softsplat_cuda_host, m) { SOFTSPLAT_DEFINE_OPS(m); }
 
-TORCH_LIBRARY_IMPL(softsplat_cuda_host, CPU, m) {
-  m.impl("splat_forward", &softsplat::launch::splat_forward);
-  m.impl("splat_backward", &softsplat::launch::splat_backward);
-  m.impl("splat_maximum", &softsplat::launch::splat_maximum);
+STABLE_TORCH_LIBRARY_IMPL(softsplat_cuda_host, CPU, m) {
+  m.impl("splat_forward", TORCH_BOX(&softsplat::launch::splat_forward));
+  m.impl("splat_backward", TORCH_BOX(&softsplat::launch::splat_backward));
+  m.impl("splat_maximum", TORCH_BOX(&softsplat::launch::splat_maximum));
 }

@@ -5,22 +5,16 @@
 //   SOFTSPLAT_LAUNCH(kernel, blocks, threads, args...)   launch a kernel (a function pointer)
 #pragma once
 
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/full.h>
-#include <ATen/ops/zeros.h>
-
-#include <limits>
-
 #include <algorithm>
 #include <climits>
+#include <limits>
 #include <cstdlib>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "checks.h"
+#include "tensor.h"
 #include "splat_kernels.cuh"
 
 namespace softsplat {
@@ -35,7 +29,7 @@ inline unsigned int blocks_for(int64_t total) {
 }
 
 // Largest element offset a kernel forms into `t`, plus one.
-inline int64_t extent(const at::Tensor& t) {
+inline int64_t extent(const Tensor& t) {
   if (!t.defined() || t.numel() == 0) return 0;
   int64_t last = 0;
   for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * std::abs(t.stride(d));
@@ -45,66 +39,68 @@ inline int64_t extent(const at::Tensor& t) {
 // 32-bit indexing is exact when every offset, and every product of sizes the kernels form
 // (N*C*H*W at most, the gradient buffer N*H*W*(C+1)), stays below 2^31 - 1, and so does a
 // grid-stride index, which steps up to kMaxBlocks * kThreads past the last element.
-inline bool fits_int32(std::initializer_list<at::Tensor> tensors, int64_t largest_product) {
+inline bool fits_int32(std::initializer_list<Tensor> tensors, int64_t largest_product) {
   if (largest_product + kMaxBlocks * kThreads >= INT_MAX) return false;
   for (const auto& t : tensors)
     if (extent(t) >= INT_MAX) return false;
   return true;
 }
 
-inline at::Tensor splat_maximum(const at::Tensor& flow, const at::Tensor& metric) {
+inline Tensor splat_maximum(const Tensor& flow, const Tensor& metric) {
   checks::check_maximum_arguments("splat_maximum", flow, metric);
   SOFTSPLAT_DEVICE_GUARD(flow);
   const int64_t N = flow.size(0), H = flow.size(2), W = flow.size(3);
-  at::Tensor maximum = at::full({N, 1, H, W}, -std::numeric_limits<double>::infinity(), flow.options());
+  Tensor maximum = full({N, 1, H, W}, -std::numeric_limits<double>::infinity(), flow.scalar_type(), flow);
   if (N * H * W == 0) return maximum;
   const bool small = fits_int32({flow, metric, maximum}, N * H * W);
-  AT_DISPATCH_FLOATING_TYPES(flow.scalar_type(), "splat_maximum_cuda", [&] {
+  dispatch_floating<false>(flow.scalar_type(), "splat_maximum: flow", [&](auto scalar) {
+    using scalar_t = decltype(scalar);
     auto run = [&](auto index_zero) {
       using index_t = decltype(index_zero);
       auto kernel = &splat_maximum_kernel<scalar_t, index_t>;
       SOFTSPLAT_LAUNCH(kernel, blocks_for(N * H * W), kThreads,
-          flow.data_ptr<scalar_t>(), flow.stride(0), flow.stride(1), flow.stride(2), flow.stride(3),
-          metric.data_ptr<scalar_t>(), metric.stride(0), metric.stride(2), metric.stride(3),
-          (index_t)N, (index_t)H, (index_t)W, maximum.data_ptr<scalar_t>());
+          ptr<scalar_t>(flow), flow.stride(0), flow.stride(1), flow.stride(2), flow.stride(3),
+          ptr<scalar_t>(metric), metric.stride(0), metric.stride(2), metric.stride(3),
+          (index_t)N, (index_t)H, (index_t)W, ptr<scalar_t>(maximum));
     };
     if (small) run(int(0)); else run((long long)0);
   });
   return maximum;
 }
 
-inline std::tuple<at::Tensor, at::Tensor> splat_forward(const at::Tensor& input, const at::Tensor& flow,
-                                                        const std::optional<at::Tensor>& metric_arg,
+inline std::tuple<Tensor, Tensor> splat_forward(const Tensor& input, const Tensor& flow,
+                                                        const std::optional<Tensor>& metric_arg,
                                                         int64_t kind, int64_t normalisation,
-                                                        const std::optional<at::Tensor>& maximum_arg) {
+                                                        const std::optional<Tensor>& maximum_arg) {
   checks::check_arguments("splat_forward", input, flow, metric_arg, kind, normalisation);
-  const at::Tensor maximum = checks::checked_maximum("splat_forward", flow, maximum_arg, kind);
+  const Tensor maximum = checks::checked_maximum("splat_forward", flow, maximum_arg, kind);
   SOFTSPLAT_DEVICE_GUARD(input);
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
-  const auto options = input.options().dtype(flow.scalar_type());
-  at::Tensor out = at::zeros({N, C, H, W}, options);
-  at::Tensor normaliser = kind == SUM ? at::empty({0}, options) : at::zeros({N, 1, H, W}, options);
+  const ScalarType compute = flow.scalar_type();
+  Tensor out = zeros({N, C, H, W}, compute, input);
+  Tensor normaliser = kind == SUM ? empty({0}, compute, input) : zeros({N, 1, H, W}, compute, input);
   const bool with_metric = kind >= LINEAR;
-  const at::Tensor metric = with_metric ? *metric_arg : at::Tensor();
+  const Tensor metric = with_metric ? *metric_arg : Tensor();
   if (N * H * W == 0) return {out, normaliser};
   const bool small = fits_int32({input, flow, metric, out}, N * (C + 1) * H * W);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "splat_forward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  dispatch_floating<true>(input.scalar_type(), "splat_forward: input", [&](auto scalar) {
+    using scalar_t = decltype(scalar);
+    using acc_t = acc_type<scalar_t>;
     auto run = [&](auto index_zero) {
       using index_t = decltype(index_zero);
       auto forward = &splat_forward_kernel<scalar_t, acc_t, index_t>;
       SOFTSPLAT_LAUNCH(forward, blocks_for(N * H * W), kThreads,
-          input.data_ptr<scalar_t>(), input.stride(0), input.stride(1), input.stride(2), input.stride(3),
-          flow.data_ptr<acc_t>(), flow.stride(0), flow.stride(1), flow.stride(2), flow.stride(3),
-          with_metric ? metric.data_ptr<acc_t>() : nullptr,
+          ptr<scalar_t>(input), input.stride(0), input.stride(1), input.stride(2), input.stride(3),
+          ptr<acc_t>(flow), flow.stride(0), flow.stride(1), flow.stride(2), flow.stride(3),
+          with_metric ? ptr<acc_t>(metric) : nullptr,
           with_metric ? metric.stride(0) : 0, with_metric ? metric.stride(2) : 0, with_metric ? metric.stride(3) : 0,
           (index_t)N, (index_t)C, (index_t)H, (index_t)W, (int)kind,
-          kind == STABLE ? (const acc_t*)maximum.data_ptr<acc_t>() : nullptr,
-          out.data_ptr<acc_t>(), kind == SUM ? nullptr : normaliser.data_ptr<acc_t>());
+          kind == STABLE ? (const acc_t*)ptr<acc_t>(maximum) : nullptr,
+          ptr<acc_t>(out), kind == SUM ? nullptr : ptr<acc_t>(normaliser));
       if (kind != SUM && C > 0) {
         auto normalise = &splat_normalise_kernel<acc_t, index_t>;
         SOFTSPLAT_LAUNCH(normalise, blocks_for(N * C * H * W), kThreads,
-            out.data_ptr<acc_t>(), (const acc_t*)normaliser.data_ptr<acc_t>(),
+            ptr<acc_t>(out), (const acc_t*)ptr<acc_t>(normaliser),
             (index_t)N, (index_t)C, (index_t)H, (index_t)W, (int)normalisation);
       }
     };
@@ -113,56 +109,59 @@ inline std::tuple<at::Tensor, at::Tensor> splat_forward(const at::Tensor& input,
   return {out, normaliser};
 }
 
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> splat_backward(
-    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_normaliser_arg,
-    const at::Tensor& input, const at::Tensor& flow, const std::optional<at::Tensor>& metric_arg,
-    const at::Tensor& out_arg, const at::Tensor& normaliser_arg, int64_t kind, int64_t normalisation,
-    std::array<bool, 3> output_mask, const std::optional<at::Tensor>& maximum_arg) {
+inline std::tuple<Tensor, Tensor, Tensor> splat_backward(
+    const Tensor& grad_out, const std::optional<Tensor>& grad_normaliser_arg,
+    const Tensor& input, const Tensor& flow, const std::optional<Tensor>& metric_arg,
+    const Tensor& out_arg, const Tensor& normaliser_arg, int64_t kind, int64_t normalisation,
+    std::vector<bool> output_mask, const std::optional<Tensor>& maximum_arg) {
   checks::check_arguments("splat_backward", input, flow, metric_arg, kind, normalisation);
-  const at::Tensor maximum = checks::checked_maximum("splat_backward", flow, maximum_arg, kind);
+  STD_TORCH_CHECK(output_mask.size() == 3, "splat_backward: output_mask: expected 3 booleans, got ", output_mask.size());
+  const Tensor maximum = checks::checked_maximum("splat_backward", flow, maximum_arg, kind);
   const bool with_metric = kind >= LINEAR;
   const bool normalised = kind != SUM;
-  const at::Tensor grad_normaliser =
-      normalised && grad_normaliser_arg.has_value() && grad_normaliser_arg->defined() ? *grad_normaliser_arg : at::Tensor();
+  const Tensor grad_normaliser =
+      normalised && grad_normaliser_arg.has_value() && grad_normaliser_arg->defined() ? *grad_normaliser_arg : Tensor();
   checks::check_backward_arguments("splat_backward", grad_out, grad_normaliser, input, out_arg, normaliser_arg, kind);
   SOFTSPLAT_DEVICE_GUARD(input);
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
-  const at::Tensor out = normalised ? out_arg.contiguous() : at::Tensor();
-  const at::Tensor normaliser = normalised ? normaliser_arg.contiguous() : at::Tensor();
-  const at::Tensor metric = with_metric ? *metric_arg : at::Tensor();
+  const Tensor out = normalised ? as_contiguous(out_arg) : Tensor();
+  const Tensor normaliser = normalised ? as_contiguous(normaliser_arg) : Tensor();
+  const Tensor metric = with_metric ? *metric_arg : Tensor();
   const bool want_metric = output_mask[2] && with_metric;
-  at::Tensor grad_input = at::empty(output_mask[0] ? input.sizes() : at::IntArrayRef{0}, input.options());
-  at::Tensor grad_flow = at::empty(output_mask[1] ? flow.sizes() : at::IntArrayRef{0}, flow.options());
-  at::Tensor grad_metric = at::empty(want_metric ? at::IntArrayRef{N, 1, H, W} : at::IntArrayRef{0}, flow.options());
+  const ScalarType compute = flow.scalar_type();
+  Tensor grad_input = output_mask[0] ? empty(input.sizes(), input.scalar_type(), input) : empty({0}, input.scalar_type(), input);
+  Tensor grad_flow = output_mask[1] ? empty(flow.sizes(), compute, input) : empty({0}, compute, input);
+  Tensor grad_metric = want_metric ? empty({N, 1, H, W}, compute, input) : empty({0}, compute, input);
   if (N * H * W == 0 || !(output_mask[0] || output_mask[1] || want_metric)) return {grad_input, grad_flow, grad_metric};
   const int64_t K = C + (normalised ? 1 : 0);
-  at::Tensor g = at::empty({N, K, H, W}, flow.options());  // planar: coalesced (splat_kernels.cuh)
+  Tensor g = empty({N, K, H, W}, compute, input);  // planar: coalesced (splat_kernels.cuh)
   const bool small = fits_int32({input, flow, metric, grad_out, grad_normaliser, out, g}, N * (C + 1) * H * W);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "splat_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  dispatch_floating<true>(input.scalar_type(), "splat_backward: input", [&](auto scalar) {
+    using scalar_t = decltype(scalar);
+    using acc_t = acc_type<scalar_t>;
     auto run = [&](auto index_zero) {
       using index_t = decltype(index_zero);
       auto prepare = &splat_backward_prepare_kernel<acc_t, index_t>;
       SOFTSPLAT_LAUNCH(prepare, blocks_for(N * H * W), kThreads,
-          grad_out.data_ptr<acc_t>(), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), grad_out.stride(3),
-          normalised ? (const acc_t*)out.data_ptr<acc_t>() : nullptr,
-          normalised ? (const acc_t*)normaliser.data_ptr<acc_t>() : nullptr,
-          grad_normaliser.defined() ? (const acc_t*)grad_normaliser.data_ptr<acc_t>() : nullptr,
+          ptr<acc_t>(grad_out), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), grad_out.stride(3),
+          normalised ? (const acc_t*)ptr<acc_t>(out) : nullptr,
+          normalised ? (const acc_t*)ptr<acc_t>(normaliser) : nullptr,
+          grad_normaliser.defined() ? (const acc_t*)ptr<acc_t>(grad_normaliser) : nullptr,
           grad_normaliser.defined() ? grad_normaliser.stride(0) : 0,
           grad_normaliser.defined() ? grad_normaliser.stride(2) : 0,
           grad_normaliser.defined() ? grad_normaliser.stride(3) : 0,
-          (index_t)N, (index_t)C, (index_t)H, (index_t)W, (int)kind, (int)normalisation, g.data_ptr<acc_t>());
+          (index_t)N, (index_t)C, (index_t)H, (index_t)W, (int)kind, (int)normalisation, ptr<acc_t>(g));
       auto backward = &splat_backward_kernel<scalar_t, acc_t, index_t>;
       SOFTSPLAT_LAUNCH(backward, blocks_for(N * H * W), kThreads,
-          input.data_ptr<scalar_t>(), input.stride(0), input.stride(1), input.stride(2), input.stride(3),
-          flow.data_ptr<acc_t>(), flow.stride(0), flow.stride(1), flow.stride(2), flow.stride(3),
-          with_metric ? metric.data_ptr<acc_t>() : nullptr,
+          ptr<scalar_t>(input), input.stride(0), input.stride(1), input.stride(2), input.stride(3),
+          ptr<acc_t>(flow), flow.stride(0), flow.stride(1), flow.stride(2), flow.stride(3),
+          with_metric ? ptr<acc_t>(metric) : nullptr,
           with_metric ? metric.stride(0) : 0, with_metric ? metric.stride(2) : 0, with_metric ? metric.stride(3) : 0,
-          (const acc_t*)g.data_ptr<acc_t>(), (index_t)N, (index_t)C, (index_t)H, (index_t)W, (int)kind,
-          kind == STABLE ? (const acc_t*)maximum.data_ptr<acc_t>() : nullptr,
-          output_mask[0] ? grad_input.data_ptr<scalar_t>() : nullptr,
-          output_mask[1] ? grad_flow.data_ptr<acc_t>() : nullptr,
-          want_metric ? grad_metric.data_ptr<acc_t>() : nullptr);
+          (const acc_t*)ptr<acc_t>(g), (index_t)N, (index_t)C, (index_t)H, (index_t)W, (int)kind,
+          kind == STABLE ? (const acc_t*)ptr<acc_t>(maximum) : nullptr,
+          output_mask[0] ? ptr<scalar_t>(grad_input) : nullptr,
+          output_mask[1] ? ptr<acc_t>(grad_flow) : nullptr,
+          want_metric ? ptr<acc_t>(grad_metric) : nullptr);
     };
     if (small) run(int(0)); else run((long long)0);
   });

@@ -2,9 +2,7 @@
 // and gD of the rows it reaches are prepared in a ring of rows of the thread (rows its previous
 // band also reached are kept); every source pixel gathers from its four taps and writes only
 // its own gradients: no atomics, and results independent of the thread count.
-#include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
+#include "../tensor.h"
 
 #include <algorithm>
 #include <limits>
@@ -331,23 +329,23 @@ struct Gather {
 // band's pixels gather from it. Where flows reach so far that the bands' rows would add up to
 // more than twice the image, each image is prepared once, whole, and gathered from.
 template <typename scalar_t, typename acc_t>
-void backward_kernel(const at::Tensor& grad_out, const at::Tensor& grad_normaliser,
-                     const at::Tensor& input, const Sources<acc_t>& src, const at::Tensor& out,
-                     const at::Tensor& normaliser, int normalisation, at::Tensor& grad_input,
-                     at::Tensor& grad_flow, at::Tensor& grad_metric) {
+void backward_kernel(const Tensor& grad_out, const Tensor& grad_normaliser,
+                     const Tensor& input, const Sources<acc_t>& src, const Tensor& out,
+                     const Tensor& normaliser, int normalisation, Tensor& grad_input,
+                     Tensor& grad_flow, Tensor& grad_metric) {
   const int64_t N = input.size(0), C = input.size(1), H = src.H, W = src.W;
   const bool normalised = src.kind != SUM;
   const int64_t K = packed_layout(C) ? kPacked : C + (normalised ? 1 : 0);  // Prepare's layout
-  const Prepare<acc_t> prepare{grad_out.data_ptr<acc_t>(), View4(grad_out),
-                               normalised ? out.data_ptr<acc_t>() : nullptr, normalised ? View4(out) : View4(),
-                               normalised ? normaliser.data_ptr<acc_t>() : nullptr,
-                               grad_normaliser.defined() ? grad_normaliser.data_ptr<acc_t>() : nullptr,
+  const Prepare<acc_t> prepare{ptr<acc_t>(grad_out), View4(grad_out),
+                               normalised ? ptr<acc_t>(out) : nullptr, normalised ? View4(out) : View4(),
+                               normalised ? ptr<acc_t>(normaliser) : nullptr,
+                               grad_normaliser.defined() ? ptr<acc_t>(grad_normaliser) : nullptr,
                                grad_normaliser.defined() ? View4(grad_normaliser) : View4(),
                                normalisation, C, H, W, K};
-  const Gather<scalar_t, acc_t> gather{input.data_ptr<scalar_t>(), View4(input), src, C,
-                                       grad_input.defined() ? grad_input.data_ptr<scalar_t>() : nullptr,
-                                       grad_flow.defined() ? grad_flow.data_ptr<acc_t>() : nullptr,
-                                       grad_metric.defined() ? grad_metric.data_ptr<acc_t>() : nullptr};
+  const Gather<scalar_t, acc_t> gather{ptr<scalar_t>(input), View4(input), src, C,
+                                       grad_input.defined() ? ptr<scalar_t>(grad_input) : nullptr,
+                                       grad_flow.defined() ? ptr<acc_t>(grad_flow) : nullptr,
+                                       grad_metric.defined() ? ptr<acc_t>(grad_metric) : nullptr};
   auto run = [&](auto channels) {
     constexpr int CC = decltype(channels)::value;
     auto rows = [&](int64_t n, int64_t y_begin, int64_t y_end, const acc_t* const* row, int64_t lo) {
@@ -362,7 +360,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& grad_normalis
     int64_t reach = 0;
     for (const Band& band : all) reach += band.hi - band.lo;
     if (reach <= 2 * N * H) {
-      at::parallel_for(0, static_cast<int64_t>(all.size()), 1, [&](int64_t begin, int64_t end) {
+      torch::stable::parallel_for(0, static_cast<int64_t>(all.size()), 1, [&](int64_t begin, int64_t end) {
         // The thread's bands are neighbours, and so are their reaches: the rows a band shares
         // with the previous one stay prepared, in a ring of rows (row r in slot r % capacity).
         int64_t capacity = 1;
@@ -398,8 +396,8 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& grad_normalis
     std::vector<const acc_t*> row(H + 2, g.data() + H * pitch + K);
     for (int64_t r = 0; r < H; ++r) row[r + 1] = g.data() + r * pitch + K;
     for (int64_t n = 0; n < N; ++n) {
-      at::parallel_for(0, H, 16, [&](int64_t begin, int64_t end) { prepare.rows(n, begin, end, g.data() + begin * pitch); });
-      at::parallel_for(0, H, 4, [&](int64_t begin, int64_t end) { rows(n, begin, end, row.data(), 0); });
+      torch::stable::parallel_for(0, H, 16, [&](int64_t begin, int64_t end) { prepare.rows(n, begin, end, g.data() + begin * pitch); });
+      torch::stable::parallel_for(0, H, 4, [&](int64_t begin, int64_t end) { rows(n, begin, end, row.data(), 0); });
     }
   };
   switch (C) {
@@ -411,10 +409,10 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& grad_normalis
   }
 }
 
-template void backward_kernel<float, float>(const at::Tensor&, const at::Tensor&, const at::Tensor&, const Sources<float>&, const at::Tensor&, const at::Tensor&, int, at::Tensor&, at::Tensor&, at::Tensor&);
-template void backward_kernel<double, double>(const at::Tensor&, const at::Tensor&, const at::Tensor&, const Sources<double>&, const at::Tensor&, const at::Tensor&, int, at::Tensor&, at::Tensor&, at::Tensor&);
-template void backward_kernel<c10::Half, float>(const at::Tensor&, const at::Tensor&, const at::Tensor&, const Sources<float>&, const at::Tensor&, const at::Tensor&, int, at::Tensor&, at::Tensor&, at::Tensor&);
-template void backward_kernel<c10::BFloat16, float>(const at::Tensor&, const at::Tensor&, const at::Tensor&, const Sources<float>&, const at::Tensor&, const at::Tensor&, int, at::Tensor&, at::Tensor&, at::Tensor&);
+template void backward_kernel<float, float>(const Tensor&, const Tensor&, const Tensor&, const Sources<float>&, const Tensor&, const Tensor&, int, Tensor&, Tensor&, Tensor&);
+template void backward_kernel<double, double>(const Tensor&, const Tensor&, const Tensor&, const Sources<double>&, const Tensor&, const Tensor&, int, Tensor&, Tensor&, Tensor&);
+template void backward_kernel<Half, float>(const Tensor&, const Tensor&, const Tensor&, const Sources<float>&, const Tensor&, const Tensor&, int, Tensor&, Tensor&, Tensor&);
+template void backward_kernel<BFloat16, float>(const Tensor&, const Tensor&, const Tensor&, const Sources<float>&, const Tensor&, const Tensor&, int, Tensor&, Tensor&, Tensor&);
 
 }  // namespace cpu
 }  // namespace softsplat

@@ -2,7 +2,7 @@
 // (Sources) with each row's per-pixel weights, and the fixed orders the kernels keep.
 #pragma once
 
-#include <ATen/core/Tensor.h>
+#include "../tensor.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -16,7 +16,7 @@ namespace cpu {
 
 struct View4 {  // element strides of an [N, C, H, W] tensor
   int64_t n, c, y, x;
-  explicit View4(const at::Tensor& t) : n(t.stride(0)), c(t.stride(1)), y(t.stride(2)), x(t.stride(3)) {}
+  explicit View4(const Tensor& t) : n(t.stride(0)), c(t.stride(1)), y(t.stride(2)), x(t.stride(3)) {}
   View4() : n(0), c(0), y(0), x(0) {}
   int64_t at(int64_t in, int64_t ic, int64_t iy, int64_t ix) const { return in * n + ic * c + iy * y + ix * x; }
 };

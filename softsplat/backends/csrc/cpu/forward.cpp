@@ -6,9 +6,7 @@
 // first) by the band that writes it last, as soon as it is final. Every target receives the
 // contributions of at most one band per phase, each in a fixed pixel order, phase 0 first: the
 // same sums, bitwise, whatever the thread count.
-#include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
+#include "../tensor.h"
 
 #include <algorithm>
 #include <cstring>
@@ -346,14 +344,14 @@ void flush_rows(const Band& band, int p, int64_t from, int64_t to, const acc_t* 
 }  // namespace
 
 template <typename scalar_t, typename acc_t>
-void forward_kernel(const at::Tensor& input, const Sources<acc_t>& src, int normalisation, at::Tensor& out,
-                    at::Tensor& normaliser, const Schedule* planned,
+void forward_kernel(const Tensor& input, const Sources<acc_t>& src, int normalisation, Tensor& out,
+                    Tensor& normaliser, const Schedule* planned,
                     std::unique_ptr<StableShortcut<acc_t>> shortcut) {
   const int64_t N = input.size(0), C = input.size(1), H = src.H, W = src.W;
-  const scalar_t* in = input.data_ptr<scalar_t>();
+  const scalar_t* in = ptr<scalar_t>(input);
   const View4 in_view(input);
-  acc_t* out_data = out.data_ptr<acc_t>();
-  acc_t* norm_data = src.kind != SUM ? normaliser.data_ptr<acc_t>() : nullptr;
+  acc_t* out_data = ptr<acc_t>(out);
+  acc_t* norm_data = src.kind != SUM ? ptr<acc_t>(normaliser) : nullptr;
   if (src.kind == STABLE && !shortcut) shortcut = std::make_unique<StableShortcut<acc_t>>(src, N);
   // The images with the shortcut splat soft weights exp(m - R).
   Sources<acc_t> shifted = src;
@@ -384,7 +382,7 @@ void forward_kernel(const at::Tensor& input, const Sources<acc_t>& src, int norm
       std::fill(rows, rows + (hi - lo) * W, acc_t(0));
     }
   };
-  at::parallel_for(0, N * H, 16, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, N * H, 16, [&](int64_t begin, int64_t end) {
     for (int64_t index = begin; index < end; ++index)
       if (!zeroed[index]) zero_rows(index / H, index % H, index % H + 1);
   });
@@ -436,16 +434,16 @@ void forward_kernel(const at::Tensor& input, const Sources<acc_t>& src, int norm
     default: scatter(std::integral_constant<int, 0>());
   }
   if (!finish.needed()) return;
-  at::parallel_for(0, N * H, 16, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, N * H, 16, [&](int64_t begin, int64_t end) {
     for (int64_t index = begin; index < end; ++index)
       if (!finished[index]) finish.rows(index / H, index % H, index % H + 1);
   });
 }
 
-template void forward_kernel<float, float>(const at::Tensor&, const Sources<float>&, int, at::Tensor&, at::Tensor&, const Schedule*, std::unique_ptr<StableShortcut<float>>);
-template void forward_kernel<double, double>(const at::Tensor&, const Sources<double>&, int, at::Tensor&, at::Tensor&, const Schedule*, std::unique_ptr<StableShortcut<double>>);
-template void forward_kernel<c10::Half, float>(const at::Tensor&, const Sources<float>&, int, at::Tensor&, at::Tensor&, const Schedule*, std::unique_ptr<StableShortcut<float>>);
-template void forward_kernel<c10::BFloat16, float>(const at::Tensor&, const Sources<float>&, int, at::Tensor&, at::Tensor&, const Schedule*, std::unique_ptr<StableShortcut<float>>);
+template void forward_kernel<float, float>(const Tensor&, const Sources<float>&, int, Tensor&, Tensor&, const Schedule*, std::unique_ptr<StableShortcut<float>>);
+template void forward_kernel<double, double>(const Tensor&, const Sources<double>&, int, Tensor&, Tensor&, const Schedule*, std::unique_ptr<StableShortcut<double>>);
+template void forward_kernel<Half, float>(const Tensor&, const Sources<float>&, int, Tensor&, Tensor&, const Schedule*, std::unique_ptr<StableShortcut<float>>);
+template void forward_kernel<BFloat16, float>(const Tensor&, const Sources<float>&, int, Tensor&, Tensor&, const Schedule*, std::unique_ptr<StableShortcut<float>>);
 
 }  // namespace cpu
 }  // namespace softsplat

@@ -2,7 +2,7 @@
 // instantiated for the input dtypes (float, double, Half, BFloat16) and their compute dtypes.
 #pragma once
 
-#include <ATen/core/Tensor.h>
+#include "../tensor.h"
 
 #include <memory>
 
@@ -15,26 +15,26 @@ namespace cpu {
 
 // flow and metric must be contiguous (the ops' contiguous() copies, normally no-ops).
 template <typename acc_t>
-inline Sources<acc_t> sources(const at::Tensor& flow, const at::Tensor& metric, int64_t kind, const at::Tensor& maximum) {
+inline Sources<acc_t> sources(const Tensor& flow, const Tensor& metric, int64_t kind, const Tensor& maximum) {
   const bool with_metric = metric.defined() && kind >= LINEAR;
-  return {flow.data_ptr<acc_t>(), with_metric ? metric.data_ptr<acc_t>() : nullptr, flow.size(2), flow.size(3),
-          static_cast<int>(kind), kind == STABLE ? maximum.data_ptr<acc_t>() : nullptr};
+  return {ptr<acc_t>(flow), with_metric ? ptr<acc_t>(metric) : nullptr, flow.size(2), flow.size(3),
+          static_cast<int>(kind), kind == STABLE ? ptr<acc_t>(maximum) : nullptr};
 }
 
 // The forward (out, normaliser: [N, C, H, W] and [N, 1, H, W] in acc_t, contiguous, written
 // whole). `planned`: a schedule already made for src (the fused stable forward shares one);
 // `shortcut`: StableShortcut decided elsewhere (else decided here for the stable kind).
 template <typename scalar_t, typename acc_t>
-void forward_kernel(const at::Tensor& input, const Sources<acc_t>& src, int normalisation, at::Tensor& out,
-                    at::Tensor& normaliser, const Schedule* planned = nullptr,
+void forward_kernel(const Tensor& input, const Sources<acc_t>& src, int normalisation, Tensor& out,
+                    Tensor& normaliser, const Schedule* planned = nullptr,
                     std::unique_ptr<StableShortcut<acc_t>> shortcut = nullptr);
 
 // The backward: the gradients asked for (defined tensors) of input, flow and metric.
 template <typename scalar_t, typename acc_t>
-void backward_kernel(const at::Tensor& grad_out, const at::Tensor& grad_normaliser,
-                     const at::Tensor& input, const Sources<acc_t>& src, const at::Tensor& out,
-                     const at::Tensor& normaliser, int normalisation, at::Tensor& grad_input,
-                     at::Tensor& grad_flow, at::Tensor& grad_metric);
+void backward_kernel(const Tensor& grad_out, const Tensor& grad_normaliser,
+                     const Tensor& input, const Sources<acc_t>& src, const Tensor& out,
+                     const Tensor& normaliser, int normalisation, Tensor& grad_input,
+                     Tensor& grad_flow, Tensor& grad_metric);
 
 // M of stable splatting into `maximum` [N, 1, H, W] (contiguous), on `schedule`; `ranges`
 // (optional): the metric rows measured on the way, for StableShortcut.

@@ -1,6 +1,6 @@
 // The scatter-max of stable soft splatting (M, each target's largest metric) on the band
 // schedule of the forward.
-#include <ATen/Parallel.h>
+#include "../tensor.h"
 
 #include <algorithm>
 #include <limits>
@@ -45,7 +45,7 @@ void maximum_kernel(const Sources<acc_t>& src, int64_t N, acc_t* maximum, const 
   const int64_t H = src.H, W = src.W, CW = W + 1;
   constexpr acc_t minus_infinity = -std::numeric_limits<acc_t>::infinity();
   const std::vector<char> stored = schedule.reached(0, N, H);
-  at::parallel_for(0, N * H, 16, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, N * H, 16, [&](int64_t begin, int64_t end) {
     for (int64_t index = begin; index < end; ++index)
       if (!stored[index]) std::fill(maximum + index * W, maximum + (index + 1) * W, minus_infinity);
   });

@@ -117,7 +117,7 @@ std::vector<Band> bands(const Sources<acc_t>& src, int64_t N) {
       const int64_t index = static_cast<int64_t>(all.size());
       all.push_back({n, y, std::min(src.H, y + height), y, y, index, index + 1});
     }
-  at::parallel_for(0, static_cast<int64_t>(all.size()), 1, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, static_cast<int64_t>(all.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) find_reach(src, all[i]);
   });
   return all;

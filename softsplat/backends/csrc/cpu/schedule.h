@@ -7,7 +7,7 @@
 // 0 first, so sums do not depend on the thread count.
 #pragma once
 
-#include <ATen/Parallel.h>
+#include "../tensor.h"
 
 #include <algorithm>
 #include <atomic>
@@ -42,19 +42,18 @@ struct Schedule {
   // is allocated once per call and thread).
   template <typename State, typename Work>
   void run(const Work& work) const {
-    std::vector<State> states(static_cast<size_t>(at::get_num_threads()));
+    std::vector<State> states(static_cast<size_t>(torch::stable::get_num_threads()));
     const std::vector<Task> tasks = order(static_cast<int64_t>(states.size()));
     const int64_t count = static_cast<int64_t>(tasks.size());
     // Per band of phase 0, whether it is done (value-initialised: false).
     std::vector<std::atomic<bool>> done(phase[0].size());
     std::atomic<int64_t> next{0};
     std::atomic<bool> failed{false};  // a band threw: the others stop (none waits forever)
-    at::parallel_for(0, std::min<int64_t>(count, static_cast<int64_t>(states.size())), 1, [&](int64_t, int64_t) {
-      // A thread number past the intra-op pool's (inside someone else's parallel region)
-      // takes a State of its own.
-      const size_t thread = static_cast<size_t>(at::get_thread_num());
-      State own;
-      State& state = thread < states.size() ? states[thread] : own;
+    const int64_t workers = std::min<int64_t>(count, static_cast<int64_t>(states.size()));
+    torch::stable::parallel_for(0, workers, 1, [&](int64_t begin, int64_t) {
+      // Each call of this body is given a range of its own of [0, workers), so `begin` names a
+      // State no other call uses (a call runs on one thread; the pool never splits a range).
+      State& state = states[static_cast<size_t>(begin)];
       for (int64_t i = next++; i < count && !failed.load(std::memory_order_relaxed); i = next++) {
         const Task& task = tasks[static_cast<size_t>(i)];
         // The bands it waits for are of phase 0, listed earlier, so already taken by threads
@@ -68,7 +67,7 @@ struct Schedule {
           work(phase[task.p][task.index], task.p, state);
         } catch (...) {
           failed.store(true);
-          throw;  // at::parallel_for rethrows it
+          throw;  // parallel_for rethrows it
         }
         if (task.p == 0) done[task.index].store(true, std::memory_order_release);
       }

@@ -1,7 +1,7 @@
 // Stable soft splatting's shortcut (StableShortcut) and the metric ranges that decide it.
 #pragma once
 
-#include <ATen/Parallel.h>
+#include "../tensor.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -66,7 +66,7 @@ struct StableShortcut {
   // From each image's metrics (Sources::metric), a pass in parallel over rows.
   StableShortcut(const Sources<acc_t>& src, int64_t N) : shift(N), taken(N) {
     MetricRanges<acc_t> ranges(N * src.H, src.W);
-    at::parallel_for(0, N * src.H, 16, [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, N * src.H, 16, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) ranges.measure(i, src.metric + i * src.W);
     });
     decide(ranges, N, src.H);
