@@ -101,10 +101,12 @@ def compare(
     compute_dtype_result: torch.Tensor,
     scale: torch.Tensor,
     compute_dtype: torch.dtype = torch.float64,
+    unspecified: torch.Tensor | None = None,
 ) -> None:
     """Assert ``got`` is close to the float64 ``reference`` or to the compute-dtype result.
 
     ``scale`` (float64, broadcastable) is the magnitude an element's error is relative to.
+    ``unspecified`` (boolean, broadcastable): elements the spec leaves open (``flushed``).
     A failure names the worst element, its index, both expectations and the fraction off.
     """
     assert got.shape == reference.shape, f"{what}: shape {tuple(got.shape)} != {tuple(reference.shape)}"
@@ -124,6 +126,8 @@ def compare(
     # (a finite 1e44 is inf in float16).
     rounded = reference.to(got.dtype).double()
     ok = _close(got64, reference, scale, tol) | _close(got64, rounded, scale, tol) | _close(got64, alt64, scale, tol)
+    if unspecified is not None:
+        ok = ok | unspecified.cpu().expand_as(ok)
     if bool(ok.all()):
         return
     bound = tol.atol + tol.rtol * scale
@@ -138,6 +142,38 @@ def compare(
         f"(rtol={tol.rtol}, atol={table.atol} + 2 x the compute-dtype oracle's error {slack:.3g}, "
         f"dtype={str(got.dtype)[6:]}, compute dtype={str(compute_dtype)[6:]})"
     )
+
+
+#: The smallest normal float32; below it a float32 atomic add on a GPU reads and writes 0.
+FLT_MIN = torch.finfo(torch.float32).tiny
+
+
+@torch.no_grad()
+def flushed(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(targets, sources)`` [N, 1, H, W] booleans: the targets every float32 normaliser
+    contribution ``b * w`` of which is subnormal (an add that flushes subnormals, as GPUs' float32
+    atomics do, leaves their normaliser 0), and the source pixels with a tap into one. The spec
+    (docs/spec.md, "Floating point") leaves their results, and those sources' gradients, open on
+    such backends."""
+    flow = case.flow.float().cpu()
+    N, _, H, W = flow.shape
+    metric = None if case.metric is None else case.metric.float().cpu()
+    if case.mode.kind == "avg" or metric is None:
+        weight = torch.ones(N, H, W)
+    elif case.mode.kind == "linear":
+        weight = metric[:, 0]
+    else:
+        weight = metric[:, 0].exp()
+    largest = torch.zeros(N * H * W)
+    maximum = oracle.splat_maximum(metric, flow).reshape(-1) if case.stable else None
+    for target, b, keep in oracle.taps(flow):
+        w = (metric[:, 0] - maximum[target]).exp() if case.stable else weight
+        largest.scatter_reduce_(0, target[keep], (b * w).abs()[keep], "amax")
+    targets = (largest > 0) & (largest < FLT_MIN)
+    sources = torch.zeros(N, H, W, dtype=torch.bool)
+    for target, _, keep in oracle.taps(flow):
+        sources |= keep & targets[target]
+    return targets.view(N, 1, H, W), sources.view(N, 1, H, W)
 
 
 def gradient_scale(reference: torch.Tensor) -> torch.Tensor:

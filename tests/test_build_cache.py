@@ -5,6 +5,7 @@ checkout with other sources builds beside the first, never over it."""
 from __future__ import annotations
 
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -64,3 +65,10 @@ def test_checkouts_sharing_an_extension_directory_build_once_and_never_over_each
     other, said = load(changed, extensions)  # other sources: a build of their own, which says so
     assert other != library and "softsplat: building softsplat_cache_probe" in said
     assert os.stat(library).st_mtime_ns == built
+
+    # A build interrupted after the library file was written (Ctrl-C, a killed compiler) is not
+    # taken for a finished one: the next load builds it again instead of failing to load it.
+    pathlib.Path(library).write_bytes(b"truncated")
+    (pathlib.Path(library).parent / "build-complete").unlink()
+    again, said = load(first, extensions)
+    assert again == library and "softsplat: building softsplat_cache_probe" in said, said

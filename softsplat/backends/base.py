@@ -68,6 +68,9 @@ class Backend(abc.ABC):
     dtypes: tuple[torch.dtype, ...] = FLOATING
     #: Device types on which the backend is run-to-run deterministic.
     deterministic_on: tuple[str, ...] = ()
+    #: Device types on which its float32 sums are atomic adds that flush subnormal operands and
+    #: results to zero, as GPUs' do (docs/spec.md, "Floating point").
+    flushes_subnormals_on: tuple[str, ...] = ()
     #: A backend that exists to test something else (never in ``PRIORITY``, not prebuilt).
     test_only: bool = False
     #: How to fix a failure to prepare (build or load) the backend; ends its error messages.

@@ -9,6 +9,7 @@ so not deterministic; the backward is a gather and is.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 
@@ -26,13 +27,24 @@ def _prebuilt_cpu(level: str):
     """The wheel's library of ``level`` when it is to be used, else None."""
     if os.environ.get(PREBUILT_ENV, "").strip() == "0":
         return None
+    return _prebuilt_cpu_library(level)
+
+
+# Decided once per process: every call asks (devices()), and the decision hashes the sources.
+@functools.cache
+def _prebuilt_cpu_library(level: str):
     return prebuilt.cpu_library(level, torch.__version__)
+
+
+@functools.cache
+def _prebuilt_cuda():
+    return prebuilt.cuda_library(torch.version.cuda)
 
 
 def _cuda_reason() -> str | None:
     """Why the library here has no CUDA kernels, or None."""
     if _prebuilt_cpu(build_flags.chosen_level()) is not None:
-        path, what = prebuilt.cuda_library(torch.version.cuda)
+        path, what = _prebuilt_cuda()
         if path is None:
             return what
         return None if torch.cuda.is_available() else "torch has no CUDA device"
@@ -60,7 +72,7 @@ def library() -> OpLibrary:
         if level not in _LIBRARIES:
             sources = CPU_SOURCES + ([] if _cuda_reason() else ["splat_cuda.cu"])
             cpu = _prebuilt_cpu(level)
-            cuda, _ = prebuilt.cuda_library(torch.version.cuda)
+            cuda, _ = _prebuilt_cuda()
             # The CUDA library loads wherever torch is a CUDA build of its major, with or without a GPU.
             libraries = None if cpu is None else [cpu] + ([cuda] if cuda is not None else [])
             _LIBRARIES[level] = OpLibrary("softsplat", sources, cuda_cflags=build_flags.CUDA_FLAGS, fused_stable=True,
@@ -80,6 +92,7 @@ def _library_or_error() -> tuple[OpLibrary | None, str | None]:
 class CppBackend(OpsBackend):
     name = "cpp"
     deterministic_on = ("cpu",)
+    flushes_subnormals_on = ("cuda",)
     fused_stable_on = ("cpu",)
     fix_hint = (
         "install a working C++ compiler (g++ or clang++, or set CXX to one) and ninja, then run "
@@ -110,7 +123,7 @@ class CppBackend(OpsBackend):
         if built.prebuilt is not None:
             oldest = ".".join(map(str, build_flags.OLDEST_TORCH))
             state = f"prebuilt, torch >= {oldest} stable ABI"
-            path, cuda_state = prebuilt.cuda_library(torch.version.cuda)
+            path, cuda_state = _prebuilt_cuda()
             if path is not None and not torch.cuda.is_available():
                 cuda_state += " (unused: torch has no CUDA device)"
         else:

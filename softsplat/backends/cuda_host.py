@@ -20,6 +20,7 @@ class CudaHostBackend(OpsBackend):
     name = "cuda-host"
     summary = "test only: the CUDA kernels (splat_kernels.cuh) run on the CPU through a host shim"
     deterministic_on = ()  # atomics in the forward, as on a GPU
+    flushes_subnormals_on = ("cpu",)  # the host shim computes what the device does
     test_only = True
 
     def devices(self) -> tuple[str, ...]:

@@ -330,6 +330,7 @@ class CupyBackend(OpsBackend):
     name = "cupy"
     summary = "the CUDA kernels of splat_kernels.cuh through NVRTC (cupy.RawModule), per device and dtype"
     deterministic_on = ()  # atomics in the forward
+    flushes_subnormals_on = ("cuda",)
 
     def devices(self) -> tuple[str, ...]:
         return ("cuda",)

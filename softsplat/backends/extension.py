@@ -89,7 +89,13 @@ class OpLibrary:
         return self.build_directory() / f"{self.name()}.so"
 
     def is_built(self) -> bool:
-        return self.prebuilt is not None or self.library_path().exists()
+        """A prebuilt library, or a build that ran to its end (a build that was interrupted
+        can leave a library file that does not load: it is built again)."""
+        return self.prebuilt is not None or (self.library_path().exists() and self.complete_path().exists())
+
+    def complete_path(self) -> pathlib.Path:
+        """Written once a build has finished."""
+        return self.build_directory() / "build-complete"
 
     def ops(self):
         """``torch.ops.<namespace>``, building and loading the library on the first call."""
@@ -129,7 +135,11 @@ class OpLibrary:
             if earlier is not None:
                 raise RuntimeError(f"an earlier build failed ({self.failure_path()}); `softsplat build` tries again:\n{earlier}")
             try:
+                # An interrupted build's library file may be newer than its objects: ninja would
+                # take it for done. Removed, it is linked again.
+                self.library_path().unlink(missing_ok=True)
                 self._build()
+                self.complete_path().write_text("")
             except Exception as error:
                 self.failure_path().parent.mkdir(parents=True, exist_ok=True)
                 self.failure_path().write_text(f"{os.environ.get('CXX', 'c++')}\n{type(error).__name__}: {error}")

@@ -33,8 +33,9 @@ def sources_digest(root: pathlib.Path = CSRC) -> str:
     return digest.hexdigest()
 
 
-def manifest(directory: pathlib.Path = DIRECTORY) -> dict | None:
+def manifest(directory: pathlib.Path | None = None) -> dict | None:
     """The manifest of the prebuilt libraries, or None when there are none."""
+    directory = directory or DIRECTORY
     try:
         return json.loads((directory / MANIFEST).read_text())
     except (OSError, ValueError):
@@ -49,8 +50,9 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(numbers)
 
 
-def unusable_reason(found: dict | None, torch_version: str, directory: pathlib.Path = DIRECTORY) -> str | None:
+def unusable_reason(found: dict | None, torch_version: str, directory: pathlib.Path | None = None) -> str | None:
     """Why the prebuilt libraries cannot be used with this torch and these sources, or None."""
+    directory = directory or DIRECTORY
     if found is None:
         return "no prebuilt libraries (a source checkout: the kernels build on first use)"
     if found.get("sources") != sources_digest():
@@ -64,17 +66,19 @@ def unusable_reason(found: dict | None, torch_version: str, directory: pathlib.P
     return None
 
 
-def cpu_library(level: str, torch_version: str, directory: pathlib.Path = DIRECTORY) -> pathlib.Path | None:
+def cpu_library(level: str, torch_version: str, directory: pathlib.Path | None = None) -> pathlib.Path | None:
     """The prebuilt CPU library of ``level`` when it can be used here, else None."""
+    directory = directory or DIRECTORY
     found = manifest(directory)
     if unusable_reason(found, torch_version, directory) is not None or level not in found["cpu"]:
         return None
     return directory / found["cpu"][level]
 
 
-def cuda_library(torch_cuda: str | None, directory: pathlib.Path = DIRECTORY) -> tuple[pathlib.Path | None, str]:
+def cuda_library(torch_cuda: str | None, directory: pathlib.Path | None = None) -> tuple[pathlib.Path | None, str]:
     """``(path, what)``: the prebuilt CUDA library when this torch can load it (CUDA build of the
     same major), with the architectures it holds; else ``(None, why not)``."""
+    directory = directory or DIRECTORY
     found = manifest(directory)
     cuda = (found or {}).get("cuda")
     if not cuda:

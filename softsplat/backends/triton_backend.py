@@ -157,6 +157,7 @@ class TritonBackend(OpsBackend):
     name = "triton"
     summary = "fused Triton kernels (triton_op), atomics in the forward, gather backward"
     deterministic_on = ()
+    flushes_subnormals_on = ("cuda",)  # compiled; the interpreter keeps subnormals
 
     def devices(self) -> tuple[str, ...]:
         return ("cpu",) if interpreted() else ("cuda",)

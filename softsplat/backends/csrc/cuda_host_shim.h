@@ -1,7 +1,9 @@
 // Runs CUDA kernels on the CPU, for tests: compiled by g++ (C++20) from the very same kernel
 // source as nvcc and NVRTC compile. blockIdx/threadIdx are thread-local; a launch is a parallel
 // loop over blocks, each running its threads one after another; atomicAdd is a real atomic
-// (std::atomic_ref), so blocks on different CPU threads race exactly as they may on a GPU. The
+// (std::atomic_ref), so blocks on different CPU threads race exactly as they may on a GPU, and
+// computes what the device's does: float32 adds flush subnormals to zero. Built, as the device
+// code, without contraction into FMAs (-ffp-contract=off; nvcc --fmad=false). The
 // splatting kernels use neither shared memory nor __syncthreads, which this shim does not offer.
 #pragma once
 
@@ -9,6 +11,8 @@
 
 #include <atomic>
 #include <bit>
+#include <cmath>
+#include <type_traits>
 
 #define __global__
 #define __device__
@@ -25,9 +29,22 @@ struct dim3 {
 
 inline thread_local dim3 blockIdx, threadIdx, blockDim, gridDim;
 
+// A subnormal float32 flushed to zero (of its sign), as the GPU's float32 atomic add does
+// with its operands and its result (SASS RED.E.ADD.F32.FTZ.RN).
+inline float flush_subnormal(float v) { return std::fpclassify(v) == FP_SUBNORMAL ? std::copysign(0.0f, v) : v; }
+
 template <typename T>
 inline T atomicAdd(T* address, T value) {
-  return std::atomic_ref<T>(*address).fetch_add(value, std::memory_order_relaxed);
+  if constexpr (std::is_same_v<T, float>) {  // as the device: flush to zero (FTZ)
+    std::atomic_ref<float> target(*address);
+    float seen = target.load(std::memory_order_relaxed);
+    while (!target.compare_exchange_weak(seen, flush_subnormal(flush_subnormal(seen) + flush_subnormal(value)),
+                                         std::memory_order_relaxed)) {
+    }
+    return seen;
+  } else {  // float64 atomics keep subnormals on the device too
+    return std::atomic_ref<T>(*address).fetch_add(value, std::memory_order_relaxed);
+  }
 }
 
 template <typename T>

@@ -1,0 +1,126 @@
+"""Prebuilt libraries (a wheel's, backends/prebuilt.py): which ones are used when, that they need
+no compiler, and that the compiled code depends on torch's stable ABI only (one library serves
+every torch from build_flags.OLDEST_TORCH on). The whole wheel (setup.py, auditwheel, a fresh
+environment without a compiler, every CPU level, a second torch release) is checked by
+``nox -s wheel`` and ``nox -s wheel_test``."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from softsplat.backends import build_flags, cpp, prebuilt
+from softsplat.backends.extension import compiler_reason
+
+
+def _manifest(directory: pathlib.Path, **changes) -> dict:
+    found = {
+        "oldest_torch": list(build_flags.OLDEST_TORCH), "built_with_torch": "2.13.0", "architecture": "x86_64",
+        "sources": prebuilt.sources_digest(), "cpu": {"baseline": "softsplat_cpu_baseline.so"},
+        "cuda": {"cuda": "13.0", "architectures": ["sm_75", "sm_120", "compute_120"], "library": "softsplat_cuda.so"},
+    }
+    found.update(changes)
+    directory.mkdir(exist_ok=True)
+    (directory / prebuilt.MANIFEST).write_text(json.dumps(found))
+    for name in [*found["cpu"].values(), found["cuda"]["library"]]:
+        (directory / name).write_bytes(b"")
+    return found
+
+
+def test_the_prebuilt_libraries_are_used_only_when_they_match(tmp_path) -> None:
+    _manifest(tmp_path)
+    assert prebuilt.cpu_library("baseline", "2.13.0", tmp_path) == tmp_path / "softsplat_cpu_baseline.so"
+    assert prebuilt.cpu_library("baseline", "2.14.1+cu130", tmp_path) is not None
+    assert prebuilt.cpu_library("avx2", "2.13.0", tmp_path) is None  # a level the wheel lacks
+    assert "need torch >= 2.10" in prebuilt.unusable_reason(prebuilt.manifest(tmp_path), "2.9.1", tmp_path)
+    assert prebuilt.cpu_library("baseline", "2.9.1", tmp_path) is None
+    assert "no prebuilt libraries" in prebuilt.unusable_reason(prebuilt.manifest(tmp_path / "none"), "2.13.0", tmp_path)
+    _manifest(tmp_path, sources="another checkout's")
+    assert "other sources" in prebuilt.unusable_reason(prebuilt.manifest(tmp_path), "2.13.0", tmp_path)
+    assert prebuilt.cpu_library("baseline", "2.13.0", tmp_path) is None
+
+
+def test_the_cuda_library_needs_a_cuda_torch_of_its_major(tmp_path) -> None:
+    _manifest(tmp_path)
+    path, what = prebuilt.cuda_library("13.0", tmp_path)
+    assert path == tmp_path / "softsplat_cuda.so" and what == "prebuilt for sm_75, sm_120, compute_120"
+    assert prebuilt.cuda_library("12.6", tmp_path) == (None, "built for CUDA 13.0, this torch is a CUDA 12.6 build")
+    path, what = prebuilt.cuda_library(None, tmp_path)
+    assert path is None and "CPU build" in what
+
+
+def test_the_sources_digest_sees_every_source_and_header(tmp_path) -> None:
+    root = tmp_path / "csrc"
+    shutil.copytree(prebuilt.CSRC, root)
+    before = prebuilt.sources_digest(root)
+    with open(root / "taps.h", "a") as header:
+        header.write("\n")
+    assert prebuilt.sources_digest(root) != before
+
+
+def _built_library() -> pathlib.Path:
+    library = cpp.library()
+    if library.prebuilt is not None:
+        return library.prebuilt[0]
+    library.ops()  # builds it once (shared with the rest of the suite)
+    return library.library_path()
+
+
+@pytest.mark.skipif(shutil.which("nm") is None, reason="nm (binutils) is needed to read the library's symbols")
+@pytest.mark.skipif(compiler_reason() is not None and cpp.library().prebuilt is None, reason=f"cannot build here: {compiler_reason()}")
+def test_the_compiled_library_uses_torchs_stable_abi_only() -> None:
+    """No symbol of torch's C++ API (c10::, at::, torch:: outside the header-only stable API):
+    those change between releases; the stable C functions do not."""
+    result = subprocess.run(["nm", "-D", "-C", "--undefined-only", str(_built_library())], capture_output=True, text=True,
+                            check=True)
+    symbols = [line.split(None, 1)[-1].strip() for line in result.stdout.splitlines() if line.strip()]
+    foreign = [s for s in symbols if re.search(r"\b(c10|at|torch|caffe2)::", s)]
+    assert not foreign, f"symbols of torch's C++ API: {foreign[:10]}"
+    assert any(s.startswith("aoti_torch_") for s in symbols)  # what it uses instead
+
+
+LOAD = """
+import pathlib, shutil, sys, torch
+from softsplat.backends import prebuilt
+prebuilt.DIRECTORY = pathlib.Path(sys.argv[1])
+import softsplat
+from softsplat import backends
+x, flow, metric = torch.randn(1, 3, 9, 11), torch.randn(1, 2, 9, 11) * 3, torch.randn(1, 1, 9, 11)
+ours = softsplat.splat(x, flow, metric, mode="soft", backend="cpp")
+oracle = softsplat.splat(x, flow, metric, mode="soft", backend="torch")
+torch.testing.assert_close(ours, oracle, rtol=1e-5, atol=1e-5)
+print(backends.get("cpp").summary)
+print([shutil.which(c) for c in ("c++", "g++", "cc")])
+"""
+
+
+@pytest.mark.skipif(compiler_reason() is not None and cpp.library().prebuilt is None, reason=f"cannot build here: {compiler_reason()}")
+def test_a_wheel_layout_is_used_without_a_compiler(tmp_path) -> None:
+    """A library laid out as a wheel has it (manifest and all) is loaded in a process that can
+    reach no compiler, and nothing is built."""
+    level = build_flags.chosen_level()
+    directory = tmp_path / "_prebuilt"
+    # CUDA kernels for a CUDA major no torch has: never loaded, only named.
+    found = _manifest(directory, cpu={level: f"softsplat_cpu_{level}.so"},
+                      cuda={"cuda": "99.0", "architectures": ["sm_80"], "library": "softsplat_cuda.so"})
+    shutil.copy(_built_library(), directory / found["cpu"][level])
+    extensions = tmp_path / "extensions"
+    extensions.mkdir()
+    environment = {k: v for k, v in os.environ.items() if k not in ("CXX", "CC")}
+    environment.update(PATH=str(pathlib.Path(sys.executable).parent), TORCH_EXTENSIONS_DIR=str(extensions))
+    result = subprocess.run([sys.executable, "-c", LOAD, str(directory)], env=environment, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary, compilers = result.stdout.strip().splitlines()[-2:]
+    assert "prebuilt, torch >= 2.10 stable ABI" in summary and f"CPU level {level}" in summary
+    assert compilers == "[None, None, None]"
+    assert not list(extensions.rglob("*")), "something was built"
+    assert "CPU build" in summary if torch.version.cuda is None else "built for CUDA 99.0" in summary
