@@ -46,7 +46,7 @@ def main() -> int:
             return result.stdout
 
         where = run(sys.executable, "-c", "import softsplat; print(softsplat.__file__)").strip()
-        if pathlib.Path(where).is_relative_to(CHECKOUT):
+        if pathlib.Path(where).is_relative_to(CHECKOUT / "softsplat"):
             sys.exit(f"softsplat was imported from the checkout ({where}), not from the installed wheel")
         info = run(sys.executable, "-m", "softsplat.cli", "info")
         if "prebuilt" not in info:

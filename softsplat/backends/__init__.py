@@ -22,7 +22,11 @@ _REGISTRY: dict[str, str | Backend] = {
     "triton": "triton_backend:TritonBackend",
     "cupy": "cupy_backend:CupyBackend",
     "cuda-host": "cuda_host:CudaHostBackend",  # for tests; not in PRIORITY
+    "cupy-host": "cuda_host:CupyHostBackend",  # for tests; not in PRIORITY
 }
+
+#: Backends that exist to test something else: never offered to users, never in PRIORITY.
+TEST_ONLY = ("cuda-host", "cupy-host")
 
 _REGISTRY_LOCK = threading.Lock()
 
@@ -42,7 +46,7 @@ def names() -> tuple[str, ...]:
 def get(name: str, argument: str = "backend") -> Backend:
     """The backend called ``name``; ``ValueError`` naming the known ones otherwise."""
     if name not in _REGISTRY:
-        public = [n for n in _REGISTRY if n != "cuda-host"]  # the test-only backend is not offered
+        public = [n for n in _REGISTRY if n not in TEST_ONLY]
         raise ValueError(f"{argument}: expected 'auto' or one of {', '.join(map(repr, public))}, got {name!r}")
     return _instance(name)
 

@@ -1,19 +1,79 @@
-"""Backend ``cuda-host`` (for tests): the cpp backend's CUDA kernels, compiled by g++ from the
-same source through a host shim and run on CPU tensors. It is how a machine without a GPU
-executes the CUDA kernel logic under the conformance suite; ``auto`` never picks it.
+"""Test-only backends that run the GPU code on the CPU, so that a machine without a GPU executes
+it under the conformance suite; ``auto`` never picks them.
+
+``cuda-host``: the cpp backend's CUDA kernels and their C++ launchers (splat_cuda_launch.h),
+compiled by g++ from the same source through a host shim and run on CPU tensors.
+
+``cupy-host``: the cupy backend's own Python side (cupy_backend.py: buffers, index type, the
+kernel arguments it converts, their order and types, the grid) with each launch handed to the
+same kernels compiled for the host (csrc/cupy_host.cpp) instead of to CuPy: the arguments reach
+the kernels as CUDA's launch API passes them, so a swapped or mistyped argument computes
+something else here as it would on a GPU.
 """
 
 from __future__ import annotations
 
-import functools
+import ctypes
+import threading
 
+import torch
+
+from . import cupy_backend
 from .extension import OpLibrary, compiler_reason
 from .ops import OpsBackend
 
+_LOCK = threading.RLock()
+_LIBRARIES: dict[str, object] = {}  # "ops", "kernels", "launch": each made once, under the lock
 
-@functools.cache
+
 def library() -> OpLibrary:
-    return OpLibrary("softsplat_cuda_host", ["splat_cuda_host.cpp"])
+    """The cuda-host op library (one object per process, whichever thread asks first)."""
+    with _LOCK:
+        if "ops" not in _LIBRARIES:
+            _LIBRARIES["ops"] = OpLibrary("softsplat_cuda_host", ["splat_cuda_host.cpp"])
+        return _LIBRARIES["ops"]
+
+
+class KernelLibrary(OpLibrary):
+    """csrc/cupy_host.cpp: plain C entry points, no ops (loaded, then opened with ctypes)."""
+
+    def _register(self) -> None:
+        pass
+
+    def launcher(self):
+        self.ops()  # builds and loads it once
+        function = ctypes.CDLL(str(self.library_path())).softsplat_host_launch
+        function.argtypes = [ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.POINTER(ctypes.c_void_p)]
+        function.restype = ctypes.c_int
+        return function
+
+
+def kernel_library() -> KernelLibrary:
+    with _LOCK:
+        if "kernels" not in _LIBRARIES:
+            _LIBRARIES["kernels"] = KernelLibrary("softsplat_cupy_host", ["cupy_host.cpp"])
+        return _LIBRARIES["kernels"]
+
+
+#: numpy scalar type of a converted argument -> the ctypes type holding the same bytes.
+_CTYPES = {"uint64": ctypes.c_uint64, "int64": ctypes.c_int64, "int32": ctypes.c_int32}
+
+
+def host_launch(device: torch.device, dtype: torch.dtype, kernel: str, index: str, total: int, *args) -> None:
+    """cupy_backend's launch, made on the CPU: the same converted arguments, as pointers to their
+    values (cuLaunchKernel's kernelParams), to the kernel of the same name expression."""
+    values = [_CTYPES[value.dtype.name](value.item()) for value in cupy_backend.kernel_arguments(index, args)]
+    pointers = (ctypes.c_void_p * len(values))(*(ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values))
+    name = cupy_backend.kernel_names(dtype)[kernel, index]
+    if _launcher()(name.encode(), cupy_backend.blocks_for(total), cupy_backend.THREADS, pointers) != 0:
+        raise RuntimeError(f"cupy-host: no host kernel named {name!r}")
+
+
+def _launcher():
+    with _LOCK:
+        if "launch" not in _LIBRARIES:
+            _LIBRARIES["launch"] = kernel_library().launcher()
+        return _LIBRARIES["launch"]
 
 
 class CudaHostBackend(OpsBackend):
@@ -31,3 +91,22 @@ class CudaHostBackend(OpsBackend):
 
     def load_ops(self):
         return library().ops()
+
+
+class CupyHostBackend(OpsBackend):
+    name = "cupy-host"
+    summary = "test only: the cupy backend's launches made on the CPU, to the same kernels compiled for the host"
+    deterministic_on = ()
+    flushes_subnormals_on = ("cpu",)
+    test_only = True
+
+    def devices(self) -> tuple[str, ...]:
+        return ("cpu",)
+
+    def _unavailable_reason(self) -> str | None:
+        return compiler_reason()
+
+    def load_ops(self):
+        cupy_backend.LAUNCHERS["cpu"] = host_launch
+        _launcher()  # builds the kernels now, not inside the first op call
+        return cupy_backend.define_ops("softsplat_cupy_host", "cpu")

@@ -131,10 +131,10 @@ def _current_stream(device_index: int) -> int:
     return torch.cuda.current_stream(device_index).cuda_stream
 
 
-def _launch(device: torch.device, dtype: torch.dtype, kernel: str, index: str, total: int, *args) -> None:
-    """Launch ``kernel`` on ``device`` and torch's current stream there; tensors are passed
-    as raw pointers (zero copy), sizes in the kernel's index type."""
-    import cupy
+def kernel_arguments(index: str, args) -> list:
+    """The kernel arguments as the launch passes them (numpy scalars of the kernel's parameter
+    types): tensors as raw pointers (zero copy), ``("index", v)`` in the kernel's index type,
+    ``("int", v)`` as int, anything else (strides) as long long."""
     import numpy as np
 
     index_type = np.int32 if index == "int" else np.int64
@@ -150,12 +150,33 @@ def _launch(device: torch.device, dtype: torch.dtype, kernel: str, index: str, t
             converted.append(np.int32(value[1]))
         else:
             converted.append(np.int64(value))  # strides: long long
-    blocks = max(1, min((total + THREADS - 1) // THREADS, MAX_BLOCKS))
+    return converted
+
+
+def blocks_for(total: int) -> int:
+    """The grid of a launch over ``total`` items (grid-stride loops cover the rest)."""
+    return max(1, min((total + THREADS - 1) // THREADS, MAX_BLOCKS))
+
+
+def _launch(device: torch.device, dtype: torch.dtype, kernel: str, index: str, total: int, *args) -> None:
+    """Launch ``kernel`` on ``device`` and torch's current stream there."""
+    import cupy
+
+    converted = kernel_arguments(index, args)
     device_index = device.index if device.index is not None else torch.cuda.current_device()
     with cupy.cuda.Device(device_index):
         function = module_for(device_index, dtype).get_function(kernel_names(dtype)[kernel, index])
         stream = cupy.cuda.ExternalStream(_current_stream(device_index), device_index)
-        function((blocks,), (THREADS,), tuple(converted), stream=stream)
+        function((blocks_for(total),), (THREADS,), tuple(converted), stream=stream)
+
+
+#: How a launch is made, by device type: on CUDA through CuPy; the ``cupy-host`` test backend
+#: adds "cpu" (the same arguments to the kernels compiled for the host, cuda_host.py).
+LAUNCHERS = {"cuda": _launch}
+
+
+def launch(device: torch.device, *args) -> None:
+    LAUNCHERS[device.type](device, *args)
 
 
 def _source_arguments(input, flow, metric) -> tuple:
@@ -171,7 +192,7 @@ def maximum_impl(flow: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
         return maximum
     index = "int" if _fits_int32((flow, metric, maximum), N * H * W) else "long long"
     dtype = torch.float64 if flow.dtype == torch.float64 else torch.float32
-    _launch(flow.device, dtype, "maximum", index, N * H * W, flow, *flow.stride(), metric,
+    launch(flow.device, dtype, "maximum", index, N * H * W, flow, *flow.stride(), metric,
             *per_pixel_strides(metric), *(("index", v) for v in (N, H, W)), maximum)
     return maximum
 
@@ -191,7 +212,7 @@ def forward_impl(
     metric = metric if kind >= Kind.LINEAR else None
     index = "int" if _fits_int32((input, flow, metric, out), N * (C + 1) * H * W) else "long long"
     sizes = tuple(("index", v) for v in (N, C, H, W))
-    _launch(
+    launch(
         input.device,
         input.dtype,
         "forward",
@@ -205,7 +226,7 @@ def forward_impl(
         normaliser if kind != Kind.SUM else None,
     )
     if kind != Kind.SUM and C:
-        _launch(
+        launch(
             input.device,
             input.dtype,
             "normalise",
@@ -247,7 +268,7 @@ def backward_impl(
         else "long long"
     )
     sizes = tuple(("index", v) for v in (N, C, H, W))
-    _launch(
+    launch(
         input.device,
         input.dtype,
         "prepare",
@@ -264,7 +285,7 @@ def backward_impl(
         ("int", normalisation),
         g,
     )
-    _launch(
+    launch(
         input.device,
         input.dtype,
         "backward",
@@ -283,17 +304,12 @@ def backward_impl(
 
 
 @functools.cache
-def _define_ops():
-    """Define the ``softsplat_cupy`` ops (once) and their fake and autograd registrations."""
-    torch.library.custom_op(
-        "softsplat_cupy::splat_forward", forward_impl, mutates_args=(), device_types="cuda"
-    )
-    torch.library.custom_op(
-        "softsplat_cupy::splat_backward", backward_impl, mutates_args=(), device_types="cuda"
-    )
-    torch.library.custom_op("softsplat_cupy::splat_maximum", maximum_impl, mutates_args=(), device_types="cuda")
-    register_python_side("softsplat_cupy")
-    return torch.ops.softsplat_cupy
+def define_ops(namespace: str = "softsplat_cupy", device_type: str = "cuda"):
+    """Define the ops (once per namespace) and their fake and autograd registrations."""
+    for name, impl in (("splat_forward", forward_impl), ("splat_backward", backward_impl), ("splat_maximum", maximum_impl)):
+        torch.library.custom_op(f"{namespace}::{name}", impl, mutates_args=(), device_types=device_type)
+    register_python_side(namespace)
+    return getattr(torch.ops, namespace)
 
 
 def installed_cupy_cuda() -> int | None:
@@ -354,4 +370,4 @@ class CupyBackend(OpsBackend):
         return None
 
     def load_ops(self):
-        return _define_ops()
+        return define_ops()

@@ -1,0 +1,77 @@
+// Test-only library for the `cupy-host` backend: every kernel instantiation the cupy backend
+// asks NVRTC for, compiled by g++ through the host shim, and one C entry point that launches
+// one by its NVRTC name expression with its arguments as CUDA's launch API takes them (an array
+// of pointers to the argument values, cuLaunchKernel's kernelParams). So the cupy backend's
+// own Python side (what it passes, in which order, of which type) runs against the kernels on
+// the CPU, exactly as its converted arguments would reach them on a GPU.
+#include "cuda_host_shim.h"
+
+#include <cstring>
+#include <map>
+#include <string>
+#include <type_traits>
+#include <utility>
+
+#include "splat_kernels.cuh"
+
+namespace {
+
+using Launcher = void (*)(unsigned int blocks, unsigned int threads, void** arguments);
+
+template <typename Kernel>
+struct arity;
+template <typename... Parameters>
+struct arity<void (*)(Parameters...)> : std::integral_constant<size_t, sizeof...(Parameters)> {};
+
+template <typename... Parameters, size_t... I>
+void launch_with(void (*kernel)(Parameters...), unsigned int blocks, unsigned int threads, void** arguments,
+                 std::index_sequence<I...>) {
+  softsplat_host::launch(kernel, softsplat_host::dim3(blocks), softsplat_host::dim3(threads),
+                         *static_cast<std::remove_cv_t<Parameters>*>(arguments[I])...);
+}
+
+template <auto kernel>
+void launcher(unsigned int blocks, unsigned int threads, void** arguments) {
+  launch_with(kernel, blocks, threads, arguments, std::make_index_sequence<arity<decltype(kernel)>::value>());
+}
+
+template <typename scalar_t, typename acc_t, typename index_t>
+void add(std::map<std::string, Launcher>& table, const std::string& scalar, const std::string& acc,
+         const std::string& index) {
+  using namespace softsplat;
+  const std::string sai = "<" + scalar + ", " + acc + ", " + index + ">", ai = "<" + acc + ", " + index + ">";
+  table["softsplat::splat_forward_kernel" + sai] = &launcher<&splat_forward_kernel<scalar_t, acc_t, index_t>>;
+  table["softsplat::splat_backward_kernel" + sai] = &launcher<&splat_backward_kernel<scalar_t, acc_t, index_t>>;
+  table["softsplat::splat_normalise_kernel" + ai] = &launcher<&splat_normalise_kernel<acc_t, index_t>>;
+  table["softsplat::splat_maximum_kernel" + ai] = &launcher<&splat_maximum_kernel<acc_t, index_t>>;
+  table["softsplat::splat_backward_prepare_kernel" + ai] = &launcher<&splat_backward_prepare_kernel<acc_t, index_t>>;
+}
+
+template <typename index_t>
+void add_all(std::map<std::string, Launcher>& table, const std::string& index) {
+  add<float, float, index_t>(table, "float", "float", index);
+  add<double, double, index_t>(table, "double", "double", index);
+  add<softsplat::Half, float, index_t>(table, "__half", "float", index);  // the same 16 bits as CUDA's
+  add<softsplat::BFloat16, float, index_t>(table, "__nv_bfloat16", "float", index);
+}
+
+const std::map<std::string, Launcher>& table() {
+  static const std::map<std::string, Launcher> kernels = [] {
+    std::map<std::string, Launcher> t;
+    add_all<int>(t, "int");
+    add_all<long long>(t, "long long");
+    return t;
+  }();
+  return kernels;
+}
+
+}  // namespace
+
+// Launches the kernel named `name` (an NVRTC name expression) on `blocks` x `threads`; returns 0,
+// or 1 for an unknown name.
+extern "C" int softsplat_host_launch(const char* name, unsigned int blocks, unsigned int threads, void** arguments) {
+  const auto found = table().find(name);
+  if (found == table().end()) return 1;
+  found->second(blocks, threads, arguments);
+  return 0;
+}
