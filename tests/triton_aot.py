@@ -8,13 +8,17 @@ include 1x1, 1xW, Hx1, odd sizes, strided and channels_last inputs, every dtype 
 Each compiled kernel is then read: launched without FMA contraction (and no ``fma.rn`` in the
 kernels without exp, whose library code has FMAs of its own), no 32-bit product in the TTIR
 (sizes are widened to 64 bits), no ordering (``acq_rel``, ``fence``, ``membar``) around the
-forward's and the scatter-max's atomics, no local memory (``.local``: spills). Exits non-zero, naming the kernel, on any failure. Run by
+forward's and the scatter-max's atomics, no local memory (``.local`` in the PTX, STACK or LOCAL in
+the SASS's resource usage: spills). Exits non-zero, naming the kernel, on any failure. Run by
 tests/test_triton.py in a subprocess, since TRITON_INTERPRET must not be set here."""
 
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
 import sys
+import tempfile
 
 import torch
 import triton
@@ -103,6 +107,9 @@ def compile_all(architectures) -> list[str]:
                 problems.append(f"{name}: an FMA in the PTX (contraction must be off)")
             if ".local" in ptx:
                 problems.append(f"{name}: local memory in the PTX (a spill)")
+            spilled = local_memory(binary.asm["cubin"])
+            if spilled:
+                problems.append(f"{name}: {spilled}")
             # Sizes and indices are 64-bit: no product is formed in 32 bits (docs/spec.md, sizes).
             narrow = [line.strip() for line in binary.asm["ttir"].splitlines() if "arith.muli" in line and ": i32" in line]
             if narrow:
@@ -113,6 +120,21 @@ def compile_all(architectures) -> list[str]:
                         problems.append(f"{name}: {ordering} around the atomics (they must be relaxed)")
     print(f"compiled {len(compiled)} kernel specialisations from {len(LAUNCHES)} launches for sm_{', sm_'.join(architectures)}")
     return problems
+
+
+def local_memory(cubin: bytes) -> str | None:
+    """What the SASS of ``cubin`` spills to local memory (cuobjdump's resource usage: STACK, the
+    thread's stack frame where ptxas puts spilled registers, and LOCAL, bytes per thread), or
+    None."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        usage = subprocess.run([tool, "--dump-resource-usage", file.name], capture_output=True, text=True, check=True).stdout
+    if "LOCAL:" not in usage:
+        return f"no resource usage read from the cubin: {usage[:200]!r}"
+    spills = [line.strip() for line in usage.splitlines() if "LOCAL:" in line and ("LOCAL:0 " not in line or "STACK:0 " not in line)]
+    return f"local memory in the SASS (a spill): {spills[0]}" if spills else None
 
 
 def main(architectures) -> int:
