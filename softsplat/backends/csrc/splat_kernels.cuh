@@ -49,18 +49,26 @@ __global__ void splat_forward_kernel(
     Taps<acc_t, index_t> taps;
     if (!source_taps(pixel, flow, fl_sn, fl_sc, fl_sy, fl_sx, H, W, n, y, x, taps)) continue;
     const acc_t m = metric ? metric[n * (index_t)me_sn + y * (index_t)me_sy + x * (index_t)me_sx] : acc_t(0);
+    const index_t plane = H * W;
+    index_t at[4];  // ty * W + tx of each tap, within a plane
+    acc_t w[4];
+#pragma unroll
     for (int k = 0; k < 4; ++k) {
-      if (!taps.keep[k]) continue;
-      const index_t ty = tap_y(taps, k), tx = tap_x(taps, k);
+      at[k] = tap_y(taps, k) * W + tap_x(taps, k);
       // stable: each tap's weight is exp(metric - M(tap)); otherwise one weight per pixel
-      const acc_t w = kind == STABLE ? stable_weight(m, maximum[(n * H + ty) * W + tx]) : pixel_weight<acc_t>(kind, m);
-      const acc_t b = taps.weight[k];
-      for (index_t c = 0; c < C; ++c) {
-        const acc_t v = static_cast<acc_t>(input[n * (index_t)in_sn + c * (index_t)in_sc + y * (index_t)in_sy + x * (index_t)in_sx]);
+      w[k] = !taps.keep[k] ? acc_t(0)
+             : kind == STABLE ? stable_weight(m, maximum[n * plane + at[k]]) : pixel_weight<acc_t>(kind, m);
+      if (kind != SUM && taps.keep[k]) atomicAdd(normaliser + n * plane + at[k], taps.weight[k] * w[k]);
+    }
+    // Each input value is read once and added to the four taps.
+    for (index_t c = 0; c < C; ++c) {
+      const acc_t v = static_cast<acc_t>(input[n * (index_t)in_sn + c * (index_t)in_sc + y * (index_t)in_sy + x * (index_t)in_sx]);
+      acc_t* out_plane = out + (n * C + c) * plane;
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
         // b * (v * w): the oracle's order of operations
-        atomicAdd(out + ((n * C + c) * H + ty) * W + tx, kind == SUM ? b * v : b * (v * w));
+        if (taps.keep[k]) atomicAdd(out_plane + at[k], kind == SUM ? taps.weight[k] * v : taps.weight[k] * (v * w[k]));
       }
-      if (kind != SUM) atomicAdd(normaliser + (n * H + ty) * W + tx, b * w);
     }
   }
 }
