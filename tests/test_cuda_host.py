@@ -58,3 +58,34 @@ def test_the_shim_is_built_without_contraction_as_the_device_code() -> None:
     from softsplat.backends import build_flags
 
     assert "-ffp-contract=off" in cuda_host.library().cflags and "--fmad=false" in build_flags.CUDA_FLAGS
+
+
+def test_a_grid_stride_index_past_2_31_stays_exact() -> None:
+    """The normalise launch of a forward of input [1, C, 1, 128] with C * 128 = 2^31 - 2^27 (every
+    tensor below 2^31 elements), run on the host with the index type the cupy backend's launch
+    picks for it (its own check, of tensors of that shape expanded from one element: no memory).
+    The first block's threads step by the grid (2^20 blocks x 256 threads = 2^28) to
+    t + 7 * 2^28 < total; one more step passes 2^31 - 1, where a 32-bit index wraps (the host
+    build wraps as the device does) and the loop runs on at negative indices."""
+    import ctypes
+
+    from softsplat.backends import cupy_backend
+
+    W, total = 128, 2**31 - 2**27
+    C = total // W
+    one = torch.zeros(1, 1, 1, 1)
+    input, out = one.expand(1, C, 1, W), one.expand(1, C, 1, W)
+    flow, metric = torch.zeros(1, 2, 1, W), torch.zeros(1, 1, 1, W)
+    index = "int" if cupy_backend._fits_int32((input, flow, metric, out), (C + 1) * W) else "long long"
+    blocks, threads = cupy_backend.blocks_for(total), cupy_backend.THREADS
+    assert blocks * threads == 2**28
+    library = cuda_host.kernel_library()
+    library.ops()  # built and loaded once
+    function = ctypes.CDLL(str(library.library_path())).softsplat_host_loop_probe
+    function.restype = ctypes.c_longlong
+    smallest, largest = ctypes.c_longlong(), ctypes.c_longlong()
+    expected = sum(len(range(t, total, blocks * threads)) for t in range(threads))
+    visits = function(ctypes.c_int(index == "long long"), ctypes.c_longlong(total), ctypes.c_uint(blocks),
+                      ctypes.c_uint(threads), ctypes.c_uint(0), ctypes.c_uint(1), ctypes.c_longlong(2 * expected),
+                      ctypes.byref(smallest), ctypes.byref(largest))
+    assert (visits, smallest.value, largest.value) == (expected, 0, threads - 1 + 7 * 2**28), index

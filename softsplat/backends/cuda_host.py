@@ -22,6 +22,10 @@ from . import cupy_backend
 from .extension import OpLibrary, compiler_reason
 from .ops import OpsBackend
 
+#: The device's integer arithmetic wraps on overflow (PTX add.s32): so does the host build's,
+#: rather than being undefined (which lets g++ compute a loop's trip count as if it never wrapped).
+HOST_FLAGS = ["-fwrapv"]
+
 _LOCK = threading.RLock()
 _LIBRARIES: dict[str, object] = {}  # "ops", "kernels", "launch": each made once, under the lock
 
@@ -30,7 +34,7 @@ def library() -> OpLibrary:
     """The cuda-host op library (one object per process, whichever thread asks first)."""
     with _LOCK:
         if "ops" not in _LIBRARIES:
-            _LIBRARIES["ops"] = OpLibrary("softsplat_cuda_host", ["splat_cuda_host.cpp"])
+            _LIBRARIES["ops"] = OpLibrary("softsplat_cuda_host", ["splat_cuda_host.cpp"], cflags=HOST_FLAGS)
         return _LIBRARIES["ops"]
 
 
@@ -51,7 +55,7 @@ class KernelLibrary(OpLibrary):
 def kernel_library() -> KernelLibrary:
     with _LOCK:
         if "kernels" not in _LIBRARIES:
-            _LIBRARIES["kernels"] = KernelLibrary("softsplat_cupy_host", ["cupy_host.cpp"])
+            _LIBRARIES["kernels"] = KernelLibrary("softsplat_cupy_host", ["cupy_host.cpp"], cflags=HOST_FLAGS)
         return _LIBRARIES["kernels"]
 
 

@@ -58,9 +58,12 @@ inline float __uint_as_float(unsigned int v) { return std::bit_cast<float>(v); }
 inline long long __double_as_longlong(double v) { return std::bit_cast<long long>(v); }
 inline double __longlong_as_double(long long v) { return std::bit_cast<double>(v); }
 
+// Runs blocks [first, last) of a launch of `grid` blocks (a test can run a few blocks of a
+// grid too large to run whole).
 template <typename... Parameters, typename... Arguments>
-void launch(void (*kernel)(Parameters...), dim3 grid, dim3 block, Arguments... arguments) {
-  torch::stable::parallel_for(0, grid.x, 1, [&](int64_t begin, int64_t end) {
+void launch_blocks(void (*kernel)(Parameters...), dim3 grid, dim3 block, unsigned int first, unsigned int last,
+                   Arguments... arguments) {
+  torch::stable::parallel_for(first, last, 1, [&](int64_t begin, int64_t end) {
     gridDim = grid;
     blockDim = block;
     for (int64_t b = begin; b < end; ++b) {
@@ -71,6 +74,11 @@ void launch(void (*kernel)(Parameters...), dim3 grid, dim3 block, Arguments... a
       }
     }
   });
+}
+
+template <typename... Parameters, typename... Arguments>
+void launch(void (*kernel)(Parameters...), dim3 grid, dim3 block, Arguments... arguments) {
+  launch_blocks(kernel, grid, block, 0, grid.x, arguments...);
 }
 
 }  // namespace softsplat_host

@@ -6,6 +6,8 @@
 // the CPU, exactly as its converted arguments would reach them on a GPU.
 #include "cuda_host_shim.h"
 
+#include <algorithm>
+#include <climits>
 #include <cstring>
 #include <map>
 #include <string>
@@ -65,7 +67,40 @@ const std::map<std::string, Launcher>& table() {
   return kernels;
 }
 
+// Visits the grid-stride loop of every kernel (SOFTSPLAT_KERNEL_LOOP) makes over `total` items,
+// counted, with the smallest and largest index seen; stops counting past `limit` (a loop whose
+// index wrapped around would otherwise not end).
+template <typename index_t>
+__global__ void loop_probe_kernel(index_t total, long long limit, long long* visits, long long* smallest,
+                                  long long* largest) {
+  SOFTSPLAT_KERNEL_LOOP(i, total) {
+    if (++*visits > limit) break;
+    *smallest = std::min<long long>(*smallest, i);
+    *largest = std::max<long long>(*largest, i);
+  }
+}
+
 }  // namespace
+
+// Blocks [first, last) of a launch of loop_probe_kernel over `total` items on `blocks` blocks of
+// `threads`, with a 64-bit index if `wide`, else a 32-bit one; one CPU thread runs them.
+// Returns the visits; smallest and largest: the indices seen.
+extern "C" long long softsplat_host_loop_probe(int wide, long long total, unsigned int blocks, unsigned int threads,
+                                               unsigned int first, unsigned int last, long long limit,
+                                               long long* smallest, long long* largest) {
+  long long visits = 0;
+  *smallest = LLONG_MAX;
+  *largest = LLONG_MIN;
+  for (unsigned int b = first; b < last; ++b) {  // one block at a time: the counters are plain
+    if (wide)
+      softsplat_host::launch_blocks(&loop_probe_kernel<long long>, softsplat_host::dim3(blocks),
+                                    softsplat_host::dim3(threads), b, b + 1, total, limit, &visits, smallest, largest);
+    else
+      softsplat_host::launch_blocks(&loop_probe_kernel<int>, softsplat_host::dim3(blocks), softsplat_host::dim3(threads),
+                                    b, b + 1, static_cast<int>(total), limit, &visits, smallest, largest);
+  }
+  return visits;
+}
 
 // Launches the kernel named `name` (an NVRTC name expression) on `blocks` x `threads`; returns 0,
 // or 1 for an unknown name.

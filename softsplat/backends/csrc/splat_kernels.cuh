@@ -16,7 +16,8 @@
 namespace softsplat {
 
 // Grid-stride loop over [0, total) in index_t; blockIdx.x * blockDim.x is formed in index_t so
-// it cannot wrap in 32-bit unsigned arithmetic.
+// it cannot wrap in 32-bit unsigned arithmetic. (Left defined for the host tests' loop probe,
+// csrc/cupy_host.cpp.)
 #define SOFTSPLAT_KERNEL_LOOP(i, total)                                                        \
   for (index_t i = static_cast<index_t>(blockIdx.x) * static_cast<index_t>(blockDim.x) +     \
                    static_cast<index_t>(threadIdx.x);                                          \
@@ -224,7 +225,5 @@ __global__ void splat_backward_kernel(
     if (grad_metric) grad_metric[(n * H + y) * W + x] = stable ? grad_w : grad_w * weight_derivative(kind, w);
   }
 }
-
-#undef SOFTSPLAT_KERNEL_LOOP
 
 }  // namespace softsplat
