@@ -158,3 +158,30 @@ def test_nvrtc_contracts_no_multiply_add() -> None:
     assert "--fmad=false" in options
     contracted = backward_fmas([o for o in options if o != "--fmad=false"] + ["--fmad=true"])
     assert backward_fmas(options) < contracted
+
+
+@needs_cupy
+def test_a_launch_runs_on_its_tensors_device_and_torchs_stream_there(monkeypatch) -> None:
+    """For a cuda:1 tensor with device 0 current: the launch enters cuda:1 (cupy.cuda.Device(1)),
+    compiles for it, and goes to torch's current stream of cuda:1, never of the current device."""
+    import cupy
+
+    entered = []
+
+    @contextlib.contextmanager
+    def device(index):
+        entered.append(index)
+        yield
+
+    monkeypatch.setattr(cupy, "RawModule", _FakeModule)
+    monkeypatch.setattr(cupy.cuda, "Device", device)
+    monkeypatch.setattr(cupy.cuda, "ExternalStream", lambda handle, index: ("stream", handle, index))
+    monkeypatch.setattr(cupy_backend, "_current_stream", lambda index: 1000 + index)
+    monkeypatch.setattr(cupy_backend, "_modules", {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    streams = []
+    monkeypatch.setattr(_FakeModule, "get_function", lambda self, name: lambda grid, block, args, stream: streams.append(stream))
+    cupy_backend._launch(torch.device("cuda", 1), torch.float32, "normalise", "int", 10, None, None, ("index", 1),
+                         ("index", 1), ("index", 1), ("index", 10), ("int", 0))
+    assert entered == [1] and list(cupy_backend._modules) == [(1, torch.float32)]
+    assert streams == [("stream", 1001, 1)]
