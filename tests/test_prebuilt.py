@@ -124,3 +124,12 @@ def test_a_wheel_layout_is_used_without_a_compiler(tmp_path) -> None:
     assert compilers == "[None, None, None]"
     assert not list(extensions.rglob("*")), "something was built"
     assert "CPU build" in summary if torch.version.cuda is None else "built for CUDA 99.0" in summary
+
+
+def test_info_says_why_a_wheels_libraries_are_not_used(tmp_path, monkeypatch) -> None:
+    """A wheel's libraries built from other sources (or for a torch too old) are not used, and
+    the cpp row of ``softsplat info`` says so instead of silently building."""
+    _manifest(tmp_path, sources="another checkout's")
+    monkeypatch.setattr(prebuilt, "DIRECTORY", tmp_path)
+    summary = cpp.CppBackend().summary
+    assert "the wheel's prebuilt libraries are not used: the prebuilt libraries were built from other sources" in summary

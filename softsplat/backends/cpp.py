@@ -46,7 +46,7 @@ def _cuda_reason() -> str | None:
     if _prebuilt_cpu(build_flags.chosen_level()) is not None:
         path, what = _prebuilt_cuda()
         if path is None:
-            return what
+            return f"{what} ({PREBUILT_ENV}=0 builds them here instead, with a CUDA toolkit)"
         return None if torch.cuda.is_available() else "torch has no CUDA device"
     if not torch.cuda.is_available():
         return "torch has no CUDA device"
@@ -129,6 +129,12 @@ class CppBackend(OpsBackend):
         else:
             state = "built" if built.is_built() else "builds on first use"
             cuda_state = f"not built, {cuda}" if cuda else "built"
+            found = prebuilt.manifest()
+            if found is not None:  # a wheel's libraries that cannot be used here: say why
+                why = prebuilt.unusable_reason(found, torch.__version__) or (
+                    f"{PREBUILT_ENV}=0" if os.environ.get(PREBUILT_ENV, "").strip() == "0"
+                    else f"none for CPU level {built.level}")
+                state += f"; the wheel's prebuilt libraries are not used: {why}"
         supported = ", ".join(build_flags.supported_levels())
         return (f"fused C++ kernels ({state}); CPU level {built.level} (this CPU runs {supported}; "
                 f"{build_flags.LEVEL_ENV} chooses); CUDA kernels: {cuda_state}")
