@@ -80,9 +80,9 @@ def _launcher():
         return _LIBRARIES["launch"]
 
 
-class CudaHostBackend(OpsBackend):
-    name = "cuda-host"
-    summary = "test only: the CUDA kernels (splat_kernels.cuh) run on the CPU through a host shim"
+class _HostBackend(OpsBackend):
+    """GPU code run on CPU tensors: atomics (not deterministic) with the device's arithmetic."""
+
     deterministic_on = ()  # atomics in the forward, as on a GPU
     flushes_subnormals_on = ("cpu",)  # the host shim computes what the device does
     test_only = True
@@ -93,22 +93,18 @@ class CudaHostBackend(OpsBackend):
     def _unavailable_reason(self) -> str | None:
         return compiler_reason()
 
+
+class CudaHostBackend(_HostBackend):
+    name = "cuda-host"
+    summary = "test only: the CUDA kernels (splat_kernels.cuh) run on the CPU through a host shim"
+
     def load_ops(self):
         return library().ops()
 
 
-class CupyHostBackend(OpsBackend):
+class CupyHostBackend(_HostBackend):
     name = "cupy-host"
     summary = "test only: the cupy backend's launches made on the CPU, to the same kernels compiled for the host"
-    deterministic_on = ()
-    flushes_subnormals_on = ("cpu",)
-    test_only = True
-
-    def devices(self) -> tuple[str, ...]:
-        return ("cpu",)
-
-    def _unavailable_reason(self) -> str | None:
-        return compiler_reason()
 
     def load_ops(self):
         cupy_backend.LAUNCHERS["cpu"] = host_launch
