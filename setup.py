@@ -14,6 +14,7 @@ tagged ``abi3``, every CPython from 3.10 on.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -28,6 +29,7 @@ PREBUILT = "softsplat._prebuilt"
 DEFAULT_CUDA_ARCHS = "75;80;86;89;90;100;120"
 
 
+@functools.cache
 def _load(name: str):
     """A module of softsplat/backends loaded by path (importing softsplat would need its
     dependencies at build time)."""

@@ -23,11 +23,14 @@ from .ops import OpsBackend
 PREBUILT_ENV = "SOFTSPLAT_PREBUILT"
 
 
+def _prebuilt_refused() -> bool:
+    """Whether SOFTSPLAT_PREBUILT=0 asks for the first-use build."""
+    return os.environ.get(PREBUILT_ENV, "").strip() == "0"
+
+
 def _prebuilt_cpu(level: str):
     """The wheel's library of ``level`` when it is to be used, else None."""
-    if os.environ.get(PREBUILT_ENV, "").strip() == "0":
-        return None
-    return _prebuilt_cpu_library(level)
+    return None if _prebuilt_refused() else _prebuilt_cpu_library(level)
 
 
 # Decided once per process: every call asks (devices()), and the decision hashes the sources.
@@ -132,7 +135,7 @@ class CppBackend(OpsBackend):
             found = prebuilt.manifest()
             if found is not None:  # a wheel's libraries that cannot be used here: say why
                 why = prebuilt.unusable_reason(found, torch.__version__) or (
-                    f"{PREBUILT_ENV}=0" if os.environ.get(PREBUILT_ENV, "").strip() == "0"
+                    f"{PREBUILT_ENV}=0" if _prebuilt_refused()
                     else f"none for CPU level {built.level}")
                 state += f"; the wheel's prebuilt libraries are not used: {why}"
         supported = ", ".join(build_flags.supported_levels())

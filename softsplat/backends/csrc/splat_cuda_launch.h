@@ -146,7 +146,7 @@ inline std::tuple<Tensor, Tensor, Tensor> splat_backward(
           ptr<acc_t>(grad_out), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), grad_out.stride(3),
           normalised ? (const acc_t*)ptr<acc_t>(out) : nullptr,
           normalised ? (const acc_t*)ptr<acc_t>(normaliser) : nullptr,
-          grad_normaliser.defined() ? (const acc_t*)ptr<acc_t>(grad_normaliser) : nullptr,
+          (const acc_t*)ptr<acc_t>(grad_normaliser),
           grad_normaliser.defined() ? grad_normaliser.stride(0) : 0,
           grad_normaliser.defined() ? grad_normaliser.stride(2) : 0,
           grad_normaliser.defined() ? grad_normaliser.stride(3) : 0,

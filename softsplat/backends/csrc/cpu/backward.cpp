@@ -339,13 +339,13 @@ void backward_kernel(const Tensor& grad_out, const Tensor& grad_normaliser,
   const Prepare<acc_t> prepare{ptr<acc_t>(grad_out), View4(grad_out),
                                normalised ? ptr<acc_t>(out) : nullptr, normalised ? View4(out) : View4(),
                                normalised ? ptr<acc_t>(normaliser) : nullptr,
-                               grad_normaliser.defined() ? ptr<acc_t>(grad_normaliser) : nullptr,
+                               ptr<acc_t>(grad_normaliser),
                                grad_normaliser.defined() ? View4(grad_normaliser) : View4(),
                                normalisation, C, H, W, K};
   const Gather<scalar_t, acc_t> gather{ptr<scalar_t>(input), View4(input), src, C,
-                                       grad_input.defined() ? ptr<scalar_t>(grad_input) : nullptr,
-                                       grad_flow.defined() ? ptr<acc_t>(grad_flow) : nullptr,
-                                       grad_metric.defined() ? ptr<acc_t>(grad_metric) : nullptr};
+                                       ptr<scalar_t>(grad_input),
+                                       ptr<acc_t>(grad_flow),
+                                       ptr<acc_t>(grad_metric)};
   auto run = [&](auto channels) {
     constexpr int CC = decltype(channels)::value;
     auto rows = [&](int64_t n, int64_t y_begin, int64_t y_end, const acc_t* const* row, int64_t lo) {
