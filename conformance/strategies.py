@@ -23,6 +23,13 @@ SPECIAL_FLOWS = (0.0, 1.0, -1.0, 0.5, -0.5, 2.0, 1e30, -1e30, 1e6, -1e6, math.in
 #: Metric values of large magnitude: ``exp`` overflows in float32 past ~88.7 and in float64
 #: past ~709.8; far below zero it underflows to exactly 0.
 SPECIAL_METRICS = (0.0, 20.0, -20.0, 60.0, -60.0, 200.0, -200.0, 1e4, -1e4)
+#: Channel counts where a kernel's channel loop can change course: the packed counts (1-4) and
+#: both sides of every power of two a channel block or vector could span, through the 64-192
+#: channels of the feature pyramids frame interpolation splats, and past them.
+CHANNEL_BOUNDARIES = (
+    1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 15, 16, 17, 24, 31, 32, 33, 48, 63, 64, 65, 96,
+    127, 128, 129, 160, 191, 192, 193, 255, 256, 257, 320,
+)
 
 
 @dataclasses.dataclass
@@ -53,11 +60,12 @@ class Case:
 
 
 @st.composite
-def shapes(draw, max_batch: int = 2, max_channels: int = 4, max_side: int = 9):
-    """``(N, C, H, W)``: 1x1 and odd sizes are common; one of the sizes is 0 in ~1 case of 12."""
+def shapes(draw, max_batch: int = 2, max_channels: int = 4, max_side: int = 9, channels=None):
+    """``(N, C, H, W)``: 1x1 and odd sizes are common; one of the sizes is 0 in ~1 case of 12.
+    ``channels``: the channel counts to draw from (else 1 to ``max_channels``)."""
     shape = [
         draw(st.integers(1, max_batch)),
-        draw(st.integers(1, max_channels)),
+        draw(st.integers(1, max_channels) if channels is None else st.sampled_from(channels)),
         draw(st.integers(1, max_side)),
         draw(st.integers(1, max_side)),
     ]
@@ -131,9 +139,10 @@ def laid_out(draw, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 @st.composite
-def cases(draw, dtypes=DTYPES, modes=tuple(Mode), max_side: int = 9, device: str = "cpu"):
-    """A full call of ``splat``: shape, mode, dtypes, values, layouts and requires_grad flags."""
-    shape = draw(shapes(max_side=max_side))
+def cases(draw, dtypes=DTYPES, modes=tuple(Mode), max_side: int = 9, device: str = "cpu", channels=None):
+    """A full call of ``splat``: shape, mode, dtypes, values, layouts and requires_grad flags.
+    ``channels``: the channel counts to draw from (default: 1 to 4)."""
+    shape = draw(shapes(max_side=max_side, channels=channels))
     mode = draw(st.sampled_from(modes))
     dtype = draw(st.sampled_from(dtypes))
     # flow/metric in input's dtype, or in another floating dtype that is read in compute dtype

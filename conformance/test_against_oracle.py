@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import softsplat
 
 from .compare import compare, flushed, gradient_magnitudes, run
-from .strategies import cases, seeds
+from .strategies import CHANNEL_BOUNDARIES, cases, seeds
 
 
 def check_case(backend, case, generator) -> None:
@@ -52,4 +52,14 @@ def check_case(backend, case, generator) -> None:
 @given(data=st.data())
 def test_matches_oracle(backend, device, data) -> None:
     case = data.draw(cases(dtypes=backend.dtypes, device=device), label="case")
+    check_case(backend, case, data.draw(seeds(), label="cotangent seed"))
+
+
+@given(data=st.data())
+def test_many_channels_match_oracle(backend, device, data) -> None:
+    """Feature maps: channel counts up to 320 (the 64-192 of frame interpolation's pyramids and
+    both sides of every channel block a kernel may use), on small images, forward and gradients."""
+    case = data.draw(
+        cases(dtypes=backend.dtypes, device=device, channels=CHANNEL_BOUNDARIES, max_side=5), label="case"
+    )
     check_case(backend, case, data.draw(seeds(), label="cotangent seed"))

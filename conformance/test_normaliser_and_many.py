@@ -3,6 +3,7 @@ every backend, forward and gradients against the oracle."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -13,7 +14,7 @@ from softsplat.backends import oracle
 from softsplat.modes import compute_dtype, safe_normaliser
 
 from .compare import compare, gradient_magnitudes
-from .strategies import Case, cases, seeds
+from .strategies import CHANNEL_BOUNDARIES, Case, cases, seeds
 
 NORMALISED = tuple(m for m in Mode if m.normalisation)
 NAMES = ("input", "flow", "metric")
@@ -72,9 +73,17 @@ def _grads(outputs, cotangents, leaves):
     return list(grads), positions
 
 
+#: Cases drawn with 1-4 channels, or over the channel counts where kernels change course.
+CHANNELS = pytest.mark.parametrize("channels", [None, CHANNEL_BOUNDARIES], ids=["few-channels", "many-channels"])
+
+
+@CHANNELS
 @given(data=st.data())
-def test_normaliser_output(backend, device, data) -> None:
-    case = data.draw(cases(dtypes=backend.dtypes, modes=NORMALISED, device=device), label="case")
+def test_normaliser_output(backend, device, channels, data) -> None:
+    case = data.draw(
+        cases(dtypes=backend.dtypes, modes=NORMALISED, device=device, channels=channels, max_side=9 if channels is None else 5),
+        label="case",
+    )
     generator = data.draw(seeds())
     N, C, H, W = case.input.shape
     cot_out = torch.randn((N, C, H, W), generator=generator, dtype=torch.float64).to(case.input.dtype).double()
@@ -114,9 +123,11 @@ def test_normaliser_output(backend, device, data) -> None:
         compare(f"grad of {name}", grad, ref[2][name], same[2][name], magnitudes[name], cd)
 
 
+@CHANNELS
 @given(data=st.data())
-def test_splat_many(backend, device, data) -> None:
-    first = data.draw(cases(dtypes=backend.dtypes, device=device), label="first source")
+def test_splat_many(backend, device, channels, data) -> None:
+    side = 9 if channels is None else 5
+    first = data.draw(cases(dtypes=backend.dtypes, device=device, channels=channels, max_side=side), label="first source")
     second = data.draw(cases(dtypes=(first.input.dtype,), modes=(first.mode,), device=device), label="second source")
     if second.input.shape != first.input.shape:  # the second source gets the first's shape
         generator = data.draw(seeds())
