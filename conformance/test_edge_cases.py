@@ -122,3 +122,26 @@ def test_no_value_where_the_oracle_has_none(backend, device, data) -> None:
             flat_metric = flat_metric.abs()
         metric = flat_metric.view(metric.shape).to(metric.dtype).to(device)
     check_case(backend, Case(case.input, flow, metric, case.mode, case.requires_grad), data.draw(seeds()))
+
+
+@pytest.mark.parametrize("x_or_y", [0, 1])
+def test_a_negative_subnormal_flow_keeps_its_pixel_in_its_own_cell(backend, device, x_or_y) -> None:
+    """A pixel in column (row) 0 with a flow of -1e-40 lands just left of (above) itself: its
+    cell is the one from -1, so its flow gradient is that cell's difference. An instruction that
+    flushes subnormals to zero (a floor with .ftz on a GPU) puts it in the cell from 0 instead:
+    a gradient of 21 where 6 is right, though the forward differs only subnormally."""
+    values = torch.tensor([[3.0, 5.0, 7.0, 11.0], [1.0, 2.0, 3.0, 4.0]]).view(1, 1, 2, 4)
+    weights = torch.tensor([[2.0, 9.0, 4.0, 1.0], [1.0, 1.0, 1.0, 1.0]]).view(1, 1, 2, 4)
+    if x_or_y:  # the same case transposed: the pixel moves up
+        values, weights = values.transpose(2, 3).contiguous(), weights.transpose(2, 3).contiguous()
+    import softsplat
+
+    for dtype in (d for d in (torch.float32, torch.float64) if d in backend.dtypes):
+        flow = torch.zeros((1, 2, *values.shape[2:]), dtype=dtype)
+        flow[0, x_or_y, 0, 0] = -1e-40
+        flow = flow.to(device).requires_grad_()
+        out = softsplat.splat(values.to(dtype).to(device), flow, mode="sum", backend=backend.name)
+        (out * weights.to(dtype).to(device)).sum().backward()
+        assert flow.grad[0, x_or_y, 0, 0].item() == 6.0, f"{dtype}: {flow.grad[0, :, 0, 0].tolist()}"
+        check_case(backend, Case(values.to(dtype).to(device), flow.detach(), None, softsplat.Mode.parse("sum"),
+                                 (True, True, False)), torch.Generator().manual_seed(6))

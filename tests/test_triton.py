@@ -20,9 +20,13 @@ HERE = pathlib.Path(__file__).resolve().parent
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (pip install 'softsplat[triton]')")
 needs_gpu = pytest.mark.skipif(
     triton_backend.interpreted() or not torch.cuda.is_available(),
-    reason="opcheck and torch.compile trace triton_op with fake tensors, which Triton's interpreter "
-    "cannot run: this test runs on a CUDA machine (GPU CI)",
+    reason="reads the kernels Triton compiled for a CUDA device: runs on a CUDA machine (GPU CI)",
 )
+#: Where the Triton kernels run here: compiled on a CUDA device, else in Triton's interpreter.
+DEVICE = "cpu" if triton_backend.interpreted() or not torch.cuda.is_available() else "cuda"
+#: Batch 1 (inference), and every other size 1 Inductor makes a constant: C, H, W, and so
+#: strides of 1 in every position.
+SHAPES = [(2, 3, 5, 7), (1, 3, 5, 7), (1, 1, 1, 1), (1, 2, 1, 6), (1, 4, 6, 1), (1, 64, 3, 4)]
 
 
 @needs_triton
@@ -42,34 +46,88 @@ def test_triton_is_available_in_the_interpreter_only_on_cpu() -> None:
         assert "no CUDA device" in backend.unavailable_reason
 
 
-def _tensors(device):
+def _tensors(device, shape=(2, 3, 5, 7)):
+    N, C, H, W = shape
     generator = torch.Generator().manual_seed(0)
     return (
-        torch.randn((2, 3, 5, 7), generator=generator).to(device).requires_grad_(),
-        (torch.randn((2, 2, 5, 7), generator=generator) * 3).to(device).requires_grad_(),
-        torch.randn((2, 1, 5, 7), generator=generator).to(device).requires_grad_(),
+        torch.randn((N, C, H, W), generator=generator).to(device).requires_grad_(),
+        (torch.randn((N, 2, H, W), generator=generator) * 3).to(device).requires_grad_(),
+        torch.randn((N, 1, H, W), generator=generator).to(device).requires_grad_(),
     )
 
 
 @needs_triton
-@needs_gpu
-def test_opcheck() -> None:
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=str)
+def test_opcheck(shape) -> None:
     backends.get("triton").prepare()
-    input, flow, metric = _tensors("cuda")
+    input, flow, metric = _tensors(DEVICE, shape)
     for kind, normalisation in ((0, 0), (1, 1), (2, 2), (3, 0)):
         torch.library.opcheck(torch.ops.softsplat_triton.splat_forward.default, (input, flow, metric if kind >= 2 else None, kind, normalisation))
 
 
+def _warp(input, flow, metric):
+    return softsplat.splat(input, flow, metric, mode="soft", backend="triton") * 2
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_compile_fullgraph_matches_eager(shape) -> None:
+    """torch.compile(fullgraph=True) at batch 1 and at the other sizes of 1 that Inductor turns
+    into constants: the same output and gradients as eager, bitwise."""
+    torch._dynamo.reset()
+    compiled = torch.compile(_warp, fullgraph=True)
+    results = []
+    for function in (compiled, _warp):
+        tensors = _tensors(DEVICE, shape)
+        out = function(*tensors)
+        out.backward(torch.ones_like(out))
+        results.append((out.detach(), *(t.grad for t in tensors)))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@needs_triton
+def test_compiled_graphs_call_the_ops_opaquely() -> None:
+    """The ops are opaque to torch.compile: its graph calls softsplat_triton's ops and never
+    the kernels, which Inductor would compile with options of its own (FMA contraction,
+    flushing libdevice, sizes of 1 as constants): see triton_backend._ops."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    backends.get("triton").prepare()
+    tensors = [t.detach() for t in _tensors(DEVICE, (1, 3, 5, 7))]
+    graph = make_fx(_warp, tracing_mode="fake")(*tensors).graph
+    targets = [str(node.target) for node in graph.nodes if node.op == "call_function"]
+    assert "softsplat_triton.splat_forward.default" in targets, targets
+    assert not [t for t in targets if "triton_kernel_wrapper" in t], targets
+
+
 @needs_triton
 @needs_gpu
-def test_compile_fullgraph() -> None:
-    input, flow, metric = _tensors("cuda")
+def test_compiled_launches_keep_the_launch_options() -> None:
+    """Every kernel Triton compiled while torch.compile ran the ops at batch 1 (read from the
+    kernels' caches): no FMA contraction, nothing flushing subnormals outside the atomics, as
+    tests/triton_aot.py reads them ahead of time."""
+    sys.path.insert(0, str(HERE))
+    import triton_aot
 
-    def warp(input, flow, metric):
-        return softsplat.splat(input, flow, metric, mode="soft", backend="triton") * 2
+    from softsplat.backends import triton_kernels as k
 
-    compiled = torch.compile(warp, fullgraph=True)
-    torch.testing.assert_close(compiled(input, flow, metric), warp(input, flow, metric))
+    for shape in SHAPES[1:3]:
+        torch._dynamo.reset()
+        out = torch.compile(_warp, fullgraph=True)(*_tensors("cuda", shape))
+        out.backward(torch.ones_like(out))
+    torch.cuda.synchronize()
+    problems, read = [], 0
+    for kernel in (k._splat_max_kernel, k._splat_fwd_kernel, k._splat_normalise_kernel, k._splat_bwd_prepare_kernel,
+                   k._splat_bwd_kernel):
+        for caches in kernel.device_caches.values():
+            for binary in caches[0].values():
+                read += 1
+                kind = triton_aot.constexprs_of(kernel, binary.src.constants).get("KIND")
+                problems += triton_aot.read(binary, f"{kernel.__name__} (compiled)", kernel.__name__, kind,
+                                            binary.metadata.enable_fp_fusion)
+    assert read >= 4, f"{read} compiled kernels found in Triton's caches"
+    assert problems == [], problems
 
 
 def test_every_launch_happens_on_the_inputs_device(monkeypatch) -> None:

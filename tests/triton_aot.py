@@ -1,12 +1,14 @@
 """Compile, for CUDA targets and without a GPU, every kernel launch the triton backend makes, with
 the signature and specialisation Triton's own launcher derives from the real arguments
 (``create_function_from_signature`` and ``JITFunction._pack_args``, as ``JITFunction.run`` calls
-them): ``python tests/triton_aot.py 80 90``. The launches are recorded by running the backend's
+them), and once more as torch.compile's Inductor would specialise it (every integer argument equal
+to 1 a constant): ``python tests/triton_aot.py 80 90``. The launches are recorded by running the backend's
 op functions on CPU tensors with ``wrap_triton`` replaced by a recorder, over shapes that
 include 1x1, 1xW, Hx1, odd sizes, strided and channels_last inputs, every dtype and mode.
 
 Each compiled kernel is then read: launched without FMA contraction (and no ``fma.rn`` in the
-kernels without exp, whose library code has FMAs of its own), no 32-bit product in the TTIR
+kernels without exp, whose library code has FMAs of its own), no instruction that flushes
+subnormals (``.ftz``) outside the atomics, no 32-bit product in the TTIR
 (sizes are widened to 64 bits), no ordering (``acq_rel``, ``fence``, ``membar``) around the
 forward's and the scatter-max's atomics, no local memory (``.local`` in the PTX, STACK or LOCAL in
 the SASS's resource usage: spills). Exits non-zero, naming the kernel, on any failure. Run by
@@ -91,34 +93,67 @@ def compile_all(architectures) -> list[str]:
             if key in compiled:
                 continue
             options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
-            source = triton.compiler.ASTSource(fn, signature, constexprs, attrs)
-            try:
-                binary = triton.compile(source, target=target, options=options.__dict__)
-            except Exception as error:  # a launch the launcher would make and that does not compile
-                problems.append(f"{fn.__name__} sm_{architecture} {signature} {constexprs}: {type(error).__name__}: {error}")
-                continue
-            compiled[key] = binary
-            ptx = binary.asm["ptx"]
-            name = f"{fn.__name__} sm_{architecture} {specialization}"
-            if options.enable_fp_fusion is not False:
-                problems.append(f"{name}: launched with FMA contraction allowed")
-            # Kernels without exp: no FMA at all (exp's own library code has FMAs of its own).
-            if constexprs_of(fn, constexprs).get("KIND") not in (3, 4) and "fma.rn" in ptx:
-                problems.append(f"{name}: an FMA in the PTX (contraction must be off)")
-            if ".local" in ptx:
-                problems.append(f"{name}: local memory in the PTX (a spill)")
-            spilled = local_memory(binary.asm["cubin"])
-            if spilled:
-                problems.append(f"{name}: {spilled}")
-            # Sizes and indices are 64-bit: no product is formed in 32 bits (docs/spec.md, sizes).
-            narrow = [line.strip() for line in binary.asm["ttir"].splitlines() if "arith.muli" in line and ": i32" in line]
-            if narrow:
-                problems.append(f"{name}: a 32-bit product in the TTIR: {narrow[0]}")
-            if fn.__name__ in ("_splat_fwd_kernel", "_splat_max_kernel"):
-                for ordering in ("acq_rel", "fence.", "membar"):
-                    if ordering in ptx:
-                        problems.append(f"{name}: {ordering} around the atomics (they must be relaxed)")
+            for launcher in ("triton", "inductor"):
+                if launcher == "inductor":
+                    signature, constexprs, attrs = as_inductor_specialises(fn, bound_args, signature, constexprs, attrs)
+                    key = (architecture, fn.__name__, "inductor", str(signature))
+                    if key in compiled:
+                        continue
+                source = triton.compiler.ASTSource(fn, signature, constexprs, attrs)
+                try:
+                    binary = triton.compile(source, target=target, options=options.__dict__)
+                except Exception as error:  # a launch the launcher would make and that does not compile
+                    problems.append(f"{fn.__name__} sm_{architecture} ({launcher}) {signature} {constexprs}: "
+                                    f"{type(error).__name__}: {error}")
+                    continue
+                compiled[key] = binary
+                problems += read(binary, f"{fn.__name__} sm_{architecture} {launcher} {specialization}", fn.__name__,
+                                 constexprs_of(fn, constexprs).get("KIND"), options.enable_fp_fusion)
     print(f"compiled {len(compiled)} kernel specialisations from {len(LAUNCHES)} launches for sm_{', sm_'.join(architectures)}")
+    return problems
+
+
+def as_inductor_specialises(fn, bound_args, signature, constexprs, attrs):
+    """The launch as torch.compile's Inductor compiles a user-defined Triton kernel
+    (``define_user_defined_triton_kernel``): every integer argument equal to 1, sizes and strides
+    alike and whatever ``do_not_specialize`` says, becomes a constexpr."""
+    signature, constexprs, attrs = dict(signature), dict(constexprs), dict(attrs)
+    for index, (name, value) in enumerate(zip(signature, bound_args.values())):
+        if signature[name] != "constexpr" and isinstance(value, int) and not isinstance(value, bool) and value == 1:
+            signature[name] = "constexpr"
+            constexprs[(index,)] = 1
+            attrs.pop((index,), None)
+    return signature, constexprs, attrs
+
+
+def read(binary, name: str, kernel: str, kind: int | None, fp_fusion: bool) -> list[str]:
+    """What is wrong with one compiled kernel of the function named ``kernel`` (its KIND, if it
+    has one; launched with ``fp_fusion``): see the module's docstring."""
+    problems = []
+    ptx = binary.asm["ptx"]
+    if fp_fusion is not False:
+        problems.append(f"{name}: launched with FMA contraction allowed")
+    # Kernels without exp: no FMA at all (exp's own library code has FMAs of its own).
+    if kind not in (3, 4) and "fma.rn" in ptx:
+        problems.append(f"{name}: an FMA in the PTX (contraction must be off)")
+    # No flushing of subnormals outside the atomics (docs/spec.md, floating point): a floor that
+    # flushes puts a pixel with a negative subnormal flow in the other cell.
+    flushing = [line.strip() for line in ptx.splitlines() if ".ftz" in line and not line.lstrip().startswith(("atom", "red"))]
+    if flushing:
+        problems.append(f"{name}: an instruction that flushes subnormals: {flushing[0]}")
+    if ".local" in ptx:
+        problems.append(f"{name}: local memory in the PTX (a spill)")
+    spilled = local_memory(binary.asm["cubin"])
+    if spilled:
+        problems.append(f"{name}: {spilled}")
+    # Sizes and indices are 64-bit: no product is formed in 32 bits (docs/spec.md, sizes).
+    narrow = [line.strip() for line in binary.asm["ttir"].splitlines() if "arith.muli" in line and ": i32" in line]
+    if narrow:
+        problems.append(f"{name}: a 32-bit product in the TTIR: {narrow[0]}")
+    if kernel in ("_splat_fwd_kernel", "_splat_max_kernel"):
+        for ordering in ("acq_rel", "fence.", "membar"):
+            if ordering in ptx:
+                problems.append(f"{name}: {ordering} around the atomics (they must be relaxed)")
     return problems
 
 

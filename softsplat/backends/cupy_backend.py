@@ -69,13 +69,24 @@ def kernel_names(dtype: torch.dtype) -> dict[tuple[str, str], str]:
     return names
 
 
-def cuda_include() -> str | None:
-    """A directory with cuda_fp16.h: the nvidia-cuda-runtime-cu12 wheel's, or CUDA_PATH's."""
+#: Where the CUDA runtime's pip wheels put cuda_fp16.h, under the ``nvidia`` namespace package:
+#: CUDA 12's nvidia-cuda-runtime-cu12 and CUDA 13's nvidia-cuda-runtime (one ``cu13`` tree).
+WHEEL_INCLUDES = {12: ("cuda_runtime", "include"), 13: ("cu13", "include")}
+
+
+def cuda_include(major: int | None = None) -> str | None:
+    """A directory with cuda_fp16.h: a CUDA runtime wheel's (the one for CUDA ``major``, else
+    the NVRTC's own major first, then any), or CUDA_PATH's / CUDA_HOME's toolkit."""
+    if major is None:
+        major = nvrtc_major()
+    order = sorted(WHEEL_INCLUDES, key=lambda m: m != major)
     spec = importlib.util.find_spec("nvidia")
-    for root in list(spec.submodule_search_locations or []) if spec else []:
-        candidate = pathlib.Path(root) / "cuda_runtime" / "include"
-        if (candidate / "cuda_fp16.h").exists():
-            return str(candidate)
+    roots = list(spec.submodule_search_locations or []) if spec else []
+    for wheel in order:
+        for root in roots:
+            candidate = pathlib.Path(root).joinpath(*WHEEL_INCLUDES[wheel])
+            if (candidate / "cuda_fp16.h").exists():
+                return str(candidate)
     for variable in ("CUDA_PATH", "CUDA_HOME"):
         candidate = pathlib.Path(os.environ.get(variable, "/nonexistent")) / "include"
         if (candidate / "cuda_fp16.h").exists():
@@ -83,11 +94,70 @@ def cuda_include() -> str | None:
     return None
 
 
-def nvrtc_options() -> tuple[str, ...]:
-    """NVRTC's options: C++17, csrc/ and the CUDA headers on the include path, and no FMA
-    contraction (docs/spec.md, floating point)."""
-    include = cuda_include()
-    return ("-std=c++17", "--fmad=false", f"-I{CSRC}") + ((f"-I{include}",) if include else ())
+def nvrtc_major() -> int | None:
+    """The major version of the NVRTC CuPy loads, or None where none loads."""
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+
+        return int(nvrtc.getVersion()[0])
+    except Exception:  # no CuPy, or no libnvrtc: any of several errors
+        return None
+
+
+def nvrtc_options(include: str | None = None) -> tuple[str, ...]:
+    """NVRTC's options: C++17, csrc/ and the CUDA headers on the include path, no FMA
+    contraction and no flushing of subnormals (docs/spec.md, floating point)."""
+    include = include or cuda_include()
+    return ("-std=c++17", "--fmad=false", "-ftz=false", f"-I{CSRC}") + ((f"-I{include}",) if include else ())
+
+
+def compile_program(dtype: torch.dtype, arch: int, ptx: bool = False) -> tuple[bytes, dict[str, str]]:
+    """Every kernel for input ``dtype`` compiled by NVRTC for compute capability ``arch`` (90):
+    a cubin (PTX for the newest architecture this NVRTC knows when it does not know ``arch``, or
+    when ``ptx``) and each kernel's lowered name by its name expression. NVRTC is called
+    directly: ``cupy.RawModule``'s compile appends ``-ftz=true`` to every program (a later
+    option cannot undo it), so every float32 instruction, floor included, would flush
+    subnormals."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    known = tuple(nvrtc.getSupportedArchs())
+    machine = arch in known and not ptx
+    target = f"--gpu-architecture={'sm' if machine else 'compute'}_{arch if arch in known else max(known)}"
+    names = list(kernel_names(dtype).values())
+    program = nvrtc.createProgram(kernel_code(), "softsplat_kernels.cu", (), ())
+    try:
+        for name in names:
+            nvrtc.addNameExpression(program, name)
+        try:
+            nvrtc.compileProgram(program, (*nvrtc_options(), target))
+        except nvrtc.NVRTCError as error:
+            raise RuntimeError(f"NVRTC could not compile the kernels ({target}): {error}\n"
+                               f"{nvrtc.getProgramLog(program)}") from None
+        binary = nvrtc.getCUBIN(program) if machine else nvrtc.getPTX(program)
+        return binary, {name: nvrtc.getLoweredName(program, name) for name in names}
+    finally:
+        nvrtc.destroyProgram(program)
+
+
+class Program:
+    """The kernels of one (device, dtype), loaded into the current device's context."""
+
+    def __init__(self, binary: bytes, lowered: dict[str, str]):
+        import cupy
+
+        self.module = cupy.cuda.function.Module()
+        self.module.load(binary)
+        self.lowered = lowered
+
+    def get_function(self, name_expression: str):
+        return self.module.get_function(self.lowered[name_expression])
+
+
+def load_program(device_index: int, dtype: torch.dtype) -> Program:
+    """Compile and load the kernels for the device's compute capability (inside its context)."""
+    import cupy
+
+    return Program(*compile_program(dtype, int(cupy.cuda.Device(device_index).compute_capability)))
 
 
 _modules: dict[tuple[int, torch.dtype], object] = {}
@@ -100,13 +170,7 @@ def module_for(device_index: int, dtype: torch.dtype):
     key = (device_index, dtype)
     with _modules_lock:
         if key not in _modules:
-            import cupy
-
-            _modules[key] = cupy.RawModule(
-                code=kernel_code(),
-                options=nvrtc_options(),
-                name_expressions=list(kernel_names(dtype).values()),
-            )
+            _modules[key] = load_program(device_index, dtype)
         return _modules[key]
 
 

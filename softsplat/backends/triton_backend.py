@@ -1,10 +1,10 @@
-"""Backend ``triton``: fused Triton kernels (``triton_kernels.py``) registered with
-``torch.library.triton_op`` and ``wrap_triton``, so ``torch.compile(fullgraph=True)`` sees
-through them, with an autograd formula. Triton is imported on first use only.
+"""Backend ``triton``: fused Triton kernels (``triton_kernels.py``) as ``torch.library.custom_op``
+ops with fake tensors and an autograd formula, so ``torch.compile(fullgraph=True)`` traces them
+as single opaque calls (see ``_ops``). Triton is imported on first use only.
 
 On CUDA devices it runs the compiled kernels. With ``TRITON_INTERPRET=1`` set before Triton is
 imported, it runs them in Triton's interpreter on CPU tensors instead (how the test suite checks
-it without a GPU); ``opcheck`` and ``torch.compile`` need a GPU.
+it without a GPU), opcheck and torch.compile included.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import torch
 from ..modes import Kind, Normalisation
 from .ops import (
     OpsBackend,
-    autograd_formula,
     forward_buffers,
     gradient_buffers,
     per_pixel_strides,
     prepared_gradients,
+    register_python_side,
 )
 
 
@@ -44,7 +44,7 @@ def _acc(dtype: torch.dtype):
 
 
 #: Every launch: no contraction of a product and a sum into one FMA (docs/spec.md, floating point).
-LAUNCH_OPTIONS = {"enable_fp_fusion": False}
+LAUNCH_OPTIONS = {"enable_fp_fusion": False, "enable_reflect_ftz": False}
 
 
 def _on(device: torch.device):
@@ -142,20 +142,21 @@ def splat_backward(
 
 @functools.cache
 def _ops():
-    """Define the ``softsplat_triton`` ops (once): the functions above as ``triton_op``s."""
-    from torch.library import triton_op
-
-    triton_op("softsplat_triton::splat_maximum", mutates_args=())(splat_maximum)
-    forward = triton_op("softsplat_triton::splat_forward", mutates_args=())(splat_forward)
-    backward_op = triton_op("softsplat_triton::splat_backward", mutates_args=())(splat_backward)
-    backward, setup_context = autograd_formula(backward_op)
-    forward.register_autograd(backward, setup_context=setup_context)
+    """Define the ``softsplat_triton`` ops (once): the functions above as ``custom_op``s, opaque
+    to torch.compile. Inductor compiles a kernel it sees through (``triton_op``) with options of
+    its own: it drops LAUNCH_OPTIONS (so FMAs are contracted and libdevice flushes subnormals,
+    against docs/spec.md) and turns every integer argument equal to 1 into a constant. Opaque,
+    each launch goes through Triton's own launcher with LAUNCH_OPTIONS, compiled or not."""
+    for name, impl in (("splat_forward", splat_forward), ("splat_backward", splat_backward),
+                       ("splat_maximum", splat_maximum)):
+        torch.library.custom_op(f"softsplat_triton::{name}", impl, mutates_args=())
+    register_python_side("softsplat_triton")
     return torch.ops.softsplat_triton
 
 
 class TritonBackend(OpsBackend):
     name = "triton"
-    summary = "fused Triton kernels (triton_op), atomics in the forward, gather backward"
+    summary = "fused Triton kernels (custom_op), atomics in the forward, gather backward"
     deterministic_on = ()
     flushes_subnormals_on = ("cuda",)  # compiled; the interpreter keeps subnormals
 

@@ -26,6 +26,14 @@ EPS = tl.constexpr(_EPS)
 
 
 @triton.jit
+def _wide(size):
+    """``size`` as a 64-bit scalar, whether the launcher passed it as a runtime integer or, as
+    Inductor passes every integer argument equal to 1, as a Python ``int`` constexpr (which has
+    no ``.to``)."""
+    return tl.cast(size, tl.int64)
+
+
+@triton.jit
 def _taps(pixel, flow_ptr, sfn, sfc, sfy, sfx, H, W, ACC: tl.constexpr):
     """Target coordinates, corner and bilinear weights of every pixel; `lands` is false for a
     non-finite target or one entirely outside (checked in floating point, before conversion)."""
@@ -92,7 +100,7 @@ def _atomic_float_max(ptr, value, mask, ACC: tl.constexpr):
 def _splat_max_kernel(flow_ptr, sfn, sfc, sfy, sfx, metric_ptr, smn, smy, smx, max_ptr, N, H, W,
                       ACC: tl.constexpr, BLOCK: tl.constexpr):
     """M of stable splatting, into max_ptr filled with -inf: an atomic max per kept tap."""
-    N, H, W = N.to(tl.int64), H.to(tl.int64), W.to(tl.int64)
+    N, H, W = _wide(N), _wide(H), _wide(W)
     pixel = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     valid = pixel < N * H * W
     pixel = tl.where(valid, pixel, 0)
@@ -116,7 +124,7 @@ def _splat_fwd_kernel(
     N, C, H, W,
     KIND: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    N, C, H, W = N.to(tl.int64), C.to(tl.int64), H.to(tl.int64), W.to(tl.int64)
+    N, C, H, W = _wide(N), _wide(C), _wide(H), _wide(W)
     pixel = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     valid = pixel < N * H * W
     pixel = tl.where(valid, pixel, 0)
@@ -187,7 +195,7 @@ def _safe(D, NORM: tl.constexpr):
 
 @triton.jit(do_not_specialize=["N", "C", "H", "W"])
 def _splat_normalise_kernel(out_ptr, norm_ptr, N, C, H, W, NORM: tl.constexpr, BLOCK: tl.constexpr):
-    N, C, H, W = N.to(tl.int64), C.to(tl.int64), H.to(tl.int64), W.to(tl.int64)
+    N, C, H, W = _wide(N), _wide(C), _wide(H), _wide(W)
     element = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     valid = element < N * C * H * W
     HW = H * W
@@ -205,7 +213,7 @@ def _splat_bwd_prepare_kernel(
     N, C, H, W,
     KIND: tl.constexpr, NORM: tl.constexpr, HAS_GNORM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    N, C, H, W = N.to(tl.int64), C.to(tl.int64), H.to(tl.int64), W.to(tl.int64)
+    N, C, H, W = _wide(N), _wide(C), _wide(H), _wide(W)
     pixel = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     valid = pixel < N * H * W
     x = pixel % W
@@ -269,7 +277,7 @@ def _splat_bwd_kernel(
     KIND: tl.constexpr, WANT_INPUT: tl.constexpr, WANT_FLOW: tl.constexpr, WANT_METRIC: tl.constexpr,
     ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    N, C, H, W = N.to(tl.int64), C.to(tl.int64), H.to(tl.int64), W.to(tl.int64)
+    N, C, H, W = _wide(N), _wide(C), _wide(H), _wide(W)
     pixel = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     valid = pixel < N * H * W
     pixel = tl.where(valid, pixel, 0)
