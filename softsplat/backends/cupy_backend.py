@@ -1,5 +1,6 @@
 """Backend ``cupy``: the cpp backend's CUDA kernels (``csrc/splat_kernels.cuh``, one source of
-truth) compiled by NVRTC through ``cupy.RawModule`` and launched on torch's tensors in place.
+truth) compiled by NVRTC (``compile_program``), loaded and launched through CuPy on torch's
+tensors in place.
 
 Unlike the reference implementation: one compilation per (device, dtype), never per shape
 (sizes and strides are kernel arguments); launches go to the input's device and to torch's
@@ -11,7 +12,6 @@ and autograd registration. CuPy is imported on first use only.
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
 import os
 import pathlib
@@ -32,17 +32,14 @@ from .ops import (
 
 #: What the backend hands to NVRTC: the shared kernel header and its fp16/bf16 types.
 KERNEL_SOURCE = '#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n#include "splat_kernels.cuh"\n'
-#: The headers KERNEL_SOURCE includes from csrc/.
-KERNEL_HEADERS = ("splat_kernels.cuh", "taps.h")
 
 
-def kernel_code(root: pathlib.Path | None = None) -> str:
-    """KERNEL_SOURCE with a first line naming the hash of the headers it includes: CuPy keys its
-    on-disk cache by the code and the options, not by what the code includes, so without it an
-    edited or upgraded header would meet an old cubin."""
-    root = root or CSRC
-    digest = hashlib.sha256(b"".join((root / name).read_bytes() for name in KERNEL_HEADERS)).hexdigest()
-    return f"// softsplat kernels {digest}\n" + KERNEL_SOURCE
+def kernel_code() -> str:
+    """What NVRTC compiles: KERNEL_SOURCE (its headers are read from csrc/ at each compile, once
+    per process, device and dtype, so an edited header is always the one compiled)."""
+    return KERNEL_SOURCE
+
+
 SCALAR_TYPES = {
     torch.float16: "__half",
     torch.bfloat16: "__nv_bfloat16",
@@ -408,7 +405,7 @@ def cupy_extra() -> str:
 
 class CupyBackend(OpsBackend):
     name = "cupy"
-    summary = "the CUDA kernels of splat_kernels.cuh through NVRTC (cupy.RawModule), per device and dtype"
+    summary = "the CUDA kernels of splat_kernels.cuh compiled by NVRTC, launched through CuPy, per device and dtype"
     deterministic_on = ()  # atomics in the forward
     flushes_subnormals_on = ("cuda",)
 
@@ -421,14 +418,17 @@ class CupyBackend(OpsBackend):
         mismatch = cuda_mismatch(installed_cupy_cuda(), torch.version.cuda)
         if mismatch:
             return mismatch
+        major = installed_cupy_cuda() or int((torch.version.cuda or "13").split(".")[0])
+        wheels = "nvidia-cuda-nvrtc nvidia-cuda-runtime" if major >= 13 else f"nvidia-cuda-nvrtc-cu{major} nvidia-cuda-runtime-cu{major}"
         try:
             from cupy_backends.cuda.libs import nvrtc
 
             nvrtc.getVersion()
         except Exception as error:  # a missing libnvrtc shows up as any of several errors
-            return (
-                f"NVRTC is not usable ({type(error).__name__}: {error}); pip install nvidia-cuda-nvrtc-cu12"
-            )
+            return f"NVRTC is not usable ({type(error).__name__}: {error}); pip install {wheels}"
+        if cuda_include() is None:
+            return (f"the CUDA headers NVRTC needs (cuda_fp16.h) are not found: pip install {wheels}, or set "
+                    "CUDA_HOME to a CUDA toolkit")
         if not torch.cuda.is_available():
             return "no CUDA device"
         return None
