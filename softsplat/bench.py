@@ -91,8 +91,17 @@ def timed_together(functions: dict, device="cpu", repeats: int = 3, warmups: int
             function()
     _synchronize(device)
     times = {name: [] for name in functions}
+    on_gpu = torch.device(device).type == "cuda"
     for _ in range(repeats):
         for name, function in functions.items():
+            if on_gpu:  # the device's own clock: CUDA events around the work on the current stream
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                function()
+                end.record()
+                end.synchronize()
+                times[name].append(start.elapsed_time(end) / 1e3)
+                continue
             start = time.perf_counter()
             function()
             _synchronize(device)
@@ -178,29 +187,102 @@ def forward_bytes(size, channels=3, batch=1, dtype=torch.float32, mode="soft") -
     return pixels * (channels * itemsize + 2 * 4 + metric + channels * 4 + normaliser)
 
 
-def run(args) -> int:
-    from rich.console import Console
+def _runnable(args, modes, console):
+    """The backends to time (named by --backends, else every one a user can pick) that can run
+    the first mode on --device in --dtype; the others are reported as skipped, with why."""
     from rich.markup import escape
-    from rich.progress import Progress
-    from rich.table import Table
 
-    console = Console(width=max(Console().width, 150))
-    sizes = [parse_size(s) for s in args.sizes.split(",")]
-    modes = args.modes.split(",")
-    device = args.device
-    dtype = getattr(torch, args.dtype)
+    device, dtype = args.device, getattr(torch, args.dtype)
     candidates = [b for b in backends.all_backends() if not b.test_only]
     if args.backends:
         candidates = [backends.get(name) for name in args.backends.split(",")]
-    runnable, skipped = [], []
+    runnable = []
     for backend in candidates:
         call = backends.Signature(torch.device(device).type, dtype, Mode.parse(modes[0].removesuffix(STABLE_SUFFIX)))
         reasons = backend.not_supported_reasons(call)
         if not reasons and backend.name == "triton" and not torch.cuda.is_available():
             reasons.append("it would run in Triton's interpreter (no CUDA device), whose times mean nothing")
-        (skipped if reasons else runnable).append((backend, reasons))
-    for backend, reasons in skipped:
-        console.print(f"[yellow]skipped {backend.name}[/]: {escape('; '.join(reasons))}")
+        if reasons:
+            console.print(f"[yellow]skipped {backend.name}[/]: {escape('; '.join(reasons))}")
+        else:
+            runnable.append((backend, reasons))
+    return runnable
+
+
+#: GMFSS's soft splats for one output frame (forward only, under inference_mode, batch 1): an
+#: image (C = 3) at 1/2 of the frame size, then features of 64 channels at 1/2, 128 at 1/4 and
+#: 192 at 1/8, each made twice (one per direction).
+GMFSS = (("image", 3, 2), ("features", 64, 2), ("features", 128, 4), ("features", 192, 8))
+WORKLOADS = {"gmfss": GMFSS}
+
+
+def workload_name(value: str) -> str:
+    """--workload: a name of WORKLOADS."""
+    if value not in WORKLOADS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(sorted(WORKLOADS))}, got {value!r}")
+    return value
+
+
+def run_workload(args, console) -> int:
+    """Each call of a workload and the whole set for one frame, per backend, the naive port and
+    the memory bound, in one run: forward under ``torch.inference_mode()``."""
+    from rich.table import Table
+
+    frame = parse_size(args.frame)
+    device, dtype = args.device, getattr(torch, args.dtype)
+    calls = WORKLOADS[args.workload]
+    runnable = _runnable(args, ["soft"], console)
+    contenders = [(b.name, splat_call(b.name)) for b, _ in runnable] + [("naive port", naive_port)]
+    bandwidth = copy_bandwidth(device)
+    times, bounds = {}, {}
+    for what, channels, divisor in calls:
+        size = (frame[0] // divisor, frame[1] // divisor)
+        tensors = inputs(size, channels=channels, dtype=dtype, device=device)
+        bounds[what, channels] = forward_bytes(size, channels=channels, dtype=dtype) / bandwidth
+
+        def forward(call, tensors=tensors):
+            with torch.inference_mode():
+                call(*tensors, "soft")
+
+        measured = timed_together({name: (lambda c=call: forward(c)) for name, call in contenders}, device, args.repeats)
+        for name, seconds in measured.items():
+            times[what, channels, name] = seconds
+    copies = 2  # each call is made once per direction
+    title = (f"softsplat bench --workload {args.workload}: one {frame[0]}x{frame[1]} frame's soft splats on {device}, "
+             f"{args.dtype}, forward under inference_mode, batch 1, median of {args.repeats}")
+    table = Table(title=title)
+    for column in ("call", "channels", "size", *(f"{name} ms (x bound)" for name, _ in contenders)):
+        table.add_column(column, justify="right")
+    for what, channels, divisor in calls:
+        bound = bounds[what, channels]
+        table.add_row(what, str(channels), f"{frame[0] // divisor}x{frame[1] // divisor}",
+                      *(f"{times[what, channels, name] * 1e3:.2f} ({times[what, channels, name] / bound:.1f}x)"
+                        for name, _ in contenders))
+    total_bound = copies * sum(bounds.values())
+    totals = {name: copies * sum(times[what, channels, name] for what, channels, _ in calls) for name, _ in contenders}
+    table.add_row(f"the set ({copies} x each)", "", "",
+                  *(f"{totals[name] * 1e3:.1f} ({totals[name] / total_bound:.1f}x)" for name, _ in contenders))
+    console.print(table)
+    console.print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; bound = bytes the fused forward must move / that bandwidth "
+                  f"(the set: {total_bound * 1e3:.1f} ms)")
+    for name, _ in contenders[:-1]:
+        console.print(f"{name}: the set at {totals['naive port'] / totals[name]:.1f}x the naive port's speed")
+    return 0
+
+
+def run(args) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    console = Console(width=max(Console().width, 150))
+    if args.workload:
+        return run_workload(args, console)
+    sizes = [parse_size(s) for s in args.sizes.split(",")]
+    modes = args.modes.split(",")
+    device = args.device
+    dtype = getattr(torch, args.dtype)
+    runnable = _runnable(args, modes, console)
     bandwidth = copy_bandwidth(device)
     contenders = [(b.name, splat_call(b.name)) for b, _ in runnable] + [("naive port", naive_port)]
     if args.onnxruntime:
@@ -219,7 +301,7 @@ def run(args) -> int:
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("timing", total=len(sizes) * len(contenders))
         for size in sizes:
-            tensors = inputs(size, dtype=dtype, device=device)
+            tensors = inputs(size, channels=args.channels, dtype=dtype, device=device)
             for name, call in contenders:
                 progress.update(task, description=f"{name} {size[0]}x{size[1]}")
                 closures = {mode: passes(call, tensors, mode) for mode in modes}
@@ -233,8 +315,9 @@ def run(args) -> int:
                 progress.advance(task)
             for mode in modes:
                 measured = {name: times[size, mode, name] for name, _ in contenders}
-                rows.append((size, mode, measured, forward_bytes(size, dtype=dtype, mode=mode) / bandwidth))
-    table = Table(title=f"softsplat bench on {device}, {args.dtype}, median of {args.repeats} (ratios: how many times faster)")
+                rows.append((size, mode, measured, forward_bytes(size, args.channels, dtype=dtype, mode=mode) / bandwidth))
+    table = Table(title=f"softsplat bench on {device}, {args.channels} channels, {args.dtype}, median of {args.repeats} "
+                  "(ratios: how many times faster)")
     for column in ("size", "mode", "backend", "forward ms", "fwd+bwd ms", "vs torch oracle fwd / fwd+bwd", "vs naive port fwd / fwd+bwd", "forward / bandwidth bound"):
         table.add_column(column, justify="right")
     for size, mode, measured, bound in rows:
@@ -287,7 +370,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--modes", default="soft", type=cli.mode_names, help="comma-separated modes, soft+stable for stable soft (default soft)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the median is shown")
+    parser.add_argument("--repeats", type=cli.positive_int, default=3, help="timed runs per measurement; the median is shown")
+    parser.add_argument("--channels", type=cli.positive_int, default=3, help="channels of the input (default 3)")
+    parser.add_argument("--workload", type=workload_name, default=None,
+                        help="time a model's splats for one frame instead (gmfss: the eight soft splats GMFSS makes per "
+                        "frame, C = 3 to 192); --frame sets the frame size")
+    parser.add_argument("--frame", default="1080x1920", type=cli.size_list, help="--workload's frame size (default 1080x1920)")
     parser.add_argument("--backends", default="", type=cli.backend_names, help="comma-separated backends (default: every available one)")
     parser.add_argument("--onnxruntime", action=argparse.BooleanOptionalAction, default=True,
                         help="also time ONNX Runtime (CPU) running the exported model, forward only, when the onnx extra is installed")

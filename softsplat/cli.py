@@ -117,6 +117,13 @@ def source_count(value: str) -> int:
     return int(value)
 
 
+def positive_int(value: str) -> int:
+    """--repeats, --channels: a positive integer."""
+    if not value.strip().isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return int(value)
+
+
 def bench(args: argparse.Namespace) -> int:
     from . import bench as bench_module
 

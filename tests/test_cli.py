@@ -36,6 +36,10 @@ def test_unknown_command_fails_with_usage() -> None:
         (["demo", "--one", "missing.png", "--two", "missing.png"], "--one", "'missing.png'"),
         (["bench", "--sizes", "256by448"], "--sizes", "'256by448'"),
         (["bench", "--backends", "cpp,nope"], "--backends", "'nope'"),
+        (["bench", "--repeats", "0"], "--repeats", "'0'"),
+        (["bench", "--channels", "-4"], "--channels", "'-4'"),
+        (["bench", "--workload", "rife"], "--workload", "'rife'"),
+        (["bench", "--frame", "1080"], "--frame", "'1080'"),
     ],
 )
 def test_a_command_line_mistake_is_one_line_naming_the_option(argv, option, given, tmp_path, capsys) -> None:
@@ -68,3 +72,15 @@ def test_info_shows_install_hints_verbatim(capsys, monkeypatch) -> None:
     monkeypatch.setenv("COLUMNS", "400")  # one line per row
     assert main(["info"]) == 0
     assert "pip install 'softsplat[triton]'" in capsys.readouterr().out
+
+
+def test_bench_times_a_workloads_calls_and_its_set(capsys, monkeypatch) -> None:
+    """--workload gmfss: each of GMFSS's four splat shapes (C = 3 to 192) and the set of eight,
+    per backend beside the naive port, with the memory bound."""
+    monkeypatch.setenv("COLUMNS", "250")
+    assert main(["bench", "--workload", "gmfss", "--frame", "64x128", "--repeats", "1", "--backends", "cpp"]) == 0
+    out = capsys.readouterr().out
+    for channels, size in (("3", "32x64"), ("64", "32x64"), ("128", "16x32"), ("192", "8x16")):
+        assert any(channels in line and size in line for line in out.splitlines()), out
+    assert "the set (2 x each)" in out and "cpp ms (x bound)" in out and "naive port ms" in out
+    assert "cpp: the set at" in out and "bound" in out
