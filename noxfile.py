@@ -75,7 +75,7 @@ def gpu(session: nox.Session) -> None:
     arguments = _require_gpu(session)
     session.run("softsplat", "info")
     session.run("softsplat", "build")
-    session.run("pytest", "conformance", "tests/test_triton.py", "tests/test_cupy.py", "tests/test_cuda_compile.py",
+    session.run("pytest", "conformance", "tests/test_gpu.py", "tests/test_triton.py", "tests/test_cupy.py", "tests/test_cuda_compile.py",
                 "--require-backends", "cupy,cpp,triton", "--require-gpu", *arguments)
 
 

@@ -1,0 +1,125 @@
+"""What only a GPU shows, for every GPU backend (cpp's CUDA kernels, triton, cupy): CUDA-graph
+capture and replay, a side stream, tensors on a device other than the current one, torch.compile
+at batch 1 and other sizes of 1, and a tensor of more than 2^31 elements. Each test compares with
+the same call made plainly (or with the oracle). Skipped without a CUDA device; ``.ci/gpu`` runs
+them with ``--require-gpu``, which turns such a skip into a failure."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import softsplat
+from softsplat import backends
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (GPU CI: .ci/gpu)")
+
+GPU_BACKENDS = ["cpp", "triton", "cupy"]
+
+
+@pytest.fixture(params=GPU_BACKENDS)
+def backend(request) -> str:
+    candidate = backends.get(request.param)
+    if "cuda" not in candidate.devices() or not candidate.is_available():
+        pytest.fail(f"{request.param} cannot run on this CUDA machine: {candidate.unavailable_reason}")
+    return request.param
+
+
+def _tensors(shape=(1, 3, 17, 23), device="cuda", seed=0, requires_grad=False):
+    N, C, H, W = shape
+    generator = torch.Generator().manual_seed(seed)
+    tensors = (
+        torch.randn((N, C, H, W), generator=generator),
+        torch.randn((N, 2, H, W), generator=generator) * 3,
+        torch.randn((N, 1, H, W), generator=generator),
+    )
+    return [t.to(device).requires_grad_(requires_grad) for t in tensors]
+
+
+def _splat(backend, input, flow, metric, mode="soft"):
+    return softsplat.splat(input, flow, metric if mode in ("soft", "linear") else None, mode=mode, backend=backend)
+
+
+def test_cuda_graph_capture_and_replay(backend) -> None:
+    """Captured once (after a warm-up on a side stream, as CUDA graphs require), replayed on new
+    values copied into the captured inputs: the same results as plain calls."""
+    static = _tensors()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            _splat(backend, *static)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = _splat(backend, *static)
+    for seed in (1, 2):
+        fresh = _tensors(seed=seed)
+        for target, values in zip(static, fresh):
+            target.copy_(values)
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(captured, _splat(backend, *fresh), rtol=1e-6, atol=1e-6)
+
+
+def test_a_side_stream(backend) -> None:
+    """Inputs made on a side stream and splatted there, without synchronising with the default
+    stream: the launches must go to the current (side) stream."""
+    expected = _splat(backend, *_tensors(seed=3))
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        tensors = _tensors(seed=3)
+        for _ in range(3):  # queued work the default stream knows nothing of
+            out = _splat(backend, *tensors)
+        result = out.clone()
+    stream.synchronize()
+    torch.testing.assert_close(result, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_tensors_on_a_device_other_than_the_current_one(backend) -> None:
+    expected = _splat(backend, *_tensors(seed=4)).cpu()
+    with torch.cuda.device(0):
+        result = _splat(backend, *_tensors(seed=4, device="cuda:1"))
+    assert result.device == torch.device("cuda:1")
+    torch.testing.assert_close(result.cpu(), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 17, 23), (1, 1, 1, 1), (1, 2, 1, 9), (1, 4, 9, 1), (1, 64, 12, 16)], ids=str)
+def test_compile_fullgraph_at_batch_1(backend, shape) -> None:
+    """torch.compile(fullgraph=True) where Inductor makes sizes of 1 constants: the same output
+    and gradients as eager, bitwise."""
+    def warp(input, flow, metric):
+        return _splat(backend, input, flow, metric) * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(warp, fullgraph=True)
+    results = []
+    for function in (compiled, warp):
+        tensors = _tensors(shape, requires_grad=True)
+        out = function(*tensors)
+        out.backward(torch.ones_like(out))
+        results.append((out.detach(), *(t.grad for t in tensors)))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_more_than_2_to_the_31_elements(backend) -> None:
+    """An input of 2 x 32768 x 32769 float32 values (2^31 + 2^16 elements): 64-bit indexing.
+    Zero flow but for the last pixel of each row's last block, sum mode: the result is the input
+    with those pixels moved one to the left."""
+    N, C, H, W = 1, 2, 32768, 32769
+    needed = 4 * 4 * N * C * H * W  # input, flow, result, expectation
+    free, _ = torch.cuda.mem_get_info()
+    if free < needed * 1.2:
+        pytest.skip(f"needs {needed / 2**30:.0f} GiB of free device memory, {free / 2**30:.0f} GiB free")
+    input = torch.arange(W, device="cuda", dtype=torch.float32).expand(N, C, H, W).contiguous()
+    flow = torch.zeros((N, 2, H, W), device="cuda")
+    flow[:, 0, -3:, -1] = -1.0  # the last pixel of the last three rows moves one left
+    out = softsplat.splat(input, flow, mode="sum", backend=backend)
+    del flow
+    expected = input
+    expected[:, :, -3:, -2] += expected[:, :, -3:, -1]
+    expected[:, :, -3:, -1] = 0
+    assert torch.equal(out[:, :, -4:], expected[:, :, -4:]) and torch.equal(out[:, :, :64], expected[:, :, :64])
+    assert torch.equal(out, expected)
