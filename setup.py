@@ -4,7 +4,8 @@ against; isolation would fetch an unpinned one).
 
 The wheel holds one CPU library per instruction-set level of the target architecture and, when
 a CUDA toolkit and a CUDA build of torch are present (or ``SOFTSPLAT_CUDA=1``), one library of
-CUDA kernels for ``SOFTSPLAT_CUDA_ARCHS`` (default sm_75 to sm_120, plus PTX of the newest), all
+CUDA kernels for ``SOFTSPLAT_CUDA_ARCHS`` (default: ``build_flags.cuda_architectures`` of torch's
+CUDA version, plus PTX of the newest), all
 on torch's stable ABI: one wheel serves every torch from ``build_flags.OLDEST_TORCH`` on, and,
 tagged ``abi3``, every CPython from 3.10 on.
 
@@ -26,7 +27,6 @@ from setuptools import setup
 ROOT = pathlib.Path(__file__).resolve().parent
 CSRC = ROOT / "softsplat" / "backends" / "csrc"
 PREBUILT = "softsplat._prebuilt"
-DEFAULT_CUDA_ARCHS = "75;80;86;89;90;100;120"
 
 
 @functools.cache
@@ -47,8 +47,10 @@ def _wanted() -> bool:
     return not editable and importlib.util.find_spec("torch") is not None
 
 
-def _cuda_archs() -> list[str]:
-    return [a.strip() for a in os.environ.get("SOFTSPLAT_CUDA_ARCHS", DEFAULT_CUDA_ARCHS).replace(",", ";").split(";") if a.strip()]
+def _cuda_archs(cuda_version: str) -> list[str]:
+    """SOFTSPLAT_CUDA_ARCHS ("80;90"), else the list for this CUDA version (build_flags)."""
+    chosen = os.environ.get("SOFTSPLAT_CUDA_ARCHS", "").replace(",", ";")
+    return [a.strip() for a in chosen.split(";") if a.strip()] or _load("build_flags").cuda_architectures(cuda_version)
 
 
 def _extensions():
@@ -70,7 +72,7 @@ def _extensions():
     want_cuda = os.environ.get("SOFTSPLAT_CUDA", "").strip()
     has_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if want_cuda == "1" or (want_cuda != "0" and has_cuda):
-        archs = _cuda_archs()
+        archs = _cuda_archs(torch.version.cuda)
         gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
         gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")  # PTX for later GPUs
         extensions.append(cpp_extension.CUDAExtension(

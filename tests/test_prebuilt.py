@@ -57,6 +57,57 @@ def test_the_cuda_library_needs_a_cuda_torch_of_its_major(tmp_path) -> None:
     assert path is None and "CPU build" in what
 
 
+@pytest.mark.parametrize("capability, runs", [
+    ((7, 5), True), ((8, 0), True), ((8, 6), True), ((8, 9), True), ((9, 0), True), ((10, 0), True),
+    ((12, 0), True), ((12, 1), True), ((7, 0), False), ((6, 0), False), ((11, 0), False), ((10, 3), True),
+])
+def test_a_fatbin_runs_where_it_has_machine_code_or_ptx(capability, runs) -> None:
+    """sm_80 machine code runs on any 8.x at or above it; PTX on any capability at or above its
+    own; nothing else: a CUDA 13 wheel has no code for a V100 (7.0) or a P100 (6.0)."""
+    architectures = [f"sm_{a}" for a in ("75", "80", "90", "100", "120")] + ["compute_120"]
+    assert prebuilt.runs_on(architectures, capability) is runs
+
+
+def test_the_cuda_library_is_not_loaded_for_a_gpu_it_has_no_code_for(tmp_path, monkeypatch) -> None:
+    """A wheel's CUDA kernels on a GPU its fatbin does not cover would fail with "no kernel
+    image is available": the library is not loaded, the cpp backend leaves CUDA to the next
+    backend, and info says why."""
+    _manifest(tmp_path)
+    path, what = prebuilt.cuda_library("13.0", tmp_path, capabilities=[(7, 0)])
+    assert path is None and what == "prebuilt for sm_75, sm_120, compute_120, which has no code for this GPU (sm_70)"
+    assert prebuilt.cuda_library("13.0", tmp_path, capabilities=[(7, 5), (12, 0)])[0] is not None
+    assert prebuilt.cuda_library("13.0", tmp_path, capabilities=[(9, 0)])[0] is None  # sm_75 does not run on 9.0
+    monkeypatch.setattr(prebuilt, "DIRECTORY", tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (7, 0))
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(cpp, "_prebuilt_cpu", lambda level: tmp_path / "softsplat_cpu_baseline.so")
+    cpp._prebuilt_cuda.cache_clear()
+    try:
+        assert "no code for this GPU (sm_70)" in cpp._cuda_reason()
+        assert cpp.CppBackend().devices() == ("cpu",)
+    finally:
+        cpp._prebuilt_cuda.cache_clear()
+
+
+@pytest.mark.parametrize("version, first, last", [("12.6", "60", "90"), ("12.8", "70", "120"), ("13.0", "75", "120")])
+def test_each_cuda_version_builds_the_architectures_its_nvcc_knows(version, first, last) -> None:
+    architectures = build_flags.cuda_architectures(version)
+    assert architectures[0] == first and architectures[-1] == last
+    if version == "12.6":
+        assert not {"100", "110", "120"} & set(architectures)  # nvcc 12.6 does not know them
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed (a CUDA toolkit)")
+def test_the_installed_nvcc_knows_every_architecture_of_its_version() -> None:
+    out = subprocess.run(["nvcc", "--version"], capture_output=True, text=True, check=True).stdout
+    version = re.search(r"release (\d+\.\d+)", out).group(1)
+    known = subprocess.run(["nvcc", "--list-gpu-code"], capture_output=True, text=True, check=True).stdout.split()
+    missing = [a for a in build_flags.cuda_architectures(version) if f"sm_{a}" not in known]
+    assert missing == [], f"nvcc {version} does not know {missing}"
+
+
 def test_the_sources_digest_sees_every_source_and_header(tmp_path) -> None:
     root = tmp_path / "csrc"
     shutil.copytree(prebuilt.CSRC, root)

@@ -121,6 +121,19 @@ def cpu_flags(level: str, kind: str, arch: str) -> tuple[list[str], list[str]]:
 CUDA_FLAGS = ["-O3", "--fmad=false"]
 
 
+def cuda_architectures(cuda_version: str) -> list[str]:
+    """The GPU architectures a wheel's CUDA kernels are built for by the nvcc of ``cuda_version``
+    ("12.6"), oldest first; the newest is also shipped as PTX. Each list is what that nvcc
+    knows: 12.6 stops at sm_90 (sm_100/sm_120 came with 12.8), 12.8 still builds Volta, CUDA 13
+    dropped Maxwell, Pascal and Volta and added sm_110."""
+    major, minor = (int(part) for part in cuda_version.split(".")[:2])
+    if major < 12 or (major == 12 and minor < 8):
+        return ["60", "70", "75", "80", "86", "89", "90"]
+    if major == 12:
+        return ["70", "75", "80", "86", "89", "90", "100", "120"]
+    return ["75", "80", "86", "89", "90", "100", "110", "120"]
+
+
 #: The oldest torch release the compiled libraries serve: the headers they include are limited
 #: to its stable ABI (``TORCH_TARGET_VERSION``; including anything else fails to compile), and
 #: torch keeps that ABI in every later release. 2.10 is the first whose stable ABI has what the

@@ -41,7 +41,11 @@ def _prebuilt_cpu_library(level: str):
 
 @functools.cache
 def _prebuilt_cuda():
-    return prebuilt.cuda_library(torch.version.cuda)
+    """The wheel's CUDA library, unless it has no code for a visible GPU (then not loaded: the
+    cpp backend leaves CUDA to the next backend, and info says why)."""
+    capabilities = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())] \
+        if torch.cuda.is_available() else []
+    return prebuilt.cuda_library(torch.version.cuda, capabilities=capabilities)
 
 
 def _cuda_reason() -> str | None:

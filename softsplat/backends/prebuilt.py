@@ -75,9 +75,31 @@ def cpu_library(level: str, torch_version: str, directory: pathlib.Path | None =
     return directory / found["cpu"][level]
 
 
-def cuda_library(torch_cuda: str | None, directory: pathlib.Path | None = None) -> tuple[pathlib.Path | None, str]:
+def runs_on(architectures: list[str], capability: tuple[int, int]) -> bool:
+    """Whether a fatbin of ``architectures`` (``sm_80`` machine code, ``compute_120`` PTX) has
+    code for a GPU of compute ``capability``: machine code of the same major and a minor no
+    higher (sm_80 runs on sm_86), or PTX of a capability no higher (the driver compiles it)."""
+    major, minor = capability
+    for name in architectures:
+        kind, _, number = name.partition("_")
+        code = int(number.rstrip("af"))
+        if kind == "sm" and code // 10 == major and code % 10 <= minor and not number.endswith(("a", "f")):
+            return True
+        if kind == "compute" and code <= 10 * major + minor:
+            return True
+    return False
+
+
+def uncovered_devices(architectures: list[str], capabilities: list[tuple[int, int]]) -> list[str]:
+    """The GPUs (``sm_70``) among ``capabilities`` that ``architectures`` has no code for."""
+    return [f"sm_{major}{minor}" for major, minor in capabilities if not runs_on(architectures, (major, minor))]
+
+
+def cuda_library(torch_cuda: str | None, directory: pathlib.Path | None = None,
+                 capabilities: list[tuple[int, int]] | None = None) -> tuple[pathlib.Path | None, str]:
     """``(path, what)``: the prebuilt CUDA library when this torch can load it (CUDA build of the
-    same major), with the architectures it holds; else ``(None, why not)``."""
+    same major) and it has code for every GPU of ``capabilities`` (the visible ones), with the
+    architectures it holds; else ``(None, why not)``."""
     directory = directory or DIRECTORY
     found = manifest(directory)
     cuda = (found or {}).get("cuda")
@@ -87,4 +109,8 @@ def cuda_library(torch_cuda: str | None, directory: pathlib.Path | None = None) 
         return None, f"this torch is a CPU build (the wheel's CUDA kernels need a CUDA {cuda['cuda']} torch)"
     if torch_cuda.split(".")[0] != cuda["cuda"].split(".")[0]:
         return None, f"built for CUDA {cuda['cuda']}, this torch is a CUDA {torch_cuda} build"
+    uncovered = uncovered_devices(cuda["architectures"], capabilities or [])
+    if uncovered:
+        return None, (f"prebuilt for {', '.join(cuda['architectures'])}, which has no code for this GPU "
+                      f"({', '.join(sorted(set(uncovered)))})")
     return directory / cuda["library"], "prebuilt for " + ", ".join(cuda["architectures"])
