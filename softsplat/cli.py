@@ -49,10 +49,22 @@ def build(args: argparse.Namespace) -> int:
             continue
         try:
             backend.forget_failure()  # a failed build is retried here, with its output
+            offered = backend.devices()
             backend.prepare()
         except Exception as error:  # report every backend, then fail
             failed += 1
             print(f"{backend.name}: FAILED, {type(error).__name__}: {error}")
+            continue
+        lost = [device for device in offered if device not in backend.devices()]
+        if lost:  # a part failed (the cpp backend's CUDA kernels) and the rest works
+            import torch
+
+            from .modes import Mode
+
+            failed += 1
+            call = backends.Signature(lost[0], torch.float32, Mode.parse("sum"))
+            print(f"{backend.name}: ready on {'/'.join(backend.devices())}; FAILED on {'/'.join(lost)}, "
+                  f"{'; '.join(backend.not_supported_reasons(call))}")
         else:
             print(f"{backend.name}: ready")
     return 1 if failed else 0

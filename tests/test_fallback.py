@@ -71,3 +71,99 @@ def test_auto_falls_back_once_and_a_named_backend_raises(failing_compiler) -> No
     build = run([sys.executable, "-m", "softsplat", "build"], environment)
     assert build.returncode == 1 and "cpp: FAILED" in build.stdout
     assert calls.read_text().count("x") > attempts
+
+
+@pytest.fixture
+def a_gpu_that_is_not_there(monkeypatch, tmp_path):
+    """torch seeing one GPU of ``capability`` (set by the test) and a CUDA toolkit, on this CPU
+    machine; the cpp backend's first-use state reset before and after."""
+    import torch
+    from torch.utils import cpp_extension
+
+    from softsplat.backends import cpp
+
+    cpp.library().ops()  # the CPU library, built and loaded before anything is faked
+    capability = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability[0])
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path / "cuda"))
+    monkeypatch.setattr(cpp, "_prebuilt_cpu", lambda level: None)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+
+    def reset():
+        cpp._CUDA_FAILURE[0], cpp._CUDA_LOADED[0] = None, False
+        for key in [k for k in cpp._LIBRARIES if k.startswith("cuda:")]:
+            del cpp._LIBRARIES[key]
+
+    reset()
+    yield capability
+    reset()
+
+
+def test_the_first_use_cuda_build_is_keyed_by_the_gpus_architecture(a_gpu_that_is_not_there) -> None:
+    """A shared build cache must not serve an H100's build to an A100: the library's name (its
+    cache key) and its nvcc flags follow the visible GPUs' architectures."""
+    from softsplat.backends import cpp
+
+    h100 = cpp.cuda_library()
+    assert "-gencode=arch=compute_90,code=sm_90" in h100.cuda_cflags
+    a_gpu_that_is_not_there[0] = (8, 0)
+    a100 = cpp.cuda_library()
+    assert "-gencode=arch=compute_80,code=sm_80" in a100.cuda_cflags and "compute_90" not in " ".join(a100.cuda_cflags)
+    assert a100.name() != h100.name() and a100.build_directory() != h100.build_directory()
+    assert cpp.library().name() != h100.name() and "splat_cuda.cu" not in [s.name for s in cpp.library().sources]
+
+
+def test_a_failing_cuda_build_leaves_the_cpu_kernels_working(a_gpu_that_is_not_there, monkeypatch) -> None:
+    """The CUDA kernels are a library of their own: when their build fails, one warning says
+    so, the cpp backend keeps CPU (and computes there), offers CUDA no more (auto moves on),
+    and says why; the failure is remembered on disk like any build's."""
+    import torch
+
+    import softsplat
+    from softsplat.backends import cpp, extension
+
+    def fail(self):
+        raise RuntimeError("nvcc fatal   : Unsupported gpu architecture 'compute_90' (test)")
+
+    monkeypatch.setattr(extension.OpLibrary, "_build", fail)
+    with pytest.warns(RuntimeWarning, match="CUDA kernels failed to build or load; its CPU kernels work"):
+        cpp._load_cuda()
+    reason = cpp._cuda_reason()
+    assert "the CUDA kernels failed to build" in reason and "Unsupported gpu architecture" in reason
+    assert cpp.CppBackend().devices() == ("cpu",)
+    assert "build-failed" in " ".join(p.name for p in cpp.cuda_library().build_directory().iterdir())
+    x, f = torch.rand(1, 3, 4, 5), torch.randn(1, 2, 4, 5)
+    assert torch.allclose(softsplat.splat(x, f, mode="avg", backend="cpp"), softsplat.splat(x, f, mode="avg", backend="torch"))
+    cpp._CUDA_FAILURE[0] = None  # a later process: the failure recorded on disk is enough
+    assert "the CUDA kernels failed to build" in cpp._cuda_reason()
+
+
+def test_a_backend_that_loses_a_device_while_preparing_is_passed_over() -> None:
+    """select asks again after preparing: a named backend that no longer offers the call's
+    device raises BackendFailedError saying why, instead of running without kernels there."""
+    import torch
+
+    from softsplat import Mode, backends
+    from softsplat.backends.base import Backend, BackendFailedError, Signature
+
+    class Shrinking(Backend):
+        name = "shrinking-test"
+        offered = ("cpu", "cuda")
+
+        def devices(self):
+            return self.offered
+
+        def prepare(self):
+            self.offered = ("cpu",)
+
+        def run(self, problem):
+            raise AssertionError("never run")
+
+    backends.register(Shrinking())
+    try:
+        with pytest.raises(BackendFailedError, match="cannot compute this call after all: runs on cpu"):
+            backends.select(Signature("cuda", torch.float32, Mode.parse("sum")), "shrinking-test")
+    finally:
+        backends.unregister("shrinking-test")

@@ -95,13 +95,21 @@ def select(call: Signature, name: str, argument: str = "backend", deterministic:
         backend = _choose(call, name, argument, deterministic)
         try:
             backend.prepare_once()
-            return backend
-        except BackendFailedError as error:
+            # Preparing can take a device away (the cpp backend's CUDA build failed, its CPU
+            # kernels did not): asked again, it no longer offers that device.
+            reasons = backend.not_supported_reasons(call)
+            if not reasons:
+                return backend
+            error = BackendFailedError(f"backend {backend.name!r} cannot compute this call after all: {'; '.join(reasons)}")
+            if name != "auto":
+                raise error
+        except BackendFailedError as failed:
             if name != "auto":
                 raise
-            # One warning per backend and process: a failed backend is not tried again, so
-            # later calls pass it over in _choose without a word.
-            warnings.warn(f"softsplat: 'auto' passes over {error}; softsplat info shows it", RuntimeWarning, stacklevel=4)
+            error = failed
+        # One warning per backend and process: a failed backend is not tried again, so later
+        # calls pass it over in _choose without a word.
+        warnings.warn(f"softsplat: 'auto' passes over {error}; softsplat info shows it", RuntimeWarning, stacklevel=4)
 
 
 def _choose(call: Signature, name: str, argument: str, deterministic: bool) -> Backend:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import warnings
 
 import torch
 
@@ -49,7 +50,7 @@ def _prebuilt_cuda():
 
 
 def _cuda_reason() -> str | None:
-    """Why the library here has no CUDA kernels, or None."""
+    """Why the cpp backend has no CUDA kernels here, or None."""
     if _prebuilt_cpu(build_flags.chosen_level()) is not None:
         path, what = _prebuilt_cuda()
         if path is None:
@@ -61,6 +62,13 @@ def _cuda_reason() -> str | None:
 
     if cpp_extension.CUDA_HOME is None:
         return "no CUDA toolkit (CUDA_HOME) to build the CUDA kernels"
+    failure = _CUDA_FAILURE[0]
+    if failure is None and not _CUDA_LOADED[0]:
+        built = cuda_library()
+        failure = None if built.is_built() else built.earlier_failure()
+    if failure is not None:
+        last = failure.strip().splitlines()[-1] if failure.strip() else "failed"
+        return f"the CUDA kernels failed to build ({last}); the CPU kernels work; `softsplat build` tries again"
     return None
 
 
@@ -69,22 +77,64 @@ CPU_SOURCES = build_flags.CPU_SOURCES
 
 _LIBRARIES: dict[str, OpLibrary] = {}
 _LIBRARIES_LOCK = threading.Lock()
+#: This process's failure to build or load the first-use CUDA library, or None.
+_CUDA_FAILURE: list[str | None] = [None]
+#: Whether this process has loaded it.
+_CUDA_LOADED = [False]
 
 
 def library() -> OpLibrary:
     """The library of the CPU level chosen now (build_flags.chosen_level): one object per level
-    and process, even when many threads ask at once (its lock makes the one build)."""
+    and process, even when many threads ask at once (its lock makes the one build). A wheel's
+    prebuilt libraries hold the CUDA kernels too; a first-use build makes them a library of
+    their own (cuda_library), so that a failing CUDA build leaves the CPU kernels working."""
     level = build_flags.chosen_level()
     with _LIBRARIES_LOCK:
         if level not in _LIBRARIES:
-            sources = CPU_SOURCES + ([] if _cuda_reason() else ["splat_cuda.cu"])
             cpu = _prebuilt_cpu(level)
             cuda, _ = _prebuilt_cuda()
             # The CUDA library loads wherever torch is a CUDA build of its major, with or without a GPU.
             libraries = None if cpu is None else [cpu] + ([cuda] if cuda is not None else [])
-            _LIBRARIES[level] = OpLibrary("softsplat", sources, cuda_cflags=build_flags.CUDA_FLAGS, fused_stable=True,
-                                          level=level, prebuilt=libraries)
+            _LIBRARIES[level] = OpLibrary("softsplat", CPU_SOURCES, fused_stable=True, level=level, prebuilt=libraries)
         return _LIBRARIES[level]
+
+
+def gpu_architectures() -> list[str]:
+    """The compute capabilities of the visible GPUs ("90"), each once: what a first-use build
+    compiles the CUDA kernels for, and part of its cache key (an H100's build never serves an
+    A100 through a shared cache)."""
+    return sorted({f"{major}{minor}" for major, minor in
+                   (torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count()))})
+
+
+def cuda_library() -> OpLibrary:
+    """The first-use build of the CUDA kernels, for the visible GPUs' architectures (nvcc's
+    -gencode flags, which are in the library's name): loaded after the CPU library, whose ops
+    it implements for CUDA."""
+    architectures = gpu_architectures() if torch.cuda.is_available() else []
+    key = "cuda:" + ",".join(architectures)
+    with _LIBRARIES_LOCK:
+        if key not in _LIBRARIES:
+            gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in architectures]
+            _LIBRARIES[key] = OpLibrary("softsplat", ["splat_cuda.cu"], cuda_cflags=build_flags.CUDA_FLAGS + gencode,
+                                        cuda_only=True)
+        return _LIBRARIES[key]
+
+
+def _load_cuda() -> None:
+    """Build (or find built) and load the first-use CUDA library; a failure is remembered, here
+    and on disk, and takes only CUDA out of the backend's devices."""
+    if _CUDA_LOADED[0] or _cuda_reason() is not None or _prebuilt_cpu(build_flags.chosen_level()) is not None:
+        return  # loaded, not to be built here, or a wheel's (loaded with the CPU library)
+    try:
+        cuda_library().ops()
+        _CUDA_LOADED[0] = True
+    except Exception as error:
+        lines = [line for line in str(error).strip().splitlines() if line.strip()]
+        _CUDA_FAILURE[0] = "\n".join(lines[-12:]) or type(error).__name__
+        warnings.warn(f"softsplat: the cpp backend's CUDA kernels failed to build or load; its CPU kernels work, "
+                      f"CUDA calls go to the next backend ('auto'). `softsplat build` tries again:\n    "
+                      + "\n    ".join(lines[-12:]), RuntimeWarning, stacklevel=3)
 
 
 def _library_or_error() -> tuple[OpLibrary | None, str | None]:
@@ -119,6 +169,10 @@ class CppBackend(OpsBackend):
         built, _ = _library_or_error()
         if built is not None:  # else nothing was built; prepare() raises the level's error
             built.forget_failure()
+        if torch.cuda.is_available():
+            cuda_library().forget_failure()
+        _CUDA_FAILURE[0] = None
+        _CUDA_LOADED[0] = False
         self.failure = None
 
     @property
@@ -135,7 +189,11 @@ class CppBackend(OpsBackend):
                 cuda_state += " (unused: torch has no CUDA device)"
         else:
             state = "built" if built.is_built() else "builds on first use"
-            cuda_state = f"not built, {cuda}" if cuda else "built"
+            if cuda:
+                cuda_state = f"not built, {cuda}"
+            else:
+                targets = ", ".join(f"sm_{a}" for a in gpu_architectures())
+                cuda_state = f"built for {targets}" if cuda_library().is_built() else f"build on first use, for {targets}"
             found = prebuilt.manifest()
             if found is not None:  # a wheel's libraries that cannot be used here: say why
                 why = prebuilt.unusable_reason(found, torch.__version__) or (
@@ -156,4 +214,6 @@ class CppBackend(OpsBackend):
         return compiler_reason()
 
     def load_ops(self):
-        return library().ops()
+        ops = library().ops()
+        _load_cuda()
+        return ops

@@ -48,8 +48,12 @@ class OpLibrary:
     """One compiled library of the ``splat_forward``/``splat_backward`` ops in ``namespace``."""
 
     def __init__(self, namespace: str, sources: list[str], *, cflags=(), cuda_cflags=(), fused_stable=False,
-                 root: pathlib.Path = CSRC, level: str | None = None, prebuilt: list[pathlib.Path] | None = None):
+                 root: pathlib.Path = CSRC, level: str | None = None, prebuilt: list[pathlib.Path] | None = None,
+                 cuda_only: bool = False):
         self.namespace = namespace
+        #: A library of CUDA kernels only, for ops another library of the namespace defines and
+        #: registers (loaded after it): named "cuda" instead of a CPU level, no Python side.
+        self.cuda_only = cuda_only
         #: Compiled libraries to load instead of building (a wheel's, prebuilt.py), the one that
         #: defines the ops first; None: build on first use.
         self.prebuilt = prebuilt
@@ -57,8 +61,9 @@ class OpLibrary:
         self.root = root  # sources and headers are under it (csrc/)
         self.sources = [root / s for s in sources]
         #: The CPU instruction-set level the library is built for (build_flags).
-        self.level = level or build_flags.chosen_level()
-        cpu, link = build_flags.cpu_flags(self.level, build_flags.compiler_kind(), build_flags.architecture())
+        self.level = "cuda" if cuda_only else level or build_flags.chosen_level()
+        cpu, link = ([], []) if cuda_only else build_flags.cpu_flags(self.level, build_flags.compiler_kind(),
+                                                                    build_flags.architecture())
         sanitize = bool(os.environ.get(SANITIZE_ENV))
         self.cflags = cpu + list(cflags) + (SANITIZE_FLAGS if sanitize else [])
         self.ldflags = link + (SANITIZE_LDFLAGS if sanitize else [])
@@ -174,7 +179,9 @@ class OpLibrary:
 
     def _register(self) -> None:
         """The Python side of the ops (fake tensors, autograd; a clear refusal of the legacy
-        ONNX exporter)."""
+        ONNX exporter), unless another library of the namespace gives it."""
+        if self.cuda_only:
+            return
         from .. import onnx
 
         register_python_side(self.namespace, self.fused_stable)
