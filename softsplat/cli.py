@@ -31,7 +31,8 @@ def info(args: argparse.Namespace) -> int:
             "[green]yes[/]" if available else "[red]no[/]" if failure is None else "[red]build failed[/]",
             "/".join(backend.devices()),
             dtype_names(backend.dtypes),
-            "/".join(backend.deterministic_on) or "-",
+            "; ".join(filter(None, ["/".join(backend.deterministic_on), "/".join(backend.deterministic_when_asked_on)
+                                    and "/".join(backend.deterministic_when_asked_on) + " (deterministic mode)"])) or "-",
             escape(backend.summary if available else failure or backend.unavailable_reason),
         )
     Console(width=max(Console().width, 140)).print(table)

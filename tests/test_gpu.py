@@ -123,3 +123,21 @@ def test_more_than_2_to_the_31_elements(backend) -> None:
     expected[:, :, -3:, -1] = 0
     assert torch.equal(out[:, :, -4:], expected[:, :, -4:]) and torch.equal(out[:, :, :64], expected[:, :, :64])
     assert torch.equal(out, expected)
+
+
+def test_the_torch_backend_is_deterministic_on_cuda_in_deterministic_mode() -> None:
+    """docs/spec.md section 9: on CUDA the torch backend gives the same bits on every run under
+    torch.use_deterministic_algorithms(True) (and declares only that)."""
+    from softsplat import backends as registry
+
+    oracle = registry.get("torch")
+    assert oracle.is_deterministic("cuda") and not oracle.is_deterministic("cuda", asked=False)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        tensors = _tensors((2, 8, 64, 64), seed=7)
+        tensors[1] = tensors[1].round()  # many sources on one target: sums in some order
+        runs = [_splat("torch", *tensors) for _ in range(3)]
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert all(torch.equal(runs[0], run) for run in runs[1:])

@@ -203,3 +203,15 @@ def test_more_than_2_to_the_31_elements() -> None:
     flow[:, 0] = 0.5
     out = softsplat.splat(input, flow, mode="sum", backend="cpp")
     assert out.shape == (1, C, H, W) and float(out[0, -1, 7, 0]) == 0.5 and float(out[0, -1, 7, 1]) == 1.0
+
+
+def test_the_torch_backend_declares_cuda_determinism_only_in_deterministic_mode() -> None:
+    """docs/spec.md section 9: index_add_ on CUDA adds with atomics unless deterministic
+    algorithms are asked for; the torch backend declares exactly that, and info shows it."""
+    oracle = backends.get("torch")
+    assert oracle.is_deterministic("cpu", asked=False) and oracle.is_deterministic("cuda")
+    assert not oracle.is_deterministic("cuda", asked=False)
+    result = subprocess.run([sys.executable, "-m", "softsplat", "info"], capture_output=True, text=True, check=True,
+                            env={**os.environ, "COLUMNS": "400"})
+    row = next(line for line in result.stdout.splitlines() if "│ torch " in line)
+    assert "cpu; cuda (deterministic mode)" in row, row

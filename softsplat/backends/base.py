@@ -68,6 +68,9 @@ class Backend(abc.ABC):
     dtypes: tuple[torch.dtype, ...] = FLOATING
     #: Device types on which the backend is run-to-run deterministic.
     deterministic_on: tuple[str, ...] = ()
+    #: Device types on which it is deterministic only under
+    #: ``torch.use_deterministic_algorithms(True)`` (torch's deterministic kernels then run).
+    deterministic_when_asked_on: tuple[str, ...] = ()
     #: Device types on which its float32 sums are atomic adds that flush subnormal operands and
     #: results to zero, as GPUs' do (docs/spec.md, "Floating point").
     flushes_subnormals_on: tuple[str, ...] = ()
@@ -93,8 +96,10 @@ class Backend(abc.ABC):
     def is_available(self) -> bool:
         return self.unavailable_reason is None
 
-    def is_deterministic(self, device_type: str) -> bool:
-        return device_type in self.deterministic_on
+    def is_deterministic(self, device_type: str, asked: bool = True) -> bool:
+        """Whether it gives the same bits on every run on ``device_type``: always, or (``asked``)
+        under ``torch.use_deterministic_algorithms(True)``."""
+        return device_type in self.deterministic_on or (asked and device_type in self.deterministic_when_asked_on)
 
     def _call_reasons(self, call: Signature) -> list[str]:
         """Backend-specific reasons beyond availability, device and dtype."""
