@@ -154,6 +154,10 @@ def test_two_shapes_share_one_compiled_program(monkeypatch) -> None:
     ]
     cupy_backend.forward_impl(input.half(), flow, metric, 3, 0)
     assert len(_FakeModule.built) == 2 and (0, torch.float16) in cupy_backend._modules
+    # Raw normalisation (splat_many's numerators): no normalise pass, which would divide by 1.
+    _FakeModule.built[0].launches.clear()
+    cupy_backend.forward_impl(input, flow, metric, 3, 3)
+    assert [name for name, *_ in _FakeModule.built[0].launches] == ["softsplat::splat_forward_kernel<float, float, int>"]
 
 
 @needs_cupy

@@ -19,7 +19,7 @@ import threading
 
 import torch
 
-from ..modes import Kind
+from ..modes import Kind, Normalisation
 from .extension import CSRC
 from .ops import (
     OpsBackend,
@@ -286,7 +286,7 @@ def forward_impl(
         out,
         normaliser if kind != Kind.SUM else None,
     )
-    if kind != Kind.SUM and C:
+    if kind != Kind.SUM and normalisation != Normalisation.RAW and C:  # raw: the numerator as it is
         launch(
             input.device,
             input.dtype,

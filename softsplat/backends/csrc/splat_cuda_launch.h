@@ -97,7 +97,7 @@ inline std::tuple<Tensor, Tensor> splat_forward(const Tensor& input, const Tenso
           (index_t)N, (index_t)C, (index_t)H, (index_t)W, (int)kind,
           kind == STABLE ? (const acc_t*)ptr<acc_t>(maximum) : nullptr,
           ptr<acc_t>(out), kind == SUM ? nullptr : ptr<acc_t>(normaliser));
-      if (kind != SUM && C > 0) {
+      if (kind != SUM && normalisation != RAW && C > 0) {  // raw: the numerator as it is
         auto normalise = &splat_normalise_kernel<acc_t, index_t>;
         SOFTSPLAT_LAUNCH(normalise, blocks_for(N * C * H * W), kThreads,
             ptr<acc_t>(out), (const acc_t*)ptr<acc_t>(normaliser),
