@@ -8,11 +8,33 @@
 #include <cstdint>
 #include <type_traits>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "../taps.h"
 #include "simd.h"
 
 namespace softsplat {
 namespace cpu {
+
+// A new output of a megabytes or more asked onto 2 MB pages (Linux, where transparent huge pages
+// are given on request: THP "madvise", the common default), before its first write: writing a
+// fresh buffer then faults once per 2 MB instead of once per 4 KB page, which on a 132 MB result
+// ([1, 64, 540, 960] float) takes as long as the splat itself. Only the 2 MB-aligned interior is
+// advised; pages already in use are left as they are; nothing changes where THP is off.
+inline void advise_huge_pages(const Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t start = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t bytes = static_cast<uintptr_t>(t.numel()) * static_cast<uintptr_t>(t.element_size());
+  if (start == 0 || bytes < 2 * kHuge) return;
+  const uintptr_t begin = (start + kHuge - 1) & ~(kHuge - 1), end = (start + bytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // advice: errors ignored
+#else
+  (void)t;
+#endif
+}
 
 struct View4 {  // element strides of an [N, C, H, W] tensor
   int64_t n, c, y, x;

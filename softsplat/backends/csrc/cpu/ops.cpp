@@ -35,6 +35,8 @@ std::tuple<Tensor, Tensor> splat_forward_cpu(const Tensor& input, const Tensor& 
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
   Tensor out = empty({N, C, H, W}, compute, input);  // the kernel zeroes both
   Tensor normaliser = kind == SUM ? empty({0}, compute, input) : empty({N, 1, H, W}, compute, input);
+  advise_huge_pages(out);
+  advise_huge_pages(normaliser);
   const Tensor metric_tensor = metric.has_value() && metric->defined() ? as_contiguous(*metric) : Tensor();
   const Tensor flow_tensor = as_contiguous(flow);
   dispatch_floating<true>(input.scalar_type(), "softsplat::splat_forward: input", [&](auto scalar) {
@@ -57,6 +59,8 @@ std::tuple<Tensor, Tensor, Tensor> splat_stable_forward_cpu(const Tensor& input,
   Tensor maximum = empty({N, 1, H, W}, compute, input);
   Tensor out = empty({N, C, H, W}, compute, input);  // the kernel zeroes both
   Tensor normaliser = empty({N, 1, H, W}, compute, input);
+  advise_huge_pages(out);
+  advise_huge_pages(normaliser);
   const Tensor metric_tensor = as_contiguous(metric);
   const Tensor flow_tensor = as_contiguous(flow);
   dispatch_floating<true>(input.scalar_type(), "softsplat::splat_stable_forward: input", [&](auto scalar) {
@@ -89,6 +93,7 @@ std::tuple<Tensor, Tensor, Tensor> splat_backward_cpu(
   Tensor grad_input = output_mask[0] ? empty(input.sizes(), input.scalar_type(), input) : empty({0}, input.scalar_type(), input);
   Tensor grad_flow = output_mask[1] ? empty(flow.sizes(), compute, input) : empty({0}, compute, input);
   Tensor grad_metric = want_metric ? empty({N, 1, H, W}, compute, input) : empty({0}, compute, input);
+  for (const Tensor* grad : {&grad_input, &grad_flow, &grad_metric}) advise_huge_pages(*grad);
   Tensor gi = output_mask[0] ? grad_input : Tensor();
   Tensor gf = output_mask[1] ? grad_flow : Tensor();
   Tensor gm = want_metric ? grad_metric : Tensor();
