@@ -64,7 +64,7 @@ def test_auto_falls_back_once_and_a_named_backend_raises(failing_compiler) -> No
     assert "softsplat: building" not in result.stderr
     assert calls.read_text().count("x") <= attempts + 1
     attempts = calls.read_text().count("x")
-    info = run([sys.executable, "-m", "softsplat", "info"], {**environment, "COLUMNS": "300"})
+    info = run([sys.executable, "-m", "softsplat", "info"], {**environment, "COLUMNS": "400"})
     assert "build failed" in info.stdout and "softsplat build" in info.stdout, info.stdout
 
     # softsplat build tries again (and fails again with this compiler, saying so).
@@ -167,3 +167,28 @@ def test_a_backend_that_loses_a_device_while_preparing_is_passed_over() -> None:
             backends.select(Signature("cuda", torch.float32, Mode.parse("sum")), "shrinking-test")
     finally:
         backends.unregister("shrinking-test")
+
+
+def test_no_compiler_is_one_warning_with_the_slowdown_and_the_way_out(tmp_path) -> None:
+    """Without a C++ compiler (not a broken one: none), 'auto' moves CPU calls to the oracle:
+    one warning per process saying so, how much slower it is, and how to get cpp."""
+    script = (
+        "import warnings, torch, softsplat\n"
+        "x, f = torch.rand(1, 2, 5, 6), torch.randn(1, 2, 5, 6)\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    for _ in range(3):\n"
+        "        softsplat.splat(x, f, mode='avg')\n"
+        "messages = [str(w.message) for w in caught if 'softsplat' in str(w.message)]\n"
+        "print(len(messages), softsplat.resolve_backend(x, 'avg'))\n"
+        "print(messages[0] if messages else '')\n"
+    )
+    environment = {**os.environ, "CXX": str(tmp_path / "no-such-c++"), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"),
+                   "TRITON_INTERPRET": "0"}  # as a user has it: Triton not in the interpreter
+    environment.pop("SOFTSPLAT_BACKEND", None)
+    result = run([sys.executable, "-c", script], environment)
+    assert result.returncode == 0, result.stderr[-3000:]
+    count, message = result.stdout.splitlines()[0], result.stdout.splitlines()[1]
+    assert count == "1 torch", result.stdout
+    assert "(backend 'cpp') cannot be used here: no C++ compiler" in message and "times slower than cpp" in message
+    assert "wheel" in message and "softsplat build" in message

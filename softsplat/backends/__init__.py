@@ -93,6 +93,8 @@ def select(call: Signature, name: str, argument: str = "backend", deterministic:
     """
     while True:
         backend = _choose(call, name, argument, deterministic)
+        if name == "auto":
+            _warn_if_slow(call, backend)
         try:
             backend.prepare_once()
             # Preparing can take a device away (the cpp backend's CUDA build failed, its CPU
@@ -109,7 +111,35 @@ def select(call: Signature, name: str, argument: str = "backend", deterministic:
             error = failed
         # One warning per backend and process: a failed backend is not tried again, so later
         # calls pass it over in _choose without a word.
-        warnings.warn(f"softsplat: 'auto' passes over {error}; softsplat info shows it", RuntimeWarning, stacklevel=4)
+        slower = (f"; CPU calls go to a backend {SLOW_FALLBACK} (softsplat's wheel has prebuilt kernels and "
+                  "needs no compiler)") if backend.name == "cpp" and call.device_type == "cpu" else ""
+        warnings.warn(f"softsplat: 'auto' passes over {error}{slower}; softsplat info shows it", RuntimeWarning,
+                      stacklevel=4)
+
+
+#: What the warning about a slow CPU fallback says of its speed (measured with softsplat bench:
+#: the torch oracle takes 10 to 100 times cpp's time at the sizes of the README's tables).
+SLOW_FALLBACK = "typically 10 to 100 times slower than cpp on a CPU"
+_warned_slow: set[str] = set()
+
+
+def _warn_if_slow(call: Signature, chosen: Backend) -> None:
+    """Once per process and reason: 'auto' leaves the fast CPU kernels (cpp) for a CPU call
+    because cpp cannot be built here (no compiler, no ninja), saying how much slower the
+    fallback is and how to get cpp. Not when cpp is merely unsuited to the call (a dtype, the
+    deterministic mode); a failed build says so in select's warning."""
+    if call.device_type != "cpu" or chosen.name == "cpp" or PRIORITY[0] != "cpp":
+        return
+    why = get("cpp").unavailable_reason  # a failed build has a warning of its own (select)
+    if why is None or why in _warned_slow:
+        return
+    _warned_slow.add(why)
+    first_line = why.strip().splitlines()[0]
+    warnings.warn(
+        f"softsplat: the fast CPU kernels (backend 'cpp') cannot be used here: {first_line}. 'auto' uses "
+        f"{chosen.name!r} instead, {SLOW_FALLBACK}. To get cpp: install softsplat's wheel (prebuilt "
+        "kernels, no compiler needed), or install a C++ compiler and ninja and run `softsplat build`; "
+        "`softsplat info` shows what is missing", RuntimeWarning, stacklevel=5)
 
 
 def _choose(call: Signature, name: str, argument: str, deterministic: bool) -> Backend:
