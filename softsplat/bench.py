@@ -369,7 +369,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--sizes", default="256x448,1080x1920", type=cli.size_list, help="HEIGHTxWIDTH,... (default 256x448,1080x1920)")
     parser.add_argument("--modes", default="soft", type=cli.mode_names, help="comma-separated modes, soft+stable for stable soft (default soft)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=cli.device_name,
+                        help="cpu or cuda (default: cuda where torch sees a CUDA device)")
     parser.add_argument("--repeats", type=cli.positive_int, default=3, help="timed runs per measurement; the median is shown")
     parser.add_argument("--channels", type=cli.positive_int, default=3, help="channels of the input (default 3)")
     parser.add_argument("--workload", type=workload_name, default=None,

@@ -91,9 +91,17 @@ def export_onnx(args: argparse.Namespace) -> int:
 
     from . import onnx
 
+    from .modes import Mode
+
+    mode = Mode.parse(args.mode)
+    if args.stable and mode.kind != "soft":
+        raise UsageError(f"argument --stable: expected a soft mode (stable soft splatting), got --mode {args.mode}")
+    if args.normaliser and not mode.normalisation:
+        raise UsageError(f"argument --normaliser: expected a mode that normalises, got --mode {args.mode}, which has "
+                         "no normaliser")
     missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
     if missing:
-        raise UsageError(f"export-onnx needs {' and '.join(missing)}: pip install 'softsplat[onnx]'")
+        raise DependencyError(f"export-onnx needs {' and '.join(missing)}: pip install 'softsplat[onnx]'")
     program = onnx.standalone(args.mode, stable=args.stable, return_normaliser=args.normaliser,
                               sources=args.sources, dtype=getattr(torch, args.dtype))
     program.save(args.out)
@@ -109,7 +117,7 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--normaliser", action="store_true", help="also output the normaliser (normalised modes)")
     parser.add_argument("--sources", type=source_count, default=1, help="joint splatting of this many sources (splat_many)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="dtype of the input images")
-    parser.add_argument("--out", default="softsplat.onnx", help="file to write (default softsplat.onnx)")
+    parser.add_argument("--out", default="softsplat.onnx", type=output_file, help="file to write (default softsplat.onnx)")
 
 
 def mode_name(value: str) -> str:
@@ -196,9 +204,9 @@ def times(value: str) -> str:
     """--times: comma-separated numbers (empty: the default, --t alone)."""
     for item in value.split(",") if value else []:
         try:
-            float(item)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0,0.5,1, got {item!r}") from None
+            unit_time(item)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated times from 0 to 1 such as 0,0.5,1, got {item!r}") from None
     return value
 
 
@@ -221,6 +229,72 @@ def image_file(value: str) -> str:
 
     if not os.path.isfile(value):
         raise argparse.ArgumentTypeError(f"expected an image file (PNG), got {value!r}, which does not exist")
+    try:
+        with open(value, "rb") as file:
+            head = file.read(8)
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"expected a readable image file (PNG), got {value!r} ({error.strerror})") from None
+    if not head.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")):
+        raise argparse.ArgumentTypeError(f"expected a PNG or JPEG image, got {value!r}, which is neither")
+    return value
+
+
+def output_file(value: str) -> str:
+    """--out/--gif: a file to write, in a directory that exists (checked before any work)."""
+    import os
+
+    directory = os.path.dirname(value) or "."
+    if not os.path.isdir(directory):
+        raise argparse.ArgumentTypeError(f"expected a file in an existing directory, got {value!r} "
+                                         f"(no directory {directory!r})")
+    if os.path.isdir(value):
+        raise argparse.ArgumentTypeError(f"expected a file name, got {value!r}, which is a directory")
+    return value
+
+
+def finite_float(value: str) -> float:
+    """--alpha and friends: a finite number."""
+    import math
+
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {value!r}")
+    return number
+
+
+def unit_time(value: str) -> float:
+    """--t: a time between the two frames, 0 to 1."""
+    number = finite_float(value)
+    if not 0 <= number <= 1:
+        raise argparse.ArgumentTypeError(f"expected a time from 0 (frame one) to 1 (frame two), got {value!r}")
+    return number
+
+
+def non_negative_float(value: str) -> float:
+    """--alpha: a finite number >= 0."""
+    number = finite_float(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}")
+    return number
+
+
+def device_name(value: str) -> str:
+    """--device: cpu, or cuda / cuda:N where torch sees that CUDA device."""
+    import torch
+
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda (cuda:N), got {value!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda (cuda:N), got {value!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"expected cpu: torch {torch.__version__} sees no CUDA device, got {value!r}")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"expected a CUDA device below cuda:{torch.cuda.device_count()}, got {value!r}")
     return value
 
 
@@ -235,6 +309,7 @@ def size_list(value: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="softsplat", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     commands.add_parser("info", help=info.__doc__).set_defaults(func=info)
     commands.add_parser("build", help=build.__doc__).set_defaults(func=build)
@@ -253,10 +328,21 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:  # a combination of options that cannot work, found later
         print(f"softsplat {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:  # what no option explains: one line, the traceback under --debug
+        if args.debug:
+            raise
+        text = " ".join(str(error).split()) or type(error).__name__
+        what = "" if isinstance(error, DependencyError) else f"{type(error).__name__}: "
+        print(f"softsplat {args.command}: error: {what}{text} (--debug shows the traceback)", file=sys.stderr)
+        return 1
 
 
 class UsageError(ValueError):
     """Options that are each valid but do not go together (demo: image sizes, the flow's size)."""
+
+
+class DependencyError(RuntimeError):
+    """A command needs a package that is not installed (its message says which extra)."""
 
 
 if __name__ == "__main__":

@@ -276,6 +276,26 @@ def _written(console, what: str, path: str, existed: bool) -> None:
     console.print(f"{what}: {path}" + (" (replaced the earlier file)" if existed else ""))
 
 
+def check_ready(args) -> None:
+    """Before any work: the packages the demo needs, and the named backend able to run here."""
+    import importlib.util
+
+    from . import backends, cli
+    from .modes import Mode
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise cli.DependencyError("demo needs matplotlib (the figure): pip install 'softsplat[demo]'")
+    if args.one and not (args.flow and (args.flow_back or not args.bidirectional)) and importlib.util.find_spec("cv2") is None:
+        raise cli.DependencyError("demo needs OpenCV to estimate the flow of --one/--two (or pass --flow): "
+                                  "pip install 'softsplat[demo]'")
+    if args.backend != "auto":
+        reasons = backends.get(args.backend).not_supported_reasons(
+            backends.Signature("cpu", torch.float32, Mode.parse("soft")))
+        if reasons:
+            raise cli.UsageError(f"argument --backend: expected a backend that can run here, got {args.backend!r}: "
+                                 + "; ".join(reasons))
+
+
 def run(args) -> int:
     import os
 
@@ -284,6 +304,7 @@ def run(args) -> int:
 
     from . import cli, io
 
+    check_ready(args)
     console = Console()
     started = time.perf_counter()
     times = [float(v) for v in args.times.split(",")] if args.times else [args.t]
@@ -369,11 +390,11 @@ def run(args) -> int:
 def add_arguments(parser) -> None:
     from . import cli
 
-    parser.add_argument("--t", type=float, default=0.5, help="time to warp frame one to (default 0.5)")
+    parser.add_argument("--t", type=cli.unit_time, default=0.5, help="time to warp frame one to (default 0.5)")
     parser.add_argument("--times", default="", type=cli.times, help="comma-separated times for a sweep, e.g. 0,0.25,0.5,0.75,1")
-    parser.add_argument("--alpha", type=float, default=20.0, help="metric scale: soft uses -alpha * brightness error")
-    parser.add_argument("--out", default="softsplat-demo.png", help="figure to write (default softsplat-demo.png)")
-    parser.add_argument("--gif", default=None, help="also write the time sweep as an animated GIF")
+    parser.add_argument("--alpha", type=cli.non_negative_float, default=20.0, help="metric scale: soft uses -alpha * brightness error")
+    parser.add_argument("--out", default="softsplat-demo.png", type=cli.output_file, help="figure to write (default softsplat-demo.png)")
+    parser.add_argument("--gif", default=None, type=cli.output_file, help="also write the time sweep as an animated GIF")
     parser.add_argument("--backend", default="auto", type=cli.backend_name, help="backend to use (default auto)")
     parser.add_argument("--one", type=cli.image_file, help="first frame (PNG) instead of the embedded scene")
     parser.add_argument("--two", type=cli.image_file, help="second frame (PNG)")
@@ -382,5 +403,5 @@ def add_arguments(parser) -> None:
                         help="backward flow two -> one (.flo) for --bidirectional; estimated with OpenCV if omitted")
     parser.add_argument("--bidirectional", action="store_true",
                         help="also warp frame two backward and splat both jointly (splat_many): its PSNR, and the figure shows it")
-    parser.add_argument("--height", type=int, default=270, help="embedded scene height (default 270)")
-    parser.add_argument("--width", type=int, default=480, help="embedded scene width (default 480)")
+    parser.add_argument("--height", type=cli.positive_int, default=270, help="embedded scene height (default 270)")
+    parser.add_argument("--width", type=cli.positive_int, default=480, help="embedded scene width (default 480)")

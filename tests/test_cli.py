@@ -84,3 +84,61 @@ def test_bench_times_a_workloads_calls_and_its_set(capsys, monkeypatch) -> None:
         assert any(channels in line and size in line for line in out.splitlines()), out
     assert "the set (2 x each)" in out and "cpp ms (x bound)" in out and "naive port ms" in out
     assert "cpp: the set at" in out and "bound" in out
+
+
+@pytest.mark.parametrize(
+    "argv, option, given",
+    [
+        (["demo", "--height", "0"], "--height", "'0'"),
+        (["demo", "--width", "-5"], "--width", "'-5'"),
+        (["demo", "--t", "nan"], "--t", "'nan'"),
+        (["demo", "--t", "1.5"], "--t", "'1.5'"),
+        (["demo", "--alpha", "-1"], "--alpha", "'-1'"),
+        (["demo", "--times", "0,nan"], "--times", "'nan'"),
+        (["demo", "--out", "no-such-dir/x.png"], "--out", "'no-such-dir/x.png'"),
+        (["demo", "--gif", "no-such-dir/x.gif"], "--gif", "'no-such-dir/x.gif'"),
+        (["demo", "--one", "README.md", "--two", "README.md"], "--one", "'README.md'"),
+        (["export-onnx", "--mode", "soft", "--out", "no-such-dir/x.onnx"], "--out", "'no-such-dir/x.onnx'"),
+        (["export-onnx", "--mode", "avg", "--stable"], "--stable", "--mode avg"),
+        (["export-onnx", "--mode", "sum", "--normaliser"], "--normaliser", "--mode sum"),
+        (["bench", "--device", "gpu"], "--device", "'gpu'"),
+        (["bench", "--device", "cuda:7"], "--device", "'cuda:7'"),
+        (["demo", "--backend", "cupy"], "--backend", "'cupy'"),
+    ],
+)
+def test_every_mistake_is_one_line_exit_2_before_any_work(argv, option, given, tmp_path) -> None:
+    """As a user runs them: one line on stderr naming the option, what was expected and what was
+    given, exit code 2, nothing written, no traceback."""
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-m", "softsplat", *argv], capture_output=True, text=True, cwd=root,
+                            env={**__import__("os").environ, "TRITON_INTERPRET": "0"}, timeout=300)
+    assert result.returncode == 2, (result.returncode, result.stdout[-2000:], result.stderr[-2000:])
+    error = result.stderr.strip()
+    assert len(error.splitlines()) == 1 and "Traceback" not in error, error
+    assert option in error and given in error and "expected" in error, error
+    assert result.stdout == ""
+
+
+def test_an_unexpected_error_is_one_line_exit_1_and_debug_shows_the_traceback(monkeypatch, capsys) -> None:
+    def broken():
+        raise RuntimeError("something no option explains\nsecond line")
+
+    monkeypatch.setattr("softsplat.backends.all_backends", broken)
+    assert main(["info"]) == 1
+    error = capsys.readouterr().err
+    assert error.strip() == ("softsplat info: error: RuntimeError: something no option explains second line "
+                             "(--debug shows the traceback)")
+    with pytest.raises(RuntimeError, match="something no option explains"):
+        main(["--debug", "info"])
+
+
+def test_a_missing_dependency_is_one_line_naming_the_extra(monkeypatch, capsys) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    assert main(["demo", "--out", "x.png"]) == 1
+    assert capsys.readouterr().err.strip() == ("softsplat demo: error: demo needs matplotlib (the figure): "
+                                               "pip install 'softsplat[demo]' (--debug shows the traceback)")
