@@ -214,7 +214,10 @@ def colour_wheel(size: int = 64) -> torch.Tensor:
     return torch.stack([x * inside, y * inside]).unsqueeze(0)
 
 
-def animation(path, one, flow, metric_by_mode, times, backend) -> None:
+def animation(path, one, results_at, times, joint: bool) -> None:
+    """The time sweep as a GIF: per frame, the four modes' results at t, as the figure shows
+    them (``results_at(t, joint)``; with ``joint``, both frames splatted by splat_many), and a
+    title that says which."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -231,10 +234,12 @@ def animation(path, one, flow, metric_by_mode, times, backend) -> None:
         axis.set_title(mode, fontsize=12)
         images.append(axis.imshow(one[0].permute(1, 2, 0).numpy()))
 
+    what = "frames one and two splatted jointly (splat_many)" if joint else "frame one warped"
+
     def draw(t):
-        for image, result in zip(images, warp_all(one, flow, metric_by_mode, t, backend).values()):
+        for image, result in zip(images, results_at(t, joint).values()):
             image.set_data(result[0].clamp(0, 1).permute(1, 2, 0).numpy())
-        fig.suptitle(f"t = {t:.2f}", fontsize=12)
+        fig.suptitle(f"{what}, t = {t:.2f}", fontsize=12)
         return images
 
     FuncAnimation(fig, draw, frames=list(times)).save(path, writer=PillowWriter(fps=4))
@@ -381,7 +386,7 @@ def run(args) -> int:
     if args.gif:
         sweep = times if len(times) > 1 else [i / 8 for i in range(9)]
         existed = os.path.exists(args.gif)
-        animation(args.gif, one, flow, metric_by_mode, sweep, backend)
+        animation(args.gif, one, results_at, sweep, joint)
         _written(console, "animation", args.gif, existed)
     console.print(f"done in {time.perf_counter() - started:.1f} s")
     return 0

@@ -178,3 +178,23 @@ def test_an_existing_figure_is_replaced_with_a_word(tmp_path, capsys) -> None:
     (tmp_path / "figure.png").write_bytes(b"old")
     assert demo.run(args) == 0
     assert "(replaced the earlier file)" in capsys.readouterr().out
+
+
+def test_the_bidirectional_gif_animates_what_the_figure_shows(tmp_path, monkeypatch) -> None:
+    """With --bidirectional the figure shows both frames splatted jointly; the GIF's frames are
+    those same joint results (not frame one's warps, with their holes), and its title says so."""
+    from softsplat import demo
+    from softsplat.cli import main
+
+    shown, animated = {}, {}
+    monkeypatch.setattr(demo, "figure", lambda path, one, two, flow, reference, results, scores, t, backend, joint=False:
+                        shown.update(results=results, joint=joint, t=t))
+
+    def fake_animation(path, one, results_at, times, joint):
+        animated.update(joint=joint, results={t: results_at(t, joint) for t in times})
+
+    monkeypatch.setattr(demo, "animation", fake_animation)
+    assert main(["demo", "--bidirectional", "--times", "0.25,0.5", "--height", "48", "--width", "64",
+                 "--out", str(tmp_path / "d.png"), "--gif", str(tmp_path / "d.gif"), "--backend", "torch"]) == 0
+    assert shown["joint"] is True and animated["joint"] is True
+    assert animated["results"][shown["t"]] is shown["results"]
