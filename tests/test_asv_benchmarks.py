@@ -30,6 +30,7 @@ def test_every_parameter_set_runs_once(splat_benchmarks) -> None:
         splat_benchmarks.Splat: lambda b, p: (b.time_splat(*p), b.peakmem_splat(*p)),
         splat_benchmarks.Bandwidth: lambda b, p: 0 < b.track_bandwidth_fraction(*p) < 100 or pytest.fail(str(p)),
         splat_benchmarks.CudaMemory: lambda b, p: b.track_peak_cuda_memory(*p) > 0 or pytest.fail(str(p)),
+        splat_benchmarks.Workload: lambda b, p: (b.time_call(*p), b.track_times_the_bound(*p) > 0 or pytest.fail(str(p))),
     }
     for cls, body in bodies.items():
         for params in itertools.product(*cls.params):
@@ -42,7 +43,7 @@ def test_every_parameter_set_runs_once(splat_benchmarks) -> None:
             body(benchmark, params)
             ran.append((cls.__name__, params))
     assert {p[1][0] for p in ran} >= {"torch", "cpp"}, f"ran {sorted({p[1][0] for p in ran})}, skipped {skipped[:3]}"
-    assert {p[0] for p in ran} >= {"Splat", "Bandwidth"}
+    assert {p[0] for p in ran} >= {"Splat", "Bandwidth", "Workload"}
     assert all(reason for *_, reason in skipped)
 
 

@@ -1,4 +1,6 @@
-"""asv benchmarks of softsplat.splat: backend x mode x size x dtype x pass.
+"""asv benchmarks of softsplat.splat: backend x mode x size x dtype x pass; and the workload of
+frame interpolation (``Workload``: GMFSS's splats of a 1080p frame, C = 3 to 192, forward under
+inference_mode, batch 1), each call and over the bound, as ``softsplat bench --workload`` shows.
 
 Times are synchronised with the device. Unavailable backends, dtypes a backend does not declare,
 combinations too slow to time on the device, and measurements that do not apply (CUDA memory on
@@ -112,3 +114,45 @@ class CudaMemory(_Call):
         return torch.cuda.max_memory_allocated()
 
     track_peak_cuda_memory.unit = "bytes"
+
+
+class Workload:
+    """GMFSS's soft splats for one 1080p frame (bench.GMFSS): each call's time and its time over
+    the memory bound, forward under ``torch.inference_mode()``, float32, batch 1. The whole set
+    is twice the sum of the four calls."""
+
+    params = [BACKENDS, [f"C={channels} at 1/{divisor}" for _, channels, divisor in bench.GMFSS]]
+    param_names = ["backend", "call"]
+    number = 1
+    repeat = (2, 5, 30.0)
+    warmup_time = 0.0
+    timeout = 600
+
+    def setup(self, backend, call):
+        _check(backend, "soft", "1080x1920", "float32")
+        if backend == "torch" and DEVICE == "cpu" and not os.environ.get("SOFTSPLAT_ASV_TINY"):
+            raise NotImplementedError("the oracle takes seconds per feature splat on CPU: softsplat bench --workload shows it")
+        _, channels, divisor = next(c for c in bench.GMFSS if f"C={c[1]} at 1/{c[2]}" == call)
+        frame = _size("1080x1920")
+        self.size = (max(1, frame[0] // divisor), max(1, frame[1] // divisor))
+        self.channels = channels
+        tensors = bench.inputs(self.size, channels=channels, device=DEVICE)
+        splat = bench.splat_call(backend)
+
+        def forward():
+            with torch.inference_mode():
+                splat(*tensors, "soft")
+
+        self.function = forward
+        self.function()  # warm-up
+
+    def time_call(self, backend, call):
+        self.function()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+
+    def track_times_the_bound(self, backend, call):
+        seconds = bench.timed(self.function, DEVICE, repeats=3)
+        return seconds / (bench.forward_bytes(self.size, channels=self.channels) / bench.copy_bandwidth(DEVICE))
+
+    track_times_the_bound.unit = "times the bound"
