@@ -272,6 +272,7 @@ def run_workload(args, console) -> int:
 
 def run(args) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import Progress
     from rich.table import Table
 
@@ -364,19 +365,19 @@ def stable_ratios(rows) -> list[str]:
 
 
 def add_arguments(parser) -> None:
-    from . import cli
+    from . import options
 
-    parser.add_argument("--sizes", default="256x448,1080x1920", type=cli.size_list, help="HEIGHTxWIDTH,... (default 256x448,1080x1920)")
-    parser.add_argument("--modes", default="soft", type=cli.mode_names, help="comma-separated modes, soft+stable for stable soft (default soft)")
+    parser.add_argument("--sizes", default="256x448,1080x1920", type=options.size_list, help="HEIGHTxWIDTH,... (default 256x448,1080x1920)")
+    parser.add_argument("--modes", default="soft", type=options.mode_names, help="comma-separated modes, soft+stable for stable soft (default soft)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=cli.device_name,
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=options.device_name,
                         help="cpu or cuda (default: cuda where torch sees a CUDA device)")
-    parser.add_argument("--repeats", type=cli.positive_int, default=3, help="timed runs per measurement; the median is shown")
-    parser.add_argument("--channels", type=cli.positive_int, default=3, help="channels of the input (default 3)")
+    parser.add_argument("--repeats", type=options.positive_int, default=3, help="timed runs per measurement; the median is shown")
+    parser.add_argument("--channels", type=options.positive_int, default=3, help="channels of the input (default 3)")
     parser.add_argument("--workload", type=workload_name, default=None,
                         help="time a model's splats for one frame instead (gmfss: the eight soft splats GMFSS makes per "
                         "frame, C = 3 to 192); --frame sets the frame size")
-    parser.add_argument("--frame", default="1080x1920", type=cli.size_list, help="--workload's frame size (default 1080x1920)")
-    parser.add_argument("--backends", default="", type=cli.backend_names, help="comma-separated backends (default: every available one)")
+    parser.add_argument("--frame", default="1080x1920", type=options.size_list, help="--workload's frame size (default 1080x1920)")
+    parser.add_argument("--backends", default="", type=options.backend_names, help="comma-separated backends (default: every available one)")
     parser.add_argument("--onnxruntime", action=argparse.BooleanOptionalAction, default=True,
                         help="also time ONNX Runtime (CPU) running the exported model, forward only, when the onnx extra is installed")

@@ -285,19 +285,19 @@ def check_ready(args) -> None:
     """Before any work: the packages the demo needs, and the named backend able to run here."""
     import importlib.util
 
-    from . import backends, cli
+    from . import backends, options
     from .modes import Mode
 
     if importlib.util.find_spec("matplotlib") is None:
-        raise cli.DependencyError("demo needs matplotlib (the figure): pip install 'softsplat[demo]'")
+        raise options.DependencyError("demo needs matplotlib (the figure): pip install 'softsplat[demo]'")
     if args.one and not (args.flow and (args.flow_back or not args.bidirectional)) and importlib.util.find_spec("cv2") is None:
-        raise cli.DependencyError("demo needs OpenCV to estimate the flow of --one/--two (or pass --flow): "
+        raise options.DependencyError("demo needs OpenCV to estimate the flow of --one/--two (or pass --flow): "
                                   "pip install 'softsplat[demo]'")
     if args.backend != "auto":
         reasons = backends.get(args.backend).not_supported_reasons(
             backends.Signature("cpu", torch.float32, Mode.parse("soft")))
         if reasons:
-            raise cli.UsageError(f"argument --backend: expected a backend that can run here, got {args.backend!r}: "
+            raise options.UsageError(f"argument --backend: expected a backend that can run here, got {args.backend!r}: "
                                  + "; ".join(reasons))
 
 
@@ -307,7 +307,7 @@ def run(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from . import cli, io
+    from . import io, options
 
     check_ready(args)
     console = Console()
@@ -315,10 +315,10 @@ def run(args) -> int:
     times = [float(v) for v in args.times.split(",")] if args.times else [args.t]
     if args.one or args.two:
         if not (args.one and args.two):
-            raise cli.UsageError("--one and --two go together: expected both, got only one")
+            raise options.UsageError("--one and --two go together: expected both, got only one")
         one, two = load_image(args.one), load_image(args.two)
         if one.shape != two.shape:
-            raise cli.UsageError(f"--two: expected an image of --one's size {tuple(one.shape[2:])}, got {tuple(two.shape[2:])}")
+            raise options.UsageError(f"--two: expected an image of --one's size {tuple(one.shape[2:])}, got {tuple(two.shape[2:])}")
         flow = io.read_flo(args.flow).unsqueeze(0) if args.flow else estimate_flow(one, two)
         if not args.flow:
             console.print("forward flow: estimated with OpenCV's DIS optical flow (pass --flow F.flo to give it)")
@@ -329,13 +329,13 @@ def run(args) -> int:
                 console.print("backward flow: estimated with OpenCV's DIS optical flow (pass --flow-back F.flo to give it)")
         for option, field in (("--flow", flow), ("--flow-back", flow_back)):
             if field is not None and field.shape[2:] != one.shape[2:]:
-                raise cli.UsageError(f"{option}: expected a flow of the images' size {tuple(one.shape[2:])}, got {tuple(field.shape[2:])}")
+                raise options.UsageError(f"{option}: expected a flow of the images' size {tuple(one.shape[2:])}, got {tuple(field.shape[2:])}")
 
         def reference_at(t):  # your frames: only frame two, at t = 1
             return (two, "frame two (the reference at t = 1)") if t == 1 else None
     else:
         if args.flow_back:
-            raise cli.UsageError("--flow-back: expected it with --one, --two and --bidirectional, got it with the embedded scene")
+            raise options.UsageError("--flow-back: expected it with --one, --two and --bidirectional, got it with the embedded scene")
         scene = Scene.default(args.height, args.width)
         one, two, flow, flow_back = scene.frame(0.0), scene.frame(1.0), scene.flow(), scene.flow(backward=True)
 
@@ -393,20 +393,20 @@ def run(args) -> int:
 
 
 def add_arguments(parser) -> None:
-    from . import cli
+    from . import options
 
-    parser.add_argument("--t", type=cli.unit_time, default=0.5, help="time to warp frame one to (default 0.5)")
-    parser.add_argument("--times", default="", type=cli.times, help="comma-separated times for a sweep, e.g. 0,0.25,0.5,0.75,1")
-    parser.add_argument("--alpha", type=cli.non_negative_float, default=20.0, help="metric scale: soft uses -alpha * brightness error")
-    parser.add_argument("--out", default="softsplat-demo.png", type=cli.output_file, help="figure to write (default softsplat-demo.png)")
-    parser.add_argument("--gif", default=None, type=cli.output_file, help="also write the time sweep as an animated GIF")
-    parser.add_argument("--backend", default="auto", type=cli.backend_name, help="backend to use (default auto)")
-    parser.add_argument("--one", type=cli.image_file, help="first frame (PNG) instead of the embedded scene")
-    parser.add_argument("--two", type=cli.image_file, help="second frame (PNG)")
-    parser.add_argument("--flow", type=cli.flo_file, help="forward flow one -> two (.flo); estimated with OpenCV if omitted")
-    parser.add_argument("--flow-back", type=cli.flo_file,
+    parser.add_argument("--t", type=options.unit_time, default=0.5, help="time to warp frame one to (default 0.5)")
+    parser.add_argument("--times", default="", type=options.times, help="comma-separated times for a sweep, e.g. 0,0.25,0.5,0.75,1")
+    parser.add_argument("--alpha", type=options.non_negative_float, default=20.0, help="metric scale: soft uses -alpha * brightness error")
+    parser.add_argument("--out", default="softsplat-demo.png", type=options.output_file, help="figure to write (default softsplat-demo.png)")
+    parser.add_argument("--gif", default=None, type=options.output_file, help="also write the time sweep as an animated GIF")
+    parser.add_argument("--backend", default="auto", type=options.backend_name, help="backend to use (default auto)")
+    parser.add_argument("--one", type=options.image_file, help="first frame (PNG) instead of the embedded scene")
+    parser.add_argument("--two", type=options.image_file, help="second frame (PNG)")
+    parser.add_argument("--flow", type=options.flo_file, help="forward flow one -> two (.flo); estimated with OpenCV if omitted")
+    parser.add_argument("--flow-back", type=options.flo_file,
                         help="backward flow two -> one (.flo) for --bidirectional; estimated with OpenCV if omitted")
     parser.add_argument("--bidirectional", action="store_true",
                         help="also warp frame two backward and splat both jointly (splat_many): its PSNR, and the figure shows it")
-    parser.add_argument("--height", type=cli.positive_int, default=270, help="embedded scene height (default 270)")
-    parser.add_argument("--width", type=cli.positive_int, default=480, help="embedded scene width (default 480)")
+    parser.add_argument("--height", type=options.positive_int, default=270, help="embedded scene height (default 270)")
+    parser.add_argument("--width", type=options.positive_int, default=480, help="embedded scene width (default 480)")

@@ -176,27 +176,6 @@ def translations() -> dict:
     }
 
 
-LEGACY_MESSAGE = (
-    "softsplat: the TorchScript-based ONNX exporter (torch.onnx.export(..., dynamo=False)) cannot "
-    "export {op}; export with torch.onnx.export(model, args, dynamo=True, "
-    "custom_translation_table=softsplat.onnx.translations())"
-)
-
-
-def refuse_legacy_export(namespace: str, op_names) -> None:
-    """Make the TorchScript-based exporter stop at a softsplat op with a message that names the
-    way that works, instead of 'unrecognized namespace'."""
-    from torch.onnx import register_custom_op_symbolic
-
-    for name in op_names:
-        qualified = f"{namespace}::{name}"
-
-        def refuse(g, *args, _op=qualified):
-            raise torch.onnx.errors.OnnxExporterError(LEGACY_MESSAGE.format(op=_op))
-
-        register_custom_op_symbolic(qualified, refuse, 9)
-
-
 class SplatModel(torch.nn.Module):
     """``splat`` as a module: (input, flow[, metric]) -> result[, normaliser]."""
 

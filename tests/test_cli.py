@@ -142,3 +142,9 @@ def test_a_missing_dependency_is_one_line_naming_the_extra(monkeypatch, capsys) 
     assert main(["demo", "--out", "x.png"]) == 1
     assert capsys.readouterr().err.strip() == ("softsplat demo: error: demo needs matplotlib (the figure): "
                                                "pip install 'softsplat[demo]' (--debug shows the traceback)")
+
+
+def test_bench_says_why_onnxruntime_is_skipped(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "250")
+    assert main(["bench", "--sizes", "16x24", "--dtype", "float64", "--repeats", "1", "--backends", "cpp"]) == 0
+    assert "skipped onnxruntime" in capsys.readouterr().out

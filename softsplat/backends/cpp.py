@@ -132,8 +132,8 @@ def _load_cuda() -> None:
     except Exception as error:
         lines = [line for line in str(error).strip().splitlines() if line.strip()]
         _CUDA_FAILURE[0] = "\n".join(lines[-12:]) or type(error).__name__
-        warnings.warn(f"softsplat: the cpp backend's CUDA kernels failed to build or load; its CPU kernels work, "
-                      f"CUDA calls go to the next backend ('auto'). `softsplat build` tries again:\n    "
+        warnings.warn("softsplat: the cpp backend's CUDA kernels failed to build or load; its CPU kernels work, "
+                      "CUDA calls go to the next backend ('auto'). `softsplat build` tries again:\n    "
                       + "\n    ".join(lines[-12:]), RuntimeWarning, stacklevel=3)
 
 

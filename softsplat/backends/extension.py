@@ -18,7 +18,7 @@ import threading
 import torch
 
 from . import build_flags
-from .ops import register_python_side
+from .ops import refuse_legacy_export, register_python_side
 
 CSRC = pathlib.Path(__file__).parent / "csrc"
 
@@ -182,8 +182,6 @@ class OpLibrary:
         ONNX exporter), unless another library of the namespace gives it."""
         if self.cuda_only:
             return
-        from .. import onnx
-
         register_python_side(self.namespace, self.fused_stable)
         names = ["splat_forward", "splat_backward", "splat_maximum"] + (["splat_stable_forward"] if self.fused_stable else [])
-        onnx.refuse_legacy_export(self.namespace, names)
+        refuse_legacy_export(self.namespace, names)
