@@ -89,3 +89,24 @@ def test_a_grid_stride_index_past_2_31_stays_exact() -> None:
                       ctypes.c_uint(threads), ctypes.c_uint(0), ctypes.c_uint(1), ctypes.c_longlong(2 * expected),
                       ctypes.byref(smallest), ctypes.byref(largest))
     assert (visits, smallest.value, largest.value) == (expected, 0, threads - 1 + 7 * 2**28), index
+
+
+@pytest.mark.parametrize("backend_name", ["cuda-host", "cupy-host"])
+def test_the_cuda_scatter_max_lets_every_nan_win(backend_name) -> None:
+    """The CUDA kernels' scatter-max (integer atomics on the bits, as Triton's): a NaN metric wins
+    whatever its sign bit, -0.0 is a number like +0.0, negatives order inversely; the same maxima
+    as the oracle's, bitwise, in float32 and float64."""
+    from softsplat.backends import oracle
+
+    backend = backends.get(backend_name)
+    backend.prepare()
+    flow = torch.zeros(1, 2, 3, 4)
+    flow[0, 0, 1, :] = 1.0  # row 1 lands one to the right: targets with two metrics
+    flow[0, 1, 2, :] = -1.0  # row 2 lands on row 1
+    metric = torch.tensor([[-float("nan"), -0.0, 2.0, float("nan")], [1.0, -5.0, -0.0, -3.0], [-7.0, -2.0, 0.5, -1e-40]])
+    metric = metric.view(1, 1, 3, 4)
+    for dtype in (torch.float32, torch.float64):
+        got = backend._ops.splat_maximum(flow.to(dtype), metric.to(dtype))
+        expected = oracle.splat_maximum(metric.to(dtype), flow.to(dtype))
+        assert torch.equal(got.isnan(), expected.isnan()), (got, expected)
+        assert torch.equal(got.nan_to_num(), expected.nan_to_num()), (got, expected)

@@ -47,13 +47,27 @@ inline T atomicAdd(T* address, T value) {
   }
 }
 
+// Integer atomic max and min (the scatter-max's), returning the value seen, as CUDA's do.
 template <typename T>
-inline T atomicCAS(T* address, T compare, T value) {  // returns the value seen, as CUDA's does
-  std::atomic_ref<T>(*address).compare_exchange_strong(compare, value, std::memory_order_relaxed);
-  return compare;
+inline T atomicMax(T* address, T value) {
+  std::atomic_ref<T> target(*address);
+  T seen = target.load(std::memory_order_relaxed);
+  while (seen < value && !target.compare_exchange_weak(seen, value, std::memory_order_relaxed)) {
+  }
+  return seen;
+}
+
+template <typename T>
+inline T atomicMin(T* address, T value) {
+  std::atomic_ref<T> target(*address);
+  T seen = target.load(std::memory_order_relaxed);
+  while (value < seen && !target.compare_exchange_weak(seen, value, std::memory_order_relaxed)) {
+  }
+  return seen;
 }
 
 inline unsigned int __float_as_uint(float v) { return std::bit_cast<unsigned int>(v); }
+inline int __float_as_int(float v) { return std::bit_cast<int>(v); }
 inline float __uint_as_float(unsigned int v) { return std::bit_cast<float>(v); }
 inline long long __double_as_longlong(double v) { return std::bit_cast<long long>(v); }
 inline double __longlong_as_double(long long v) { return std::bit_cast<double>(v); }
@@ -84,11 +98,13 @@ void launch(void (*kernel)(Parameters...), dim3 grid, dim3 block, Arguments... a
 }  // namespace softsplat_host
 
 using softsplat_host::__double_as_longlong;
+using softsplat_host::__float_as_int;
 using softsplat_host::__float_as_uint;
 using softsplat_host::__longlong_as_double;
 using softsplat_host::__uint_as_float;
 using softsplat_host::atomicAdd;
-using softsplat_host::atomicCAS;
+using softsplat_host::atomicMax;
+using softsplat_host::atomicMin;
 using softsplat_host::blockDim;
 using softsplat_host::blockIdx;
 using softsplat_host::gridDim;

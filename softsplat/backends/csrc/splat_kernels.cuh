@@ -74,27 +74,27 @@ __global__ void splat_forward_kernel(
   }
 }
 
-// max(*address, value) with replaces_maximum's NaN rule, atomically: an ordered
-// compare-and-swap on the value's bits.
+// max(*address, value) with replaces_maximum's NaN rule, as fire-and-forget integer atomics on
+// the bits (one reduction per tap, no compare-and-swap loop), as the Triton kernels take it:
+// every NaN is first made the positive quiet NaN (which then beats every other value both ways)
+// and -0.0 is made +0.0; a non-negative float orders as its bits taken as a signed integer, a
+// negative one inversely as its bits taken unsigned. The target starts at -inf.
 __device__ __forceinline__ void atomic_maximum(float* address, float value) {
-  unsigned int* bits = reinterpret_cast<unsigned int*>(address);
-  unsigned int observed = *bits;
-  while (replaces_maximum(__uint_as_float(observed), value)) {
-    const unsigned int seen = atomicCAS(bits, observed, __float_as_uint(value));
-    if (seen == observed) return;
-    observed = seen;
-  }
+  value = value != value ? __uint_as_float(0x7fc00000u) : value + 0.0f;
+  const int bits = __float_as_int(value);
+  if (bits >= 0)
+    atomicMax(reinterpret_cast<int*>(address), bits);
+  else
+    atomicMin(reinterpret_cast<unsigned int*>(address), __float_as_uint(value));
 }
 
 __device__ __forceinline__ void atomic_maximum(double* address, double value) {
-  unsigned long long* bits = reinterpret_cast<unsigned long long*>(address);
-  unsigned long long observed = *bits;
-  while (replaces_maximum(__longlong_as_double(static_cast<long long>(observed)), value)) {
-    const unsigned long long seen =
-        atomicCAS(bits, observed, static_cast<unsigned long long>(__double_as_longlong(value)));
-    if (seen == observed) return;
-    observed = seen;
-  }
+  value = value != value ? __longlong_as_double(0x7ff8000000000000LL) : value + 0.0;
+  const long long bits = __double_as_longlong(value);
+  if (bits >= 0)
+    atomicMax(reinterpret_cast<long long*>(address), bits);
+  else
+    atomicMin(reinterpret_cast<unsigned long long*>(address), static_cast<unsigned long long>(bits));
 }
 
 // M of stable splatting: per target, the maximum metric over the pixels with a kept tap on it.
