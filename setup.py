@@ -76,7 +76,7 @@ def _extensions():
         gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
         gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")  # PTX for later GPUs
         extensions.append(cpp_extension.CUDAExtension(
-            f"{PREBUILT}.softsplat_cuda", [str((CSRC / "splat_cuda.cu").relative_to(ROOT))], include_dirs=[str(CSRC)],
+            f"{PREBUILT}.softsplat_cuda", [str((CSRC / "cuda" / "ops.cu").relative_to(ROOT))], include_dirs=[str(CSRC)],
             extra_compile_args={"cxx": ["-O3", *build_flags.stable_abi_flags(kind)],
                                 "nvcc": [*build_flags.CUDA_FLAGS, *build_flags.stable_abi_flags(), *gencode]},
             py_limited_api=True))

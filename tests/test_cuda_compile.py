@@ -31,7 +31,7 @@ NVCC = shutil.which("nvcc") or ("/usr/local/bin/nvcc" if pathlib.Path("/usr/loca
 def test_cuda_translation_unit_compiles_for_sm80_and_sm90(tmp_path) -> None:
     includes = [CSRC, *map(pathlib.Path, cpp_extension.include_paths())]
     command = [
-        NVCC, "-std=c++20", *CUDA_FLAGS, "-c", str(CSRC / "splat_cuda.cu"), "-o", str(tmp_path / "splat_cuda.o"),
+        NVCC, "-std=c++20", *CUDA_FLAGS, "-c", str(CSRC / "cuda" / "ops.cu"), "-o", str(tmp_path / "splat_cuda.o"),
         "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr",
         "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
         *(f"-I{path}" for path in includes),

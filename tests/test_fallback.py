@@ -112,7 +112,7 @@ def test_the_first_use_cuda_build_is_keyed_by_the_gpus_architecture(a_gpu_that_i
     a100 = cpp.cuda_library()
     assert "-gencode=arch=compute_80,code=sm_80" in a100.cuda_cflags and "compute_90" not in " ".join(a100.cuda_cflags)
     assert a100.name() != h100.name() and a100.build_directory() != h100.build_directory()
-    assert cpp.library().name() != h100.name() and "splat_cuda.cu" not in [s.name for s in cpp.library().sources]
+    assert cpp.library().name() != h100.name() and not any(s.suffix == ".cu" for s in cpp.library().sources)
 
 
 def test_a_failing_cuda_build_leaves_the_cpu_kernels_working(a_gpu_that_is_not_there, monkeypatch) -> None:

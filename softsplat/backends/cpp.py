@@ -116,7 +116,7 @@ def cuda_library() -> OpLibrary:
     with _LIBRARIES_LOCK:
         if key not in _LIBRARIES:
             gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in architectures]
-            _LIBRARIES[key] = OpLibrary("softsplat", ["splat_cuda.cu"], cuda_cflags=build_flags.CUDA_FLAGS + gencode,
+            _LIBRARIES[key] = OpLibrary("softsplat", ["cuda/ops.cu"], cuda_cflags=build_flags.CUDA_FLAGS + gencode,
                                         cuda_only=True)
         return _LIBRARIES[key]
 

@@ -1,7 +1,7 @@
 """Test-only backends that run the GPU code on the CPU, so that a machine without a GPU executes
 it under the conformance suite; ``auto`` never picks them.
 
-``cuda-host``: the cpp backend's CUDA kernels and their C++ launchers (splat_cuda_launch.h),
+``cuda-host``: the cpp backend's CUDA kernels and their C++ launchers (cuda/launch.h),
 compiled by g++ from the same source through a host shim and run on CPU tensors.
 
 ``cupy-host``: the cupy backend's own Python side (cupy_backend.py: buffers, index type, the
@@ -96,7 +96,7 @@ class _HostBackend(OpsBackend):
 
 class CudaHostBackend(_HostBackend):
     name = "cuda-host"
-    summary = "test only: the CUDA kernels (splat_kernels.cuh) run on the CPU through a host shim"
+    summary = "test only: the CUDA kernels (cuda/kernels.cuh) run on the CPU through a host shim"
 
     def load_ops(self):
         return library().ops()

@@ -1,4 +1,4 @@
-"""Backend ``cupy``: the cpp backend's CUDA kernels (``csrc/splat_kernels.cuh``, one source of
+"""Backend ``cupy``: the cpp backend's CUDA kernels (``csrc/cuda/kernels.cuh``, one source of
 truth) compiled by NVRTC (``compile_program``), loaded and launched through CuPy on torch's
 tensors in place.
 
@@ -31,7 +31,7 @@ from .ops import (
 )
 
 #: What the backend hands to NVRTC: the shared kernel header and its fp16/bf16 types.
-KERNEL_SOURCE = '#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n#include "splat_kernels.cuh"\n'
+KERNEL_SOURCE = '#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n#include "cuda/kernels.cuh"\n'
 
 
 def kernel_code() -> str:
@@ -172,7 +172,7 @@ def module_for(device_index: int, dtype: torch.dtype):
 
 
 def _fits_int32(tensors, largest_product: int) -> bool:
-    """As splat_cuda_launch.h: 32-bit indexing only when every product of sizes the kernels
+    """As cuda/launch.h: 32-bit indexing only when every product of sizes the kernels
     form (plus the grid-stride step), every element count and every element offset stays below
     2^31 - 1."""
     # A grid-stride index steps up to the grid's size past the last element: it must fit too.
@@ -405,7 +405,7 @@ def cupy_extra() -> str:
 
 class CupyBackend(OpsBackend):
     name = "cupy"
-    summary = "the CUDA kernels of splat_kernels.cuh compiled by NVRTC, launched through CuPy, per device and dtype"
+    summary = "the CUDA kernels of cuda/kernels.cuh compiled by NVRTC, launched through CuPy, per device and dtype"
     deterministic_on = ()  # atomics in the forward
     flushes_subnormals_on = ("cuda",)
 

@@ -1,5 +1,5 @@
 """Triton kernels of softmax splatting: the same fused design and math as the CUDA kernels
-(``csrc/splat_kernels.cuh``, ``csrc/taps.h``); this module imports Triton, so only the Triton
+(``csrc/cuda/kernels.cuh``, ``csrc/taps.h``); this module imports Triton, so only the Triton
 backend imports it, lazily.
 
 Forward: one lane per source pixel adds its weighted channels and weight to its four taps with

@@ -14,7 +14,7 @@
 #include <type_traits>
 #include <utility>
 
-#include "splat_kernels.cuh"
+#include "cuda/kernels.cuh"
 
 namespace {
 

@@ -1,5 +1,5 @@
 // The `softsplat` op library: the schemas, defined once for every device. The CPU kernels
-// (cpu/ops.cpp) and the CUDA launchers (splat_cuda.cu) register their implementations of them.
+// (cpu/ops.cpp) and the CUDA launchers (cuda/ops.cu) register their implementations of them.
 #include "tensor.h"
 
 #include "schemas.h"

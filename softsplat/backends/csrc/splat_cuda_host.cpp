@@ -1,4 +1,4 @@
-// Test-only library `softsplat_cuda_host`: the CUDA kernels of splat_kernels.cuh and their
+// Test-only library `softsplat_cuda_host`: the CUDA kernels of cuda/kernels.cuh and their
 // launchers, compiled by g++ through the host shim and registered for CPU tensors, so the
 // conformance suite executes the real kernel logic on a machine without a GPU.
 #include "cuda_host_shim.h"
@@ -9,7 +9,7 @@
 
 #include "schemas.h"
 #include "tensor.h"
-#include "splat_cuda_launch.h"
+#include "cuda/launch.h"
 
 STABLE_TORCH_LIBRARY(softsplat_cuda_host, m) { SOFTSPLAT_DEFINE_OPS(m); }
 

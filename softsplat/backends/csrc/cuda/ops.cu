@@ -9,7 +9,7 @@
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/accelerator.h>
 
-#include "tensor.h"
+#include "../tensor.h"
 
 namespace softsplat {
 namespace launch {
@@ -39,7 +39,7 @@ inline void check_launch() {
     softsplat::launch::check_launch();                                                       \
   } while (0)
 
-#include "splat_cuda_launch.h"
+#include "launch.h"
 
 STABLE_TORCH_LIBRARY_IMPL(softsplat, CUDA, m) {
   m.impl("splat_forward", TORCH_BOX(&softsplat::launch::splat_forward));

@@ -11,7 +11,7 @@
 // its own gradients: no atomics.
 #pragma once
 
-#include "taps.h"
+#include "../taps.h"
 
 namespace softsplat {
 

@@ -1,5 +1,5 @@
-// Torch-level launchers of the CUDA kernels (splat_kernels.cuh): allocation, dtype and index-type
-// dispatch, launches. Included by splat_cuda.cu (nvcc, real launches on the current stream of the
+// Torch-level launchers of the CUDA kernels (kernels.cuh): allocation, dtype and index-type
+// dispatch, launches. Included by ops.cu (nvcc, real launches on the current stream of the
 // input's device) and by splat_cuda_host.cpp (g++, the host shim). The includer defines
 //   SOFTSPLAT_DEVICE_GUARD(tensor)            make tensor's device current for this scope
 //   SOFTSPLAT_LAUNCH(kernel, blocks, threads, args...)   launch a kernel (a function pointer)
@@ -13,9 +13,9 @@
 #include <tuple>
 #include <vector>
 
-#include "checks.h"
-#include "tensor.h"
-#include "splat_kernels.cuh"
+#include "../checks.h"
+#include "../tensor.h"
+#include "kernels.cuh"
 
 namespace softsplat {
 namespace launch {
@@ -134,7 +134,7 @@ inline std::tuple<Tensor, Tensor, Tensor> splat_backward(
   Tensor grad_metric = want_metric ? empty({N, 1, H, W}, compute, input) : empty({0}, compute, input);
   if (N * H * W == 0 || !(output_mask[0] || output_mask[1] || want_metric)) return {grad_input, grad_flow, grad_metric};
   const int64_t K = C + (normalised ? 1 : 0);
-  Tensor g = empty({N, K, H, W}, compute, input);  // planar: coalesced (splat_kernels.cuh)
+  Tensor g = empty({N, K, H, W}, compute, input);  // planar: coalesced (kernels.cuh)
   const bool small = fits_int32({input, flow, metric, grad_out, grad_normaliser, out, g}, N * (C + 1) * H * W);
   dispatch_floating<true>(input.scalar_type(), "splat_backward: input", [&](auto scalar) {
     using scalar_t = decltype(scalar);
