@@ -15,6 +15,9 @@ from softsplat import backends
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (GPU CI: .ci/gpu)")
 
 GPU_BACKENDS = ["cpp", "triton", "cupy"]
+#: Two runs of a GPU forward add the same terms with atomics in another order: their results
+#: differ in the last bits (float32: a few units of 1.2e-7 on values of about 1).
+RUN_TO_RUN = dict(rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture(params=GPU_BACKENDS)
@@ -59,7 +62,7 @@ def test_cuda_graph_capture_and_replay(backend) -> None:
             target.copy_(values)
         graph.replay()
         torch.cuda.synchronize()
-        torch.testing.assert_close(captured, _splat(backend, *fresh), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(captured, _splat(backend, *fresh), **RUN_TO_RUN)
 
 
 def test_a_side_stream(backend) -> None:
@@ -73,7 +76,7 @@ def test_a_side_stream(backend) -> None:
             out = _splat(backend, *tensors)
         result = out.clone()
     stream.synchronize()
-    torch.testing.assert_close(result, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(result, expected, **RUN_TO_RUN)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
@@ -82,13 +85,14 @@ def test_tensors_on_a_device_other_than_the_current_one(backend) -> None:
     with torch.cuda.device(0):
         result = _splat(backend, *_tensors(seed=4, device="cuda:1"))
     assert result.device == torch.device("cuda:1")
-    torch.testing.assert_close(result.cpu(), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(result.cpu(), expected, **RUN_TO_RUN)
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 17, 23), (1, 1, 1, 1), (1, 2, 1, 9), (1, 4, 9, 1), (1, 64, 12, 16)], ids=str)
 def test_compile_fullgraph_at_batch_1(backend, shape) -> None:
     """torch.compile(fullgraph=True) where Inductor makes sizes of 1 constants: the same output
-    and gradients as eager, bitwise."""
+    and gradients as eager, up to the order in which the forward's atomics add (run to run, the
+    GPU kernels' sums differ in their last bits; the backward is a gather)."""
     def warp(input, flow, metric):
         return _splat(backend, input, flow, metric) * 2
 
@@ -101,7 +105,7 @@ def test_compile_fullgraph_at_batch_1(backend, shape) -> None:
         out.backward(torch.ones_like(out))
         results.append((out.detach(), *(t.grad for t in tensors)))
     for got, expected in zip(*results):
-        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        torch.testing.assert_close(got, expected, **RUN_TO_RUN)
 
 
 def test_more_than_2_to_the_31_elements(backend) -> None:
