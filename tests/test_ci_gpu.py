@@ -1,6 +1,6 @@
-"""``.ci/gpu``, the one command for a lent GPU: its dry run on this machine (every part that needs
-no GPU runs and passes, then it stops and says so), its time limits, and its refusal to start
-without a GPU unless dry."""
+"""``.ci/gpu``, the one command for a machine with a GPU: its dry run where there is none (every
+part that needs no GPU runs and passes, then it stops and says so), its time limits, and its
+refusal to start without a GPU unless dry."""
 
 from __future__ import annotations
 
