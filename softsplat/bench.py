@@ -73,6 +73,8 @@ def naive_port(input, flow, metric, mode: str = "soft") -> torch.Tensor:
 def _synchronize(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+    elif torch.device(device).type == "mps":
+        torch.mps.synchronize()
 
 
 def timed(function, device="cpu", repeats: int = 3, warmups: int = 2) -> float:
@@ -371,7 +373,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--modes", default="soft", type=options.mode_names, help="comma-separated modes, soft+stable for stable soft (default soft)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=options.device_name,
-                        help="cpu or cuda (default: cuda where torch sees a CUDA device)")
+                        help="cpu, cuda or mps (default: cuda where torch sees a CUDA device)")
     parser.add_argument("--repeats", type=options.positive_int, default=3, help="timed runs per measurement; the median is shown")
     parser.add_argument("--channels", type=options.positive_int, default=3, help="channels of the input (default 3)")
     parser.add_argument("--workload", type=workload_name, default=None,

@@ -149,15 +149,19 @@ def non_negative_float(value: str) -> float:
 
 
 def device_name(value: str) -> str:
-    """--device: cpu, or cuda / cuda:N where torch sees that CUDA device."""
+    """--device: cpu, cuda / cuda:N where torch sees that CUDA device, or mps where torch has it."""
     import torch
 
     try:
         device = torch.device(value)
     except RuntimeError:
-        raise argparse.ArgumentTypeError(f"expected cpu or cuda (cuda:N), got {value!r}") from None
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda (cuda:N) or mps, got {value!r}") from None
+    if device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise argparse.ArgumentTypeError(f"expected cpu: torch {torch.__version__} has no MPS device here, got {value!r}")
+        return value
     if device.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"expected cpu or cuda (cuda:N), got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda (cuda:N) or mps, got {value!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError(f"expected cpu: torch {torch.__version__} sees no CUDA device, got {value!r}")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():

@@ -294,3 +294,16 @@ def test_splat_many_errors() -> None:
         softsplat.splat_many([(input, flow, None), (input[:, :1], flow, None)], mode="avg")
     with pytest.raises(ValueError, match=r"^metric: mode 'soft-addeps' needs a metric"):
         softsplat.splat_many([(input, flow, metric), (input, flow, None)], mode="soft")
+
+
+def test_auto_serves_devices_without_float64_through_the_torch_backend() -> None:
+    """Apple's GPUs (MPS) have no float64 and none of the compiled backends: auto takes the
+    torch backend there (float32 compute, docs/spec.md section 5); a float64 call is refused with
+    that reason. Checked on the registry's declarations (no MPS device needed)."""
+    from softsplat.backends import BackendNotSupportedError, Signature
+
+    for device_type in ("mps", "xpu"):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            assert backends.select(Signature(device_type, dtype, Mode.parse("soft")), "auto").name == "torch"
+    with pytest.raises(BackendNotSupportedError, match="MPS has no float64"):
+        backends.select(Signature("mps", torch.float64, Mode.parse("soft")), "auto")

@@ -148,3 +148,12 @@ def test_bench_says_why_onnxruntime_is_skipped(capsys, monkeypatch) -> None:
     monkeypatch.setenv("COLUMNS", "250")
     assert main(["bench", "--sizes", "16x24", "--dtype", "float64", "--repeats", "1", "--backends", "cpp"]) == 0
     assert "skipped onnxruntime" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(__import__("torch").backends.mps.is_available(), reason="this machine has an MPS device")
+def test_bench_on_mps_without_one_is_one_line(capsys) -> None:
+    with pytest.raises(SystemExit) as exit:
+        main(["bench", "--device", "mps"])
+    assert exit.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "--device" in error and "has no MPS device here, got 'mps'" in error

@@ -130,10 +130,22 @@ def splat_with_normaliser(input, flow, metric, mode: Mode, raw: bool = False, st
 
 class TorchBackend(Backend):
     name = "torch"
-    summary = "pure-torch oracle (index_add_ of four taps), readable, autograd gradients"
+    summary = ("pure-torch oracle (index_add_ of four taps), readable, autograd gradients; any device torch runs "
+               "those ops on (MPS, XPU included)")
     deterministic_on = ("cpu",)
     # On CUDA index_add_ adds with atomics, unless deterministic algorithms are asked for.
     deterministic_when_asked_on = ("cuda",)
+
+    def devices(self) -> tuple[str, ...]:
+        """Every device type whose torch runs index_add_, scatter_reduce_ and exp: CPU, CUDA,
+        Apple's GPUs (MPS) and Intel's (XPU). It computes float16, bfloat16 and float32 in
+        float32 (float64 only for float64 inputs), so a device without float64 (MPS) runs it."""
+        return ("cpu", "cuda", "mps", "xpu")
+
+    def _call_reasons(self, call) -> list[str]:
+        if call.device_type == "mps" and call.dtype == torch.float64:
+            return ["MPS has no float64 (pass float32, float16 or bfloat16)"]
+        return []
 
     def maximum(self, problem: Problem) -> torch.Tensor:
         dtype = problem.compute_dtype
