@@ -307,7 +307,7 @@ def run(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from . import io, options
+    from . import flo, options
 
     check_ready(args)
     console = Console()
@@ -319,12 +319,12 @@ def run(args) -> int:
         one, two = load_image(args.one), load_image(args.two)
         if one.shape != two.shape:
             raise options.UsageError(f"--two: expected an image of --one's size {tuple(one.shape[2:])}, got {tuple(two.shape[2:])}")
-        flow = io.read_flo(args.flow).unsqueeze(0) if args.flow else estimate_flow(one, two)
+        flow = flo.read_flo(args.flow).unsqueeze(0) if args.flow else estimate_flow(one, two)
         if not args.flow:
             console.print("forward flow: estimated with OpenCV's DIS optical flow (pass --flow F.flo to give it)")
         flow_back = None
         if args.bidirectional:
-            flow_back = io.read_flo(args.flow_back).unsqueeze(0) if args.flow_back else estimate_flow(two, one)
+            flow_back = flo.read_flo(args.flow_back).unsqueeze(0) if args.flow_back else estimate_flow(two, one)
             if not args.flow_back:
                 console.print("backward flow: estimated with OpenCV's DIS optical flow (pass --flow-back F.flo to give it)")
         for option, field in (("--flow", flow), ("--flow-back", flow_back)):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from .modes import EPS, Kind, Mode, Normalisation
+from .modules import Splat, SplatMany
 
 #: The opset the translation needs (ScatterElements with reduction "max").
 OPSET = 18
@@ -176,35 +177,6 @@ def translations() -> dict:
     }
 
 
-class SplatModel(torch.nn.Module):
-    """``splat`` as a module: (input, flow[, metric]) -> result[, normaliser]."""
-
-    def __init__(self, mode: str, stable: bool = False, return_normaliser: bool = False):
-        super().__init__()
-        self.mode, self.stable, self.return_normaliser = mode, stable, return_normaliser
-
-    def forward(self, input, flow, metric=None):
-        from . import api
-
-        return api.splat(input, flow, metric, mode=self.mode, stable=self.stable, return_normaliser=self.return_normaliser)
-
-
-class SplatManyModel(torch.nn.Module):
-    """``splat_many`` of ``sources`` sources as a module: (input0, flow0[, metric0], input1, ...)."""
-
-    def __init__(self, mode: str, sources: int, stable: bool = False):
-        super().__init__()
-        self.mode, self.stable, self.sources = mode, stable, sources
-        self.per_source = 3 if Mode.parse(mode).needs_metric else 2
-
-    def forward(self, *tensors):
-        from . import api
-
-        step = self.per_source
-        groups = [tuple(tensors[i:i + step]) + ((None,) if step == 2 else ()) for i in range(0, len(tensors), step)]
-        return api.splat_many(groups, mode=self.mode, stable=self.stable)
-
-
 def example_arguments(mode, dtype: torch.dtype = torch.float32, sources: int = 1) -> tuple:
     """Example inputs for exporting (N, C, H, W = 2, 3, 5, 7: distinct and none 1, so that every
     size stays dynamic), each source's tensors distinct."""
@@ -232,9 +204,9 @@ def standalone(mode: str, *, stable: bool = False, return_normaliser: bool = Fal
     source, with dynamic batch, channels, height and width; outputs the result (and the
     normaliser)."""
     if sources == 1:
-        model = SplatModel(mode, stable, return_normaliser)
+        model = Splat(mode, stable, return_normaliser)
     else:
-        model = SplatManyModel(mode, sources, stable)
+        model = SplatMany(mode, sources, stable)
     arguments = example_arguments(mode, dtype, sources)
     names = [f"{name}{i if sources > 1 else ''}" for i in range(sources) for name in ("input", "flow", "metric")]
     names = [n for n in names if len(arguments) == len(names) or not n.startswith("metric")]

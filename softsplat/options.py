@@ -79,13 +79,13 @@ def times(value: str) -> str:
 
 def flo_file(value: str) -> str:
     """--flow: a readable Middlebury .flo file."""
-    from . import io
+    from . import flo
 
     try:
-        io.read_flo(value)
+        flo.read_flo(value)
     except OSError as error:
         raise argparse.ArgumentTypeError(f"expected a readable .flo file, got {value!r} ({error.strerror})") from None
-    except io.FloError as error:
+    except flo.FloError as error:
         raise argparse.ArgumentTypeError(f"expected a Middlebury .flo file, got {error}") from None
     return value
 

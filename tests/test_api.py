@@ -307,3 +307,21 @@ def test_auto_serves_devices_without_float64_through_the_torch_backend() -> None
             assert backends.select(Signature(device_type, dtype, Mode.parse("soft")), "auto").name == "torch"
     with pytest.raises(BackendNotSupportedError, match="MPS has no float64"):
         backends.select(Signature("mps", torch.float64, Mode.parse("soft")), "auto")
+
+
+def test_the_modules_are_splat_and_splat_many() -> None:
+    """softsplat.Splat and softsplat.SplatMany: nn.Modules that call splat / splat_many (what
+    the ONNX exporter's standalone models are), checked where they are built."""
+    generator = torch.Generator().manual_seed(3)
+    x, f, m = torch.rand(1, 3, 6, 7, generator=generator), torch.randn(1, 2, 6, 7, generator=generator), torch.randn(1, 1, 6, 7, generator=generator)
+    assert torch.equal(softsplat.Splat("soft", backend="torch")(x, f, m), softsplat.splat(x, f, m, mode="soft", backend="torch"))
+    out, normaliser = softsplat.Splat("avg", return_normaliser=True, backend="torch")(x, f)
+    assert normaliser.shape == (1, 1, 6, 7)
+    joint = softsplat.SplatMany("avg", sources=2, backend="torch")(x, f, x.flip(3), -f)
+    assert torch.equal(joint, softsplat.splat_many([(x, f, None), (x.flip(3), -f, None)], mode="avg", backend="torch"))
+    with pytest.raises(ValueError, match="mode"):
+        softsplat.Splat("bogus")
+    with pytest.raises(ValueError, match=r"^sources: expected a positive number of sources, got 0"):
+        softsplat.SplatMany("avg", sources=0)
+    with pytest.raises(ValueError, match=r"^tensors: expected 4 \(2 sources of 2\), got 2"):
+        softsplat.SplatMany("avg", sources=2)(x, f)

@@ -7,10 +7,11 @@ import struct
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
-from softsplat import demo, io
+from softsplat import demo, flo
 
 
 def _arguments(tmp_path, **overrides) -> argparse.Namespace:
@@ -69,7 +70,7 @@ def test_demo_on_user_frames_with_a_flo_file(tmp_path) -> None:
     scene = demo.Scene.default(60, 100)
     for name, t in (("a.png", 0.0), ("b.png", 1.0)):
         matplotlib.image.imsave(tmp_path / name, scene.frame(t)[0].permute(1, 2, 0).numpy())
-    io.write_flo(tmp_path / "f.flo", scene.flow())
+    flo.write_flo(tmp_path / "f.flo", scene.flow())
     args = _arguments(tmp_path, one=str(tmp_path / "a.png"), two=str(tmp_path / "b.png"), flow=str(tmp_path / "f.flo"), backend="torch")
     assert demo.run(args) == 0 and (tmp_path / "figure.png").exists()
 
@@ -77,10 +78,10 @@ def test_demo_on_user_frames_with_a_flo_file(tmp_path) -> None:
 def test_flo_round_trip(tmp_path) -> None:
     flow = torch.randn(2, 7, 11)
     flow[0, 0, 0] = float("inf")
-    io.write_flo(tmp_path / "x.flo", flow)
-    assert torch.equal(io.read_flo(tmp_path / "x.flo"), flow)
-    io.write_flo(tmp_path / "y.flo", flow.unsqueeze(0))
-    assert torch.equal(io.read_flo(tmp_path / "y.flo"), flow)
+    flo.write_flo(tmp_path / "x.flo", flow)
+    assert torch.equal(flo.read_flo(tmp_path / "x.flo"), flow)
+    flo.write_flo(tmp_path / "y.flo", flow.unsqueeze(0))
+    assert torch.equal(flo.read_flo(tmp_path / "y.flo"), flow)
 
 
 @pytest.mark.parametrize(
@@ -96,14 +97,25 @@ def test_flo_round_trip(tmp_path) -> None:
 def test_flo_rejects_corrupt_files(tmp_path, content, message) -> None:
     path = tmp_path / "bad.flo"
     path.write_bytes(content)
-    with pytest.raises(io.FloError, match=message) as error:
-        io.read_flo(path)
+    with pytest.raises(flo.FloError, match=message) as error:
+        flo.read_flo(path)
     assert str(path) in str(error.value) and isinstance(error.value, ValueError)
 
 
 def test_write_flo_rejects_bad_shapes(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"^flow: expected a tensor \[2, H, W\], got shape \(3, 4, 5\)"):
-        io.write_flo(tmp_path / "z.flo", torch.zeros(3, 4, 5))
+        flo.write_flo(tmp_path / "z.flo", torch.zeros(3, 4, 5))
+    with pytest.raises(ValueError, match=r"^flow: expected a numpy array \[H, W, 2\] \(OpenCV's layout\)"):
+        flo.write_flo(tmp_path / "z.flo", np.zeros((2, 4, 5), np.float32))
+    with pytest.raises(TypeError, match=r"^flow: expected a torch.Tensor \[2, H, W\] or a numpy array"):
+        flo.write_flo(tmp_path / "z.flo", [[0.0]])
+
+
+def test_write_flo_takes_opencvs_flow_layout(tmp_path) -> None:
+    """OpenCV's optical flow is a numpy array [H, W, 2]: written as is, read back as [2, H, W]."""
+    flow = np.random.default_rng(0).standard_normal((4, 5, 2)).astype(np.float32)
+    flo.write_flo(tmp_path / "cv.flo", flow)
+    assert torch.equal(flo.read_flo(tmp_path / "cv.flo"), torch.from_numpy(flow).permute(2, 0, 1))
 
 
 def test_bidirectional_joint_splatting_fills_the_holes() -> None:
@@ -143,8 +155,8 @@ def _user_frames(tmp_path) -> dict[str, str]:
     scene = demo.Scene.default(60, 100)
     for name, t in (("a.png", 0.0), ("b.png", 1.0)):
         matplotlib.image.imsave(tmp_path / name, scene.frame(t)[0].permute(1, 2, 0).numpy())
-    io.write_flo(tmp_path / "f.flo", scene.flow())
-    io.write_flo(tmp_path / "b.flo", scene.flow(backward=True))
+    flo.write_flo(tmp_path / "f.flo", scene.flow())
+    flo.write_flo(tmp_path / "b.flo", scene.flow(backward=True))
     return {"one": str(tmp_path / "a.png"), "two": str(tmp_path / "b.png"), "flow": str(tmp_path / "f.flo")}
 
 

@@ -22,7 +22,7 @@ def inputs(seed: int, N=2, C=3, H=6, W=9):
 
 @pytest.mark.parametrize("mode, stable", [("sum", False), ("avg", False), ("soft", False), ("soft-zeroeps", True)])
 def test_torch_export_of_splat_reproduces_eager(mode, stable) -> None:
-    model = softsplat.onnx.SplatModel(mode, stable, return_normaliser=mode != "sum")
+    model = softsplat.Splat(mode, stable, return_normaliser=mode != "sum")
     arguments = inputs(0) if softsplat.Mode.parse(mode).needs_metric else inputs(0)[:2]
     program = torch.export.export(model, arguments, dynamic_shapes=softsplat.onnx.dynamic_shapes(arguments))
     other = inputs(1, N=1, C=2, H=11, W=4)[: len(arguments)]  # another size: the shapes are dynamic
@@ -33,14 +33,14 @@ def test_torch_export_of_splat_reproduces_eager(mode, stable) -> None:
 
 
 def test_torch_export_of_splat_many_reproduces_eager() -> None:
-    model = softsplat.onnx.SplatManyModel("soft", sources=2, stable=True)
+    model = softsplat.SplatMany("soft", sources=2, stable=True)
     arguments = inputs(2) + inputs(3)
     program = torch.export.export(model, arguments)
     assert torch.equal(program.module()(*arguments).nan_to_num(), model(*arguments).nan_to_num())
 
 
 def test_legacy_onnx_exporter_names_the_way_that_works() -> None:
-    model = softsplat.onnx.SplatModel("soft")
+    model = softsplat.Splat("soft")
     with pytest.raises(Exception, match=r"dynamo=False.*dynamo=True, custom_translation_table=softsplat.onnx.translations\(\)"):
         torch.onnx.export(model, inputs(0), io.BytesIO(), dynamo=False)
 

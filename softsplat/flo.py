@@ -41,10 +41,16 @@ def read_flo(path: str | os.PathLike) -> torch.Tensor:
     return torch.from_numpy(values.astype(np.float32)).permute(2, 0, 1).contiguous()
 
 
-def write_flo(path: str | os.PathLike, flow: torch.Tensor) -> None:
-    """Write ``flow [2, H, W]`` (or ``[1, 2, H, W]``) to ``path`` in the ``.flo`` format."""
+def write_flo(path: str | os.PathLike, flow: torch.Tensor | np.ndarray) -> None:
+    """Write ``flow`` to ``path`` in the ``.flo`` format: a tensor ``[2, H, W]`` (or
+    ``[1, 2, H, W]``), as ``splat`` takes it, or a numpy array ``[H, W, 2]``, as OpenCV's optical
+    flow (``cv2.calcOpticalFlowFarneback``, DIS) returns it."""
+    if isinstance(flow, np.ndarray):
+        if flow.ndim != 3 or flow.shape[2] != 2:
+            raise ValueError(f"flow: expected a numpy array [H, W, 2] (OpenCV's layout), got shape {flow.shape}")
+        flow = torch.from_numpy(np.ascontiguousarray(flow, dtype=np.float32)).permute(2, 0, 1)
     if not isinstance(flow, torch.Tensor):
-        raise TypeError(f"flow: expected a torch.Tensor, got {type(flow).__name__}")
+        raise TypeError(f"flow: expected a torch.Tensor [2, H, W] or a numpy array [H, W, 2], got {type(flow).__name__}")
     if flow.dim() == 4 and flow.shape[0] == 1:
         flow = flow[0]
     if flow.dim() != 3 or flow.shape[0] != 2:
