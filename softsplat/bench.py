@@ -207,7 +207,7 @@ def _runnable(args, modes, console):
         if reasons:
             console.print(f"[yellow]skipped {backend.name}[/]: {escape('; '.join(reasons))}")
         else:
-            runnable.append((backend, reasons))
+            runnable.append(backend)
     return runnable
 
 
@@ -234,7 +234,7 @@ def run_workload(args, console) -> int:
     device, dtype = args.device, getattr(torch, args.dtype)
     calls = WORKLOADS[args.workload]
     runnable = _runnable(args, ["soft"], console)
-    contenders = [(b.name, splat_call(b.name)) for b, _ in runnable] + [("naive port", naive_port)]
+    contenders = [(b.name, splat_call(b.name)) for b in runnable] + [("naive port", naive_port)]
     bandwidth = copy_bandwidth(device)
     times, bounds = {}, {}
     for what, channels, divisor in calls:
@@ -287,7 +287,7 @@ def run(args) -> int:
     dtype = getattr(torch, args.dtype)
     runnable = _runnable(args, modes, console)
     bandwidth = copy_bandwidth(device)
-    contenders = [(b.name, splat_call(b.name)) for b, _ in runnable] + [("naive port", naive_port)]
+    contenders = [(b.name, splat_call(b.name)) for b in runnable] + [("naive port", naive_port)]
     if args.onnxruntime:
         reason = onnxruntime_reason(device, dtype)
         if reason:

@@ -12,18 +12,7 @@ import sys
 
 from . import backends
 from .backends.base import dtype_names
-from .options import (  # noqa: F401 (the checkers, also used by name here)
-    DependencyError,
-    UsageError,
-    backend_name,
-    backend_names,
-    mode_name,
-    mode_names,
-    output_file,
-    positive_int,
-    size_list,
-    source_count,
-)
+from .options import DependencyError, UsageError, mode_name, output_file, source_count
 
 
 def info(args: argparse.Namespace) -> int:

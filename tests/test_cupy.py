@@ -85,7 +85,7 @@ def test_kernel_source_compiles_with_each_cuda_majors_nvrtc_and_headers(major, a
     assert pathlib.Path(include).parts[-2:] == {12: ("cuda_runtime", "include"), 13: ("cu13", "include")}[major]
     names = sorted({name for dtype in cupy_backend.SCALAR_TYPES for name in cupy_backend.kernel_names(dtype).values()})
     options = (*cupy_backend.nvrtc_options(include), f"--gpu-architecture={architecture}")
-    ptx, log, lowered = nvrtc_compile(library, cupy_backend.kernel_code(), options, names)
+    ptx, log, lowered = nvrtc_compile(library, cupy_backend.KERNEL_SOURCE, options, names)
     assert "warning" not in log.lower(), f"NVRTC {major} warnings:\n{log}"
     assert ptx.count(".entry ") == len(names) and all(lowered[name].startswith("_Z") for name in names)
     assert flushing_instructions(ptx) == []
@@ -97,7 +97,7 @@ def test_kernel_source_compiles_with_nvrtc(architecture) -> None:
     from cupy_backends.cuda.libs import nvrtc
 
     names = [name for dtype in cupy_backend.SCALAR_TYPES for name in cupy_backend.kernel_names(dtype).values()]
-    program = nvrtc.createProgram(cupy_backend.kernel_code(), "softsplat_kernels.cu", (), ())
+    program = nvrtc.createProgram(cupy_backend.KERNEL_SOURCE, "softsplat_kernels.cu", (), ())
     try:
         for name in names:
             nvrtc.addNameExpression(program, name)
@@ -200,7 +200,7 @@ def test_nvrtc_contracts_no_multiply_add() -> None:
     from cupy_backends.cuda.libs import nvrtc
 
     def backward_fmas(options) -> int:
-        program = nvrtc.createProgram(cupy_backend.kernel_code(), "softsplat_kernels.cu", (), ())
+        program = nvrtc.createProgram(cupy_backend.KERNEL_SOURCE, "softsplat_kernels.cu", (), ())
         try:
             for name in cupy_backend.kernel_names(torch.float32).values():
                 nvrtc.addNameExpression(program, name)

@@ -30,16 +30,9 @@ from .ops import (
     register_python_side,
 )
 
-#: What the backend hands to NVRTC: the shared kernel header and its fp16/bf16 types.
+#: What the backend hands to NVRTC: the shared kernel header and its fp16/bf16 types (the
+#: headers are read from csrc/ at each compile, once per process, device and dtype).
 KERNEL_SOURCE = '#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n#include "cuda/kernels.cuh"\n'
-
-
-def kernel_code() -> str:
-    """What NVRTC compiles: KERNEL_SOURCE (its headers are read from csrc/ at each compile, once
-    per process, device and dtype, so an edited header is always the one compiled)."""
-    return KERNEL_SOURCE
-
-
 SCALAR_TYPES = {
     torch.float16: "__half",
     torch.bfloat16: "__nv_bfloat16",
@@ -121,7 +114,7 @@ def compile_program(dtype: torch.dtype, arch: int, ptx: bool = False) -> tuple[b
     machine = arch in known and not ptx
     target = f"--gpu-architecture={'sm' if machine else 'compute'}_{arch if arch in known else max(known)}"
     names = list(kernel_names(dtype).values())
-    program = nvrtc.createProgram(kernel_code(), "softsplat_kernels.cu", (), ())
+    program = nvrtc.createProgram(KERNEL_SOURCE, "softsplat_kernels.cu", (), ())
     try:
         for name in names:
             nvrtc.addNameExpression(program, name)
