@@ -92,14 +92,15 @@ bool packs(const Band& band, int64_t C, int64_t W) {
 template <typename acc_t>
 struct Scratch {
   std::vector<acc_t> data;
-  int64_t first = 0, W = 0;  // the band's first row; the row width
+  int64_t first = 0, W = 0;  // the band's first row; the values per row (width x lanes)
   int64_t lo = 0, hi = 0;    // rows zeroed so far: [lo, hi), empty after rows()
 
-  acc_t* rows(const Band& band, int64_t width) {
-    const size_t size = static_cast<size_t>((band.hi - band.lo) * width * kPacked);
+  // `lanes` values per target: kPacked, or a channel block's (forward_blocks).
+  acc_t* rows(const Band& band, int64_t width, int64_t lanes = kPacked) {
+    const size_t size = static_cast<size_t>((band.hi - band.lo) * width * lanes);
     if (data.size() < size) data.resize(size);
     first = lo = hi = band.lo;
-    W = width;
+    W = width * lanes;
     return data.data();
   }
   // Rows [from, to) zeroed unless they are; the zeroed rows stay one interval (rows between it
@@ -107,7 +108,7 @@ struct Scratch {
   void zero(int64_t from, int64_t to) {
     if (from >= to) return;
     auto clear = [&](int64_t a, int64_t b) {
-      if (a < b) std::fill(data.data() + (a - first) * W * kPacked, data.data() + (b - first) * W * kPacked, acc_t(0));
+      if (a < b) std::fill(data.data() + (a - first) * W, data.data() + (b - first) * W, acc_t(0));
     };
     if (lo == hi) {
       clear(from, to);
@@ -341,6 +342,242 @@ void flush_rows(const Band& band, int p, int64_t from, int64_t to, const acc_t* 
   }
 }
 
+// The blocked scatter, for kPacked channels and more: the channels in blocks of L lanes (4, 8
+// or 16; 16 floats are a cache line), one block at a time over a band. For a block, a band adds
+// into a scratch of the rows it reaches, pixel-major with the block's L lanes per target, one
+// L-lane read-modify-write per kept tap (instead of L scalar ones into L planes), and moves each
+// row into the block's NCHW planes (divided when final) once no later part of the band reaches
+// it, while in cache. The rows a block works on are L / C of what all channels would need, so
+// they stay in cache; the taps are computed again per block. The first block also adds the
+// normaliser, straight into its plane. Every target receives its contributions in the order
+// scatter_band adds them: the same sums, bitwise.
+constexpr int64_t kBlockedBytes = int64_t(64) << 20;
+
+// The lanes of the block of channels starting at `c0` of C: 16 while more than 8 remain, else 8
+// or 4.
+inline int block_lanes(int64_t C, int64_t c0) {
+  const int64_t remaining = C - c0;
+  return remaining > 8 ? 16 : remaining > 4 ? 8 : 4;
+}
+
+template <typename acc_t>
+bool blocks_fit(const Band& band, int64_t C, int64_t W) {
+  return C >= kPacked && (band.hi - band.lo) * W * 16 * static_cast<int64_t>(sizeof(acc_t)) <= kBlockedBytes;
+}
+
+#if defined(SOFTSPLAT_VECTOR_EXTENSION)
+template <typename acc_t>
+using Quad = typename Vector<acc_t, 4>::type;
+
+// Loads and stores by reference: no value of a vector type crosses a call (no vector-ABI
+// dependence).
+template <typename V, typename acc_t>
+inline void load_quad(V& v, const acc_t* p) {
+  std::memcpy(&v, p, sizeof v);
+}
+
+template <typename V, typename acc_t>
+inline void store_quad(acc_t* p, const V& v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
+// The 4 x 4 transpose of r (rows become columns), in place; V: a Quad.
+template <typename V>
+inline void transpose_quads(V r[4]) {
+  const V t0 = __builtin_shufflevector(r[0], r[1], 0, 4, 1, 5), t1 = __builtin_shufflevector(r[0], r[1], 2, 6, 3, 7);
+  const V t2 = __builtin_shufflevector(r[2], r[3], 0, 4, 1, 5), t3 = __builtin_shufflevector(r[2], r[3], 2, 6, 3, 7);
+  r[0] = __builtin_shufflevector(t0, t2, 0, 1, 4, 5);
+  r[1] = __builtin_shufflevector(t0, t2, 2, 3, 6, 7);
+  r[2] = __builtin_shufflevector(t1, t3, 0, 1, 4, 5);
+  r[3] = __builtin_shufflevector(t1, t3, 2, 3, 6, 7);
+}
+#endif
+
+// values[i * L + j] = x * w of channel j of the block (`pixel`: its first channel at the chunk's
+// first pixel) at pixel i < count, for j < lanes; lanes [lanes, L) zero. w null: x. NCHW float
+// and double by 4 x 4 tiles, the rest one value at a time.
+template <int L, typename scalar_t, typename acc_t>
+void pack_block(const scalar_t* __restrict pixel, const View4& view, const acc_t* __restrict w, int64_t lanes,
+                acc_t* __restrict values, int64_t count) {
+  int64_t i = 0;
+#if defined(SOFTSPLAT_VECTOR_EXTENSION)
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    const int64_t tiled = lanes / 4 * 4;
+    for (; view.x == 1 && i + 4 <= count; i += 4) {
+      Quad<acc_t> scale;
+      if (w) load_quad(scale, w + i);
+      for (int64_t j = 0; j < tiled; j += 4) {
+        Quad<acc_t> r[4];
+        for (int k = 0; k < 4; ++k) {
+          load_quad(r[k], pixel + (j + k) * view.c + i);
+          if (w) r[k] *= scale;
+        }
+        transpose_quads(r);
+        for (int k = 0; k < 4; ++k) store_quad(values + (i + k) * L + j, r[k]);
+      }
+      for (int64_t k = 0; k < 4; ++k) {
+        acc_t* lane = values + (i + k) * L;
+        for (int64_t j = tiled; j < lanes; ++j) lane[j] = w ? pixel[j * view.c + i + k] * w[i + k] : pixel[j * view.c + i + k];
+        for (int64_t j = lanes; j < L; ++j) lane[j] = acc_t(0);
+      }
+    }
+  }
+#endif
+  for (; i < count; ++i) {
+    acc_t* lane = values + i * L;
+    const scalar_t* at = pixel + i * view.x;
+    for (int64_t j = 0; j < lanes; ++j) {
+      const acc_t x = static_cast<acc_t>(at[j * view.c]);
+      lane[j] = w ? x * w[i] : x;
+    }
+    for (int64_t j = lanes; j < L; ++j) lane[j] = acc_t(0);
+  }
+}
+
+// A chunk's pixels added into a block's `scratch` (first target: the image's flat index row0),
+// lanes v of pixel i as plane[tap k] += b[k] * v, in_pixel_order; with `norm` (the normaliser's
+// plane of the image), also norm[tap k] += b[k] * w (w null: 1), as scatter_band adds them.
+template <int L, typename acc_t>
+void scatter_block(const TapChunk<acc_t>& chunk, const acc_t* __restrict values, const acc_t* __restrict w,
+                   int64_t count, int64_t row0, int64_t W, acc_t* __restrict scratch, acc_t* __restrict norm) {
+  const int64_t offset[4] = {0, 1, W, W + 1};
+  in_pixel_order(count, [&](int64_t i) {
+    const unsigned keep = chunk.keep[i];
+    if (!keep) return;
+    const acc_t b[4] = {chunk.weight[0][i], chunk.weight[1][i], chunk.weight[2][i], chunk.weight[3][i]};
+    acc_t* target = scratch + (chunk.corner[i] - row0) * L;
+    const acc_t* lanes = values + i * L;
+#if defined(SOFTSPLAT_VECTOR_EXTENSION)
+    using Lanes = typename Vector<acc_t, L>::type;
+    Lanes v;
+    std::memcpy(&v, lanes, sizeof v);
+    auto add = [&](acc_t* at, acc_t weight) {
+      Lanes sum;
+      std::memcpy(&sum, at, sizeof sum);
+      sum += weight * v;
+      std::memcpy(at, &sum, sizeof sum);
+    };
+    if (keep == TapChunk<acc_t>::kAll) {
+      add(target, b[0]);
+      add(target + L, b[1]);
+      add(target + W * L, b[2]);
+      add(target + (W + 1) * L, b[3]);
+    } else {
+      for (int k = 0; k < 4; ++k)
+        if (keep >> k & 1) add(target + offset[k] * L, b[k]);
+    }
+#else
+    for (int k = 0; k < 4; ++k) {
+      if (!(keep >> k & 1)) continue;
+      acc_t* tap = target + offset[k] * L;
+      for (int j = 0; j < L; ++j) tap[j] += b[k] * lanes[j];
+    }
+#endif
+    if (norm) {
+      const acc_t s = w ? w[i] : acc_t(1);
+      for (int k = 0; k < 4; ++k)
+        if (keep >> k & 1) norm[chunk.corner[i] + offset[k]] += b[k] * s;
+    }
+  });
+}
+
+// Row y's L lanes of W targets (`lanes`) moved into the block's planes plane(c) + y * W for c <
+// count: stored (phase 0) or added (Add); divided by `divisor` (W values) unless null.
+template <int L, bool Add, typename acc_t, typename Plane>
+void unpack_block_row(const acc_t* __restrict lanes, const Plane& plane, int64_t count, const acc_t* __restrict divisor,
+                      int64_t W) {
+  int64_t x = 0;
+#if defined(SOFTSPLAT_VECTOR_EXTENSION)
+  const int64_t tiled = count / 4 * 4;
+  for (; x + 4 <= W; x += 4) {
+    for (int64_t c = 0; c < tiled; c += 4) {
+      Quad<acc_t> r[4];
+      for (int k = 0; k < 4; ++k) load_quad(r[k], lanes + (x + k) * L + c);
+      transpose_quads(r);
+      Quad<acc_t> by;
+      if (divisor) load_quad(by, divisor + x);
+      for (int k = 0; k < 4; ++k) {
+        acc_t* p = plane(c + k) + x;
+        if (Add) {
+          Quad<acc_t> sum;
+          load_quad(sum, p);
+          r[k] = sum + r[k];
+        }
+        if (divisor) r[k] /= by;
+        store_quad(p, r[k]);
+      }
+    }
+    for (int64_t c = tiled; c < count; ++c)
+      for (int64_t k = x; k < x + 4; ++k) {
+        acc_t* p = plane(c) + k;
+        const acc_t value = Add ? *p + lanes[k * L + c] : lanes[k * L + c];
+        *p = divisor ? value / divisor[k] : value;
+      }
+  }
+#endif
+  for (; x < W; ++x)
+    for (int64_t c = 0; c < count; ++c) {
+      acc_t* p = plane(c) + x;
+      const acc_t value = Add ? *p + lanes[x * L + c] : lanes[x * L + c];
+      *p = divisor ? value / divisor[x] : value;
+    }
+}
+
+// One band's contributions of channels [c0, c0 + count) (count <= L) on the blocked layout,
+// written into out [N, C, H, W]; with `norm`, the normaliser's too (added into norm). `last(y)`:
+// whether row y is final once this band is done with it (then divided, when `divides`).
+template <int L, typename scalar_t, typename acc_t, typename Last>
+void splat_block(const Band& band, int p, const std::vector<Band>& parts, const scalar_t* in, const View4& in_view,
+                 const Sources<acc_t>& src, int64_t C, int64_t c0, int64_t count, acc_t* out, acc_t* norm,
+                 const acc_t* divisor_plane, int normalisation, Scratch<acc_t>& scratch, const Last& last) {
+  const int64_t W = src.W, H = src.H, n = band.n;
+  const bool weighted = src.kind != SUM;
+  acc_t* rows = scratch.rows(band, W, L);
+  std::vector<acc_t> w(W), values(kChunk * L), divisor(W);
+  auto chunk = std::make_unique<TapChunk<acc_t>>();
+  acc_t* norm_n = norm ? norm + n * H * W : nullptr;
+  auto plane = [&](int64_t y) { return [=](int64_t c) { return out + ((n * C + c0 + c) * H + y) * W; }; };
+  int64_t flushed = band.lo;  // rows [band.lo, flushed) are in the outputs
+  for (int64_t k = band.first; k < band.last; ++k) {
+    const Band& part = parts[k];
+    if (!part.empty()) {
+      scratch.zero(part.lo, part.hi);
+      for (int64_t y = part.y_begin; y < part.y_end; ++y) {
+        src.row_weights(n, y, w.data());
+        const scalar_t* in_row = in + in_view.at(n, c0, y, 0);
+        for (int64_t x_begin = 0; x_begin < W; x_begin += kChunk) {
+          const int64_t chunk_count = std::min(kChunk, W - x_begin);
+          chunk->fill(src, n, y, x_begin, chunk_count);
+          const acc_t* chunk_w = weighted ? w.data() + x_begin : nullptr;
+          pack_block<L>(in_row + x_begin * in_view.x, in_view, chunk_w, count, values.data(), chunk_count);
+          scatter_block<L>(*chunk, values.data(), chunk_w, chunk_count, band.lo * W, W, rows, norm_n);
+        }
+      }
+    }
+    int64_t limit = band.hi;  // rows below the first that a later part reaches are done
+    for (int64_t later = k + 1; later < band.last; ++later)
+      if (!parts[later].empty()) limit = std::min(limit, parts[later].lo);
+    if (limit <= flushed) continue;
+    scratch.zero(flushed, limit);  // rows no part reached
+    for (int64_t y = flushed; y < limit; ++y) {
+      const acc_t* divide_by = nullptr;
+      if (divisor_plane && last(y)) {
+        const acc_t* D = divisor_plane + (n * H + y) * W;
+        with_normalisation(normalisation, [&](auto code) {
+          for (int64_t x = 0; x < W; ++x) divisor[x] = safe_normaliser(D[x], decltype(code)::value);
+        });
+        divide_by = divisor.data();
+      }
+      const acc_t* lanes = rows + (y - band.lo) * W * L;
+      if (p == 0)
+        unpack_block_row<L, false>(lanes, plane(y), count, divide_by, W);
+      else
+        unpack_block_row<L, true>(lanes, plane(y), count, divide_by, W);
+    }
+    flushed = limit;
+  }
+}
+
 }  // namespace
 
 template <typename scalar_t, typename acc_t>
@@ -414,6 +651,27 @@ void forward_kernel(const Tensor& input, const Sources<acc_t>& src, int normalis
           flush_rows<packed>(band, p, flushed, limit, rows, out_data, norm_data, H, W, finish, final);
           flushed = limit;
         }
+        return;
+      }
+      if (!per_tap && blocks_fit<acc_t>(band, C, W)) {
+        // The normaliser first (phase 0: zeroed), as the first block adds into it; rows are
+        // divided as each block moves them out, unless the stable shortcut rescales them after.
+        if (p == 0 && norm_data) std::fill(norm_data + (band.n * H + band.lo) * W, norm_data + (band.n * H + band.hi) * W, acc_t(0));
+        const bool divides = finish.divides && !finish.scales(band.n);
+        auto last = [&](int64_t y) { return p == 1 || !reached_later[band.n * H + y]; };
+        for (int64_t c0 = 0; c0 < C; c0 += block_lanes(C, c0)) {
+          const int64_t count = std::min<int64_t>(block_lanes(C, c0), C - c0);
+          acc_t* norm = c0 == 0 ? norm_data : nullptr;
+          const acc_t* divisor = divides ? norm_data : nullptr;
+          switch (block_lanes(C, c0)) {
+            case 4: splat_block<4>(band, p, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, last); break;
+            case 8: splat_block<8>(band, p, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, last); break;
+            default: splat_block<16>(band, p, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, last);
+          }
+        }
+        std::vector<acc_t> finishing(finish.needed() ? 2 * W : 0);
+        for (int64_t y = band.lo; y < band.hi; ++y)
+          if (finishes(p, band.n, y) && !divides) finish.row(band.n, y, finishing.data());
         return;
       }
       if (p == 0) zero_rows(band.n, band.lo, band.hi);
