@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "blocks.h"
 #include "packed.h"
 #include "tap_chunk.h"
 
@@ -365,75 +366,6 @@ bool blocks_fit(const Band& band, int64_t C, int64_t W) {
   return C >= kPacked && (band.hi - band.lo) * W * 16 * static_cast<int64_t>(sizeof(acc_t)) <= kBlockedBytes;
 }
 
-#if defined(SOFTSPLAT_VECTOR_EXTENSION)
-template <typename acc_t>
-using Quad = typename Vector<acc_t, 4>::type;
-
-// Loads and stores by reference: no value of a vector type crosses a call (no vector-ABI
-// dependence).
-template <typename V, typename acc_t>
-inline void load_quad(V& v, const acc_t* p) {
-  std::memcpy(&v, p, sizeof v);
-}
-
-template <typename V, typename acc_t>
-inline void store_quad(acc_t* p, const V& v) {
-  std::memcpy(p, &v, sizeof v);
-}
-
-// The 4 x 4 transpose of r (rows become columns), in place; V: a Quad.
-template <typename V>
-inline void transpose_quads(V r[4]) {
-  const V t0 = __builtin_shufflevector(r[0], r[1], 0, 4, 1, 5), t1 = __builtin_shufflevector(r[0], r[1], 2, 6, 3, 7);
-  const V t2 = __builtin_shufflevector(r[2], r[3], 0, 4, 1, 5), t3 = __builtin_shufflevector(r[2], r[3], 2, 6, 3, 7);
-  r[0] = __builtin_shufflevector(t0, t2, 0, 1, 4, 5);
-  r[1] = __builtin_shufflevector(t0, t2, 2, 3, 6, 7);
-  r[2] = __builtin_shufflevector(t1, t3, 0, 1, 4, 5);
-  r[3] = __builtin_shufflevector(t1, t3, 2, 3, 6, 7);
-}
-#endif
-
-// values[i * L + j] = x * w of channel j of the block (`pixel`: its first channel at the chunk's
-// first pixel) at pixel i < count, for j < lanes; lanes [lanes, L) zero. w null: x. NCHW float
-// and double by 4 x 4 tiles, the rest one value at a time.
-template <int L, typename scalar_t, typename acc_t>
-void pack_block(const scalar_t* __restrict pixel, const View4& view, const acc_t* __restrict w, int64_t lanes,
-                acc_t* __restrict values, int64_t count) {
-  int64_t i = 0;
-#if defined(SOFTSPLAT_VECTOR_EXTENSION)
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    const int64_t tiled = lanes / 4 * 4;
-    for (; view.x == 1 && i + 4 <= count; i += 4) {
-      Quad<acc_t> scale;
-      if (w) load_quad(scale, w + i);
-      for (int64_t j = 0; j < tiled; j += 4) {
-        Quad<acc_t> r[4];
-        for (int k = 0; k < 4; ++k) {
-          load_quad(r[k], pixel + (j + k) * view.c + i);
-          if (w) r[k] *= scale;
-        }
-        transpose_quads(r);
-        for (int k = 0; k < 4; ++k) store_quad(values + (i + k) * L + j, r[k]);
-      }
-      for (int64_t k = 0; k < 4; ++k) {
-        acc_t* lane = values + (i + k) * L;
-        for (int64_t j = tiled; j < lanes; ++j) lane[j] = w ? pixel[j * view.c + i + k] * w[i + k] : pixel[j * view.c + i + k];
-        for (int64_t j = lanes; j < L; ++j) lane[j] = acc_t(0);
-      }
-    }
-  }
-#endif
-  for (; i < count; ++i) {
-    acc_t* lane = values + i * L;
-    const scalar_t* at = pixel + i * view.x;
-    for (int64_t j = 0; j < lanes; ++j) {
-      const acc_t x = static_cast<acc_t>(at[j * view.c]);
-      lane[j] = w ? x * w[i] : x;
-    }
-    for (int64_t j = lanes; j < L; ++j) lane[j] = acc_t(0);
-  }
-}
-
 // A chunk's pixels added into a block's `scratch` (first target: the image's flat index row0),
 // lanes v of pixel i as plane[tap k] += b[k] * v, in_pixel_order; with `norm` (the normaliser's
 // plane of the image), also norm[tap k] += b[k] * w (w null: 1), as scatter_band adds them.
@@ -481,48 +413,6 @@ void scatter_block(const TapChunk<acc_t>& chunk, const acc_t* __restrict values,
   });
 }
 
-// Row y's L lanes of W targets (`lanes`) moved into the block's planes plane(c) + y * W for c <
-// count: stored (phase 0) or added (Add); divided by `divisor` (W values) unless null.
-template <int L, bool Add, typename acc_t, typename Plane>
-void unpack_block_row(const acc_t* __restrict lanes, const Plane& plane, int64_t count, const acc_t* __restrict divisor,
-                      int64_t W) {
-  int64_t x = 0;
-#if defined(SOFTSPLAT_VECTOR_EXTENSION)
-  const int64_t tiled = count / 4 * 4;
-  for (; x + 4 <= W; x += 4) {
-    for (int64_t c = 0; c < tiled; c += 4) {
-      Quad<acc_t> r[4];
-      for (int k = 0; k < 4; ++k) load_quad(r[k], lanes + (x + k) * L + c);
-      transpose_quads(r);
-      Quad<acc_t> by;
-      if (divisor) load_quad(by, divisor + x);
-      for (int k = 0; k < 4; ++k) {
-        acc_t* p = plane(c + k) + x;
-        if (Add) {
-          Quad<acc_t> sum;
-          load_quad(sum, p);
-          r[k] = sum + r[k];
-        }
-        if (divisor) r[k] /= by;
-        store_quad(p, r[k]);
-      }
-    }
-    for (int64_t c = tiled; c < count; ++c)
-      for (int64_t k = x; k < x + 4; ++k) {
-        acc_t* p = plane(c) + k;
-        const acc_t value = Add ? *p + lanes[k * L + c] : lanes[k * L + c];
-        *p = divisor ? value / divisor[k] : value;
-      }
-  }
-#endif
-  for (; x < W; ++x)
-    for (int64_t c = 0; c < count; ++c) {
-      acc_t* p = plane(c) + x;
-      const acc_t value = Add ? *p + lanes[x * L + c] : lanes[x * L + c];
-      *p = divisor ? value / divisor[x] : value;
-    }
-}
-
 // One band's contributions of channels [c0, c0 + count) (count <= L) on the blocked layout,
 // written into out [N, C, H, W]; with `norm`, the normaliser's too (added into norm). `last(y)`:
 // whether row y is final once this band is done with it (then divided, when `divides`).
@@ -549,7 +439,7 @@ void splat_block(const Band& band, int p, const std::vector<Band>& parts, const 
           const int64_t chunk_count = std::min(kChunk, W - x_begin);
           chunk->fill(src, n, y, x_begin, chunk_count);
           const acc_t* chunk_w = weighted ? w.data() + x_begin : nullptr;
-          pack_block<L>(in_row + x_begin * in_view.x, in_view, chunk_w, count, values.data(), chunk_count);
+          pack_block<L>(in_row + x_begin * in_view.x, in_view, chunk_w, count, values.data(), L, chunk_count);
           scatter_block<L>(*chunk, values.data(), chunk_w, chunk_count, band.lo * W, W, rows, norm_n);
         }
       }
@@ -570,9 +460,9 @@ void splat_block(const Band& band, int p, const std::vector<Band>& parts, const 
       }
       const acc_t* lanes = rows + (y - band.lo) * W * L;
       if (p == 0)
-        unpack_block_row<L, false>(lanes, plane(y), count, divide_by, W);
+        unpack_block_row<false>(lanes, L, plane(y), count, divide_by, W);
       else
-        unpack_block_row<L, true>(lanes, plane(y), count, divide_by, W);
+        unpack_block_row<true>(lanes, L, plane(y), count, divide_by, W);
     }
     flushed = limit;
   }

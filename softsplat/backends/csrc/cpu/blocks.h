@@ -1,0 +1,136 @@
+// Channels side by side in blocks of up to 16 lanes: moving values between planes (NCHW) and a
+// pixel-major layout, by 4 x 4 tiles where the vector extension is there. The forward's blocked
+// scatter and the backward's blocked gather use them.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "common.h"
+
+namespace softsplat {
+namespace cpu {
+
+// The strides of planes of W values side by side (pack_block's view of them).
+inline View4 plane_strides(int64_t W) {
+  View4 view;
+  view.c = W;
+  view.x = 1;
+  return view;
+}
+
+#if defined(SOFTSPLAT_VECTOR_EXTENSION)
+template <typename acc_t>
+using Quad = typename Vector<acc_t, 4>::type;
+
+// Loads and stores by reference: no value of a vector type crosses a call (no vector-ABI
+// dependence).
+template <typename V, typename acc_t>
+inline void load_quad(V& v, const acc_t* p) {
+  std::memcpy(&v, p, sizeof v);
+}
+
+template <typename V, typename acc_t>
+inline void store_quad(acc_t* p, const V& v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
+// The 4 x 4 transpose of r (rows become columns), in place; V: a Quad.
+template <typename V>
+inline void transpose_quads(V r[4]) {
+  const V t0 = __builtin_shufflevector(r[0], r[1], 0, 4, 1, 5), t1 = __builtin_shufflevector(r[0], r[1], 2, 6, 3, 7);
+  const V t2 = __builtin_shufflevector(r[2], r[3], 0, 4, 1, 5), t3 = __builtin_shufflevector(r[2], r[3], 2, 6, 3, 7);
+  r[0] = __builtin_shufflevector(t0, t2, 0, 1, 4, 5);
+  r[1] = __builtin_shufflevector(t0, t2, 2, 3, 6, 7);
+  r[2] = __builtin_shufflevector(t1, t3, 0, 1, 4, 5);
+  r[3] = __builtin_shufflevector(t1, t3, 2, 3, 6, 7);
+}
+#endif
+
+// values[i * stride + j] = x * w of channel j of the block (`pixel`: its first channel at the
+// first pixel; `view`: its strides) at pixel i < count, for j < lanes; lanes [lanes, L) zero. w
+// null: x. Planes (view.x 1) of float and double by 4 x 4 tiles, the rest one value at a time.
+template <int L, typename scalar_t, typename acc_t>
+void pack_block(const scalar_t* __restrict pixel, const View4& view, const acc_t* __restrict w, int64_t lanes,
+                acc_t* __restrict values, int64_t stride, int64_t count) {
+  int64_t i = 0;
+#if defined(SOFTSPLAT_VECTOR_EXTENSION)
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    const int64_t tiled = lanes / 4 * 4;
+    for (; view.x == 1 && i + 4 <= count; i += 4) {
+      Quad<acc_t> scale;
+      if (w) load_quad(scale, w + i);
+      for (int64_t j = 0; j < tiled; j += 4) {
+        Quad<acc_t> r[4];
+        for (int k = 0; k < 4; ++k) {
+          load_quad(r[k], pixel + (j + k) * view.c + i);
+          if (w) r[k] *= scale;
+        }
+        transpose_quads(r);
+        for (int k = 0; k < 4; ++k) store_quad(values + (i + k) * stride + j, r[k]);
+      }
+      for (int64_t k = 0; k < 4; ++k) {
+        acc_t* lane = values + (i + k) * stride;
+        for (int64_t j = tiled; j < lanes; ++j) lane[j] = w ? pixel[j * view.c + i + k] * w[i + k] : pixel[j * view.c + i + k];
+        for (int64_t j = lanes; j < L; ++j) lane[j] = acc_t(0);
+      }
+    }
+  }
+#endif
+  for (; i < count; ++i) {
+    acc_t* lane = values + i * stride;
+    const scalar_t* at = pixel + i * view.x;
+    for (int64_t j = 0; j < lanes; ++j) {
+      const acc_t x = static_cast<acc_t>(at[j * view.c]);
+      lane[j] = w ? x * w[i] : x;
+    }
+    for (int64_t j = lanes; j < L; ++j) lane[j] = acc_t(0);
+  }
+}
+
+// The first `count` lanes of W targets (target x's at lanes + x * stride) moved into planes:
+// plane(c)[x] = lanes[x * stride + c], stored or added (Add); divided by `divisor` (W values)
+// unless null. The inverse of pack_block.
+template <bool Add, typename acc_t, typename Plane>
+void unpack_block_row(const acc_t* __restrict lanes, int64_t stride, const Plane& plane, int64_t count,
+                      const acc_t* __restrict divisor, int64_t W) {
+  int64_t x = 0;
+#if defined(SOFTSPLAT_VECTOR_EXTENSION)
+  const int64_t tiled = count / 4 * 4;
+  for (; x + 4 <= W; x += 4) {
+    for (int64_t c = 0; c < tiled; c += 4) {
+      Quad<acc_t> r[4];
+      for (int k = 0; k < 4; ++k) load_quad(r[k], lanes + (x + k) * stride + c);
+      transpose_quads(r);
+      Quad<acc_t> by;
+      if (divisor) load_quad(by, divisor + x);
+      for (int k = 0; k < 4; ++k) {
+        acc_t* p = plane(c + k) + x;
+        if (Add) {
+          Quad<acc_t> sum;
+          load_quad(sum, p);
+          r[k] = sum + r[k];
+        }
+        if (divisor) r[k] /= by;
+        store_quad(p, r[k]);
+      }
+    }
+    for (int64_t c = tiled; c < count; ++c)
+      for (int64_t k = x; k < x + 4; ++k) {
+        acc_t* p = plane(c) + k;
+        const acc_t value = Add ? *p + lanes[k * stride + c] : lanes[k * stride + c];
+        *p = divisor ? value / divisor[k] : value;
+      }
+  }
+#endif
+  for (; x < W; ++x)
+    for (int64_t c = 0; c < count; ++c) {
+      acc_t* p = plane(c) + x;
+      const acc_t value = Add ? *p + lanes[x * stride + c] : lanes[x * stride + c];
+      *p = divisor ? value / divisor[x] : value;
+    }
+}
+
+}  // namespace cpu
+}  // namespace softsplat
