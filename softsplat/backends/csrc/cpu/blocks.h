@@ -50,7 +50,8 @@ inline void transpose_quads(V r[4]) {
 
 // values[i * stride + j] = x * w of channel j of the block (`pixel`: its first channel at the
 // first pixel; `view`: its strides) at pixel i < count, for j < lanes; lanes [lanes, L) zero. w
-// null: x. Planes (view.x 1) of float and double by 4 x 4 tiles, the rest one value at a time.
+// null: x. Planes (view.x 1) of float and double by 4 x 4 tiles, whole blocks of channels side
+// by side (view.c 1) a vector at a time, the rest one value at a time.
 template <int L, typename scalar_t, typename acc_t>
 void pack_block(const scalar_t* __restrict pixel, const View4& view, const acc_t* __restrict w, int64_t lanes,
                 acc_t* __restrict values, int64_t stride, int64_t count) {
@@ -75,6 +76,18 @@ void pack_block(const scalar_t* __restrict pixel, const View4& view, const acc_t
         for (int64_t j = tiled; j < lanes; ++j) lane[j] = w ? pixel[j * view.c + i + k] * w[i + k] : pixel[j * view.c + i + k];
         for (int64_t j = lanes; j < L; ++j) lane[j] = acc_t(0);
       }
+    }
+  }
+#endif
+#if defined(SOFTSPLAT_VECTOR_EXTENSION)
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    // Channels side by side already (channels_last): a whole block per pixel, one vector.
+    using Lanes = typename Vector<acc_t, L>::type;
+    for (; view.c == 1 && lanes == L && i < count; ++i) {
+      Lanes v;
+      std::memcpy(&v, pixel + i * view.x, sizeof v);
+      if (w) v *= w[i];
+      std::memcpy(values + i * stride, &v, sizeof v);
     }
   }
 #endif
