@@ -78,7 +78,7 @@ def test_help_names_every_command(capsys) -> None:
 
 
 def test_info_shows_install_hints_verbatim(capsys, monkeypatch) -> None:
-    import softsplat.backends.triton_backend as triton_backend
+    import softsplat.backends.triton as triton_backend
 
     monkeypatch.setattr(triton_backend.importlib.util, "find_spec", lambda name: None)
     backend = triton_backend.TritonBackend()

@@ -69,7 +69,7 @@ def test_a_grid_stride_index_past_2_31_stays_exact() -> None:
     build wraps as the device does) and the loop runs on at negative indices."""
     import ctypes
 
-    from softsplat.backends import cupy_backend
+    from softsplat.backends import cupy as cupy_backend
 
     W, total = 128, 2**31 - 2**27
     C = total // W
@@ -96,7 +96,7 @@ def test_the_cuda_scatter_max_lets_every_nan_win(backend_name) -> None:
     """The CUDA kernels' scatter-max (integer atomics on the bits, as Triton's): a NaN metric wins
     whatever its sign bit, -0.0 is a number like +0.0, negatives order inversely; the same maxima
     as the oracle's, bitwise, in float32 and float64."""
-    from softsplat.backends import oracle
+    from softsplat.backends import torch as oracle
 
     backend = backends.get(backend_name)
     backend.prepare()

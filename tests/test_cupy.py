@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from softsplat import backends
-from softsplat.backends import cupy_backend
+from softsplat.backends import cupy as cupy_backend
 
 needs_cupy = pytest.mark.skipif(importlib.util.find_spec("cupy") is None, reason="CuPy is not installed (pip install 'softsplat[cupy]')")
 
@@ -180,7 +180,7 @@ def test_info_shows_cupy_and_its_reason() -> None:
 
 
 def test_a_cupy_of_another_cuda_major_than_torch_is_reported() -> None:
-    from softsplat.backends.cupy_backend import cuda_mismatch, installed_cupy_cuda
+    from softsplat.backends.cupy import cuda_mismatch, installed_cupy_cuda
 
     reason = cuda_mismatch(12, "13.0")
     assert "CuPy is built for CUDA 12, torch for CUDA 13.0" in reason and "softsplat[cupy13]" in reason

@@ -6,7 +6,7 @@ the test suite. They are no part of softsplat: the test suite's conftest.py regi
 csrc/cuda/launch.h), compiled by g++ from the same source through a host shim (shim.h) and run
 on CPU tensors (cuda_host.cpp).
 
-``cupy-host``: the cupy backend's own Python side (softsplat/backends/cupy_backend.py: buffers,
+``cupy-host``: the cupy backend's own Python side (softsplat/backends/cupy.py: buffers,
 index type, the kernel arguments it converts, their order and types, the grid) with each launch
 handed to the same kernels compiled for the host (cupy_host.cpp) instead of to CuPy: the
 arguments reach the kernels as CUDA's launch API passes them, so a swapped or mistyped argument
@@ -25,7 +25,7 @@ import threading
 import torch
 
 from softsplat import backends
-from softsplat.backends import cupy_backend
+from softsplat.backends import cupy as cupy_backend
 from softsplat.backends.extension import CSRC, OpLibrary, compiler_reason
 from softsplat.backends.ops import OpsBackend
 
@@ -76,8 +76,8 @@ _CTYPES = {"uint64": ctypes.c_uint64, "int64": ctypes.c_int64, "int32": ctypes.c
 
 
 def host_launch(device: torch.device, dtype: torch.dtype, kernel: str, index: str, total: int, *args) -> None:
-    """cupy_backend's launch, made on the CPU: the same converted arguments, as pointers to their
-    values (cuLaunchKernel's kernelParams), to the kernel of the same name expression."""
+    """The cupy backend's launch, made on the CPU: the same converted arguments, as pointers to
+    their values (cuLaunchKernel's kernelParams), to the kernel of the same name expression."""
     values = [_CTYPES[value.dtype.name](value.item()) for value in cupy_backend.kernel_arguments(index, args)]
     pointers = (ctypes.c_void_p * len(values))(*(ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values))
     name = cupy_backend.kernel_names(dtype)[kernel, index]

@@ -15,12 +15,14 @@ import warnings
 from .base import Backend, BackendFailedError, Signature
 
 #: Every backend, by name: ``module:class`` (imported on first use, never compiling) or an
-#: instance given to ``register``.
+#: instance given to ``register``. Each backend's module bears the backend's name, which for
+#: torch, triton and cupy is also the name of the library it uses: importing a submodule binds
+#: its name in this package's namespace, so this module imports none of those libraries.
 _REGISTRY: dict[str, str | Backend] = {
-    "torch": "oracle:TorchBackend",
+    "torch": "torch:TorchBackend",
     "cpp": "cpp:CppBackend",
-    "triton": "triton_backend:TritonBackend",
-    "cupy": "cupy_backend:CupyBackend",
+    "triton": "triton:TritonBackend",
+    "cupy": "cupy:CupyBackend",
 }
 
 _REGISTRY_LOCK = threading.Lock()
