@@ -1,4 +1,4 @@
-"""Options and Hypothesis profiles shared by ``tests/`` and ``conformance/``."""
+"""Options, Hypothesis profiles and the host backends shared by ``tests/`` and ``conformance/``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,13 @@ if "TRITON_INTERPRET" not in os.environ:
 
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
+
+# The backends that run the GPU code on the CPU (cuda-host, cupy-host) are the test suite's own,
+# not softsplat's: registered here for tests/ and conformance/ alike (and for the pytest runs
+# that tests start), so the suite checks the CUDA kernels and the cupy backend without a GPU.
+from conformance import host  # noqa: E402
+
+host.register()
 
 # The test command draws the same examples on every run and every machine ("ci", derandomised),
 # so a failure in CI reproduces anywhere. `pytest --hypothesis-profile=dev` draws new random

@@ -1,7 +1,8 @@
 """Checks an installed softsplat wheel (``nox -s wheel_test`` and cibuildwheel's test step run it):
-``softsplat info`` shows the cpp backend prebuilt, and the cpp conformance suite passes at every
-CPU level this machine runs, with nothing compiled (TORCH_EXTENSIONS_DIR, an empty directory,
-stays empty).
+``softsplat info`` shows the cpp backend prebuilt and none of the test suite's host backends, the
+wheel holds none of conformance/host's files, and the cpp conformance suite passes at every CPU
+level this machine runs, with nothing compiled (TORCH_EXTENSIONS_DIR, an empty directory, stays
+empty).
 
 Run it with the environment's Python, the wheel installed with pytest and hypothesis. It runs
 the suite from a copy, so that the checkout's own ``softsplat`` cannot be imported instead of
@@ -51,6 +52,11 @@ def main() -> int:
         info = run(sys.executable, "-m", "softsplat.cli", "info")
         if "prebuilt" not in info:
             sys.exit("softsplat info does not show the cpp backend prebuilt")
+        # The test suite's host backends (conformance/host) are no part of the wheel.
+        test_code = {path.name for path in (CHECKOUT / "conformance" / "host").iterdir()} - {"__init__.py", "__pycache__"}
+        shipped = sorted(str(p) for p in pathlib.Path(where).parent.rglob("*") if p.name in test_code)
+        if shipped or "cuda-host" in info or "cupy-host" in info:
+            sys.exit(f"the wheel holds the test suite's host backends: {shipped or 'softsplat info lists them'}")
         levels = run(sys.executable, "-c", "from softsplat.backends import build_flags; print(*build_flags.supported_levels())").split()
         for level in levels:
             print(f"== conformance, cpp, CPU level {level}", flush=True)

@@ -20,7 +20,7 @@ import dataclasses
 import torch
 
 import softsplat
-from softsplat.backends import oracle
+from softsplat.backends import torch as oracle
 from softsplat.modes import safe_normaliser
 
 from .strategies import Case

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import softsplat
 from softsplat import Mode
-from softsplat.backends import oracle
+from softsplat.backends import torch as oracle
 from softsplat.modes import compute_dtype, safe_normaliser
 
 from .compare import compare, gradient_magnitudes

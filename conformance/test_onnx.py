@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import softsplat
 from softsplat import Mode
-from softsplat.backends import oracle
+from softsplat.backends import torch as oracle
 from softsplat.modes import compute_dtype
 
 from .compare import compare

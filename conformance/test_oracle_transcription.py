@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from softsplat import Mode
-from softsplat.backends import oracle
+from softsplat.backends import torch as oracle
 
 
 def _corners(x, y, fx, fy):

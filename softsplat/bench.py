@@ -190,12 +190,12 @@ def forward_bytes(size, channels=3, batch=1, dtype=torch.float32, mode="soft") -
 
 
 def _runnable(args, modes, console):
-    """The backends to time (named by --backends, else every one a user can pick) that can run
+    """The backends to time (named by --backends, else every registered one) that can run
     the first mode on --device in --dtype; the others are reported as skipped, with why."""
     from rich.markup import escape
 
     device, dtype = args.device, getattr(torch, args.dtype)
-    candidates = [b for b in backends.all_backends() if not b.test_only]
+    candidates = backends.all_backends()
     if args.backends:
         candidates = [backends.get(name) for name in args.backends.split(",")]
     runnable = []

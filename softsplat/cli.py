@@ -44,8 +44,6 @@ def build(args: argparse.Namespace) -> int:
     """Build (or find already built) every compiled backend that can be built here."""
     failed = 0
     for backend in backends.all_backends():
-        if backend.test_only:
-            continue
         if not backend.is_available():
             print(f"{backend.name}: skipped, {backend.unavailable_reason}")
             continue

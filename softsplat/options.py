@@ -33,12 +33,11 @@ def positive_int(value: str) -> int:
 
 
 def backend_name(value: str) -> str:
-    """--backend: 'auto' or a backend a user can name."""
+    """--backend: 'auto' or a registered backend."""
     from . import backends
 
-    names = [name for name in backends.names() if not backends.get(name).test_only]
-    if value != "auto" and value not in names:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or one of {', '.join(names)}, got {value!r}")
+    if value != "auto" and value not in backends.names():
+        raise argparse.ArgumentTypeError(f"expected 'auto' or one of {', '.join(backends.names())}, got {value!r}")
     return value
 
 

@@ -7,7 +7,7 @@ import torch
 
 import softsplat
 from softsplat import BackendNotSupportedError, Mode, backends
-from softsplat.backends import oracle
+from softsplat.backends import torch as oracle
 
 
 def _tensors(N=1, C=2, H=3, W=4, dtype=torch.float32):

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import softsplat
+from conformance import host
 from conformance.compare import compare, flushed
 from conformance.strategies import Case
 from conformance.test_against_oracle import check_case
 from softsplat import Mode, backends
-from softsplat.backends import cuda_host
 from softsplat.backends.extension import compiler_reason
 
 pytestmark = pytest.mark.skipif(compiler_reason() is not None, reason=f"cannot build here: {compiler_reason()}")
@@ -57,7 +57,7 @@ def test_the_conformance_contract_leaves_exactly_the_flushed_targets_open() -> N
 def test_the_shim_is_built_without_contraction_as_the_device_code() -> None:
     from softsplat.backends import build_flags
 
-    assert "-ffp-contract=off" in cuda_host.library().cflags and "--fmad=false" in build_flags.CUDA_FLAGS
+    assert "-ffp-contract=off" in host.library().cflags and "--fmad=false" in build_flags.CUDA_FLAGS
 
 
 def test_a_grid_stride_index_past_2_31_stays_exact() -> None:
@@ -69,7 +69,7 @@ def test_a_grid_stride_index_past_2_31_stays_exact() -> None:
     build wraps as the device does) and the loop runs on at negative indices."""
     import ctypes
 
-    from softsplat.backends import cupy_backend
+    from softsplat.backends import cupy as cupy_backend
 
     W, total = 128, 2**31 - 2**27
     C = total // W
@@ -79,7 +79,7 @@ def test_a_grid_stride_index_past_2_31_stays_exact() -> None:
     index = "int" if cupy_backend._fits_int32((input, flow, metric, out), (C + 1) * W) else "long long"
     blocks, threads = cupy_backend.blocks_for(total), cupy_backend.THREADS
     assert blocks * threads == 2**28
-    library = cuda_host.kernel_library()
+    library = host.kernel_library()
     library.ops()  # built and loaded once
     function = ctypes.CDLL(str(library.library_path())).softsplat_host_loop_probe
     function.restype = ctypes.c_longlong
@@ -96,7 +96,7 @@ def test_the_cuda_scatter_max_lets_every_nan_win(backend_name) -> None:
     """The CUDA kernels' scatter-max (integer atomics on the bits, as Triton's): a NaN metric wins
     whatever its sign bit, -0.0 is a number like +0.0, negatives order inversely; the same maxima
     as the oracle's, bitwise, in float32 and float64."""
-    from softsplat.backends import oracle
+    from softsplat.backends import torch as oracle
 
     backend = backends.get(backend_name)
     backend.prepare()

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from softsplat import backends
-from softsplat.backends import cupy_backend
+from softsplat.backends import cupy as cupy_backend
 
 needs_cupy = pytest.mark.skipif(importlib.util.find_spec("cupy") is None, reason="CuPy is not installed (pip install 'softsplat[cupy]')")
 
@@ -136,15 +136,15 @@ def test_two_shapes_share_one_compiled_program(monkeypatch) -> None:
     monkeypatch.setattr(cupy.cuda, "ExternalStream", lambda handle, device: ("stream", handle, device))
     monkeypatch.setattr(cupy_backend, "_current_stream", lambda index: 1234)
     monkeypatch.setattr(cupy_backend, "_modules", {})
-    monkeypatch.setitem(cupy_backend.LAUNCHERS, "cpu", cupy_backend._launch)  # CPU tensors, CuPy launches (faked)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     _FakeModule.built = []
+    impls = cupy_backend.Impls(cupy_backend.cuda_launch)  # CuPy's launches (faked), of CPU tensors
     for shape in [(1, 3, 8, 10), (2, 3, 17, 5)]:
         N, C, H, W = shape
         input, flow, metric = torch.randn(shape), torch.randn(N, 2, H, W), torch.randn(N, 1, H, W)
-        out, normaliser = cupy_backend.forward_impl(input, flow, metric, 3, 0)
+        out, normaliser = impls.forward(input, flow, metric, 3, 0)
         assert out.shape == shape and normaliser.shape == (N, 1, H, W)
-        cupy_backend.backward_impl(torch.ones(shape), None, input, flow, metric, out, normaliser, 3, 0, [True, True, True])
+        impls.backward(torch.ones(shape), None, input, flow, metric, out, normaliser, 3, 0, [True, True, True])
     assert len(_FakeModule.built) == 1, "a new shape compiled a new program"
     assert list(cupy_backend._modules) == [(0, torch.float32)]
     launched = [name for name, *_ in _FakeModule.built[0].launches]
@@ -152,11 +152,11 @@ def test_two_shapes_share_one_compiled_program(monkeypatch) -> None:
         "softsplat::splat_forward_kernel<float, float, int>", "softsplat::splat_normalise_kernel<float, int>",
         "softsplat::splat_backward_prepare_kernel<float, int>", "softsplat::splat_backward_kernel<float, float, int>",
     ]
-    cupy_backend.forward_impl(input.half(), flow, metric, 3, 0)
+    impls.forward(input.half(), flow, metric, 3, 0)
     assert len(_FakeModule.built) == 2 and (0, torch.float16) in cupy_backend._modules
     # Raw normalisation (splat_many's numerators): no normalise pass, which would divide by 1.
     _FakeModule.built[0].launches.clear()
-    cupy_backend.forward_impl(input, flow, metric, 3, 3)
+    impls.forward(input, flow, metric, 3, 3)
     assert [name for name, *_ in _FakeModule.built[0].launches] == ["softsplat::splat_forward_kernel<float, float, int>"]
 
 
@@ -180,7 +180,7 @@ def test_info_shows_cupy_and_its_reason() -> None:
 
 
 def test_a_cupy_of_another_cuda_major_than_torch_is_reported() -> None:
-    from softsplat.backends.cupy_backend import cuda_mismatch, installed_cupy_cuda
+    from softsplat.backends.cupy import cuda_mismatch, installed_cupy_cuda
 
     reason = cuda_mismatch(12, "13.0")
     assert "CuPy is built for CUDA 12, torch for CUDA 13.0" in reason and "softsplat[cupy13]" in reason
@@ -237,8 +237,8 @@ def test_a_launch_runs_on_its_tensors_device_and_torchs_stream_there(monkeypatch
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     streams = []
     monkeypatch.setattr(_FakeModule, "get_function", lambda self, name: lambda grid, block, args, stream: streams.append(stream))
-    cupy_backend._launch(torch.device("cuda", 1), torch.float32, "normalise", "int", 10, None, None, ("index", 1),
-                         ("index", 1), ("index", 1), ("index", 10), ("int", 0))
+    cupy_backend.cuda_launch(torch.device("cuda", 1), torch.float32, "normalise", "int", 10, None, None, ("index", 1),
+                             ("index", 1), ("index", 1), ("index", 10), ("int", 0))
     assert entered == [1] and list(cupy_backend._modules) == [(1, torch.float32)]
     assert streams == [("stream", 1001, 1)]
 

@@ -14,7 +14,7 @@ import torch
 
 import softsplat
 from softsplat import backends
-from softsplat.backends import cupy_backend
+from softsplat.backends import cupy as cupy_backend
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

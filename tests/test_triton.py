@@ -14,7 +14,7 @@ import torch
 
 import softsplat
 from softsplat import backends
-from softsplat.backends import triton_backend
+from softsplat.backends import triton as triton_backend
 
 HERE = pathlib.Path(__file__).resolve().parent
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (pip install 'softsplat[triton]')")
@@ -171,7 +171,7 @@ def test_stable_maximum_lets_every_nan_win() -> None:
     loses a NaN with the sign bit set to -inf), and -0.0 is a number like +0.0."""
     if not triton_backend.interpreted():
         pytest.skip("runs the kernels in Triton's interpreter (TRITON_INTERPRET=1, as the test session sets it without CUDA)")
-    from softsplat.backends import oracle
+    from softsplat.backends import torch as oracle
 
     backends.get("triton").prepare()
     flow = torch.zeros(1, 2, 3, 4)

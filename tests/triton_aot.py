@@ -44,7 +44,7 @@ class Recorder:
 def record() -> None:
     """Every launch of the backend's ops over the cases."""
     torch.library.wrap_triton = Recorder
-    from softsplat.backends import triton_backend as backend
+    from softsplat.backends import triton as backend
 
     generator = torch.Generator().manual_seed(0)
     shapes = [(1, 1, 1, 1), (1, 3, 1, 7), (2, 2, 5, 1), (2, 4, 9, 16)]

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from softsplat import Mode, backends
-from softsplat.backends import oracle
+from softsplat.backends import torch as oracle
 
 from ..compare import compare
 from ..strategies import Case, cases, shapes

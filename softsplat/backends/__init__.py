@@ -15,18 +15,15 @@ import warnings
 from .base import Backend, BackendFailedError, Signature
 
 #: Every backend, by name: ``module:class`` (imported on first use, never compiling) or an
-#: instance given to ``register``.
+#: instance given to ``register``. Each backend's module bears the backend's name, which for
+#: torch, triton and cupy is also the name of the library it uses: importing a submodule binds
+#: its name in this package's namespace, so this module imports none of those libraries.
 _REGISTRY: dict[str, str | Backend] = {
-    "torch": "oracle:TorchBackend",
+    "torch": "torch:TorchBackend",
     "cpp": "cpp:CppBackend",
-    "triton": "triton_backend:TritonBackend",
-    "cupy": "cupy_backend:CupyBackend",
-    "cuda-host": "cuda_host:CudaHostBackend",  # for tests; not in PRIORITY
-    "cupy-host": "cuda_host:CupyHostBackend",  # for tests; not in PRIORITY
+    "triton": "triton:TritonBackend",
+    "cupy": "cupy:CupyBackend",
 }
-
-#: Backends that exist to test something else: never offered to users, never in PRIORITY.
-TEST_ONLY = ("cuda-host", "cupy-host")
 
 _REGISTRY_LOCK = threading.Lock()
 
@@ -46,8 +43,7 @@ def names() -> tuple[str, ...]:
 def get(name: str, argument: str = "backend") -> Backend:
     """The backend called ``name``; ``ValueError`` naming the known ones otherwise."""
     if name not in _REGISTRY:
-        public = [n for n in _REGISTRY if n not in TEST_ONLY]
-        raise ValueError(f"{argument}: expected 'auto' or one of {', '.join(map(repr, public))}, got {name!r}")
+        raise ValueError(f"{argument}: expected 'auto' or one of {', '.join(map(repr, _REGISTRY))}, got {name!r}")
     return _instance(name)
 
 
@@ -63,11 +59,15 @@ def _instance(name: str) -> Backend:
 
 
 def register(backend: Backend) -> None:
-    """Add (or replace) a backend under ``backend.name``; it is not added to ``PRIORITY``."""
+    """Add (or replace) a backend under ``backend.name``: from then on it can be named (``backend=``,
+    ``SOFTSPLAT_BACKEND``, the command line) and ``softsplat info`` lists it, but ``auto`` never
+    picks it (it is not added to ``PRIORITY``). A backend from outside the package is added this
+    way: the test suite's conftest.py registers its host backends (conformance/host)."""
     _REGISTRY[backend.name] = backend
 
 
 def unregister(name: str) -> None:
+    """Remove the backend called ``name`` (one that ``register`` added)."""
     _REGISTRY.pop(name)
 
 

@@ -74,8 +74,6 @@ class Backend(abc.ABC):
     #: Device types on which its float32 sums are atomic adds that flush subnormal operands and
     #: results to zero, as GPUs' do (docs/spec.md, "Floating point").
     flushes_subnormals_on: tuple[str, ...] = ()
-    #: A backend that exists to test something else (never in ``PRIORITY``, not prebuilt).
-    test_only: bool = False
     #: How to fix a failure to prepare (build or load) the backend; ends its error messages.
     fix_hint: str = ""
     #: Why ``prepare`` failed in this process, or None; a failed backend is not tried again.

@@ -100,10 +100,10 @@ def cpu_flags(level: str, kind: str, arch: str) -> tuple[list[str], list[str]]:
     and a sum into one rounding (the oracle rounds twice), and torch's stable ABI only
     (``stable_abi_flags``). No OpenMP: the kernels run in parallel through torch's own thread
     pool (``torch::stable::parallel_for``), so no compiler needs an OpenMP runtime."""
-    stable = stable_abi_flags(kind)
+    abi = stable_abi_flags(kind)
     if kind == "msvc":
         arch_flags = {"baseline": [], "avx2": ["/arch:AVX2"], "avx512": ["/arch:AVX512"]}[level] if arch == "x86_64" else []
-        return ["/O2", "/fp:precise", *arch_flags, *stable], []
+        return ["/O2", "/fp:precise", *arch_flags, *abi], []
     # -fno-trapping-math lets loops with floor() and compares vectorise (no result changes).
     flags = ["-O3", "-fno-trapping-math", "-ffp-contract=off"]
     if arch == "x86_64":
@@ -114,7 +114,7 @@ def cpu_flags(level: str, kind: str, arch: str) -> tuple[list[str], list[str]]:
         }[level]
     elif arch == "aarch64" and kind != "apple-clang":
         flags += ["-march=armv8-a"]  # NEON is part of the baseline
-    return flags + stable, []
+    return flags + abi, []
 
 
 #: nvcc's flags for the CUDA kernels: no contraction into FMAs (docs/spec.md, "Floating point").

@@ -1,8 +1,9 @@
 """Compiled op libraries: built on first use with ``torch.utils.cpp_extension.load``, cached, and
 given their Python side (``register_fake`` and ``register_autograd``) once loaded.
 
-Shared by the ``cpp`` backend (namespace ``softsplat``) and the test-only ``cuda-host`` backend
-(namespace ``softsplat_cuda_host``): both libraries define the ops of ``csrc/schemas.h``.
+Used by the ``cpp`` backend (namespace ``softsplat``), and by libraries built from sources
+outside the package against its headers (``includes``): the test suite's host libraries
+(conformance/host) define the same ops of ``csrc/schemas.h`` in a namespace of their own.
 Importing this module never compiles.
 """
 
@@ -48,8 +49,8 @@ class OpLibrary:
     """One compiled library of the ``splat_forward``/``splat_backward`` ops in ``namespace``."""
 
     def __init__(self, namespace: str, sources: list[str], *, cflags=(), cuda_cflags=(), fused_stable=False,
-                 root: pathlib.Path = CSRC, level: str | None = None, prebuilt: list[pathlib.Path] | None = None,
-                 cuda_only: bool = False):
+                 root: pathlib.Path = CSRC, includes: tuple[pathlib.Path, ...] = (), level: str | None = None,
+                 prebuilt: list[pathlib.Path] | None = None, cuda_only: bool = False):
         self.namespace = namespace
         #: A library of CUDA kernels only, for ops another library of the namespace defines and
         #: registers (loaded after it): named "cuda" instead of a CPU level, no Python side.
@@ -59,6 +60,9 @@ class OpLibrary:
         self.prebuilt = prebuilt
         self.fused_stable = fused_stable  # defines splat_stable_forward (schemas.h)
         self.root = root  # sources and headers are under it (csrc/)
+        #: Further header directories (csrc/ for sources kept elsewhere): searched after the
+        #: root, and hashed with it.
+        self.includes = tuple(includes)
         self.sources = [root / s for s in sources]
         #: The CPU instruction-set level the library is built for (build_flags).
         self.level = "cuda" if cuda_only else level or build_flags.chosen_level()
@@ -73,13 +77,17 @@ class OpLibrary:
 
     def name(self) -> str:
         """Library name: namespace, level, and a hash of what makes a build valid: every source
-        and header (by path relative to the root and content, not by where the checkout is), the
-        flags (which name the level; no flag depends on this particular CPU) and torch's
-        version. Two checkouts or environments with the same sources and torch share one build."""
+        and header (by path relative to the root or include directory, and content; not by
+        where the checkout is), the flags (which name the level; no flag depends on this
+        particular CPU) and torch's version. Two checkouts or environments with the same sources
+        and torch share one build."""
         digest = hashlib.sha256()
-        headers = {p for pattern in ("**/*.h", "**/*.cuh") for p in self.root.glob(pattern)}
-        for path in sorted(set(self.sources) | headers):
-            digest.update(str(path.relative_to(self.root)).encode() + path.read_bytes())
+        for number, root in enumerate((self.root, *self.includes)):
+            headers = {p for pattern in ("**/*.h", "**/*.cuh") for p in root.glob(pattern)}
+            sources = set(self.sources) if number == 0 else set()
+            prefix = f"include {number}: " if number else ""
+            for path in sorted(sources | headers):
+                digest.update(f"{prefix}{path.relative_to(root)}".encode() + path.read_bytes())
         digest.update(" ".join(self.cflags + self.ldflags + self.cuda_cflags).encode() + torch.__version__.encode())
         return f"{self.namespace}_{self.level}_{digest.hexdigest()[:12]}"
 
@@ -171,7 +179,7 @@ class OpLibrary:
             extra_cflags=list(self.cflags),
             extra_cuda_cflags=list(self.cuda_cflags),
             extra_ldflags=list(self.ldflags),
-            extra_include_paths=[str(self.root)],
+            extra_include_paths=[str(self.root), *map(str, self.includes)],
             build_directory=str(directory),
             is_python_module=False,
             verbose=False,

@@ -1,5 +1,5 @@
-// The op schemas, shared by the cpp backend's library (namespace softsplat) and the test-only
-// library that runs the CUDA kernels on the host (namespace softsplat_cuda_host).
+// The op schemas, shared by the cpp backend's library (namespace softsplat) and the test suite's
+// library that runs the CUDA kernels on the host (conformance/host, namespace softsplat_cuda_host).
 //
 // splat_forward returns the result in the compute dtype (float32, or float64 for float64 input;
 // the Python wrapper casts it to input's dtype) and the raw normaliser D [N, 1, H, W]

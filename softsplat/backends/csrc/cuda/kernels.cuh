@@ -1,8 +1,8 @@
 // CUDA kernels of softmax splatting. Free of torch types: raw pointers, sizes and element strides,
 // templated on the input's scalar type, the accumulation type (float, or double for double) and
 // the index type (int when every offset fits, else long long). The same source is compiled by
-// nvcc for the cpp backend, by NVRTC for the CuPy backend, and by g++ through the host shim
-// (cuda_host_shim.h) so the tests execute it on the CPU.
+// nvcc for the cpp backend, by NVRTC for the CuPy backend, and by g++ through the test suite's
+// host shim (conformance/host/shim.h) so the tests execute it on the CPU.
 //
 // Forward: one thread per source pixel atomically adds its weighted channels and its weight to
 // the four taps (atomics: the order of additions, hence the last bits, vary run to run), then
@@ -17,7 +17,7 @@ namespace softsplat {
 
 // Grid-stride loop over [0, total) in index_t; blockIdx.x * blockDim.x is formed in index_t so
 // it cannot wrap in 32-bit unsigned arithmetic. (Left defined for the host tests' loop probe,
-// csrc/cupy_host.cpp.)
+// conformance/host/cupy_host.cpp.)
 #define SOFTSPLAT_KERNEL_LOOP(i, total)                                                        \
   for (index_t i = static_cast<index_t>(blockIdx.x) * static_cast<index_t>(blockDim.x) +     \
                    static_cast<index_t>(threadIdx.x);                                          \

@@ -1,6 +1,7 @@
 // Torch-level launchers of the CUDA kernels (kernels.cuh): allocation, dtype and index-type
 // dispatch, launches. Included by ops.cu (nvcc, real launches on the current stream of the
-// input's device) and by splat_cuda_host.cpp (g++, the host shim). The includer defines
+// input's device) and by the test suite's conformance/host/cuda_host.cpp (g++, the host shim).
+// The includer defines
 //   SOFTSPLAT_DEVICE_GUARD(tensor)            make tensor's device current for this scope
 //   SOFTSPLAT_LAUNCH(kernel, blocks, threads, args...)   launch a kernel (a function pointer)
 #pragma once

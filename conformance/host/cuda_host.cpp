@@ -1,7 +1,7 @@
-// Test-only library `softsplat_cuda_host`: the CUDA kernels of cuda/kernels.cuh and their
+// Test-only library `softsplat_cuda_host`: the CUDA kernels of csrc/cuda/kernels.cuh and their
 // launchers, compiled by g++ through the host shim and registered for CPU tensors, so the
 // conformance suite executes the real kernel logic on a machine without a GPU.
-#include "cuda_host_shim.h"
+#include "shim.h"
 
 #define SOFTSPLAT_DEVICE_GUARD(tensor)
 #define SOFTSPLAT_LAUNCH(kernel, blocks, threads, ...) \

@@ -4,7 +4,7 @@
 // of pointers to the argument values, cuLaunchKernel's kernelParams). So the cupy backend's
 // own Python side (what it passes, in which order, of which type) runs against the kernels on
 // the CPU, exactly as its converted arguments would reach them on a GPU.
-#include "cuda_host_shim.h"
+#include "shim.h"
 
 #include <algorithm>
 #include <climits>

@@ -1,26 +1,36 @@
-"""Test-only backends that run the GPU code on the CPU, so that a machine without a GPU executes
-it under the conformance suite; ``auto`` never picks them.
+"""Backends that run the GPU code on the CPU, so that a machine without a GPU executes it under
+the test suite. They are no part of softsplat: the test suite's conftest.py registers them
+(``register``), ``auto`` never picks them, and neither they nor their sources are in the wheel.
 
-``cuda-host``: the cpp backend's CUDA kernels and their C++ launchers (cuda/launch.h),
-compiled by g++ from the same source through a host shim and run on CPU tensors.
+``cuda-host``: the cpp backend's CUDA kernels and their C++ launchers (softsplat's
+csrc/cuda/launch.h), compiled by g++ from the same source through a host shim (shim.h) and run
+on CPU tensors (cuda_host.cpp).
 
-``cupy-host``: the cupy backend's own Python side (cupy_backend.py: buffers, index type, the
-kernel arguments it converts, their order and types, the grid) with each launch handed to the
-same kernels compiled for the host (csrc/cupy_host.cpp) instead of to CuPy: the arguments reach
-the kernels as CUDA's launch API passes them, so a swapped or mistyped argument computes
-something else here as it would on a GPU.
+``cupy-host``: the cupy backend's own Python side (softsplat/backends/cupy.py: buffers,
+index type, the kernel arguments it converts, their order and types, the grid) with each launch
+handed to the same kernels compiled for the host (cupy_host.cpp) instead of to CuPy: the
+arguments reach the kernels as CUDA's launch API passes them, so a swapped or mistyped argument
+computes something else here as it would on a GPU.
+
+Both libraries are built on first use, as the cpp backend's are (softsplat's OpLibrary), from
+the sources here and softsplat's headers.
 """
 
 from __future__ import annotations
 
 import ctypes
+import pathlib
 import threading
 
 import torch
 
-from . import cupy_backend
-from .extension import OpLibrary, compiler_reason
-from .ops import OpsBackend
+from softsplat import backends
+from softsplat.backends import cupy as cupy_backend
+from softsplat.backends.extension import CSRC, OpLibrary, compiler_reason
+from softsplat.backends.ops import OpsBackend
+
+#: The host libraries' own sources (shim.h, cuda_host.cpp, cupy_host.cpp).
+HERE = pathlib.Path(__file__).resolve().parent
 
 #: The device's integer arithmetic wraps on overflow (PTX add.s32): so does the host build's,
 #: rather than being undefined (which lets g++ compute a loop's trip count as if it never wrapped).
@@ -34,12 +44,13 @@ def library() -> OpLibrary:
     """The cuda-host op library (one object per process, whichever thread asks first)."""
     with _LOCK:
         if "ops" not in _LIBRARIES:
-            _LIBRARIES["ops"] = OpLibrary("softsplat_cuda_host", ["splat_cuda_host.cpp"], cflags=HOST_FLAGS)
+            _LIBRARIES["ops"] = OpLibrary("softsplat_cuda_host", ["cuda_host.cpp"], cflags=HOST_FLAGS, root=HERE,
+                                          includes=(CSRC,))
         return _LIBRARIES["ops"]
 
 
 class KernelLibrary(OpLibrary):
-    """csrc/cupy_host.cpp: plain C entry points, no ops (loaded, then opened with ctypes)."""
+    """cupy_host.cpp: plain C entry points, no ops (loaded, then opened with ctypes)."""
 
     def _register(self) -> None:
         pass
@@ -55,7 +66,8 @@ class KernelLibrary(OpLibrary):
 def kernel_library() -> KernelLibrary:
     with _LOCK:
         if "kernels" not in _LIBRARIES:
-            _LIBRARIES["kernels"] = KernelLibrary("softsplat_cupy_host", ["cupy_host.cpp"], cflags=HOST_FLAGS)
+            _LIBRARIES["kernels"] = KernelLibrary("softsplat_cupy_host", ["cupy_host.cpp"], cflags=HOST_FLAGS, root=HERE,
+                                                  includes=(CSRC,))
         return _LIBRARIES["kernels"]
 
 
@@ -64,8 +76,8 @@ _CTYPES = {"uint64": ctypes.c_uint64, "int64": ctypes.c_int64, "int32": ctypes.c
 
 
 def host_launch(device: torch.device, dtype: torch.dtype, kernel: str, index: str, total: int, *args) -> None:
-    """cupy_backend's launch, made on the CPU: the same converted arguments, as pointers to their
-    values (cuLaunchKernel's kernelParams), to the kernel of the same name expression."""
+    """The cupy backend's launch, made on the CPU: the same converted arguments, as pointers to
+    their values (cuLaunchKernel's kernelParams), to the kernel of the same name expression."""
     values = [_CTYPES[value.dtype.name](value.item()) for value in cupy_backend.kernel_arguments(index, args)]
     pointers = (ctypes.c_void_p * len(values))(*(ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values))
     name = cupy_backend.kernel_names(dtype)[kernel, index]
@@ -85,7 +97,6 @@ class _HostBackend(OpsBackend):
 
     deterministic_on = ()  # atomics in the forward, as on a GPU
     flushes_subnormals_on = ("cpu",)  # the host shim computes what the device does
-    test_only = True
 
     def devices(self) -> tuple[str, ...]:
         return ("cpu",)
@@ -96,7 +107,7 @@ class _HostBackend(OpsBackend):
 
 class CudaHostBackend(_HostBackend):
     name = "cuda-host"
-    summary = "test only: the CUDA kernels (cuda/kernels.cuh) run on the CPU through a host shim"
+    summary = "test suite: the CUDA kernels (cuda/kernels.cuh) run on the CPU through a host shim"
 
     def load_ops(self):
         return library().ops()
@@ -104,9 +115,19 @@ class CudaHostBackend(_HostBackend):
 
 class CupyHostBackend(_HostBackend):
     name = "cupy-host"
-    summary = "test only: the cupy backend's launches made on the CPU, to the same kernels compiled for the host"
+    summary = "test suite: the cupy backend's launches made on the CPU, to the same kernels compiled for the host"
 
     def load_ops(self):
-        cupy_backend.LAUNCHERS["cpu"] = host_launch
         _launcher()  # builds the kernels now, not inside the first op call
-        return cupy_backend.define_ops("softsplat_cupy_host", "cpu")
+        return cupy_backend.define_ops("softsplat_cupy_host", "cpu", host_launch)
+
+
+#: The backends this package adds, by name.
+BACKENDS = (CudaHostBackend, CupyHostBackend)
+
+
+def register() -> None:
+    """Add the host backends to softsplat's registry (the test suite's conftest.py does, once)."""
+    for backend in BACKENDS:
+        if backend.name not in backends.names():
+            backends.register(backend())

@@ -212,7 +212,7 @@ def blocks_for(total: int) -> int:
     return max(1, min((total + THREADS - 1) // THREADS, MAX_BLOCKS))
 
 
-def _launch(device: torch.device, dtype: torch.dtype, kernel: str, index: str, total: int, *args) -> None:
+def cuda_launch(device: torch.device, dtype: torch.dtype, kernel: str, index: str, total: int, *args) -> None:
     """Launch ``kernel`` on ``device`` and torch's current stream there."""
     import cupy
 
@@ -224,143 +224,145 @@ def _launch(device: torch.device, dtype: torch.dtype, kernel: str, index: str, t
         function((blocks_for(total),), (THREADS,), tuple(converted), stream=stream)
 
 
-#: How a launch is made, by device type: on CUDA through CuPy; the ``cupy-host`` test backend
-#: adds "cpu" (the same arguments to the kernels compiled for the host, cuda_host.py).
-LAUNCHERS = {"cuda": _launch}
-
-
-def launch(device: torch.device, *args) -> None:
-    LAUNCHERS[device.type](device, *args)
-
-
 def _source_arguments(input, flow, metric) -> tuple:
     """The leading kernel arguments of the forward and backward kernels: input, flow and
     metric with their strides."""
     return (input, *input.stride(), flow, *flow.stride(), metric, *per_pixel_strides(metric))
 
 
-def maximum_impl(flow: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
-    N, _, H, W = flow.shape
-    maximum = torch.full((N, 1, H, W), float("-inf"), dtype=flow.dtype, device=flow.device)
-    if N * H * W == 0:
+class Impls:
+    """The ops' implementations (buffers, index type, kernel arguments, grid), each launch made
+    by ``launch(device, dtype, kernel, index, total, *args)``: ``cuda_launch`` for the backend.
+    Another launcher gets the very arguments a GPU would (the test suite's conformance/host
+    hands them to the kernels compiled for the CPU)."""
+
+    def __init__(self, launch) -> None:
+        self.launch = launch
+
+    def maximum(self, flow: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
+        N, _, H, W = flow.shape
+        maximum = torch.full((N, 1, H, W), float("-inf"), dtype=flow.dtype, device=flow.device)
+        if N * H * W == 0:
+            return maximum
+        index = "int" if _fits_int32((flow, metric, maximum), N * H * W) else "long long"
+        dtype = torch.float64 if flow.dtype == torch.float64 else torch.float32
+        self.launch(flow.device, dtype, "maximum", index, N * H * W, flow, *flow.stride(), metric,
+                    *per_pixel_strides(metric), *(("index", v) for v in (N, H, W)), maximum)
         return maximum
-    index = "int" if _fits_int32((flow, metric, maximum), N * H * W) else "long long"
-    dtype = torch.float64 if flow.dtype == torch.float64 else torch.float32
-    launch(flow.device, dtype, "maximum", index, N * H * W, flow, *flow.stride(), metric,
-            *per_pixel_strides(metric), *(("index", v) for v in (N, H, W)), maximum)
-    return maximum
 
-
-def forward_impl(
-    input: torch.Tensor,
-    flow: torch.Tensor,
-    metric: torch.Tensor | None,
-    kind: int,
-    normalisation: int,
-    maximum: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    N, C, H, W = input.shape
-    out, normaliser = forward_buffers(input, flow, kind)
-    if N * H * W == 0:
-        return out, normaliser
-    metric = metric if kind >= Kind.LINEAR else None
-    index = "int" if _fits_int32((input, flow, metric, out), N * (C + 1) * H * W) else "long long"
-    sizes = tuple(("index", v) for v in (N, C, H, W))
-    launch(
-        input.device,
-        input.dtype,
-        "forward",
-        index,
-        N * H * W,
-        *_source_arguments(input, flow, metric),
-        *sizes,
-        ("int", kind),
-        maximum.contiguous() if kind == Kind.STABLE else None,
-        out,
-        normaliser if kind != Kind.SUM else None,
-    )
-    if kind != Kind.SUM and normalisation != Normalisation.RAW and C:  # raw: the numerator as it is
-        launch(
+    def forward(
+        self,
+        input: torch.Tensor,
+        flow: torch.Tensor,
+        metric: torch.Tensor | None,
+        kind: int,
+        normalisation: int,
+        maximum: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        N, C, H, W = input.shape
+        out, normaliser = forward_buffers(input, flow, kind)
+        if N * H * W == 0:
+            return out, normaliser
+        metric = metric if kind >= Kind.LINEAR else None
+        index = "int" if _fits_int32((input, flow, metric, out), N * (C + 1) * H * W) else "long long"
+        sizes = tuple(("index", v) for v in (N, C, H, W))
+        self.launch(
             input.device,
             input.dtype,
-            "normalise",
+            "forward",
             index,
-            N * C * H * W,
-            out,
-            normaliser,
+            N * H * W,
+            *_source_arguments(input, flow, metric),
             *sizes,
-            ("int", normalisation),
+            ("int", kind),
+            maximum.contiguous() if kind == Kind.STABLE else None,
+            out,
+            normaliser if kind != Kind.SUM else None,
         )
-    return out, normaliser
+        if kind != Kind.SUM and normalisation != Normalisation.RAW and C:  # raw: the numerator as it is
+            self.launch(
+                input.device,
+                input.dtype,
+                "normalise",
+                index,
+                N * C * H * W,
+                out,
+                normaliser,
+                *sizes,
+                ("int", normalisation),
+            )
+        return out, normaliser
 
-
-def backward_impl(
-    grad_out: torch.Tensor,
-    grad_normaliser: torch.Tensor | None,
-    input: torch.Tensor,
-    flow: torch.Tensor,
-    metric: torch.Tensor | None,
-    out: torch.Tensor,
-    normaliser: torch.Tensor,
-    kind: int,
-    normalisation: int,
-    output_mask: list[bool],
-    maximum: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    N, C, H, W = input.shape
-    (grad_input, grad_flow, grad_metric), want_metric = gradient_buffers(input, flow, metric, kind, output_mask)
-    if N * H * W == 0 or not (output_mask[0] or output_mask[1] or want_metric):
+    def backward(
+        self,
+        grad_out: torch.Tensor,
+        grad_normaliser: torch.Tensor | None,
+        input: torch.Tensor,
+        flow: torch.Tensor,
+        metric: torch.Tensor | None,
+        out: torch.Tensor,
+        normaliser: torch.Tensor,
+        kind: int,
+        normalisation: int,
+        output_mask: list[bool],
+        maximum: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        N, C, H, W = input.shape
+        (grad_input, grad_flow, grad_metric), want_metric = gradient_buffers(input, flow, metric, kind, output_mask)
+        if N * H * W == 0 or not (output_mask[0] or output_mask[1] or want_metric):
+            return grad_input, grad_flow, grad_metric
+        g = prepared_gradients(input, flow, kind)
+        out, normaliser = out.contiguous(), normaliser.contiguous()
+        metric = metric if kind >= Kind.LINEAR else None
+        normalised = kind != Kind.SUM
+        grad_normaliser = grad_normaliser if normalised and grad_normaliser is not None else None
+        index = (
+            "int"
+            if _fits_int32((input, flow, metric, grad_out, grad_normaliser, out, g), N * (C + 1) * H * W)
+            else "long long"
+        )
+        sizes = tuple(("index", v) for v in (N, C, H, W))
+        self.launch(
+            input.device,
+            input.dtype,
+            "prepare",
+            index,
+            N * H * W,
+            grad_out,
+            *grad_out.stride(),
+            out if normalised else None,
+            normaliser if normalised else None,
+            grad_normaliser,
+            *per_pixel_strides(grad_normaliser),
+            *sizes,
+            ("int", kind),
+            ("int", normalisation),
+            g,
+        )
+        self.launch(
+            input.device,
+            input.dtype,
+            "backward",
+            index,
+            N * H * W,
+            *_source_arguments(input, flow, metric),
+            g,
+            *sizes,
+            ("int", kind),
+            maximum.contiguous() if kind == Kind.STABLE else None,
+            grad_input if output_mask[0] else None,
+            grad_flow if output_mask[1] else None,
+            grad_metric if want_metric else None,
+        )
         return grad_input, grad_flow, grad_metric
-    g = prepared_gradients(input, flow, kind)
-    out, normaliser = out.contiguous(), normaliser.contiguous()
-    metric = metric if kind >= Kind.LINEAR else None
-    normalised = kind != Kind.SUM
-    grad_normaliser = grad_normaliser if normalised and grad_normaliser is not None else None
-    index = (
-        "int"
-        if _fits_int32((input, flow, metric, grad_out, grad_normaliser, out, g), N * (C + 1) * H * W)
-        else "long long"
-    )
-    sizes = tuple(("index", v) for v in (N, C, H, W))
-    launch(
-        input.device,
-        input.dtype,
-        "prepare",
-        index,
-        N * H * W,
-        grad_out,
-        *grad_out.stride(),
-        out if normalised else None,
-        normaliser if normalised else None,
-        grad_normaliser,
-        *per_pixel_strides(grad_normaliser),
-        *sizes,
-        ("int", kind),
-        ("int", normalisation),
-        g,
-    )
-    launch(
-        input.device,
-        input.dtype,
-        "backward",
-        index,
-        N * H * W,
-        *_source_arguments(input, flow, metric),
-        g,
-        *sizes,
-        ("int", kind),
-        maximum.contiguous() if kind == Kind.STABLE else None,
-        grad_input if output_mask[0] else None,
-        grad_flow if output_mask[1] else None,
-        grad_metric if want_metric else None,
-    )
-    return grad_input, grad_flow, grad_metric
 
 
 @functools.cache
-def define_ops(namespace: str = "softsplat_cupy", device_type: str = "cuda"):
-    """Define the ops (once per namespace) and their fake and autograd registrations."""
-    for name, impl in (("splat_forward", forward_impl), ("splat_backward", backward_impl), ("splat_maximum", maximum_impl)):
+def define_ops(namespace: str = "softsplat_cupy", device_type: str = "cuda", launch=cuda_launch):
+    """Define the ops (once per namespace) and their fake and autograd registrations, their
+    launches made by ``launch`` (``Impls``)."""
+    impls = Impls(launch)
+    for name, impl in (("splat_forward", impls.forward), ("splat_backward", impls.backward), ("splat_maximum", impls.maximum)):
         torch.library.custom_op(f"{namespace}::{name}", impl, mutates_args=(), device_types=device_type)
     register_python_side(namespace)
     return getattr(torch.ops, namespace)
