@@ -74,7 +74,7 @@ def test_integer_flow_leaves_no_holes(backend, device) -> None:
         # each target is a plain copy of its winners' average: coverage counts whole pixels
         assert torch.equal(coverage, coverage.round()), coverage
         reference = softsplat.splat(x, f, m, mode="max-zeroeps", backend="torch")
-        torch.testing.assert_close(out, reference, rtol=0, atol=0)
+        torch.testing.assert_close(out, reference)  # dtype's tolerance: ties sum in any order
 
 
 def test_max_is_the_limit_of_soft(backend, device) -> None:
