@@ -165,9 +165,10 @@ def flushed(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
     else:
         weight = metric[:, 0].exp()
     largest = torch.zeros(N * H * W)
-    maximum = oracle.splat_maximum(metric, flow).reshape(-1) if case.stable else None
+    tap_weight = _tap_weight(case)
+    maximum = oracle.splat_maximum(metric, flow, case.mode.kind == "max").reshape(-1) if tap_weight else None
     for target, b, keep in oracle.taps(flow):
-        w = (metric[:, 0] - maximum[target]).exp() if case.stable else weight
+        w = tap_weight(metric[:, 0], maximum[target]) if tap_weight else weight
         largest.scatter_reduce_(0, target[keep], (b * w).abs()[keep], "amax")
     targets = (largest > 0) & (largest < FLT_MIN)
     sources = torch.zeros(N, H, W, dtype=torch.bool)
@@ -182,18 +183,25 @@ def gradient_scale(reference: torch.Tensor) -> torch.Tensor:
     return finite.abs().max().double() if finite.numel() else torch.tensor(0.0, dtype=torch.float64)
 
 
+def _tap_weight(case: Case):
+    """The oracle's per-tap weight function of ``case`` (stable soft or max), else None."""
+    if case.mode.kind == "max":
+        return oracle.max_tap_weight
+    return oracle.stable_tap_weight if case.stable else None
+
+
 def _gather(per_target: torch.Tensor, flow: torch.Tensor, weighted: bool, stable=None) -> torch.Tensor:
     """Per source pixel: sum over its kept taps of (|tap weight| or 1) * ``per_target[tap]``,
-    times the tap's stable weight exp(metric - M(tap)) when ``stable`` is ``(metric, M)``."""
+    times the tap's own weight (|exp(metric - M(tap))| or max mode's 0, 1 or NaN) when
+    ``stable`` is ``(tap_weight, metric, M)``."""
     N, K, H, W = per_target.shape
     table = per_target.permute(0, 2, 3, 1).reshape(N * H * W, K)
     result = per_target.new_zeros(N, H, W, K)
     for target, weight, keep in oracle.taps(flow):
         factor = (weight.abs() if weighted else torch.ones_like(weight)) * keep
         if stable is not None:
-            metric, maximum = stable
-            reached = maximum.reshape(-1)[target]
-            factor = factor * torch.where(keep & (reached > float("-inf")), torch.exp(metric[:, 0] - reached), 0.0)
+            tap_weight, metric, maximum = stable
+            factor = factor * torch.where(keep, tap_weight(metric[:, 0], maximum.reshape(-1)[target]).abs().nan_to_num(nan=0.0), 0.0)
         result += factor.unsqueeze(-1) * table[target]
     return result.permute(0, 3, 1, 2)
 
@@ -222,9 +230,10 @@ def gradient_magnitudes(
         g_numerator, g_normaliser = g, torch.zeros_like(ones)
     else:
         metric = None if case.metric is None else case.metric.double().cpu()
-        weight = {"avg": ones, "linear": metric, "soft": metric.exp() if metric is not None else None}[mode.kind]
-        if case.stable:  # per-tap weights: gathered below; the per-pixel factor is 1
-            stable = (metric, oracle.splat_maximum(metric, flow))
+        weight = {"avg": ones, "linear": metric, "soft": metric.exp() if metric is not None else None, "max": ones}[mode.kind]
+        tap_weight = _tap_weight(case)
+        if tap_weight:  # per-tap weights: gathered below; the per-pixel factor is 1
+            stable = (tap_weight, metric, oracle.splat_maximum(metric, flow, mode.kind == "max"))
             weight = ones
         if joint is None:
             numerator, normaliser = oracle.splat_with_normaliser(x, flow, metric, mode, raw=True, stable=case.stable)

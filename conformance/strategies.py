@@ -23,6 +23,9 @@ SPECIAL_FLOWS = (0.0, 1.0, -1.0, 0.5, -0.5, 2.0, 1e30, -1e30, 1e6, -1e6, math.in
 #: Metric values of large magnitude: ``exp`` overflows in float32 past ~88.7 and in float64
 #: past ~709.8; far below zero it underflows to exactly 0.
 SPECIAL_METRICS = (0.0, 20.0, -20.0, 60.0, -60.0, 200.0, -200.0, 1e4, -1e4)
+#: Max mode's metrics beside those: the non-finite values its rule names (docs/spec.md, max
+#: splatting). It has no exp, so they give defined answers there.
+SPECIAL_MAX_METRICS = (math.inf, -math.inf, math.nan)
 #: Channel counts where a kernel's channel loop can change course: the packed counts (1-4) and
 #: both sides of every power of two a channel block or vector could span, through the 64-192
 #: channels of the feature pyramids frame interpolation splats, and past them.
@@ -113,14 +116,23 @@ def metrics(draw, shape, mode: Mode) -> torch.Tensor | None:
     """``None`` for ``sum``/``avg``; otherwise values of a drawn scale plus large specials.
 
     ``linear`` metrics are kept non-negative: with weights of both signs the normaliser can cancel
-    to ~0 and the result is ill-conditioned, so no two summation orders agree on it.
+    to ~0 and the result is ill-conditioned, so no two summation orders agree on it. ``max``
+    metrics are often drawn from a few values (depth layers), so that sources tie on a target,
+    and take infinite and NaN specials too.
     """
     if not mode.needs_metric:
         return None
     N, _, H, W = shape
     scale = draw(st.sampled_from((0.1, 1.0, 10.0, 30.0)))
-    bulk = torch.randn((N, 1, H, W), generator=draw(seeds()), dtype=torch.float64) * scale
-    values = draw(with_specials(bulk, st.sampled_from(SPECIAL_METRICS)))
+    generator = draw(seeds())
+    bulk = torch.randn((N, 1, H, W), generator=generator, dtype=torch.float64) * scale
+    specials = st.sampled_from(SPECIAL_METRICS)
+    if mode.kind == "max":
+        levels = draw(st.sampled_from((1, 2, 3, None)))  # None: continuous, no ties
+        if levels is not None:
+            bulk = torch.randint(0, levels, (N, 1, H, W), generator=generator).double() * scale
+        specials = specials | st.sampled_from(SPECIAL_MAX_METRICS)
+    values = draw(with_specials(bulk, specials))
     return values.abs() if mode.kind == "linear" else values
 
 

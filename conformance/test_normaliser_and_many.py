@@ -31,12 +31,12 @@ def _leaves(case: Case, dtype=None):
 def joint_oracle(sources, mode: Mode, stable: bool = False, return_normaliser: bool = False):
     """docs/spec.md's joint splatting (section 7) built from the oracle's own pieces, not through
     ``softsplat.splat_many``: each source's raw numerator and normaliser, summed, one division;
-    for stable mode the elementwise maximum of the sources' maxima, shared by every source."""
+    for stable and max mode the elementwise maximum of the sources' maxima, shared by every source."""
     dtype = sources[0][0].dtype
     cd = compute_dtype(dtype)
     maximum = None
-    if stable:
-        maxima = [oracle.splat_maximum(metric.to(cd), flow.to(cd)) for _, flow, metric in sources]
+    if stable or mode.kind == "max":
+        maxima = [oracle.splat_maximum(metric.to(cd), flow.to(cd), mode.kind == "max") for _, flow, metric in sources]
         maximum = maxima[0]
         for other in maxima[1:]:
             maximum = torch.maximum(maximum, other)

@@ -81,7 +81,8 @@ def test_exported_splat_matches_the_oracle(data) -> None:
         check("onnx normaliser", outputs[1], x, flow, metric, case.mode, case.stable, index=1)
 
 
-@pytest.mark.parametrize("mode, stable", [("sum", False), ("avg", False), ("linear-zeroeps", False), ("soft", False), ("soft-clipeps", True)])
+@pytest.mark.parametrize("mode, stable", [("sum", False), ("avg", False), ("linear-zeroeps", False), ("soft", False), ("soft-clipeps", True),
+                                          ("max", False)])
 def test_exported_splat_many_matches_a_joint_oracle(mode, stable) -> None:
     from .test_normaliser_and_many import joint_oracle
 
@@ -105,7 +106,8 @@ def test_exported_splat_many_matches_a_joint_oracle(mode, stable) -> None:
 
 
 @pytest.mark.parametrize("mode, stable, scatters", [("sum", False, {"add": 1}), ("soft", False, {"add": 1}),
-                                                    ("avg-zeroeps", False, {"add": 1}), ("soft", True, {"add": 1, "max": 1})])
+                                                    ("avg-zeroeps", False, {"add": 1}), ("soft", True, {"add": 1, "max": 1}),
+                                                    ("max-zeroeps", False, {"add": 1, "max": 1})])
 def test_exported_graph_is_standard_onnx_with_one_scatter_add(mode, stable, scatters) -> None:
     proto, _ = exported(Mode.parse(mode), stable, torch.float32)
     domains = {node.domain for node in proto.graph.node} | {

@@ -62,15 +62,67 @@ class _ReferenceSplat(torch.autograd.Function):
         return grad_values, grad_flow
 
 
+class _ReferenceMaxSplat(torch.autograd.Function):
+    """Max splatting (docs/spec.md, section 4) one tap at a time: ``M`` over the taps of positive
+    weight, each tap weighted 1 where its metric is ``M`` (0 where smaller or ``M`` is -inf, NaN
+    where ``M`` is NaN); returns the numerator and the normaliser, the metric held constant."""
+
+    @staticmethod
+    def maximum(flow, metric):
+        best = {}
+        for n, y, x, tx, ty, w, _, _ in _pixels(flow):
+            if w > 0:
+                m, key = float(metric[n, 0, y, x]), (n, ty, tx)
+                current = best.get(key, -math.inf)
+                if not math.isnan(current) and (math.isnan(m) or m > current):  # NaN wins
+                    best[key] = m
+        return best
+
+    @staticmethod
+    def share(best, n, tx, ty, m):
+        M = best.get((n, ty, tx), -math.inf)
+        return math.nan if math.isnan(M) else 1.0 if m == M and M != -math.inf else 0.0
+
+    @staticmethod
+    def forward(ctx, values, flow, metric):
+        ctx.save_for_backward(values, flow, metric)
+        best = _ReferenceMaxSplat.maximum(flow, metric)
+        out = torch.zeros_like(values)
+        normaliser = torch.zeros_like(values[:, :1])
+        for n, y, x, tx, ty, w, _, _ in _pixels(flow):
+            s = _ReferenceMaxSplat.share(best, n, tx, ty, float(metric[n, 0, y, x]))
+            out[n, :, ty, tx] += w * (values[n, :, y, x] * s)
+            normaliser[n, 0, ty, tx] += w * s
+        return out, normaliser
+
+    @staticmethod
+    def backward(ctx, grad, grad_normaliser):
+        values, flow, metric = ctx.saved_tensors
+        best = _ReferenceMaxSplat.maximum(flow, metric)
+        grad_values, grad_flow = torch.zeros_like(values), torch.zeros_like(flow)
+        for n, y, x, tx, ty, w, dwx, dwy in _pixels(flow):
+            s = _ReferenceMaxSplat.share(best, n, tx, ty, float(metric[n, 0, y, x]))
+            grad_values[n, :, y, x] += w * s * grad[n, :, ty, tx]
+            dot = float((values[n, :, y, x] * s * grad[n, :, ty, tx]).sum() + s * grad_normaliser[n, 0, ty, tx])
+            grad_flow[n, 0, y, x] += dwx * dot
+            grad_flow[n, 1, y, x] += dwy * dot
+        return grad_values, grad_flow, torch.zeros_like(metric)
+
+
 def reference_softsplat(input, flow, metric, mode: str):
     kind, _, suffix = mode.partition("-")
+    if kind == "max":
+        out, normaliser = _ReferenceMaxSplat.apply(input, flow, metric)
+        out = torch.cat([out, normaliser], 1)
+        input = None
     if kind == "avg":
         input = torch.cat([input, input.new_ones(input.shape[0], 1, *input.shape[2:])], 1)
     elif kind == "linear":
         input = torch.cat([input * metric, metric], 1)
     elif kind == "soft":
         input = torch.cat([input * metric.exp(), metric.exp()], 1)
-    out = _ReferenceSplat.apply(input, flow)
+    if kind != "max":
+        out = _ReferenceSplat.apply(input, flow)
     if kind == "sum":
         return out
     normalise = out[:, -1:, :, :]
@@ -98,11 +150,14 @@ def _inputs(seed, flavour):
         flow.view(-1)[5::13] = 1e30
         flow.view(-1)[2::9] = -1.0
         metric.view(-1)[::5] = -800.0  # exp underflows to 0: zeroeps and clipeps differ
+        metric.view(-1)[4::17] = float("-inf")  # max: never wins
+    elif flavour == "ties":  # max: depth layers, several sources tie on a target
+        metric = metric.round().clamp(-1, 1)
     return input, flow, metric
 
 
-@pytest.mark.parametrize("flavour", ["random", "integer", "edges"])
-@pytest.mark.parametrize("mode", [m.value for m in Mode] + ["avg", "linear", "soft"])
+@pytest.mark.parametrize("flavour", ["random", "integer", "edges", "ties"])
+@pytest.mark.parametrize("mode", [m.value for m in Mode] + ["avg", "linear", "soft", "max"])
 def test_oracle_matches_reference_semantics(mode, flavour) -> None:
     tensors = _inputs(hash((mode, flavour)) % 1000, flavour)
     parsed = Mode.parse(mode)

@@ -33,9 +33,10 @@ def splat(
         flow: ``[N, 2, H, W]``, floating, same device; channel 0 moves pixels along x (columns),
             channel 1 along y (rows), in pixels.
         metric: ``[N, 1, H, W]``, floating, same device; the importance of each source pixel.
-            Required for ``linear`` and ``soft``, must be ``None`` for ``sum`` and ``avg``.
-        mode: ``"sum"``, ``"avg"``, ``"linear"`` or ``"soft"``, the last three optionally with
-            ``"-addeps"`` (the default), ``"-zeroeps"`` or ``"-clipeps"``; or a ``softsplat.Mode``.
+            Required for ``linear``, ``soft`` and ``max``, must be ``None`` for ``sum`` and ``avg``.
+        mode: ``"sum"``, ``"avg"``, ``"linear"``, ``"soft"`` or ``"max"``, the last four optionally
+            with ``"-addeps"`` (the default), ``"-zeroeps"`` or ``"-clipeps"``; or a
+            ``softsplat.Mode``.
         backend: ``"auto"`` or a name from ``softsplat.backends.names()``. With ``"auto"``, the
             environment variable ``SOFTSPLAT_BACKEND``, when set, names the backend instead.
         return_normaliser: also return the normaliser ``D`` ``[N, 1, H, W]`` (the splatted
@@ -52,7 +53,11 @@ def splat(
         weighted bilinearly, to the four target pixels around ``(x + flow_x, y + flow_y)``;
         ``sum`` returns those sums, the other modes divide the sums of ``input * w`` by the sums
         of ``w``, with ``w`` = 1 (``avg``), ``metric`` (``linear``) or ``exp(metric)``
-        (``soft``). Differentiable with respect to ``input``, ``flow`` and ``metric``.
+        (``soft``). ``max``: at each target only the sources whose metric is the largest among
+        those landing there with a positive bilinear weight count, averaged by their bilinear
+        weights (ties all count): the nearest surface wins with ``metric = -depth``.
+        Differentiable with respect to ``input``, ``flow`` and ``metric`` (``max``: ``input``
+        and ``flow`` only; ``metric`` gets no gradient).
 
     Raises:
         TypeError, ValueError: a bad argument; the message names it, what was expected and what
@@ -85,7 +90,8 @@ def splat_many(
             frame 0 with the flow to time t and frame 1 with the flow back to t, or K flows of
             one frame.
         mode, backend, return_normaliser: as for ``splat``.
-        stable: as for ``splat``, with each target's maximum taken over every source.
+        stable: as for ``splat``, with each target's maximum taken over every source (as ``max``
+            takes its maximum).
 
     Returns:
         ``sum``: the sum of the sources' ``splat``. Normalised modes: the sources' numerators
@@ -109,10 +115,12 @@ def splat_many(
     mode = problems[0].mode
     _check_return_normaliser(return_normaliser, mode)
     chosen = backends.get(resolve_backend(problems[0].input, mode, backend))
-    if _check_stable(stable, mode):
-        maxima = [chosen.maximum(dataclasses.replace(p, stable=True)) for p in problems]
+    stable = _check_stable(stable, mode)
+    if stable or mode.kind == "max":
+        problems = [dataclasses.replace(p, stable=stable) for p in problems]
+        maxima = [chosen.maximum(p) for p in problems]
         joint = functools.reduce(torch.maximum, maxima)  # NaN propagates, as in one source
-        problems = [dataclasses.replace(p, stable=True, maximum=joint) for p in problems]
+        problems = [dataclasses.replace(p, maximum=joint) for p in problems]
     parts = [chosen.run(problem) for problem in problems]
     numerator = torch.stack([part[0] for part in parts]).sum(0)
     if mode.kind == "sum":
@@ -126,7 +134,10 @@ def _check_stable(value, mode: Mode) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"stable: expected a bool, got {type(value).__name__}")
     if value and mode.kind != "soft":
-        raise ValueError(f"stable: only soft modes subtract a maximum (expected False), got True with mode {mode.value!r}")
+        why = " (max mode has no exp to keep from overflowing)" if mode.kind == "max" else ""
+        raise ValueError(
+            f"stable: only soft modes subtract a maximum{why} (expected False), got True with mode {mode.value!r}"
+        )
     return value
 
 

@@ -42,7 +42,7 @@ def inputs(size, channels=3, batch=1, dtype=torch.float32, device="cpu", seed=0)
 def naive_port(input, flow, metric, mode: str = "soft") -> torch.Tensor:
     """How ports commonly write it in plain torch: ``index_add_`` of the four taps over
     ``cat([input * exp(metric), exp(metric)])`` (no fused kernel, no eps variants, no stable
-    variant: ``soft+stable`` times plain soft). Only for timing comparisons; the oracle, not
+    variant: ``soft+stable`` and ``max`` time plain soft). Only for timing comparisons; the oracle, not
     this, is the specification."""
     mode = mode.removesuffix(STABLE_SUFFIX)
     N, _, H, W = input.shape
@@ -113,7 +113,7 @@ def timed_together(functions: dict, device="cpu", repeats: int = 3, warmups: int
 
 def passes(call, tensors, mode):
     """(forward, forward+backward) closures of ``call(input, flow, metric_or_None, mode)``."""
-    metric = tensors[2] if mode.startswith(("linear", "soft")) else None
+    metric = tensors[2] if Mode.parse(mode.removesuffix(STABLE_SUFFIX)).needs_metric else None
 
     def forward():
         with torch.no_grad():
@@ -184,7 +184,7 @@ def forward_bytes(size, channels=3, batch=1, dtype=torch.float32, mode="soft") -
     height, width = size
     pixels = batch * height * width
     itemsize = torch.empty((), dtype=dtype).element_size()
-    metric = 4 if mode.startswith(("linear", "soft")) else 0
+    metric = 4 if Mode.parse(mode.removesuffix(STABLE_SUFFIX)).needs_metric else 0
     normaliser = 4 if mode != "sum" else 0
     return pixels * (channels * itemsize + 2 * 4 + metric + channels * 4 + normaliser)
 
@@ -370,7 +370,7 @@ def add_arguments(parser) -> None:
     from . import options
 
     parser.add_argument("--sizes", default="256x448,1080x1920", type=options.size_list, help="HEIGHTxWIDTH,... (default 256x448,1080x1920)")
-    parser.add_argument("--modes", default="soft", type=options.mode_names, help="comma-separated modes, soft+stable for stable soft (default soft)")
+    parser.add_argument("--modes", default="soft", type=options.mode_names, help="comma-separated modes, soft+stable for stable soft, max for max splatting (default soft)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=options.device_name,
                         help="cpu, cuda or mps (default: cuda where torch sees a CUDA device)")

@@ -1,11 +1,12 @@
-"""``softsplat demo``: summation, average, linear and softmax splatting side by side.
+"""``softsplat demo``: summation, average, linear, softmax and max splatting side by side.
 
 With no arguments the demo renders an embedded synthetic scene: two textured objects moving over
 a textured, panning background. Because the scene is generated in code, the forward flow is
 exact, occlusions are known, and the true frame exists at any time ``t``, so every mode's result
-is scored by its PSNR against the truth. Frame one is warped to ``t`` with the four modes; the
+is scored by its PSNR against the truth. Frame one is warped to ``t`` with the five modes; the
 metric follows the paper: brightness constancy ``|I0 - backwarp(I1, F)|``, used as
-``-alpha * error`` by ``soft`` and as a clipped positive weight by ``linear``.
+``-alpha * error`` by ``soft``, as a clipped positive weight by ``linear`` and as ``-error`` by
+``max`` (the best match wins outright).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from . import api
 from .modes import Mode
 
-MODES = ("sum", "avg", "linear", "soft")
+MODES = ("sum", "avg", "linear", "soft", "max")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +121,9 @@ def backwarp(image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
 def metrics(one: torch.Tensor, two: torch.Tensor, flow: torch.Tensor, alpha: float) -> dict[str, torch.Tensor | None]:
     """The per-pixel metric of each mode: brightness constancy, as the paper uses it."""
     error = (one - backwarp(two, flow)).abs().mean(1, keepdim=True)
-    return {"sum": None, "avg": None, "linear": (1.0 - alpha * error).clamp(1e-3, 1.0), "soft": -alpha * error}
+    # max: the source that matches best wins outright (only the order of the metric matters)
+    return {"sum": None, "avg": None, "linear": (1.0 - alpha * error).clamp(1e-3, 1.0), "soft": -alpha * error,
+            "max": -error}
 
 
 def psnr(result: torch.Tensor, truth: torch.Tensor) -> float:
@@ -172,7 +175,10 @@ def figure(path, one, two, flow, reference, results, scores, t, backend_name, jo
         axis.axis("off")
 
     rows = 3 if reference is not None else 2
-    fig, axes = plt.subplots(rows, 4, figsize=(16, 3.1 * rows + 0.6))
+    columns = len(MODES)
+    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.1 * rows + 0.6))
+    for column in range(4, columns):  # the first row has four panels
+        axes[0, column].axis("off")
     show(axes[0, 0], one[0], "frame one (t = 0)")
     show(axes[0, 1], two[0], "frame two (t = 1)")
     axes[0, 2].imshow(flow_to_rgb(flow).numpy())
@@ -201,7 +207,7 @@ def figure(path, one, two, flow, reference, results, scores, t, backend_name, jo
     fig.tight_layout()
     if error_image is not None:  # the error maps' scale, beside the last one
         fig.subplots_adjust(right=0.95)
-        scale = axes[2, 3].inset_axes([1.03, 0.0, 0.04, 1.0])
+        scale = axes[2, columns - 1].inset_axes([1.03, 0.0, 0.04, 1.0])
         fig.colorbar(error_image, cax=scale, label="mean |error| over RGB")
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -215,7 +221,7 @@ def colour_wheel(size: int = 64) -> torch.Tensor:
 
 
 def animation(path, one, results_at, times, joint: bool) -> None:
-    """The time sweep as a GIF: per frame, the four modes' results at t, as the figure shows
+    """The time sweep as a GIF: per frame, the five modes' results at t, as the figure shows
     them (``results_at(t, joint)``; with ``joint``, both frames splatted by splat_many), and a
     title that says which."""
     import matplotlib
@@ -226,7 +232,7 @@ def animation(path, one, results_at, times, joint: bool) -> None:
 
     H, W = one.shape[2:]
     panel = 4.0  # inches per panel's width; the height follows the frames' aspect
-    fig, axes = plt.subplots(1, 4, figsize=(4 * panel, panel * H / W + 0.6))
+    fig, axes = plt.subplots(1, len(MODES), figsize=(len(MODES) * panel, panel * H / W + 0.6))
     fig.subplots_adjust(left=0.005, right=0.995, bottom=0.01, top=1 - 0.55 / (panel * H / W + 0.6), wspace=0.02)
     images = []
     for axis, mode in zip(axes, MODES):
@@ -346,7 +352,7 @@ def run(args) -> int:
     backend = api.resolve_backend(one, Mode.SOFT, args.backend)
     console.print(f"softsplat demo: backend [bold]{backend}[/] ({'picked by auto' if args.backend == 'auto' else 'chosen'})")
 
-    warped = {}  # (t, joint) -> the four modes' results, each computed once
+    warped = {}  # (t, joint) -> the five modes' results, each computed once
 
     def results_at(t, joint):
         if (t, joint) not in warped:

@@ -17,13 +17,15 @@ EPS = 1e-7
 class Kind(enum.IntEnum):
     """The kernels' code for what is splatted (``kind`` of the ops; ``taps.h``'s ``Kind``, which a
     test compares with this). ``STABLE`` is soft splatting with each target's maximum metric
-    subtracted. Kinds from ``LINEAR`` on read a metric."""
+    subtracted; ``MAX`` counts, at each target, only the taps of the sources whose metric is that
+    maximum. Kinds from ``LINEAR`` on read a metric; ``STABLE`` and ``MAX`` take the maximum ``M``."""
 
     SUM = 0
     AVG = 1
     LINEAR = 2
     SOFT = 3
     STABLE = 4
+    MAX = 5
 
 
 class Normalisation(enum.IntEnum):
@@ -37,7 +39,7 @@ class Normalisation(enum.IntEnum):
     RAW = 3
 
 
-_KINDS = ("sum", "avg", "linear", "soft")
+_KINDS = ("sum", "avg", "linear", "soft", "max")
 _NORMALISATIONS = ("addeps", "zeroeps", "clipeps")
 # Names the reference implementation's users and papers also use.
 _ALIASES = {"summation": "sum", "average": "avg", "softmax": "soft"}
@@ -48,7 +50,8 @@ class Mode(str, enum.Enum):
 
     ``kind`` says what is splatted: ``sum`` the input alone; ``avg``, ``linear`` and ``soft`` the
     input weighted by 1, ``metric`` or ``exp(metric)``, next to the weight itself (the
-    normaliser). ``normalisation`` says how the normaliser ``D`` is made safe before dividing:
+    normaliser); ``max`` the input of the sources whose metric is the largest at each target
+    (weight 1 for them, 0 for the others). ``normalisation`` says how the normaliser ``D`` is made safe before dividing:
     ``addeps`` uses ``D + 1e-7``, ``zeroeps`` replaces ``D == 0`` by 1, ``clipeps`` clamps ``D``
     to at least ``1e-7``.
     """
@@ -63,13 +66,16 @@ class Mode(str, enum.Enum):
     SOFT = "soft-addeps"
     SOFT_ZEROEPS = "soft-zeroeps"
     SOFT_CLIPEPS = "soft-clipeps"
+    MAX = "max-addeps"
+    MAX_ZEROEPS = "max-zeroeps"
+    MAX_CLIPEPS = "max-clipeps"
 
     def __str__(self) -> str:
         return self.value
 
     @property
     def kind(self) -> str:
-        """``"sum"``, ``"avg"``, ``"linear"`` or ``"soft"``."""
+        """``"sum"``, ``"avg"``, ``"linear"``, ``"soft"`` or ``"max"``."""
         return self.value.split("-")[0]
 
     @property
@@ -80,7 +86,7 @@ class Mode(str, enum.Enum):
 
     @property
     def needs_metric(self) -> bool:
-        return self.kind in ("linear", "soft")
+        return self.kind in ("linear", "soft", "max")
 
     @property
     def kind_code(self) -> Kind:
@@ -105,7 +111,7 @@ class Mode(str, enum.Enum):
         kind = _ALIASES.get(head, head)
         if kind not in _KINDS or (sep and suffix not in _NORMALISATIONS):
             raise ValueError(
-                f"{argument}: expected 'sum', 'avg', 'linear' or 'soft', the last three optionally with "
+                f"{argument}: expected 'sum', 'avg', 'linear', 'soft' or 'max', the last four optionally with "
                 f"'-addeps' (the default), '-zeroeps' or '-clipeps' (legacy names: 'summation', "
                 f"'average', 'softmax'), got {value!r}"
             )

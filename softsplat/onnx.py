@@ -8,13 +8,14 @@ The translation follows docs/spec.md as the oracle does, with static shapes: eve
 has four taps; a tap that is dropped (the pixel does not land, or the tap lies outside the
 image) is sent to index 0 with weight 0. The splat is one ``ScatterElements`` with
 ``reduction="add"`` over all four taps of the channels and the normaliser together (the
-numerator and ``D`` of one mode); stable soft splatting adds one ``ScatterElements`` with
-``reduction="max"`` for ``M``. Shapes are read at run time (``Shape``, ``Range``), so batch,
+numerator and ``D`` of one mode); stable soft and max splatting add one ``ScatterElements``
+with ``reduction="max"`` for ``M`` (max: over the taps of positive weight), then weigh each tap
+against the ``M`` it gathers (``GatherElements``). Shapes are read at run time (``Shape``, ``Range``), so batch,
 height and width may be dynamic. Sums are taken in the runtime's order, not the oracle's: results
 agree within the conformance tolerances, not bitwise.
 
-Known difference: a NaN metric in stable mode propagates into ``M`` through ``ScatterElements``'
-``max`` only as far as the runtime's ``max`` propagates NaN (ONNX leaves it unspecified).
+A NaN metric wins ``M`` as in the oracle, without relying on how a runtime's ``max`` treats
+NaN (ONNX leaves that unspecified).
 """
 
 from __future__ import annotations
@@ -104,14 +105,29 @@ def _scatter_add(updates, index, N, H, W):
     return op.Reshape(summed, op.Concat(N, K, H, W, axis=0))
 
 
-def _maximum(flow, metric):
-    """``M`` of stable soft splatting ``[N, 1, H, W]``: a scatter-max, -inf where nothing lands."""
+def _maximum(flow, metric, kind: int = Kind.STABLE):
+    """``M`` of stable soft splatting ``[N, 1, H, W]``: a scatter-max, -inf where nothing lands;
+    of max splatting (``kind`` MAX), over the taps of positive weight only. NaN wins, as in the
+    oracle, whatever the runtime's ``max`` makes of NaN: one ``ScatterElements`` takes the
+    maximum of two channels, the metric with its NaNs left out and a flag of 1 for a NaN, and a
+    target the flag reached is NaN."""
     op = _op()
-    index, _, keep, (N, H, W) = _taps(flow)
+    index, weight, keep, (N, H, W) = _taps(flow)
     minus_infinity = _constant(float("-inf"), flow)
-    updates = op.Where(keep, _per_tap(metric, N), minus_infinity)
-    data = op.Expand(minus_infinity, op.Concat(N, _ints(1), op.Mul(H, W), axis=0))
-    maximum = op.ScatterElements(data, index, updates, axis=2, reduction="max")
+    if kind == Kind.MAX:
+        keep = op.And(keep, op.Greater(weight, _constant(0.0, flow)))
+    metric = _per_tap(metric, N)
+    nan = op.IsNaN(metric)
+    updates = op.Concat(
+        op.Where(op.And(keep, op.Not(nan)), metric, minus_infinity),
+        op.Where(op.And(keep, nan), _constant(1.0, flow), minus_infinity),
+        axis=1,
+    )
+    data = op.Expand(minus_infinity, op.Concat(N, _ints(2), op.Mul(H, W), axis=0))
+    both = op.ScatterElements(data, op.Expand(index, op.Shape(updates)), updates, axis=2, reduction="max")
+    maximum = op.Slice(both, _ints(0), _ints(1), _ints(1))
+    flagged = op.Greater(op.Slice(both, _ints(1), _ints(2), _ints(1)), minus_infinity)
+    maximum = op.Where(flagged, _constant(float("nan"), flow), maximum)
     return op.Reshape(maximum, op.Concat(N, _ints(1), H, W, axis=0))
 
 
@@ -132,11 +148,15 @@ def _forward(input, flow, metric=None, kind: int = Kind.SUM, normalisation: int 
     x = op.CastLike(input, flow)
     zero = _constant(0.0, flow)
     ones = op.Expand(_constant(1.0, flow), op.Concat(N, _ints(1), H, W, axis=0))  # [N, 1, H, W]
-    if kind == Kind.STABLE:
+    if kind in (Kind.STABLE, Kind.MAX):
         per_tap = _per_tap(op.Concat(x, ones, axis=1), N)
         reached = op.GatherElements(op.Reshape(maximum, op.Concat(N, _ints(1), _ints(-1), axis=0)), index, axis=2)
-        exponent = op.Exp(op.Sub(_per_tap(metric, N), reached))
-        w = op.Where(op.Equal(reached, _constant(float("-inf"), flow)), zero, exponent)
+        lost = op.Equal(reached, _constant(float("-inf"), flow))  # only metrics of -inf landed
+        if kind == Kind.MAX:  # 1 for the winners, 0 for the others, NaN where M is NaN
+            wins = op.And(op.Equal(_per_tap(metric, N), reached), op.Not(lost))
+            w = op.Where(op.IsNaN(reached), reached, op.Where(wins, _constant(1.0, flow), zero))
+        else:
+            w = op.Where(lost, zero, op.Exp(op.Sub(_per_tap(metric, N), reached)))
         updates = op.Mul(weight, op.Mul(per_tap, w))
     else:
         if kind == Kind.SUM:
@@ -200,7 +220,7 @@ def dynamic_shapes(arguments) -> tuple:
 def standalone(mode: str, *, stable: bool = False, return_normaliser: bool = False, sources: int = 1,
                dtype: torch.dtype = torch.float32):
     """A standalone splatting model exported to ONNX (an ``ONNXProgram``; ``.save(path)`` writes
-    it): inputs ``input``, ``flow`` (float32) and, for linear and soft, ``metric`` (float32) per
+    it): inputs ``input``, ``flow`` (float32) and, for linear, soft and max, ``metric`` (float32) per
     source, with dynamic batch, channels, height and width; outputs the result (and the
     normaliser)."""
     if sources == 1:

@@ -59,7 +59,7 @@ def mode_names(value: str) -> str:
             mode = Mode.parse(base)
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"expected modes such as soft, avg, linear, sum, soft-zeroeps or soft+stable, got {name!r}"
+                f"expected modes such as soft, avg, linear, sum, max, soft-zeroeps or soft+stable, got {name!r}"
             ) from None
         if stable and mode.kind != "soft":
             raise argparse.ArgumentTypeError(f"expected +stable on soft modes only, got {name!r}")

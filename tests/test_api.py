@@ -76,7 +76,7 @@ def test_not_a_tensor(argument) -> None:
         softsplat.splat(arguments["input"], arguments["flow"], arguments["metric"], mode="soft")
 
 
-@pytest.mark.parametrize("mode", ["linear", "soft", "soft-zeroeps", "softmax"])
+@pytest.mark.parametrize("mode", ["linear", "soft", "soft-zeroeps", "softmax", "max", "max-clipeps"])
 def test_metric_missing(mode) -> None:
     input, flow, _ = _tensors()
     with pytest.raises(ValueError, match=r"^metric: mode '\w+-\w+' needs a metric \[N, 1, H, W\], got None"):
@@ -90,7 +90,7 @@ def test_metric_superfluous(mode) -> None:
         softsplat.splat(input, flow, metric, mode=mode)
 
 
-@pytest.mark.parametrize("mode", ["max", "soft-fooeps", "sum-addeps", "", "soft-", "-addeps"])
+@pytest.mark.parametrize("mode", ["min", "max-", "soft-fooeps", "sum-addeps", "", "soft-", "-addeps"])
 def test_unknown_mode(mode) -> None:
     input, flow, metric = _tensors()
     with pytest.raises(ValueError, match=rf"^mode: .*got {mode!r}"):
@@ -204,6 +204,7 @@ def test_deterministic_mode(extra_backends, monkeypatch) -> None:
         ("avg-zeroeps", Mode.AVG_ZEROEPS), ("linear", Mode.LINEAR), ("linear-clipeps", Mode.LINEAR_CLIPEPS),
         ("soft", Mode.SOFT), ("softmax", Mode.SOFT), ("softmax-zeroeps", Mode.SOFT_ZEROEPS),
         ("soft-addeps", Mode.SOFT), (Mode.SOFT_CLIPEPS, Mode.SOFT_CLIPEPS),
+        ("max", Mode.MAX), ("MAX-zeroeps", Mode.MAX_ZEROEPS), ("max-clipeps", Mode.MAX_CLIPEPS),
     ],
 )
 def test_mode_parsing(text, mode) -> None:
@@ -213,6 +214,7 @@ def test_mode_parsing(text, mode) -> None:
 def test_mode_properties() -> None:
     assert Mode.SOFT_ZEROEPS.kind == "soft" and Mode.SOFT_ZEROEPS.normalisation == "zeroeps"
     assert Mode.SUM.normalisation is None and not Mode.SUM.needs_metric and Mode.LINEAR.needs_metric
+    assert Mode.MAX_ZEROEPS.kind == "max" and Mode.MAX.normalisation == "addeps" and Mode.MAX.needs_metric
     assert Mode.SOFT == "soft-addeps" and str(Mode.AVG) == "avg-addeps"
     assert [m.kind_code for m in (Mode.SUM, Mode.AVG, Mode.LINEAR, Mode.SOFT)] == [0, 1, 2, 3]
     assert [m.normalisation_code for m in (Mode.AVG, Mode.AVG_ZEROEPS, Mode.AVG_CLIPEPS)] == [0, 1, 2]

@@ -39,6 +39,8 @@ def test_opcheck_forward(ops, mode, dtype) -> None:
     input, flow, metric = _tensors(dtype)
     args = (input.requires_grad_(), flow.requires_grad_(), metric.requires_grad_() if mode.needs_metric else None,
             mode.kind_code, mode.normalisation_code)
+    if mode.kind == "max":  # its maximum, as splat_maximum computes it for kind 5
+        args += (ops.splat_maximum(flow.detach(), metric.detach(), 5),)
     torch.library.opcheck(ops.splat_forward.default, args)
 
 
@@ -57,6 +59,22 @@ def test_opcheck_backward(ops, mode, mask) -> None:
 def test_opcheck_maximum(ops) -> None:
     _, flow, metric = _tensors()
     torch.library.opcheck(ops.splat_maximum.default, (flow, metric))
+    torch.library.opcheck(ops.splat_maximum.default, (flow, metric, 5))
+    with pytest.raises(RuntimeError, match=r"splat_maximum: kind: expected 4 \(stable\) or 5 \(max\), got 3"):
+        ops.splat_maximum(flow, metric, 3)
+
+
+@pytest.mark.parametrize("mask", [[True, True, True], [False, True, False], [False, False, True]])
+def test_opcheck_max_backward(ops, mask) -> None:
+    """Max splatting's backward; the metric's gradient is zeros."""
+    input, flow, metric = _tensors()
+    flow = flow.round()  # integer targets: taps of weight 0, left out of M
+    maximum = ops.splat_maximum(flow, metric, 5)
+    out, normaliser = ops.splat_forward(input, flow, metric, 5, 1, maximum)
+    args = (torch.randn_like(out), torch.randn_like(normaliser), input, flow, metric, out, normaliser, 5, 1, mask, maximum)
+    torch.library.opcheck(ops.splat_backward.default, args)
+    grad_metric = ops.splat_backward(*args)[2]
+    assert not mask[2] or torch.equal(grad_metric, torch.zeros_like(metric)), grad_metric
 
 
 @pytest.mark.parametrize("normalisation", [0, 1, 2, 3], ids=["addeps", "zeroeps", "clipeps", "raw"])
@@ -110,7 +128,7 @@ def test_auto_prefers_cpp_on_cpu(ops) -> None:
 
 @pytest.mark.parametrize("flow_kind", ["spread", "smooth"])
 @pytest.mark.parametrize("channels", [3, 4])  # the packed scatter (up to 3 channels) and the other
-@pytest.mark.parametrize("mode", ["sum", "soft"])
+@pytest.mark.parametrize("mode", ["sum", "soft", "max"])
 def test_bitwise_reproducible(ops, mode, channels, flow_kind) -> None:
     """Same inputs, same bits: forward and every gradient, whatever the thread count (5: more
     threads than this machine's cores, bands of phase 1 waiting for those of phase 0)."""
@@ -119,7 +137,7 @@ def test_bitwise_reproducible(ops, mode, channels, flow_kind) -> None:
         flow = flow * 10
     else:  # optical-flow-like: several bands per phase, those of phase 1 waiting for neighbours
         input, flow, metric = bench.inputs((150, 97), channels=channels, batch=2, seed=3)
-    metric = metric if mode == "soft" else None
+    metric = metric if mode != "sum" else None
     results = []
     for threads in (1, 2, 5, 1, 2):
         previous = torch.get_num_threads()

@@ -20,7 +20,7 @@ def inputs(seed: int, N=2, C=3, H=6, W=9):
     return torch.rand(N, C, H, W, generator=generator), flow, torch.randn(N, 1, H, W, generator=generator)
 
 
-@pytest.mark.parametrize("mode, stable", [("sum", False), ("avg", False), ("soft", False), ("soft-zeroeps", True)])
+@pytest.mark.parametrize("mode, stable", [("sum", False), ("avg", False), ("soft", False), ("soft-zeroeps", True), ("max", False)])
 def test_torch_export_of_splat_reproduces_eager(mode, stable) -> None:
     model = softsplat.Splat(mode, stable, return_normaliser=mode != "sum")
     arguments = inputs(0) if softsplat.Mode.parse(mode).needs_metric else inputs(0)[:2]

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from softsplat import Mode, backends
 from softsplat.backends import torch as oracle
+from softsplat.modes import safe_normaliser
 
 from ..compare import compare
 from ..strategies import Case, cases, shapes
@@ -33,13 +34,40 @@ class _Wrong(oracle.TorchBackend):
             mode = Mode(f"{mode.kind}-zeroeps")
         elif self.bug == "detached-metric" and metric is not None:
             metric = metric.detach()
+        elif self.bug.startswith("max-") and mode.kind == "max":
+            return self._wrong_max(problem)
         return oracle.splat_with_normaliser(input, flow, metric, mode, problem.raw)
+
+    def _wrong_max(self, problem):
+        """Max splatting with one of the ``max-`` bugs, from the oracle's pieces."""
+        dtype = problem.compute_dtype
+        values, flow, metric = problem.input.to(dtype), problem.flow.to(dtype), problem.metric.to(dtype)
+        tap_weight = oracle.max_tap_weight
+        if self.bug == "max-losers-count":  # every tap on a reached target counts
+            def tap_weight(m, reached):
+                return torch.where(reached.isnan(), float("nan"), (reached > float("-inf")).to(reached.dtype))
+        elif self.bug == "max-metric-gradient":  # the same values, a gradient of 1 for the winners' metric
+            def tap_weight(m, reached):
+                share = oracle.max_tap_weight(m, reached)
+                return torch.where(share == 1, torch.exp(m - reached.detach()), share)
+        chosen = metric
+        if self.bug == "max-nan-loses":  # a NaN metric never wins
+            chosen = torch.where(metric.isnan(), float("-inf"), metric)
+        # stable mode's maximum: taps of weight 0 compete too
+        maximum = oracle.splat_maximum(chosen, flow, covering=self.bug != "max-zero-weight-taps-compete")
+        numerator, normaliser = oracle.splat_per_tap(values, metric, flow, maximum, tap_weight)
+        if problem.raw:
+            return numerator, normaliser
+        return (numerator / safe_normaliser(normaliser, problem.mode)).to(problem.input.dtype), normaliser
 
 
 BUGS = ["nonfinite-as-zero-flow", "flow-off-by-1e-3", "no-eps", "detached-metric"]
+#: Bugs of max splatting only; the search draws max modes alone for them.
+MAX_BUGS = ["max-losers-count", "max-metric-gradient", "max-nan-loses", "max-zero-weight-taps-compete"]
+MAX_MODES = tuple(mode for mode in Mode if mode.kind == "max")
 
 
-@pytest.fixture(params=BUGS)
+@pytest.fixture(params=BUGS + MAX_BUGS)
 def wrong(request):
     backend = _Wrong(request.param)
     backends.register(backend)
@@ -49,9 +77,10 @@ def wrong(request):
 
 def test_a_wrong_backend_fails_the_suite(wrong) -> None:
     """Hypothesis must find a falsifying case for every deliberate bug."""
+    modes = MAX_MODES if wrong.bug in MAX_BUGS else tuple(Mode)
 
     @settings(max_examples=300, derandomize=True, database=None)
-    @given(case=cases(dtypes=(torch.float32, torch.float64)), seed=st.integers(0, 100))
+    @given(case=cases(dtypes=(torch.float32, torch.float64), modes=modes), seed=st.integers(0, 100))
     def conformance(case, seed):
         check_case(wrong, case, torch.Generator().manual_seed(seed))
 

@@ -33,14 +33,20 @@ class Problem:
 
     input: torch.Tensor  # [N, C, H, W]
     flow: torch.Tensor  # [N, 2, H, W]
-    metric: torch.Tensor | None  # [N, 1, H, W] for linear and soft, else None
+    metric: torch.Tensor | None  # [N, 1, H, W] for linear, soft and max, else None
     mode: Mode
     #: Return the numerator instead of the normalised result (no division; splat_many).
     raw: bool = False
     #: Stable soft splatting: subtract each target's maximum metric (soft modes only).
     stable: bool = False
-    #: A given per-target maximum [N, 1, H, W] for stable (splat_many's joint one), else None.
+    #: A given per-target maximum [N, 1, H, W] for stable and max (splat_many's joint one), else
+    #: None.
     maximum: torch.Tensor | None = None
+
+    @property
+    def per_tap(self) -> bool:
+        """Whether each tap's weight depends on its target's maximum ``M`` (stable and max)."""
+        return self.stable or self.mode.kind == "max"
 
     @property
     def kind_code(self) -> Kind:
@@ -149,9 +155,9 @@ class Backend(abc.ABC):
         return BackendFailedError(f"backend {self.name!r} {self.failure}")
 
     def maximum(self, problem: Problem) -> torch.Tensor:
-        """``M`` of stable soft splatting for ``problem`` ([N, 1, H, W], compute dtype, no
+        """``M`` of stable soft or max splatting for ``problem`` ([N, 1, H, W], compute dtype, no
         gradient): what ``run`` computes first when ``problem.maximum`` is None."""
-        raise NotImplementedError(f"backend {self.name!r} has no stable soft splatting")
+        raise NotImplementedError(f"backend {self.name!r} has no stable soft or max splatting")
 
     @abc.abstractmethod
     def run(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None]:

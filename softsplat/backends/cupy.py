@@ -239,7 +239,7 @@ class Impls:
     def __init__(self, launch) -> None:
         self.launch = launch
 
-    def maximum(self, flow: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
+    def maximum(self, flow: torch.Tensor, metric: torch.Tensor, kind: int = int(Kind.STABLE)) -> torch.Tensor:
         N, _, H, W = flow.shape
         maximum = torch.full((N, 1, H, W), float("-inf"), dtype=flow.dtype, device=flow.device)
         if N * H * W == 0:
@@ -247,7 +247,7 @@ class Impls:
         index = "int" if _fits_int32((flow, metric, maximum), N * H * W) else "long long"
         dtype = torch.float64 if flow.dtype == torch.float64 else torch.float32
         self.launch(flow.device, dtype, "maximum", index, N * H * W, flow, *flow.stride(), metric,
-                    *per_pixel_strides(metric), *(("index", v) for v in (N, H, W)), maximum)
+                    *per_pixel_strides(metric), *(("index", v) for v in (N, H, W)), ("int", kind), maximum)
         return maximum
 
     def forward(
@@ -275,7 +275,7 @@ class Impls:
             *_source_arguments(input, flow, metric),
             *sizes,
             ("int", kind),
-            maximum.contiguous() if kind == Kind.STABLE else None,
+            maximum.contiguous() if kind in (Kind.STABLE, Kind.MAX) else None,
             out,
             normaliser if kind != Kind.SUM else None,
         )
@@ -349,7 +349,7 @@ class Impls:
             g,
             *sizes,
             ("int", kind),
-            maximum.contiguous() if kind == Kind.STABLE else None,
+            maximum.contiguous() if kind in (Kind.STABLE, Kind.MAX) else None,
             grad_input if output_mask[0] else None,
             grad_flow if output_mask[1] else None,
             grad_metric if want_metric else None,

@@ -48,9 +48,10 @@ def gradient_buffers(input, flow, metric, kind: int, output_mask) -> tuple[tuple
 
 
 def scatter_maximum(ops, problem: Problem) -> torch.Tensor:
-    """``Backend.maximum`` through ``ops.splat_maximum``."""
+    """``Backend.maximum`` through ``ops.splat_maximum`` (stable's, or max mode's)."""
     dtype = problem.compute_dtype
-    return ops.splat_maximum(problem.flow.detach().to(dtype), problem.metric.detach().to(dtype))
+    kind = Kind.MAX if problem.mode.kind == "max" else Kind.STABLE
+    return ops.splat_maximum(problem.flow.detach().to(dtype), problem.metric.detach().to(dtype), int(kind))
 
 
 #: The op of a namespace that computes stable soft splatting's maximum and forward in one call.
@@ -64,7 +65,8 @@ def run_forward(ops, problem: Problem, fused_stable: bool = False) -> tuple[torc
     the op returns the compute dtype, cast here so that autograd casts gradients back. For
     stable soft splatting, the scatter-max pass runs first unless a (joint) maximum is given;
     with ``fused_stable`` (the backend implements ``splat_stable_forward`` on the input's device)
-    that one call does both.
+    that one call does both. Max splatting takes its maximum the same way (``splat_maximum``
+    with kind MAX), then ``splat_forward`` with kind MAX.
     """
     dtype = problem.compute_dtype
     flow = problem.flow.to(dtype)
@@ -73,7 +75,7 @@ def run_forward(ops, problem: Problem, fused_stable: bool = False) -> tuple[torc
         out, normaliser, _ = ops.splat_stable_forward(problem.input, flow, metric, int(problem.normalisation_code))
         return (out if problem.raw else out.to(problem.input.dtype)), normaliser
     maximum = None
-    if problem.stable:
+    if problem.per_tap:
         given = problem.maximum
         maximum = (given if given is not None else scatter_maximum(ops, problem)).to(dtype)
     out, normaliser = ops.splat_forward(
@@ -183,7 +185,7 @@ def register_python_side(namespace: str, fused_stable: bool = False) -> None:
     backward_op = getattr(torch.ops, namespace).splat_backward
 
     @torch.library.register_fake(f"{namespace}::splat_maximum")
-    def _(flow, metric):
+    def _(flow, metric, kind=Kind.STABLE):
         return flow.new_empty((flow.shape[0], 1, *flow.shape[2:]))
 
     @torch.library.register_fake(forward_name)

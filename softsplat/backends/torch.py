@@ -64,28 +64,58 @@ def splat_sum(values: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     return out.view(N, H, W, K).permute(0, 3, 1, 2)
 
 
-def splat_maximum(metric: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
-    """``M`` of stable soft splatting: per target pixel, the maximum metric over the source
-    pixels with a kept tap on it; -inf where nothing lands; NaN propagates. No gradient."""
+def splat_maximum(metric: torch.Tensor, flow: torch.Tensor, covering: bool = False) -> torch.Tensor:
+    """``M``: per target pixel, the maximum metric over the source pixels with a kept tap on it
+    (stable soft splatting); with ``covering`` (max splatting), over the kept taps of positive
+    bilinear weight only. -inf where nothing counts; NaN propagates. No gradient."""
     N, _, H, W = flow.shape
     maximum = torch.full((N * H * W,), float("-inf"), dtype=flow.dtype, device=flow.device)
     values = metric.detach().to(flow.dtype)[:, 0]
-    for target, _, keep in taps(flow.detach()):
-        maximum.scatter_reduce_(0, target[keep], values[keep], "amax")
+    for target, weight, keep in taps(flow.detach()):
+        counts = keep & (weight > 0) if covering else keep
+        maximum.scatter_reduce_(0, target[counts], values[counts], "amax")
     return maximum.view(N, 1, H, W)
 
 
-def splat_stable(values: torch.Tensor, metric: torch.Tensor, flow: torch.Tensor, maximum: torch.Tensor):
-    """``(S(values * w), S(w))`` with per-tap weights ``w = exp(metric - M(target))``, ``M``
-    given and detached (0 where ``M`` is -inf: only metrics of -inf landed there)."""
+def stable_tap_weight(metric: torch.Tensor, reached: torch.Tensor) -> torch.Tensor:
+    """Stable soft splatting's weight of a tap on a target whose maximum is ``reached``:
+    ``exp(metric - M)``, 0 where ``M`` is -inf (only metrics of -inf landed there)."""
+    return torch.where(reached == float("-inf"), 0.0, torch.exp(metric - reached))
+
+
+class _Winners(torch.autograd.Function):
+    """Max splatting's tap weights (``max_tap_weight``); the metric's gradient is zero."""
+
+    @staticmethod
+    def forward(ctx, metric, reached):
+        ctx.mark_non_differentiable(reached)
+        wins = (metric == reached) & (reached != float("-inf"))
+        return torch.where(reached.isnan(), float("nan"), wins.to(reached.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.zeros_like(grad), None
+
+
+def max_tap_weight(metric: torch.Tensor, reached: torch.Tensor) -> torch.Tensor:
+    """Max splatting's weight of a tap on a target whose maximum is ``reached``: 1 where the
+    source's metric is that maximum (ties all count), else 0; 0 where ``M`` is -inf, NaN where
+    ``M`` is NaN. Piecewise constant in ``metric``: its gradient there is zero."""
+    return _Winners.apply(metric, reached.detach())
+
+
+def splat_per_tap(values: torch.Tensor, metric: torch.Tensor, flow: torch.Tensor, maximum: torch.Tensor,
+                  tap_weight=stable_tap_weight):
+    """``(S(values * w), S(w))`` with per-tap weights ``w = tap_weight(metric, M(target))``, ``M``
+    given and detached: stable soft splatting (``stable_tap_weight``) or max splatting
+    (``max_tap_weight``)."""
     N, K, H, W = values.shape
     per_pixel = values.permute(0, 2, 3, 1)  # [N, H, W, K]
     flat_maximum = maximum.detach().reshape(-1)
     numerator = values.new_zeros(N * H * W, K)
     normaliser = values.new_zeros(N * H * W, 1)
     for target, weight, keep in taps(flow):
-        reached = flat_maximum[target[keep]]
-        w = torch.where(reached == float("-inf"), 0.0, torch.exp(metric[:, 0][keep] - reached))
+        w = tap_weight(metric[:, 0][keep], flat_maximum[target[keep]])
         numerator.index_add_(0, target[keep], weight[keep].unsqueeze(1) * (per_pixel[keep] * w.unsqueeze(1)))
         normaliser.index_add_(0, target[keep], weight[keep].unsqueeze(1) * w.unsqueeze(1))
     return (numerator.view(N, H, W, K).permute(0, 3, 1, 2), normaliser.view(N, H, W, 1).permute(0, 3, 1, 2))
@@ -99,14 +129,17 @@ def splat(input, flow, metric, mode: Mode) -> torch.Tensor:
 def splat_with_normaliser(input, flow, metric, mode: Mode, raw: bool = False, stable: bool = False, maximum=None):
     """``(result, D)``: the result in ``input``'s dtype (``raw``: the numerator, not divided, in
     the compute dtype) and the normaliser ``D`` in the compute dtype (None for sum). ``stable``
-    (soft only) subtracts each target's maximum metric: ``maximum`` if given (a joint one),
-    else this call's ``splat_maximum``."""
+    (soft only) subtracts each target's maximum metric, and max mode counts only the sources
+    whose metric is that maximum: ``maximum`` if given (a joint one), else this call's
+    ``splat_maximum``."""
     dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
     values, flow = input.to(dtype), flow.to(dtype)
-    if stable:
+    if stable or mode.kind == "max":
         metric = metric.to(dtype)
-        maximum = splat_maximum(metric, flow) if maximum is None else maximum.to(dtype)
-        numerator, normaliser = splat_stable(values, metric, flow, maximum)
+        covering = mode.kind == "max"
+        maximum = splat_maximum(metric, flow, covering) if maximum is None else maximum.to(dtype)
+        tap_weight = max_tap_weight if covering else stable_tap_weight
+        numerator, normaliser = splat_per_tap(values, metric, flow, maximum, tap_weight)
         if raw:
             return numerator, normaliser
         return (numerator / safe_normaliser(normaliser, mode)).to(input.dtype), normaliser
@@ -149,7 +182,7 @@ class TorchBackend(Backend):
 
     def maximum(self, problem: Problem) -> torch.Tensor:
         dtype = problem.compute_dtype
-        return splat_maximum(problem.metric.to(dtype), problem.flow.to(dtype))
+        return splat_maximum(problem.metric.to(dtype), problem.flow.to(dtype), problem.mode.kind == "max")
 
     def run(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None]:
         return splat_with_normaliser(

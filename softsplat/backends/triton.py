@@ -58,7 +58,7 @@ def _grid(count: int) -> tuple[int]:
     return ((count + _block() - 1) // _block(),)
 
 
-def splat_maximum(flow: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
+def splat_maximum(flow: torch.Tensor, metric: torch.Tensor, kind: int = int(Kind.STABLE)) -> torch.Tensor:
     from torch.library import wrap_triton
 
     from . import triton_kernels as k
@@ -70,7 +70,7 @@ def splat_maximum(flow: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
     with _on(flow.device):
         wrap_triton(k._splat_max_kernel)[_grid(N * H * W)](
             flow, *flow.stride(), metric, *per_pixel_strides(metric), maximum, N, H, W,
-            ACC=_acc(flow.dtype), BLOCK=_block(), **LAUNCH_OPTIONS,
+            KIND=kind, ACC=_acc(flow.dtype), BLOCK=_block(), **LAUNCH_OPTIONS,
         )
     return maximum
 
@@ -90,7 +90,7 @@ def splat_forward(
         return out, normaliser
     normalised = kind != Kind.SUM
     metric_arg = metric if metric is not None else flow  # never read below Kind.LINEAR
-    maximum_arg = maximum.contiguous() if kind == Kind.STABLE else out  # read only when stable
+    maximum_arg = maximum.contiguous() if kind in (Kind.STABLE, Kind.MAX) else out  # read only then
     with _on(input.device):
         wrap_triton(k._splat_fwd_kernel)[_grid(pixels)](
             input, *input.stride(), flow, *flow.stride(), metric_arg, *per_pixel_strides(metric),
@@ -131,7 +131,7 @@ def splat_backward(
         )
         wrap_triton(k._splat_bwd_kernel)[_grid(pixels)](
             input, *input.stride(), flow, *flow.stride(), metric if metric is not None else flow,
-            *per_pixel_strides(metric), g, maximum.contiguous() if kind == Kind.STABLE else g,
+            *per_pixel_strides(metric), g, maximum.contiguous() if kind in (Kind.STABLE, Kind.MAX) else g,
             grad_input if output_mask[0] else g, grad_flow if output_mask[1] else g,
             grad_metric if want_metric else g, N, C, H, W,
             KIND=kind, WANT_INPUT=bool(output_mask[0]), WANT_FLOW=bool(output_mask[1]),

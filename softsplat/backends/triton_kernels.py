@@ -20,7 +20,7 @@ from ..modes import EPS as _EPS
 from ..modes import Kind, Normalisation
 
 # The mode codes (softsplat.modes) as compile-time constants of the kernels.
-SUM, AVG, LINEAR, SOFT, STABLE = (tl.constexpr(int(k)) for k in Kind)
+SUM, AVG, LINEAR, SOFT, STABLE, MAX = (tl.constexpr(int(k)) for k in Kind)
 ADDEPS, ZEROEPS, CLIPEPS, RAW = (tl.constexpr(int(k)) for k in Normalisation)
 EPS = tl.constexpr(_EPS)
 
@@ -59,9 +59,9 @@ def _taps(pixel, flow_ptr, sfn, sfc, sfy, sfx, H, W, ACC: tl.constexpr):
 
 @triton.jit
 def _weight(metric_ptr, n, x, y, smn, smy, smx, mask, KIND: tl.constexpr, ACC: tl.constexpr):
-    """1, metric or exp(metric); no maximum subtracted, exactly the reference. STABLE: the
-    metric itself (each tap's weight is _stable_weight)."""
-    if KIND == LINEAR or KIND == STABLE:
+    """1, metric or exp(metric); no maximum subtracted, exactly the reference. STABLE and MAX:
+    the metric itself (each tap's weight is _tap_weight)."""
+    if KIND == LINEAR or KIND == STABLE or KIND == MAX:
         return tl.load(metric_ptr + n * smn + y * smy + x * smx, mask=mask, other=0.0).to(ACC)
     elif KIND == SOFT:
         return tl.exp(tl.load(metric_ptr + n * smn + y * smy + x * smx, mask=mask, other=0.0).to(ACC))
@@ -70,10 +70,16 @@ def _weight(metric_ptr, n, x, y, smn, smy, smx, mask, KIND: tl.constexpr, ACC: t
 
 
 @triton.jit
-def _stable_weight(m, max_ptr, target, keep):
-    """exp(metric - M(target)); 0 where M is -inf (only metrics of -inf landed there)."""
+def _tap_weight(m, max_ptr, target, keep, KIND: tl.constexpr):
+    """STABLE: exp(metric - M(target)); 0 where M is -inf (only metrics of -inf landed there).
+    MAX (max_weight of taps.h): 1 where metric == M(target), else 0; 0 where M is -inf, NaN
+    where M is NaN."""
     reached = tl.load(max_ptr + target, mask=keep, other=float("-inf"))
-    return tl.where(keep & (reached != float("-inf")), tl.exp(m - reached), 0.0)  # NaN stays NaN
+    if KIND == MAX:
+        wins = tl.where(keep & (reached != float("-inf")) & (m == reached), 1.0, 0.0)
+        return tl.where(reached != reached, reached, wins)
+    else:
+        return tl.where(keep & (reached != float("-inf")), tl.exp(m - reached), 0.0)  # NaN stays NaN
 
 
 @triton.jit
@@ -98,8 +104,9 @@ def _atomic_float_max(ptr, value, mask, ACC: tl.constexpr):
 
 @triton.jit(do_not_specialize=["N", "H", "W"])
 def _splat_max_kernel(flow_ptr, sfn, sfc, sfy, sfx, metric_ptr, smn, smy, smx, max_ptr, N, H, W,
-                      ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """M of stable splatting, into max_ptr filled with -inf: an atomic max per kept tap."""
+                      KIND: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """M of stable splatting, into max_ptr filled with -inf: an atomic max per kept tap; MAX:
+    per kept tap of positive weight (counts_for_maximum of taps.h)."""
     N, H, W = _wide(N), _wide(H), _wide(W)
     pixel = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     valid = pixel < N * H * W
@@ -108,10 +115,20 @@ def _splat_max_kernel(flow_ptr, sfn, sfc, sfy, sfx, metric_ptr, smn, smy, smx, m
     lands = lands & valid
     m = tl.load(metric_ptr + n * smn + y * smy + x * smx, mask=valid, other=0.0).to(ACC)
     t_nw = n * H * W + y0 * W + x0
-    _atomic_float_max(max_ptr + t_nw, m, lands & (x0 >= 0) & (y0 >= 0), ACC)
-    _atomic_float_max(max_ptr + t_nw + 1, m, lands & (x0 + 1 <= W - 1) & (y0 >= 0), ACC)
-    _atomic_float_max(max_ptr + t_nw + W, m, lands & (x0 >= 0) & (y0 + 1 <= H - 1), ACC)
-    _atomic_float_max(max_ptr + t_nw + W + 1, m, lands & (x0 + 1 <= W - 1) & (y0 + 1 <= H - 1), ACC)
+    if KIND == MAX:  # taps of weight 0 take no part
+        on_nw = (west * north) > 0.0
+        on_ne = (east * north) > 0.0
+        on_sw = (west * south) > 0.0
+        on_se = (east * south) > 0.0
+    else:
+        on_nw = lands
+        on_ne = lands
+        on_sw = lands
+        on_se = lands
+    _atomic_float_max(max_ptr + t_nw, m, lands & on_nw & (x0 >= 0) & (y0 >= 0), ACC)
+    _atomic_float_max(max_ptr + t_nw + 1, m, lands & on_ne & (x0 + 1 <= W - 1) & (y0 >= 0), ACC)
+    _atomic_float_max(max_ptr + t_nw + W, m, lands & on_sw & (x0 >= 0) & (y0 + 1 <= H - 1), ACC)
+    _atomic_float_max(max_ptr + t_nw + W + 1, m, lands & on_se & (x0 + 1 <= W - 1) & (y0 + 1 <= H - 1), ACC)
 
 
 @triton.jit(do_not_specialize=["N", "C", "H", "W"])
@@ -119,7 +136,7 @@ def _splat_fwd_kernel(
     input_ptr, sin_n, sin_c, sin_y, sin_x,
     flow_ptr, sfn, sfc, sfy, sfx,
     metric_ptr, smn, smy, smx,
-    max_ptr,  # STABLE: M [N, 1, H, W] contiguous
+    max_ptr,  # STABLE, MAX: M [N, 1, H, W] contiguous
     out_ptr, norm_ptr,  # [N, C, H, W] and [N, 1, H, W], contiguous, zeroed
     N, C, H, W,
     KIND: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
@@ -149,11 +166,11 @@ def _splat_fwd_kernel(
     b_sw = west * south
     b_se = east * south
     d_nw = n * HW + y0 * W + x0  # tap offsets in [N, H, W]
-    if KIND == STABLE:  # a weight per tap
-        w_nw = _stable_weight(w, max_ptr, d_nw, keep_nw)
-        w_ne = _stable_weight(w, max_ptr, d_nw + 1, keep_ne)
-        w_sw = _stable_weight(w, max_ptr, d_nw + W, keep_sw)
-        w_se = _stable_weight(w, max_ptr, d_nw + W + 1, keep_se)
+    if KIND == STABLE or KIND == MAX:  # a weight per tap
+        w_nw = _tap_weight(w, max_ptr, d_nw, keep_nw, KIND)
+        w_ne = _tap_weight(w, max_ptr, d_nw + 1, keep_ne, KIND)
+        w_sw = _tap_weight(w, max_ptr, d_nw + W, keep_sw, KIND)
+        w_se = _tap_weight(w, max_ptr, d_nw + W + 1, keep_se, KIND)
     else:
         w_nw = w
         w_ne = w
@@ -271,7 +288,7 @@ def _splat_bwd_kernel(
     flow_ptr, sfn, sfc, sfy, sfx,
     metric_ptr, smn, smy, smx,
     g_ptr,
-    max_ptr,  # STABLE: M [N, 1, H, W] contiguous
+    max_ptr,  # STABLE, MAX: M [N, 1, H, W] contiguous
     grad_input_ptr, grad_flow_ptr, grad_metric_ptr,  # contiguous
     N, C, H, W,
     KIND: tl.constexpr, WANT_INPUT: tl.constexpr, WANT_FLOW: tl.constexpr, WANT_METRIC: tl.constexpr,
@@ -298,12 +315,12 @@ def _splat_bwd_kernel(
     b_ne = east * north
     b_sw = west * south
     b_se = east * south
-    if KIND == STABLE:  # per-tap weights, folded into the gathers; the per-pixel factor is then 1
+    if KIND == STABLE or KIND == MAX:  # per-tap weights, folded into the gathers; the per-pixel factor is then 1
         d_nw = n * H * W + y0 * W + x0
-        w_nw = _stable_weight(w, max_ptr, d_nw, keep_nw)
-        w_ne = _stable_weight(w, max_ptr, d_nw + 1, keep_ne)
-        w_sw = _stable_weight(w, max_ptr, d_nw + W, keep_sw)
-        w_se = _stable_weight(w, max_ptr, d_nw + W + 1, keep_se)
+        w_nw = _tap_weight(w, max_ptr, d_nw, keep_nw, KIND)
+        w_ne = _tap_weight(w, max_ptr, d_nw + 1, keep_ne, KIND)
+        w_sw = _tap_weight(w, max_ptr, d_nw + W, keep_sw, KIND)
+        w_se = _tap_weight(w, max_ptr, d_nw + W + 1, keep_se, KIND)
         b_nw = b_nw * w_nw
         b_ne = b_ne * w_ne
         b_sw = b_sw * w_sw
@@ -346,5 +363,8 @@ def _splat_bwd_kernel(
         tl.store(grad_flow_ptr + ((n * 2) * H + y) * W + x, grad_fx, mask=valid)
         tl.store(grad_flow_ptr + ((n * 2 + 1) * H + y) * W + x, grad_fy, mask=valid)
     if WANT_METRIC:
-        derivative = w if KIND == SOFT else tl.full(x.shape, 1.0, ACC)  # STABLE: w_k folded in
-        tl.store(grad_metric_ptr + (n * H + y) * W + x, grad_w * derivative, mask=valid)
+        if KIND == MAX:  # the winners are piecewise constant in the metric: no gradient
+            tl.store(grad_metric_ptr + (n * H + y) * W + x, tl.zeros(x.shape, ACC), mask=valid)
+        else:
+            derivative = w if KIND == SOFT else tl.full(x.shape, 1.0, ACC)  # STABLE: w_k folded in
+            tl.store(grad_metric_ptr + (n * H + y) * W + x, grad_w * derivative, mask=valid)

@@ -37,23 +37,27 @@ inline void check_per_pixel(const char* op, const char* name, const Tensor& t, i
 inline void check_arguments(const char* op, const Tensor& input, const Tensor& flow,
                             const std::optional<Tensor>& metric, int64_t kind, int64_t normalisation) {
   STD_TORCH_CHECK(input.dim() == 4, op, ": input: expected a 4-D tensor [N, C, H, W], got shape ", shape(input));
-  STD_TORCH_CHECK(kind >= SUM && kind <= STABLE, op, ": kind: expected ", int(SUM), "..", int(STABLE), ", got ", kind);
+  STD_TORCH_CHECK(kind >= SUM && kind <= MAX, op, ": kind: expected ", int(SUM), "..", int(MAX), ", got ", kind);
   STD_TORCH_CHECK(normalisation >= ADDEPS && normalisation <= RAW, op, ": normalisation: expected ", int(ADDEPS), "..",
               int(RAW), ", got ", normalisation);
   check_per_pixel(op, "flow", flow, 2, input, compute_dtype(input));
   if (kind >= LINEAR) check_per_pixel(op, "metric", metric.value_or(Tensor()), 1, input, compute_dtype(input));
 }
 
-// The stable kind's maximum [N, 1, H, W] (contiguous); an undefined tensor for the other kinds.
+// The stable and max kinds' maximum [N, 1, H, W] (contiguous); an undefined tensor for the other
+// kinds.
 inline Tensor checked_maximum(const char* op, const Tensor& flow, const std::optional<Tensor>& maximum,
                                   int64_t kind) {
-  if (kind != STABLE) return Tensor();
+  if (!weighs_per_tap(static_cast<int>(kind))) return Tensor();
   check_per_pixel(op, "maximum", maximum.value_or(Tensor()), 1, flow, flow.scalar_type());
   return as_contiguous(*maximum);
 }
 
-// splat_maximum: flow [N, 2, H, W] float32 or float64, metric [N, 1, H, W] of flow's dtype.
-inline void check_maximum_arguments(const char* op, const Tensor& flow, const Tensor& metric) {
+// splat_maximum: flow [N, 2, H, W] float32 or float64, metric [N, 1, H, W] of flow's dtype,
+// kind STABLE or MAX.
+inline void check_maximum_arguments(const char* op, const Tensor& flow, const Tensor& metric, int64_t kind) {
+  STD_TORCH_CHECK(kind == STABLE || kind == MAX, op, ": kind: expected ", int(STABLE), " (stable) or ", int(MAX),
+                  " (max), got ", kind);
   STD_TORCH_CHECK(flow.dim() == 4 && flow.size(1) == 2, op, ": flow: expected a 4-D tensor [N, 2, H, W], got shape ",
                   shape(flow));
   STD_TORCH_CHECK(flow.scalar_type() == ScalarType::Float || flow.scalar_type() == ScalarType::Double, op,

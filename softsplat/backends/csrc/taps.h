@@ -15,8 +15,9 @@ namespace softsplat {
 
 // Mode codes: softsplat.modes.Kind and Normalisation (tests/test_contract.py compares). STABLE is soft
 // splatting with each target's maximum metric M(t) subtracted: a tap's weight is
-// exp(metric - M(t)), given M (from the scatter-max pass). Kinds >= LINEAR read a metric.
-enum Kind : int { SUM = 0, AVG = 1, LINEAR = 2, SOFT = 3, STABLE = 4 };
+// exp(metric - M(t)), given M (from the scatter-max pass). MAX is max splatting: a tap's weight
+// is 1 where metric == M(t), else 0 (max_weight). Kinds >= LINEAR read a metric.
+enum Kind : int { SUM = 0, AVG = 1, LINEAR = 2, SOFT = 3, STABLE = 4, MAX = 5 };
 // RAW: no division; the kernels return the numerator and the normaliser as they are.
 enum Normalisation : int { ADDEPS = 0, ZEROEPS = 1, CLIPEPS = 2, RAW = 3 };
 
@@ -135,6 +136,32 @@ template <typename T>
 SOFTSPLAT_HD T stable_weight(T metric, T maximum) {
   const bool minus_infinity = maximum < T(0) && !(maximum - maximum == T(0));  // -inf - -inf is NaN
   return minus_infinity ? T(0) : exp_of(metric - maximum);
+}
+
+// The max-splatting weight of a tap on a target whose maximum metric is `maximum`: 1 where the
+// pixel's metric is the maximum (ties all count), else 0; 0 where M is -inf (only metrics of
+// -inf reached the target), NaN where M is NaN. No gradient reaches the metric.
+template <typename T>
+SOFTSPLAT_HD T max_weight(T metric, T maximum) {
+  if (maximum != maximum) return maximum;
+  const bool minus_infinity = maximum < T(0) && !(maximum - maximum == T(0));
+  return !minus_infinity && metric == maximum ? T(1) : T(0);
+}
+
+// Whether a kind weighs each tap by its target's maximum M (stable, max): it reads `maximum`.
+SOFTSPLAT_HD bool weighs_per_tap(int kind) { return kind == STABLE || kind == MAX; }
+
+// The per-tap weight of the per_tap kinds.
+template <typename T>
+SOFTSPLAT_HD T tap_weight(int kind, T metric, T maximum) {
+  return kind == MAX ? max_weight(metric, maximum) : stable_weight(metric, maximum);
+}
+
+// Whether a tap takes part in the scatter-max of `kind`: every kept tap for stable, the kept
+// taps of positive bilinear weight for max (a tap of weight 0 carries none of its pixel).
+template <typename T>
+SOFTSPLAT_HD bool counts_for_maximum(int kind, bool keep, T weight) {
+  return keep && (kind != MAX || weight > T(0));
 }
 
 // max(current, value) as the scatter-max computes it: NaN wins (NaN propagates as

@@ -172,7 +172,7 @@ struct Gather {
       for (int64_t x_begin = 0; x_begin < W; x_begin += kChunk) {
         const int64_t count = std::min(kChunk, W - x_begin);
         chunk->template fill<true>(src, n, y, x_begin, count);
-        if (Stable) chunk->fill_stable(src.maximum + n * HW, w.data() + x_begin, W, count);
+        if (Stable) chunk->fill_stable(src.maximum + n * HW, w.data() + x_begin, W, count, src.kind);
         for (int64_t i = 0; i < count; ++i) {
           const int64_t x = x_begin + i;
           // Computed for every pixel, landed or not, as autograd does through the oracle: a
@@ -217,8 +217,8 @@ struct Gather {
             acc_t grad_w = 0;
             for (int64_t c = 0; c < channels; ++c) grad_w += gathered[c] * x_values[c];
             grad_w += gathered[channels];
-            // stable: d exp(m - M) / dm is the tap weight, already in gathered[]
-            gm[(n * H + y) * W + x] = Stable ? grad_w : grad_w * weight_derivative(src.kind, w[x]);
+            // stable: d exp(m - M) / dm is the tap weight, already in gathered[]; max: none
+            gm[(n * H + y) * W + x] = src.kind == MAX ? acc_t(0) : Stable ? grad_w : grad_w * weight_derivative(src.kind, w[x]);
           }
         }
       }
@@ -369,7 +369,7 @@ struct Gather {
         const float* wx = w.data() + x_begin;
         chunk->template fill<true>(src, n, y, x_begin, count);
         chunk->pad(count, padded);  // the rest lands nowhere
-        if (Stable) chunk->fill_stable(src.maximum + n * HW, wx, W, count);
+        if (Stable) chunk->fill_stable(src.maximum + n * HW, wx, W, count, src.kind);
         const scalar_t* pixels = in + in_view.at(n, 0, y, x_begin);
         pack_values<CC, Stable>(pixels, in_view, Normalised ? wx : nullptr, splatted, count);
         std::fill(splatted + count * kPacked, splatted + padded * kPacked, 0.0f);
@@ -452,7 +452,7 @@ struct Gather {
             for (int c = 0; c < CC; ++c) grad_w += gathered[c][i] * static_cast<float>(pixels[i * in_view.x + c * in_view.c]);
             grad_w += gathered[CC][i];
             // stable: d exp(m - M) / dm is the tap weight, already in gathered
-            target[i] = Stable ? grad_w : grad_w * weight_derivative(src.kind, wx[i]);
+            target[i] = src.kind == MAX ? acc_t(0) : Stable ? grad_w : grad_w * weight_derivative(src.kind, wx[i]);
           }
         }
       }
@@ -488,7 +488,7 @@ void backward_kernel(const Tensor& grad_out, const Tensor& grad_normaliser,
   auto run = [&](auto channels) {
     constexpr int CC = decltype(channels)::value;
     auto rows = [&](int64_t n, int64_t y_begin, int64_t y_end, const acc_t* const* row, int64_t lo) {
-      if (src.kind == STABLE)
+      if (weighs_per_tap(src.kind))  // stable and max
         gather.template rows<CC, true, true>(n, y_begin, y_end, row, lo);
       else if (normalised)
         gather.template rows<CC, false, true>(n, y_begin, y_end, row, lo);

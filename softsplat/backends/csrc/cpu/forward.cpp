@@ -43,7 +43,7 @@ void scatter_band(const Band& band, const scalar_t* in, const View4& in_view, co
     for (int64_t x_begin = 0; x_begin < W; x_begin += kChunk) {
       const int64_t count = std::min(kChunk, W - x_begin);
       chunk->fill(src, n, y, x_begin, count);
-      if (Stable) chunk->fill_stable(src.maximum + n * HW, w.data() + x_begin, W, count);
+      if (Stable) chunk->fill_stable(src.maximum + n * HW, w.data() + x_begin, W, count, src.kind);
       in_pixel_order(count, [&](int64_t i) {
         const unsigned keep = chunk->keep[i];
         if (!keep) return;
@@ -206,7 +206,7 @@ void scatter_band_packed(const Band& band, const Band& part, const scalar_t* in,
     for (int64_t x_begin = 0; x_begin < W; x_begin += kChunk) {
       const int64_t count = std::min(kChunk, W - x_begin);
       chunk->fill(src, n, y, x_begin, count);
-      if (Stable) chunk->fill_stable(src.maximum + n * src.H * W, w.data() + x_begin, W, count);
+      if (Stable) chunk->fill_stable(src.maximum + n * src.H * W, w.data() + x_begin, W, count, src.kind);
       pack_values<CC, Stable>(in_row + x_begin * in_view.x, in_view, weighted ? w.data() + x_begin : nullptr,
                               values.data(), count);
       interleave(weight_planes, tap_weights.data(), count);
@@ -518,7 +518,7 @@ void forward_kernel(const Tensor& input, const Sources<acc_t>& src, int normalis
     schedule.template run<Scratch<acc_t>>([&](const Band& band, int p, Scratch<acc_t>& scratch) {
       if (band.empty()) return;  // none of its pixels lands
       const Sources<acc_t>& band_src = sources(band.n);
-      const bool per_tap = band_src.kind == STABLE;
+      const bool per_tap = weighs_per_tap(band_src.kind);  // stable and max
       if (CC > 0 && packs<acc_t>(band, C, W)) {
         acc_t* rows = scratch.rows(band, W);
         constexpr int packed = packed_layout(CC) ? CC : 1;  // C when packs() holds

@@ -18,7 +18,7 @@ template <typename acc_t>
 inline Sources<acc_t> sources(const Tensor& flow, const Tensor& metric, int64_t kind, const Tensor& maximum) {
   const bool with_metric = metric.defined() && kind >= LINEAR;
   return {ptr<acc_t>(flow), with_metric ? ptr<acc_t>(metric) : nullptr, flow.size(2), flow.size(3),
-          static_cast<int>(kind), kind == STABLE ? ptr<acc_t>(maximum) : nullptr};
+          static_cast<int>(kind), weighs_per_tap(static_cast<int>(kind)) ? ptr<acc_t>(maximum) : nullptr};
 }
 
 // The forward (out, normaliser: [N, C, H, W] and [N, 1, H, W] in acc_t, contiguous, written
@@ -37,10 +37,11 @@ void backward_kernel(const Tensor& grad_out, const Tensor& grad_normaliser,
                      Tensor& grad_flow, Tensor& grad_metric);
 
 // M of stable splatting into `maximum` [N, 1, H, W] (contiguous), on `schedule`; `ranges`
-// (optional): the metric rows measured on the way, for StableShortcut.
+// (optional): the metric rows measured on the way, for StableShortcut. `covering`: M of max
+// splatting, over the kept taps of positive weight only (counts_for_maximum).
 template <typename acc_t>
 void maximum_kernel(const Sources<acc_t>& src, int64_t N, acc_t* maximum, const Schedule& schedule,
-                    MetricRanges<acc_t>* ranges = nullptr);
+                    MetricRanges<acc_t>* ranges = nullptr, bool covering = false);
 
 }  // namespace cpu
 }  // namespace softsplat

@@ -12,15 +12,15 @@ namespace softsplat {
 namespace cpu {
 namespace {
 
-Tensor splat_maximum_cpu(const Tensor& flow, const Tensor& metric) {
-  checks::check_maximum_arguments("softsplat::splat_maximum", flow, metric);
+Tensor splat_maximum_cpu(const Tensor& flow, const Tensor& metric, int64_t kind) {
+  checks::check_maximum_arguments("softsplat::splat_maximum", flow, metric, kind);
   Tensor maximum = empty({flow.size(0), 1, flow.size(2), flow.size(3)}, flow.scalar_type(), flow);
   dispatch_floating<false>(flow.scalar_type(), "softsplat::splat_maximum: flow", [&](auto scalar) {
     using scalar_t = decltype(scalar);
     // Named, so that the contiguous copies (if any) outlive the kernel that reads them.
     const Tensor flow_tensor = as_contiguous(flow), metric_tensor = as_contiguous(metric);
     const Sources<scalar_t> src = sources<scalar_t>(flow_tensor, metric_tensor, LINEAR, Tensor());
-    maximum_kernel<scalar_t>(src, flow.size(0), ptr<scalar_t>(maximum), plan(src, flow.size(0)));
+    maximum_kernel<scalar_t>(src, flow.size(0), ptr<scalar_t>(maximum), plan(src, flow.size(0)), nullptr, kind == MAX);
   });
   return maximum;
 }

@@ -92,8 +92,15 @@ struct TapChunk {
 
   // stable[k][i] = exp(metric - M(target of tap k)) for the kept taps, 0 for the others: the
   // values of stable_weight (0 where M is -inf), with a vectorised exp. `maximum`: image n's M.
-  void fill_stable(const acc_t* maximum, const acc_t* metric, int64_t W, int64_t count) {
+  // Kind MAX: max_weight's 1, 0 or NaN instead.
+  void fill_stable(const acc_t* maximum, const acc_t* metric, int64_t W, int64_t count, int kind = STABLE) {
     const int64_t offset[4] = {0, 1, W, W + 1};
+    if (kind == MAX) {
+      for (int k = 0; k < 4; ++k)
+        for (int64_t i = 0; i < count; ++i)
+          stable[k][i] = keep[i] >> k & 1 ? max_weight(metric[i], maximum[corner[i] + offset[k]]) : acc_t(0);
+      return;
+    }
     for (int k = 0; k < 4; ++k) {
       stable_exponents(maximum, metric, corner, keep, k, offset[k], stable[k], count);
       exp_inplace(stable[k], count);

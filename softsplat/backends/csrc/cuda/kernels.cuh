@@ -42,7 +42,7 @@ __global__ void splat_forward_kernel(
     const acc_t* __restrict__ flow, long long fl_sn, long long fl_sc, long long fl_sy, long long fl_sx,
     const acc_t* __restrict__ metric, long long me_sn, long long me_sy, long long me_sx,
     index_t N, index_t C, index_t H, index_t W, int kind,
-    const acc_t* __restrict__ maximum,  // stable: M [N, 1, H, W] contiguous; else null
+    const acc_t* __restrict__ maximum,  // stable, max: M [N, 1, H, W] contiguous; else null
     acc_t* __restrict__ out,          // [N, C, H, W] contiguous, zeroed
     acc_t* __restrict__ normaliser) { // [N, 1, H, W] contiguous, zeroed; null for sum
   SOFTSPLAT_KERNEL_LOOP(pixel, N * H * W) {
@@ -56,9 +56,9 @@ __global__ void splat_forward_kernel(
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       at[k] = tap_y(taps, k) * W + tap_x(taps, k);
-      // stable: each tap's weight is exp(metric - M(tap)); otherwise one weight per pixel
+      // stable, max: each tap's weight is exp(metric - M(tap)), or 1 or 0; otherwise one per pixel
       w[k] = !taps.keep[k] ? acc_t(0)
-             : kind == STABLE ? stable_weight(m, maximum[n * plane + at[k]]) : pixel_weight<acc_t>(kind, m);
+             : weighs_per_tap(kind) ? tap_weight(kind, m, maximum[n * plane + at[k]]) : pixel_weight<acc_t>(kind, m);
       if (kind != SUM && taps.keep[k]) atomicAdd(normaliser + n * plane + at[k], taps.weight[k] * w[k]);
     }
     // Each input value is read once and added to the four taps.
@@ -97,20 +97,22 @@ __device__ __forceinline__ void atomic_maximum(double* address, double value) {
     atomicMin(reinterpret_cast<unsigned long long*>(address), static_cast<unsigned long long>(bits));
 }
 
-// M of stable splatting: per target, the maximum metric over the pixels with a kept tap on it.
+// M of stable splatting: per target, the maximum metric over the pixels with a kept tap on it;
+// of max splatting (kind MAX), over the kept taps of positive weight (counts_for_maximum).
 // `maximum` is filled with -inf beforehand. Max is exact and order-free: deterministic.
 template <typename acc_t, typename index_t>
 __global__ void splat_maximum_kernel(
     const acc_t* __restrict__ flow, long long fl_sn, long long fl_sc, long long fl_sy, long long fl_sx,
     const acc_t* __restrict__ metric, long long me_sn, long long me_sy, long long me_sx,
-    index_t N, index_t H, index_t W, acc_t* __restrict__ maximum) {
+    index_t N, index_t H, index_t W, int kind, acc_t* __restrict__ maximum) {
   SOFTSPLAT_KERNEL_LOOP(pixel, N * H * W) {
     index_t n, y, x;
     Taps<acc_t, index_t> taps;
     if (!source_taps(pixel, flow, fl_sn, fl_sc, fl_sy, fl_sx, H, W, n, y, x, taps)) continue;
     const acc_t m = metric[n * (index_t)me_sn + y * (index_t)me_sy + x * (index_t)me_sx];
     for (int k = 0; k < 4; ++k)
-      if (taps.keep[k]) atomic_maximum(maximum + (n * H + tap_y(taps, k)) * W + tap_x(taps, k), m);
+      if (counts_for_maximum(kind, taps.keep[k], taps.weight[k]))
+        atomic_maximum(maximum + (n * H + tap_y(taps, k)) * W + tap_x(taps, k), m);
   }
 }
 
@@ -164,7 +166,7 @@ __global__ void splat_backward_kernel(
     const acc_t* __restrict__ metric, long long me_sn, long long me_sy, long long me_sx,
     const acc_t* __restrict__ g,  // from splat_backward_prepare_kernel
     index_t N, index_t C, index_t H, index_t W, int kind,
-    const acc_t* __restrict__ maximum,  // stable: M [N, 1, H, W] contiguous; else null
+    const acc_t* __restrict__ maximum,  // stable, max: M [N, 1, H, W] contiguous; else null
     scalar_t* __restrict__ grad_input,  // [N, C, H, W] contiguous, or null
     acc_t* __restrict__ grad_flow,      // [N, 2, H, W] contiguous, or null
     acc_t* __restrict__ grad_metric) {  // [N, 1, H, W] contiguous, or null
@@ -175,17 +177,17 @@ __global__ void splat_backward_kernel(
     Taps<acc_t, index_t> taps;
     const bool lands = source_taps(pixel, flow, fl_sn, fl_sc, fl_sy, fl_sx, H, W, n, y, x, taps);
     const scalar_t* values = input + n * (index_t)in_sn + y * (index_t)in_sy + x * (index_t)in_sx;
-    const bool stable = kind == STABLE;
+    const bool stable = weighs_per_tap(kind);  // stable and max: a weight per tap
     const acc_t m = metric ? metric[n * (index_t)me_sn + y * (index_t)me_sy + x * (index_t)me_sx] : acc_t(0);
     const acc_t w = stable ? acc_t(1) : pixel_weight<acc_t>(kind, m);  // stable: per tap, below
     acc_t dx[4], dy[4];
     if (lands) tap_derivatives(taps, dx, dy);
     const acc_t* tap_rows[4];
-    acc_t tap_w[4];  // stable: exp(metric - M(tap)), folded into the gathers; else 1
+    acc_t tap_w[4];  // stable: exp(metric - M(tap)) (max: 1, 0 or NaN), folded into the gathers; else 1
     for (int k = 0; k < 4; ++k) {
       const bool kept = lands && taps.keep[k];
       tap_rows[k] = kept ? g + n * K * H * W + tap_y(taps, k) * W + tap_x(taps, k) : nullptr;  // channel c at [c * HW]
-      tap_w[k] = kept && stable ? stable_weight(m, maximum[(n * H + tap_y(taps, k)) * W + tap_x(taps, k)]) : acc_t(1);
+      tap_w[k] = kept && stable ? tap_weight(kind, m, maximum[(n * H + tap_y(taps, k)) * W + tap_x(taps, k)]) : acc_t(1);
     }
 
     // Per channel: gathered_c = sum over kept taps of weight * gN_c. Computed for every pixel,
@@ -221,8 +223,9 @@ __global__ void splat_backward_kernel(
       grad_flow[((n * 2) * H + y) * W + x] = grad_fx;
       grad_flow[((n * 2 + 1) * H + y) * W + x] = grad_fy;
     }
-    // stable: d exp(m - M) / dm is the tap weight, already folded into grad_w
-    if (grad_metric) grad_metric[(n * H + y) * W + x] = stable ? grad_w : grad_w * weight_derivative(kind, w);
+    // stable: d exp(m - M) / dm is the tap weight, already folded into grad_w; max: none
+    if (grad_metric)
+      grad_metric[(n * H + y) * W + x] = kind == MAX ? acc_t(0) : stable ? grad_w : grad_w * weight_derivative(kind, w);
   }
 }
 

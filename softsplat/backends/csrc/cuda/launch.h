@@ -47,8 +47,8 @@ inline bool fits_int32(std::initializer_list<Tensor> tensors, int64_t largest_pr
   return true;
 }
 
-inline Tensor splat_maximum(const Tensor& flow, const Tensor& metric) {
-  checks::check_maximum_arguments("splat_maximum", flow, metric);
+inline Tensor splat_maximum(const Tensor& flow, const Tensor& metric, int64_t kind) {
+  checks::check_maximum_arguments("splat_maximum", flow, metric, kind);
   SOFTSPLAT_DEVICE_GUARD(flow);
   const int64_t N = flow.size(0), H = flow.size(2), W = flow.size(3);
   Tensor maximum = full({N, 1, H, W}, -std::numeric_limits<double>::infinity(), flow.scalar_type(), flow);
@@ -62,7 +62,7 @@ inline Tensor splat_maximum(const Tensor& flow, const Tensor& metric) {
       SOFTSPLAT_LAUNCH(kernel, blocks_for(N * H * W), kThreads,
           ptr<scalar_t>(flow), flow.stride(0), flow.stride(1), flow.stride(2), flow.stride(3),
           ptr<scalar_t>(metric), metric.stride(0), metric.stride(2), metric.stride(3),
-          (index_t)N, (index_t)H, (index_t)W, ptr<scalar_t>(maximum));
+          (index_t)N, (index_t)H, (index_t)W, (int)kind, ptr<scalar_t>(maximum));
     };
     if (small) run(int(0)); else run((long long)0);
   });
@@ -96,7 +96,7 @@ inline std::tuple<Tensor, Tensor> splat_forward(const Tensor& input, const Tenso
           with_metric ? ptr<acc_t>(metric) : nullptr,
           with_metric ? metric.stride(0) : 0, with_metric ? metric.stride(2) : 0, with_metric ? metric.stride(3) : 0,
           (index_t)N, (index_t)C, (index_t)H, (index_t)W, (int)kind,
-          kind == STABLE ? (const acc_t*)ptr<acc_t>(maximum) : nullptr,
+          weighs_per_tap((int)kind) ? (const acc_t*)ptr<acc_t>(maximum) : nullptr,
           ptr<acc_t>(out), kind == SUM ? nullptr : ptr<acc_t>(normaliser));
       if (kind != SUM && normalisation != RAW && C > 0) {  // raw: the numerator as it is
         auto normalise = &splat_normalise_kernel<acc_t, index_t>;
@@ -159,7 +159,7 @@ inline std::tuple<Tensor, Tensor, Tensor> splat_backward(
           with_metric ? ptr<acc_t>(metric) : nullptr,
           with_metric ? metric.stride(0) : 0, with_metric ? metric.stride(2) : 0, with_metric ? metric.stride(3) : 0,
           (const acc_t*)ptr<acc_t>(g), (index_t)N, (index_t)C, (index_t)H, (index_t)W, (int)kind,
-          kind == STABLE ? (const acc_t*)ptr<acc_t>(maximum) : nullptr,
+          weighs_per_tap((int)kind) ? (const acc_t*)ptr<acc_t>(maximum) : nullptr,
           output_mask[0] ? ptr<scalar_t>(grad_input) : nullptr,
           output_mask[1] ? ptr<acc_t>(grad_flow) : nullptr,
           want_metric ? ptr<acc_t>(grad_metric) : nullptr);
