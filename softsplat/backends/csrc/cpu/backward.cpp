@@ -253,7 +253,7 @@ struct Gather {
       for (int64_t x_begin = 0; x_begin < W; x_begin += kChunk) {
         const int64_t count = std::min(kChunk, W - x_begin);
         chunk->template fill<true>(src, n, y, x_begin, count);
-        if (Stable) chunk->fill_stable(src.maximum + n * HW, w.data() + x_begin, W, count);
+        if (Stable) chunk->fill_stable(src.maximum + n * HW, w.data() + x_begin, W, count, src.kind);
         const scalar_t* pixels = in + in_view.at(n, 0, y, x_begin);
         for (int64_t c = 0; c < C; c += kGatherBlock)
           pack_block<kGatherBlock>(pixels + c * in_view.c, in_view, static_cast<const acc_t*>(nullptr),
@@ -302,8 +302,8 @@ struct Gather {
               dot += sums[j] * x_lanes;  // the channels' gathered * x, then gD's gathered * 1
             }
             const acc_t grad_w = total(dot);
-            // stable: d exp(m - M) / dm is the tap weight, already in gathered
-            gm[(n * H + y) * W + x] = Stable ? grad_w : grad_w * weight_derivative(src.kind, w[x]);
+            // stable: d exp(m - M) / dm is the tap weight, already in gathered; max: none
+            gm[(n * H + y) * W + x] = src.kind == MAX ? acc_t(0) : Stable ? grad_w : grad_w * weight_derivative(src.kind, w[x]);
           }
         }
         if (gi) {
