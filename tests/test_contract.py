@@ -33,6 +33,6 @@ def test_taps_h_eps_is_that_of_modes_py() -> None:
 def test_triton_kernels_take_the_codes_of_modes_py() -> None:
     from softsplat.backends import triton_kernels as k
 
-    assert [k.SUM.value, k.AVG.value, k.LINEAR.value, k.SOFT.value, k.STABLE.value] == list(map(int, Kind))
+    assert [k.SUM.value, k.AVG.value, k.LINEAR.value, k.SOFT.value, k.STABLE.value, k.MAX.value] == list(map(int, Kind))
     assert [k.ADDEPS.value, k.ZEROEPS.value, k.CLIPEPS.value, k.RAW.value] == list(map(int, Normalisation))
     assert k.EPS.value == EPS

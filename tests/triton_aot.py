@@ -61,17 +61,18 @@ def record() -> None:
             input = torch.randn(N, C, H, 2 * W, generator=generator).to(dtype)[..., ::2]
         flow = torch.randn(N, 2, H, W, generator=generator).to(acc)
         metric = torch.randn(N, 1, H, W, generator=generator).to(acc)
-        maximum = backend.splat_maximum(flow, metric)
-        for kind, normalisation in [(0, 0), (1, 0), (1, 1), (2, 2), (3, 0), (3, 3), (4, 0)]:
+        maxima = {4: backend.splat_maximum(flow, metric), 5: backend.splat_maximum(flow, metric, 5)}
+        for kind, normalisation in [(0, 0), (1, 0), (1, 1), (2, 2), (3, 0), (3, 3), (4, 0), (5, 0), (5, 3)]:
             m = metric if kind >= 2 else None
-            out, normaliser = backend.splat_forward(input, flow, m, kind, normalisation, maximum if kind == 4 else None)
+            maximum = maxima.get(kind)
+            out, normaliser = backend.splat_forward(input, flow, m, kind, normalisation, maximum)
             grad = torch.randn(N, C, H, W, generator=generator).to(acc)
             # Every output mask and a normaliser's gradient for soft; the full gradient otherwise.
             masks = ([True, True, True], [True, False, False], [False, True, True]) if kind == 3 else ([True, True, True],)
             for mask in masks:
                 for grad_normaliser in (None, torch.randn(N, 1, H, W, generator=generator).to(acc)) if kind == 3 else (None,):
                     backend.splat_backward(grad, grad_normaliser, input, flow, m, out, normaliser, kind, normalisation,
-                                           mask, maximum if kind == 4 else None)
+                                           mask, maximum)
 
 
 def constexprs_of(fn, constexprs) -> dict:
@@ -133,8 +134,9 @@ def read(binary, name: str, kernel: str, kind: int | None, fp_fusion: bool) -> l
     ptx = binary.asm["ptx"]
     if fp_fusion is not False:
         problems.append(f"{name}: launched with FMA contraction allowed")
-    # Kernels without exp: no FMA at all (exp's own library code has FMAs of its own).
-    if kind not in (3, 4) and "fma.rn" in ptx:
+    # Kernels without exp: no FMA at all (exp's own library code has FMAs of its own). The
+    # scatter-max's KIND (4 or 5) only chooses which taps count.
+    if (kind not in (3, 4) or kernel == "_splat_max_kernel") and "fma.rn" in ptx:
         problems.append(f"{name}: an FMA in the PTX (contraction must be off)")
     # No flushing of subnormals outside the atomics (docs/spec.md, floating point): a floor that
     # flushes puts a pixel with a negative subnormal flow in the other cell.
