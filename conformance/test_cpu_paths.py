@@ -3,9 +3,8 @@ the oracle: each channel count with a path of its own (1-3 packed, 4 and more un
 mode, soft with and without stable, each dtype, contiguous and channels_last, at odd sizes, with
 flows that land inside, across the border and nowhere; stable soft with and without its
 per-image shortcut; and images tall and wide enough for several bands (apart, and merged) and
-rows longer than a chunk of taps. Small: with ``test_stable.py`` and
-``test_edge_cases.py`` it is the subset ``nox -s arm`` runs under emulation (ARM_TESTS in
-``noxfile.py``), and it runs for every backend in the main suite."""
+rows longer than a chunk of taps. Small: it is what ``nox -s arm`` runs under emulation
+(ARM_TESTS in ``noxfile.py``), and it runs for every backend in the main suite."""
 
 from __future__ import annotations
 

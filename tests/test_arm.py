@@ -31,7 +31,7 @@ def test_the_arm_tests_collect_for_cpp() -> None:
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider", *tests,
                              "--backend", "cpp"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     collected = re.search(r"(\d+) tests? collected", result.stdout)
-    assert result.returncode == 0 and collected and int(collected.group(1)) >= 100, result.stdout[-3000:]
+    assert result.returncode == 0 and collected and int(collected.group(1)) >= 80, result.stdout[-3000:]
 
 
 def test_the_cpu_paths_grid_covers_each_axis_with_each_other() -> None:
