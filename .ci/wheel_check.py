@@ -1,8 +1,8 @@
 """Checks an installed softsplat wheel (``nox -s wheel_test`` and cibuildwheel's test step run it):
 ``softsplat info`` shows the cpp backend prebuilt and none of the test suite's host backends, the
-wheel holds none of conformance/host's files, and the cpp conformance suite passes at every CPU
-level this machine runs, with nothing compiled (TORCH_EXTENSIONS_DIR, an empty directory, stays
-empty).
+wheel holds none of conformance/host's files, and the cpp conformance suite (or the tests given
+as arguments, paths under conformance/) passes at every CPU level this machine runs, with nothing
+compiled (TORCH_EXTENSIONS_DIR, an empty directory, stays empty).
 
 Run it with the environment's Python, the wheel installed with pytest and hypothesis. It runs
 the suite from a copy, so that the checkout's own ``softsplat`` cannot be imported instead of
@@ -26,6 +26,7 @@ COMPILERS = ("cc", "c++", "g++", "gcc", "clang++", "cl")
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-compiler", action="store_true", help="fail if a C++ compiler is reachable")
+    parser.add_argument("tests", nargs="*", default=["conformance"], help="what pytest runs (default: conformance)")
     arguments = parser.parse_args()
     if arguments.no_compiler:
         found = [c for c in COMPILERS if shutil.which(c)] + [v for v in ("CXX", "CC") if os.environ.get(v)]
@@ -60,7 +61,7 @@ def main() -> int:
         levels = run(sys.executable, "-c", "from softsplat.backends import build_flags; print(*build_flags.supported_levels())").split()
         for level in levels:
             print(f"== conformance, cpp, CPU level {level}", flush=True)
-            run(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "conformance", "--backend", "cpp",
+            run(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *arguments.tests, "--backend", "cpp",
                 "--require-backends", "cpp", "--ignore=conformance/test_onnx.py", "--ignore=conformance/meta",
                 SOFTSPLAT_CPU_LEVEL=level)
         built = list(extensions.rglob("*"))

@@ -1,0 +1,86 @@
+"""A fixed grid that reaches every path of the CPU kernels, forward and every gradient against
+the oracle: each channel count with a path of its own (1-3 packed, 4 and more unpacked) in every
+mode, soft with and without stable, each dtype, contiguous and channels_last, at odd sizes, with
+flows that land inside, across the border and nowhere; stable soft with and without its
+per-image shortcut; and images tall and wide enough for several bands (apart, and merged) and
+rows longer than a chunk of taps. Small: it is what ``nox -s arm`` runs under emulation
+(ARM_TESTS in ``noxfile.py``), and it runs for every backend in the main suite."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from softsplat import Mode
+
+from .strategies import Case
+from .test_against_oracle import check_case
+from .test_edge_cases import _case
+
+#: 1-3: the packed layout (forward scratch, backward rows); 4: its own compile-time count,
+#: unpacked; 5: the generic count, unpacked.
+CHANNELS = (1, 2, 3, 4, 5)
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+LAYOUTS = (None, "channels_last")
+
+
+def _grid() -> list:
+    """Every channel count in every mode (soft also stable); the dtype and layout turn with the
+    mode and the count, so that each count meets every dtype and both layouts."""
+    cells = []
+    for i, mode in enumerate(Mode):
+        for stable in (False, True) if mode.kind == "soft" else (False,):
+            for j, channels in enumerate(CHANNELS):
+                k = len(cells)  # the seed
+                dtype, layout = DTYPES[(i + j) % len(DTYPES)], LAYOUTS[(i + j + stable) % len(LAYOUTS)]
+                name = f"{mode.value}{'-stable' if stable else ''}-C{channels}-{str(dtype)[6:]}-{layout or 'contiguous'}"
+                cells.append(pytest.param(mode.value, stable, channels, dtype, layout, k, id=name))
+    return cells
+
+
+@pytest.mark.parametrize("mode, stable, channels, dtype, layout, seed", _grid())
+def test_cpu_paths(backend, device, mode, stable, channels, dtype, layout, seed) -> None:
+    if dtype not in backend.dtypes:
+        pytest.skip(f"{backend.name} does not take {dtype}")
+    # 2 x C x 7 x 11: odd sizes; the edge flows of the first pixels land across the border
+    # and nowhere, the others of ~2 pixels mostly inside.
+    # Stable soft, every other count: a metric of 400 in the first image, a spread past the
+    # shortcut's (40 in float32, 300 in float64), so that it takes the per-tap weights beside
+    # a second image that takes the shortcut.
+    spread = [400.0] if stable and channels % 2 == 0 else None
+    case = _case(mode, dtype, device, shape=(2, channels, 7, 11), layout=layout, metric_values=spread, seed=seed)
+    check_case(backend, dataclasses.replace(case, stable=stable), torch.Generator().manual_seed(seed))
+
+
+def _splat_case(shape, reach: float, mode: str, backend, device) -> Case:
+    stable = mode.endswith("-stable")
+    parsed = Mode.parse(mode.removesuffix("-stable"))
+    N, C, H, W = shape
+    generator = torch.Generator().manual_seed(C)
+    input = torch.randn((N, C, H, W), generator=generator, dtype=torch.float64)
+    flow = torch.randn((N, 2, H, W), generator=generator, dtype=torch.float64) * reach
+    metric = torch.randn((N, 1, H, W), generator=generator, dtype=torch.float64) * 3
+    dtype = torch.float32 if torch.float32 in backend.dtypes else backend.dtypes[0]
+    return Case(input.to(dtype).to(device), flow.to(dtype).to(device),
+                metric.to(dtype).to(device) if parsed.needs_metric else None, parsed,
+                (True, True, parsed.needs_metric), stable=stable)
+
+
+@pytest.mark.parametrize("channels", [3, 5], ids=["packed", "unpacked"])
+@pytest.mark.parametrize("reach", [0.5, 40.0], ids=["bands-apart", "bands-merged"])
+@pytest.mark.parametrize("mode", ["sum", "avg-clipeps", "soft-stable"])
+def test_cpu_bands(backend, device, channels, reach, mode) -> None:
+    """35 rows (the CPU kernels' bands are 8 to 64 rows): flows of ~0.5 rows keep the bands
+    apart (two phases), of ~40 rows make them reach the whole image (merged)."""
+    case = _splat_case((2, channels, 35, 13), reach, mode, backend, device)
+    check_case(backend, case, torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("channels", [3, 5], ids=["packed", "unpacked"])
+@pytest.mark.parametrize("mode", ["sum", "soft-stable"])
+def test_cpu_long_rows(backend, device, channels, mode) -> None:
+    """Rows of 261 pixels: past a chunk of taps (256), and not a multiple of any vector width."""
+    case = _splat_case((1, channels, 2, 261), 2.0, mode, backend, device)
+    check_case(backend, case, torch.Generator().manual_seed(1))
