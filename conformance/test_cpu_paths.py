@@ -1,5 +1,5 @@
 """A fixed grid that reaches every path of the CPU kernels, forward and every gradient against
-the oracle: each channel count with a path of its own (1-3 packed, 4 and more unpacked) in every
+the oracle: each channel count with a path of its own (1-3 packed, 4 and more in blocks) in every
 mode, soft with and without stable, each dtype, contiguous and channels_last, at odd sizes, with
 flows that land inside, across the border and nowhere; stable soft with and without its
 per-image shortcut; and images tall and wide enough for several bands (apart, and merged) and
@@ -19,9 +19,11 @@ from .strategies import Case
 from .test_against_oracle import check_case
 from .test_edge_cases import _case
 
-#: 1-3: the packed layout (forward scratch, backward rows); 4: its own compile-time count,
-#: unpacked; 5: the generic count, unpacked.
-CHANNELS = (1, 2, 3, 4, 5)
+#: 1-3: the packed layout (forward scratch, backward rows); 4: its own compile-time count, the
+#: forward's channel blocks of 4 lanes; 5: the generic count, a block of 8; 9: a 16-lane block with
+#: a tail, and the backward's blocked gather (two blocks of 8); 17: a full 16-lane block, then
+#: one of 4 with a single channel, and three blocks of the gather.
+CHANNELS = (1, 2, 3, 4, 5, 9, 17)
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 LAYOUTS = (None, "channels_last")
 
