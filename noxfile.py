@@ -293,7 +293,8 @@ def arm(session: nox.Session) -> None:
     checkout's files (tracked and untracked, not ignored) are checked by .ci/arm_check.py: the
     first-use build of the cpp backend by the root's g++, ``softsplat info``, ARM_TESTS on cpp at
     every aarch64 CPU level, then ``nox -s wheel`` there and ``nox -s wheel_test`` (a fresh
-    environment, no compiler) with the same tests. Needs root; about N minutes (docs/development.md)."""
+    environment, no compiler) with the same tests. Needs root; emulated, it takes over an hour
+    (docs/development.md gives the parts' durations)."""
     _arm_ready(session)
     root = _arm_root(session)
     source = root / "src"
