@@ -96,7 +96,7 @@ struct Scratch {
   int64_t first = 0, W = 0;  // the band's first row; the values per row (width x lanes)
   int64_t lo = 0, hi = 0;    // rows zeroed so far: [lo, hi), empty after rows()
 
-  // `lanes` values per target: kPacked, or a channel block's (forward_blocks).
+  // `lanes` values per target: kPacked, or a channel block's (splat_block).
   acc_t* rows(const Band& band, int64_t width, int64_t lanes = kPacked) {
     const size_t size = static_cast<size_t>((band.hi - band.lo) * width * lanes);
     if (data.size() < size) data.resize(size);
