@@ -247,7 +247,6 @@ struct Gather {
         for (int64_t i = 0; i < width; ++i) a[i] += a[i + width];
       return a[0];
     };
-    auto load = [](Lanes& v, const acc_t* p) { std::memcpy(&v, p, sizeof v); };
     for (int64_t y = y_begin; y < y_end; ++y) {
       src.row_weights(n, y, w.data());
       for (int64_t x_begin = 0; x_begin < W; x_begin += kChunk) {
@@ -279,8 +278,8 @@ struct Gather {
             Lanes dot{};
             for (int64_t j = 0; j < blocks; ++j) {
               Lanes v, x_lanes;
-              load(v, values + j * kGatherBlock);
-              load(x_lanes, xs + j * kGatherBlock);
+              load_lanes(v, values + j * kGatherBlock);
+              load_lanes(x_lanes, xs + j * kGatherBlock);
               sums[j] += b * v;
               dot += v * (x_lanes * tap_w);
             }
@@ -289,7 +288,7 @@ struct Gather {
             grad_fy += dy[k] * d;
           }
           acc_t* g = gathered.data() + i * stride;
-          for (int64_t j = 0; j < blocks; ++j) std::memcpy(g + j * kGatherBlock, &sums[j], sizeof(Lanes));
+          for (int64_t j = 0; j < blocks; ++j) store_lanes(g + j * kGatherBlock, sums[j]);
           if (gf) {
             gf[((n * 2 + 0) * H + y) * W + x] = grad_fx;
             gf[((n * 2 + 1) * H + y) * W + x] = grad_fy;
@@ -298,7 +297,7 @@ struct Gather {
             Lanes dot{};
             for (int64_t j = 0; j < blocks; ++j) {
               Lanes x_lanes;
-              load(x_lanes, xs + j * kGatherBlock);
+              load_lanes(x_lanes, xs + j * kGatherBlock);
               dot += sums[j] * x_lanes;  // the channels' gathered * x, then gD's gathered * 1
             }
             const acc_t grad_w = total(dot);

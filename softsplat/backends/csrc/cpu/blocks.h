@@ -27,12 +27,12 @@ using Quad = typename Vector<acc_t, 4>::type;
 // Loads and stores by reference: no value of a vector type crosses a call (no vector-ABI
 // dependence).
 template <typename V, typename acc_t>
-inline void load_quad(V& v, const acc_t* p) {
+inline void load_lanes(V& v, const acc_t* p) {
   std::memcpy(&v, p, sizeof v);
 }
 
 template <typename V, typename acc_t>
-inline void store_quad(acc_t* p, const V& v) {
+inline void store_lanes(acc_t* p, const V& v) {
   std::memcpy(p, &v, sizeof v);
 }
 
@@ -61,15 +61,15 @@ void pack_block(const scalar_t* __restrict pixel, const View4& view, const acc_t
     const int64_t tiled = lanes / 4 * 4;
     for (; view.x == 1 && i + 4 <= count; i += 4) {
       Quad<acc_t> scale;
-      if (w) load_quad(scale, w + i);
+      if (w) load_lanes(scale, w + i);
       for (int64_t j = 0; j < tiled; j += 4) {
         Quad<acc_t> r[4];
         for (int k = 0; k < 4; ++k) {
-          load_quad(r[k], pixel + (j + k) * view.c + i);
+          load_lanes(r[k], pixel + (j + k) * view.c + i);
           if (w) r[k] *= scale;
         }
         transpose_quads(r);
-        for (int k = 0; k < 4; ++k) store_quad(values + (i + k) * stride + j, r[k]);
+        for (int k = 0; k < 4; ++k) store_lanes(values + (i + k) * stride + j, r[k]);
       }
       for (int64_t k = 0; k < 4; ++k) {
         acc_t* lane = values + (i + k) * stride;
@@ -85,9 +85,9 @@ void pack_block(const scalar_t* __restrict pixel, const View4& view, const acc_t
     using Lanes = typename Vector<acc_t, L>::type;
     for (; view.c == 1 && lanes == L && i < count; ++i) {
       Lanes v;
-      std::memcpy(&v, pixel + i * view.x, sizeof v);
+      load_lanes(v, pixel + i * view.x);
       if (w) v *= w[i];
-      std::memcpy(values + i * stride, &v, sizeof v);
+      store_lanes(values + i * stride, v);
     }
   }
 #endif
@@ -114,19 +114,19 @@ void unpack_block_row(const acc_t* __restrict lanes, int64_t stride, const Plane
   for (; x + 4 <= W; x += 4) {
     for (int64_t c = 0; c < tiled; c += 4) {
       Quad<acc_t> r[4];
-      for (int k = 0; k < 4; ++k) load_quad(r[k], lanes + (x + k) * stride + c);
+      for (int k = 0; k < 4; ++k) load_lanes(r[k], lanes + (x + k) * stride + c);
       transpose_quads(r);
       Quad<acc_t> by;
-      if (divisor) load_quad(by, divisor + x);
+      if (divisor) load_lanes(by, divisor + x);
       for (int k = 0; k < 4; ++k) {
         acc_t* p = plane(c + k) + x;
         if (Add) {
           Quad<acc_t> sum;
-          load_quad(sum, p);
+          load_lanes(sum, p);
           r[k] = sum + r[k];
         }
         if (divisor) r[k] /= by;
-        store_quad(p, r[k]);
+        store_lanes(p, r[k]);
       }
     }
     for (int64_t c = tiled; c < count; ++c)

@@ -382,12 +382,12 @@ void scatter_block(const TapChunk<acc_t>& chunk, const acc_t* __restrict values,
 #if defined(SOFTSPLAT_VECTOR_EXTENSION)
     using Lanes = typename Vector<acc_t, L>::type;
     Lanes v;
-    std::memcpy(&v, lanes, sizeof v);
+    load_lanes(v, lanes);
     auto add = [&](acc_t* at, acc_t weight) {
       Lanes sum;
-      std::memcpy(&sum, at, sizeof sum);
+      load_lanes(sum, at);
       sum += weight * v;
-      std::memcpy(at, &sum, sizeof sum);
+      store_lanes(at, sum);
     };
     if (keep == TapChunk<acc_t>::kAll) {
       add(target, b[0]);
@@ -549,11 +549,12 @@ void forward_kernel(const Tensor& input, const Sources<acc_t>& src, int normalis
         if (p == 0 && norm_data) std::fill(norm_data + (band.n * H + band.lo) * W, norm_data + (band.n * H + band.hi) * W, acc_t(0));
         const bool divides = finish.divides && !finish.scales(band.n);
         auto last = [&](int64_t y) { return p == 1 || !reached_later[band.n * H + y]; };
-        for (int64_t c0 = 0; c0 < C; c0 += block_lanes(C, c0)) {
-          const int64_t count = std::min<int64_t>(block_lanes(C, c0), C - c0);
+        for (int64_t c0 = 0, lanes = 0; c0 < C; c0 += lanes) {
+          lanes = block_lanes(C, c0);
+          const int64_t count = std::min<int64_t>(lanes, C - c0);
           acc_t* norm = c0 == 0 ? norm_data : nullptr;
           const acc_t* divisor = divides ? norm_data : nullptr;
-          switch (block_lanes(C, c0)) {
+          switch (lanes) {
             case 4: splat_block<4>(band, p, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, last); break;
             case 8: splat_block<8>(band, p, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, last); break;
             default: splat_block<16>(band, p, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, last);
