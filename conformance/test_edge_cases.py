@@ -58,10 +58,38 @@ def test_edge_flows(backend, device, mode, layout) -> None:
 
 
 @pytest.mark.parametrize("mode", ["soft", "soft-zeroeps", "soft-clipeps", "linear"])
-def test_exp_overflow_and_underflow(backend, device, mode) -> None:
-    metrics = [88.0, 89.0, 100.0, 709.0, 710.0, 1e4, -88.0, -104.0, -800.0, 3.4e38, -3.4e38, 11.0, 12.0, 0.0]
+@pytest.mark.parametrize("channels", [3, 17])
+def test_exp_overflow_and_underflow(backend, device, mode, channels) -> None:
+    # Normalisers past float32's range, and near its ends: subnormal, or so large that 1 / D is
+    # subnormal (where a result finished as x * (1 / D) would lose its precision). 17 channels:
+    # the channel blocks of the CPU kernels, three: their packed path.
+    metrics = [88.0, 89.0, 100.0, 709.0, 710.0, 1e4, -88.0, -104.0, -800.0, 3.4e38, -3.4e38, 11.0, 12.0, 0.0,
+               87.5, -87.5, -100.0, 1e38, 2e-39]
     for dtype in backend.dtypes:
-        check_case(backend, _case(mode, dtype, device, metric_values=metrics), torch.Generator().manual_seed(2))
+        check_case(backend, _case(mode, dtype, device, shape=(2, channels, 4, 5), metric_values=metrics),
+                   torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("mode", ["soft-zeroeps", "linear-zeroeps"])
+@pytest.mark.parametrize("channels", [3, 17])
+def test_subnormal_normalisers(backend, device, mode, channels) -> None:
+    # Pixels that stay where they are, each alone on its target, with weights whose float32
+    # normaliser is subnormal (1 / D overflows), normal, or near float32's largest (1 / D is
+    # subnormal): each result is its input.
+    from softsplat import Mode
+
+    generator = torch.Generator().manual_seed(3)
+    shape = (1, channels, 3, 4)
+    input = torch.randn(shape, generator=generator, dtype=torch.float64)
+    flow = torch.zeros((1, 2, 3, 4), dtype=torch.float64)
+    weights = [-89.0, -95.0, -100.0, -87.0, 0.0, 3.0, 87.5, 88.5, -89.0, -89.0, -92.0, 1.0]
+    metric = torch.tensor(weights, dtype=torch.float64).view(1, 1, 3, 4)
+    if Mode.parse(mode).kind == "linear":
+        metric = metric.exp()  # the same weights
+    for dtype in backend.dtypes:
+        case = Case(input.to(dtype).to(device), flow.to(dtype).to(device), metric.to(dtype).to(device), Mode.parse(mode),
+                    (True, True, True))
+        check_case(backend, case, torch.Generator().manual_seed(4))
 
 
 @pytest.mark.parametrize("shape", [(0, 3, 4, 5), (2, 0, 4, 5), (2, 3, 0, 5), (2, 3, 4, 0), (1, 1, 1, 1)])

@@ -12,6 +12,11 @@
 namespace softsplat {
 namespace cpu {
 
+// How far ahead along a plane, in values, pack_block and unpack_block_row ask for the next cache
+// lines: a block reads or writes 16 planes side by side, more streams than the hardware
+// prefetchers follow (512 bytes ahead measured best for a 64-channel forward at 540x960).
+constexpr int64_t kPrefetchAhead = 128;
+
 // The strides of planes of W values side by side (pack_block's view of them).
 inline View4 plane_strides(int64_t W) {
   View4 view;
@@ -60,6 +65,8 @@ void pack_block(const scalar_t* __restrict pixel, const View4& view, const acc_t
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     const int64_t tiled = lanes / 4 * 4;
     for (; view.x == 1 && i + 4 <= count; i += 4) {
+      if (i % 16 == 0)  // a cache line of each plane
+        for (int64_t j = 0; j < lanes; ++j) __builtin_prefetch(pixel + j * view.c + i + kPrefetchAhead);
       Quad<acc_t> scale;
       if (w) load_lanes(scale, w + i);
       for (int64_t j = 0; j < tiled; j += 4) {
@@ -103,21 +110,23 @@ void pack_block(const scalar_t* __restrict pixel, const View4& view, const acc_t
 }
 
 // The first `count` lanes of W targets (target x's at lanes + x * stride) moved into planes:
-// plane(c)[x] = lanes[x * stride + c], stored or added (Add); divided by `divisor` (W values)
-// unless null. The inverse of pack_block.
+// plane(c)[x] = lanes[x * stride + c], stored or added (Add); times `factor` (W values, the
+// finishing factors of common.h) unless null. The inverse of pack_block.
 template <bool Add, typename acc_t, typename Plane>
 void unpack_block_row(const acc_t* __restrict lanes, int64_t stride, const Plane& plane, int64_t count,
-                      const acc_t* __restrict divisor, int64_t W) {
+                      const acc_t* __restrict factor, int64_t W) {
   int64_t x = 0;
 #if defined(SOFTSPLAT_VECTOR_EXTENSION)
   const int64_t tiled = count / 4 * 4;
   for (; x + 4 <= W; x += 4) {
+    if (x % 16 == 0)  // a cache line of each plane, to be written
+      for (int64_t c = 0; c < count; ++c) __builtin_prefetch(plane(c) + x + kPrefetchAhead, 1);
     for (int64_t c = 0; c < tiled; c += 4) {
       Quad<acc_t> r[4];
       for (int k = 0; k < 4; ++k) load_lanes(r[k], lanes + (x + k) * stride + c);
       transpose_quads(r);
       Quad<acc_t> by;
-      if (divisor) load_lanes(by, divisor + x);
+      if (factor) load_lanes(by, factor + x);
       for (int k = 0; k < 4; ++k) {
         acc_t* p = plane(c + k) + x;
         if (Add) {
@@ -125,7 +134,7 @@ void unpack_block_row(const acc_t* __restrict lanes, int64_t stride, const Plane
           load_lanes(sum, p);
           r[k] = sum + r[k];
         }
-        if (divisor) r[k] /= by;
+        if (factor) r[k] *= by;
         store_lanes(p, r[k]);
       }
     }
@@ -133,7 +142,7 @@ void unpack_block_row(const acc_t* __restrict lanes, int64_t stride, const Plane
       for (int64_t k = x; k < x + 4; ++k) {
         acc_t* p = plane(c) + k;
         const acc_t value = Add ? *p + lanes[k * stride + c] : lanes[k * stride + c];
-        *p = divisor ? value / divisor[k] : value;
+        *p = factor ? value * factor[k] : value;
       }
   }
 #endif
@@ -141,7 +150,7 @@ void unpack_block_row(const acc_t* __restrict lanes, int64_t stride, const Plane
     for (int64_t c = 0; c < count; ++c) {
       acc_t* p = plane(c) + x;
       const acc_t value = Add ? *p + lanes[x * stride + c] : lanes[x * stride + c];
-      *p = divisor ? value / divisor[x] : value;
+      *p = factor ? value * factor[x] : value;
     }
 }
 

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 #if defined(__linux__)
@@ -83,6 +84,36 @@ void with_normalisation(int normalisation, const F& f) {
     case CLIPEPS: f(std::integral_constant<int, CLIPEPS>()); break;
     default: f(std::integral_constant<int, RAW>());
   }
+}
+
+// How the CPU kernels finish a target of four channels or more: x / D' as x * (1 / D'), one
+// division per target instead of one per channel (up to three channels, where the division is
+// not what costs, they divide). The product is within an ulp of the quotient unless 1 / D' is out of the
+// normal range, |D'| within (0, 2^-126) or (2^126, inf) in float ((0, 2^-1022), (2^1022, inf)
+// in double); there it is the quotient itself (with D' 0, inf or NaN the two are the same). A
+// function of x and D' alone: every path finishes a target to the same bits.
+template <typename T>
+inline bool finishes_by_product(T divisor) {
+  constexpr T low = std::numeric_limits<T>::min(), high = T(1) / std::numeric_limits<T>::min();
+  const T size = divisor < T(0) ? -divisor : divisor;
+  return !((size > T(0)) & (size < low)) & !((size > high) & (size < std::numeric_limits<T>::infinity()));
+}
+
+template <typename T>
+inline T finished(T x, T divisor, T factor) {
+  return finishes_by_product(divisor) ? x * factor : x / divisor;
+}
+
+// factor[x] = 1 / divisor[x] for a row of W targets; whether every target of it finishes by the
+// product (then x * factor[x] finishes each, in a loop that vectorises).
+template <typename T>
+inline bool finishing_factors(const T* __restrict divisor, T* __restrict factor, int64_t W) {
+  int quotients = 0;
+  for (int64_t x = 0; x < W; ++x) {
+    factor[x] = T(1) / divisor[x];
+    quotients |= !finishes_by_product(divisor[x]);
+  }
+  return !quotients;
 }
 
 // visit(i) for a chunk's pixels i < count in the order the scatters take them: even columns,

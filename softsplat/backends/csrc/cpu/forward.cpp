@@ -217,7 +217,7 @@ void scatter_band_packed(const Band& band, const Band& part, const scalar_t* in,
 
 // What happens to a row of the outputs once its sums are final (out, norm contiguous): images
 // with the stable shortcut have them multiplied by exp(min(R - M, kStableSpread)) (NaN kept);
-// then, when `divides`, out /= D'.
+// then, when `divides`, out /= D' (from four channels on as common.h's finished() does).
 template <typename acc_t>
 struct Finish {
   acc_t* out;
@@ -240,9 +240,21 @@ struct Finish {
     acc_t* divisor = scratch + W;
     if (!scaled) {
       for (int64_t x = 0; x < W; ++x) divisor[x] = safe_normaliser(D[x], normalisation);
+      acc_t* __restrict factor = scale;
+      if (C < kPacked) {  // up to three channels: one division per channel, as the packed path
+        for (int64_t c = 0; c < C; ++c) {
+          acc_t* row = out + ((n * C + c) * H + y) * W;
+          for (int64_t x = 0; x < W; ++x) row[x] /= divisor[x];
+        }
+        return;
+      }
+      const bool product = finishing_factors(divisor, factor, W);
       for (int64_t c = 0; c < C; ++c) {
         acc_t* row = out + ((n * C + c) * H + y) * W;
-        for (int64_t x = 0; x < W; ++x) row[x] /= divisor[x];
+        if (product)
+          for (int64_t x = 0; x < W; ++x) row[x] *= factor[x];
+        else
+          for (int64_t x = 0; x < W; ++x) row[x] = finished(row[x], divisor[x], factor[x]);
       }
       return;
     }
@@ -290,8 +302,9 @@ void unpack_row(const acc_t* __restrict lanes, acc_t* __restrict p0, acc_t* __re
   }
 }
 
-// unpack_row of CC channels and D (plane CC) for a final row, divided as Finish::row divides it
-// (out / D', D kept; no stable rescaling): one pass over the row instead of two.
+// unpack_row of CC channels and D (plane CC) for a final row, divided as Finish::row divides
+// up to three channels (out / D', D kept; no stable rescaling): one pass over the row instead
+// of two.
 template <int CC, bool Add, int Normalisation, typename acc_t>
 void unpack_row_divided(const acc_t* __restrict lanes, acc_t* __restrict p0, acc_t* __restrict p1,
                         acc_t* __restrict p2, acc_t* __restrict D, int64_t W) {
@@ -423,7 +436,7 @@ void splat_block(const Band& band, int p, const std::vector<Band>& parts, const 
   const int64_t W = src.W, H = src.H, n = band.n;
   const bool weighted = src.kind != SUM;
   acc_t* rows = scratch.rows(band, W, L);
-  std::vector<acc_t> w(W), values(kChunk * L), divisor(W);
+  std::vector<acc_t> w(W), values(kChunk * L), divisor(W), factor(W);
   auto chunk = std::make_unique<TapChunk<acc_t>>();
   acc_t* norm_n = norm ? norm + n * H * W : nullptr;
   auto plane = [&](int64_t y) { return [=](int64_t c) { return out + ((n * C + c0 + c) * H + y) * W; }; };
@@ -450,19 +463,26 @@ void splat_block(const Band& band, int p, const std::vector<Band>& parts, const 
     if (limit <= flushed) continue;
     scratch.zero(flushed, limit);  // rows no part reached
     for (int64_t y = flushed; y < limit; ++y) {
-      const acc_t* divide_by = nullptr;
-      if (divisor_plane && last(y)) {
+      bool finishes = divisor_plane && last(y), product = false;
+      if (finishes) {
         const acc_t* D = divisor_plane + (n * H + y) * W;
         with_normalisation(normalisation, [&](auto code) {
           for (int64_t x = 0; x < W; ++x) divisor[x] = safe_normaliser(D[x], decltype(code)::value);
         });
-        divide_by = divisor.data();
+        product = finishing_factors(divisor.data(), factor.data(), W);
       }
+      // Rows with a target that does not finish by the product: moved, then finished here.
+      const acc_t* times = product ? factor.data() : nullptr;
       const acc_t* lanes = rows + (y - band.lo) * W * L;
       if (p == 0)
-        unpack_block_row<false>(lanes, L, plane(y), count, divide_by, W);
+        unpack_block_row<false>(lanes, L, plane(y), count, times, W);
       else
-        unpack_block_row<true>(lanes, L, plane(y), count, divide_by, W);
+        unpack_block_row<true>(lanes, L, plane(y), count, times, W);
+      if (finishes && !product)
+        for (int64_t c = 0; c < count; ++c) {
+          acc_t* target = plane(y)(c);
+          for (int64_t x = 0; x < W; ++x) target[x] = finished(target[x], divisor[x], factor[x]);
+        }
     }
     flushed = limit;
   }
