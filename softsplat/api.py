@@ -197,7 +197,7 @@ def validate(input, flow, metric, mode) -> Problem:
             f"{type(metric).__name__}"
             + (f" of shape {tuple(metric.shape)}" if isinstance(metric, torch.Tensor) else "")
         )
-    return Problem(input, flow, metric, mode)
+    return Problem(input, flow, metric, mode, deterministic=torch.are_deterministic_algorithms_enabled())
 
 
 
