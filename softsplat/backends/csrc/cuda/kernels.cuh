@@ -292,14 +292,16 @@ __global__ void splat_weigh_kernel(
       index_t n, y, x;
       Taps<acc_t, index_t> taps;
       source_taps(slots[s], flow, fl_sn, fl_sc, fl_sy, fl_sx, H, W, n, y, x, taps);  // it lands: it has a slot
-      int k = 0;  // the pixel's one kept tap on this target (kept taps lie inside: their `at` differ)
-      while (k < 3 && !(taps.keep[k] && tap_y(taps, k) * W + tap_x(taps, k) == at)) ++k;
+      acc_t b = 0;  // of the pixel's one kept tap on this target (kept taps lie inside: their `at` differ)
+#pragma unroll
+      for (int k = 0; k < 4; ++k)  // constant indices: the taps stay in registers
+        if (taps.keep[k] && tap_y(taps, k) * W + tap_x(taps, k) == at) b = taps.weight[k];
       const acc_t m = metric ? metric[n * (index_t)me_sn + y * (index_t)me_sy + x * (index_t)me_sx] : acc_t(0);
       // as splat_forward_kernel weighs the tap
       const acc_t w = weighs_per_tap(kind) ? tap_weight(kind, m, maximum[target]) : pixel_weight<acc_t>(kind, m);
-      bilinear[s] = taps.weight[k];
+      bilinear[s] = b;
       if (weight) weight[s] = w;
-      D += taps.weight[k] * w;
+      D += b * w;
       slots[s] = n * (index_t)in_sn + y * (index_t)in_sy + x * (index_t)in_sx;
     }
     if (normaliser) normaliser[target] = D;
