@@ -234,3 +234,23 @@ def test_the_shim_seeds_each_launch_afresh() -> None:
     flow = torch.stack([5.0 - xs, 7.0 - ys])[None]  # every pixel onto (5, 7) exactly
     sums = {float(softsplat.splat(input, flow, mode="sum", backend="cuda-host")[0, 0, 7, 5]) for _ in range(8)}
     assert len(sums) > 1, sums
+
+
+@pytest.mark.parametrize("backend_name", HOST_BACKENDS)
+def test_the_ordered_forward_keeps_subnormals(backend_name) -> None:
+    """Its float32 sums are plain adds, not the device's flushing atomics: where every weight is
+    subnormal (exp(-88)) it agrees with the CPU kernels, unlike the atomic forward (so the
+    conformance check leaves no targets open for it)."""
+    from conformance.strategies import Case
+
+    x = torch.arange(1.0, 1 + 2 * 5 * 6).view(1, 2, 5, 6)
+    metric = torch.full((1, 1, 5, 6), -88.0)  # exp(-88) ~ 6e-39: subnormal in float32
+    metric[..., :, 3:] = 0.0
+    case = Case(x, torch.full((1, 2, 5, 6), 0.25), metric, softsplat.Mode.parse("soft-zeroeps"), (True, True, True), False)
+    cpu = softsplat.splat(*case.tensors(), mode=case.mode, backend="cpp")
+    atomic = softsplat.splat(*case.tensors(), mode=case.mode, backend=backend_name)
+    with deterministic_algorithms():
+        ordered = softsplat.splat(*case.tensors(), mode=case.mode, backend=backend_name, return_normaliser=True)
+    assert not torch.allclose(atomic, cpu)  # the atomic forward flushed the left half's D to 0
+    torch.testing.assert_close(ordered[0], cpu)
+    assert (ordered[1][..., :3] > 0).all()  # subnormal, kept
