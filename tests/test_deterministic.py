@@ -254,3 +254,15 @@ def test_the_ordered_forward_keeps_subnormals(backend_name) -> None:
     assert not torch.allclose(atomic, cpu)  # the atomic forward flushed the left half's D to 0
     torch.testing.assert_close(ordered[0], cpu)
     assert (ordered[1][..., :3] > 0).all()  # subnormal, kept
+
+
+@pytest.mark.parametrize(("mode", "stable"), MODES)
+def test_the_ordered_forward_with_64_bit_indices_has_the_same_bits(monkeypatch, mode, stable) -> None:
+    """The 64-bit kernels of the ordered forward (taken where 4 * N * H * W or an offset passes
+    2^31 - 1), run by cupy-host on small tensors: the same order, so the same bits."""
+    tensors = converging(shape=(2, 3, 21, 19))
+    with deterministic_algorithms():
+        narrow = results("cupy-host", mode, stable, tensors, runs=1)
+        monkeypatch.setattr(cupy_backend, "_fits_int32", lambda tensors, largest_product: False)
+        wide = results("cupy-host", mode, stable, tensors, runs=1)
+    assert all(torch.equal(a, b) for a, b in zip(narrow[0], wide[0]) if a is not None)
