@@ -52,6 +52,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="device to run the conformance suite on (default: cuda if available, else cpu)",
     )
     group.addoption(
+        "--deterministic",
+        action="store_true",
+        help="run under torch.use_deterministic_algorithms(True): each backend's deterministic path (the CUDA "
+        "kernels' ordered forward); the conformance suite skips a backend that has none on the device",
+    )
+    group.addoption(
         "--require-gpu",
         action="store_true",
         help="GPU CI: refuse to start without a CUDA device, and fail (not skip) every test that "
@@ -72,6 +78,20 @@ def pytest_configure(config: pytest.Config) -> None:
                 "--require-gpu: no CUDA device is visible (torch.cuda.is_available() is False); GPU CI "
                 "runs on a runner with a GPU and a CUDA build of torch (SOFTSPLAT_TORCH)"
             )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _deterministic_session(request):
+    """--deterministic: the whole session under torch.use_deterministic_algorithms(True)."""
+    if not request.config.getoption("--deterministic"):
+        yield
+        return
+    import torch
+
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(previous)
 
 
 @pytest.hookimpl(hookwrapper=True)

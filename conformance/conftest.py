@@ -1,7 +1,10 @@
 """Which backends the suite checks, and on which device.
 
 Default: every registered backend; an unavailable one is skipped with its reason, unless it is
-named in ``--require-backends``, which turns the skip into a failure (GPU CI uses it).
+named in ``--require-backends``, which turns the skip into a failure (GPU CI uses it). With
+``--deterministic`` (root conftest.py) the session runs under
+``torch.use_deterministic_algorithms(True)`` and a backend with no deterministic path on the
+device is skipped likewise.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ def backend(backend_name: str, device: str, request) -> backends.Backend:
     reason = candidate.unavailable_reason
     if reason is None and device not in candidate.devices():
         reason = f"runs on {'/'.join(candidate.devices())}, not on {device}"
+    if reason is None and request.config.getoption("--deterministic") and not candidate.is_deterministic(device):
+        reason = f"--deterministic: it has no deterministic path on {device}"
     if reason is not None:
         if required:
             pytest.fail(f"required backend {backend_name!r} cannot run on {device}: {reason}")

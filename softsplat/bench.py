@@ -168,6 +168,57 @@ def splat_call(backend: str):
     return call
 
 
+#: What a contender's name ends with when it is a backend's deterministic path (--deterministic).
+DETERMINISTIC_SUFFIX = " deterministic"
+
+
+def deterministic_call(backend: str):
+    """``splat_call(backend)`` under ``torch.use_deterministic_algorithms(True)``: the backend's
+    deterministic path (the CUDA kernels' ordered forward)."""
+    plain = splat_call(backend)
+
+    def call(*arguments):
+        previous = torch.are_deterministic_algorithms_enabled()
+        warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            return plain(*arguments)
+        finally:
+            torch.use_deterministic_algorithms(previous, warn_only=warn_only)
+
+    return call
+
+
+def deterministic_contenders(runnable, device: str, console) -> list:
+    """--deterministic: ``(name, call)`` of each runnable backend's deterministic path on
+    ``device``, where it has one of its own (``deterministic_when_asked_on``)."""
+    device_type = torch.device(device).type
+    chosen = [b for b in runnable if device_type in b.deterministic_when_asked_on]
+    if not chosen:
+        console.print(f"[yellow]--deterministic[/]: no backend timed here has a deterministic path of its own on "
+                      f"{device_type} (on the CPU cpp and torch are deterministic as they are)")
+    return [(b.name + DETERMINISTIC_SUFFIX, deterministic_call(b.name)) for b in chosen]
+
+
+def deterministic_ratios(forward: dict, both: dict | None = None) -> list[str]:
+    """For every contender timed both ways: its deterministic time over its default one, keyed
+    ``(what..., name)`` in ``forward`` (and ``both``, forward+backward)."""
+    lines = []
+    for key, seconds in forward.items():
+        *what, name = key
+        if not name.endswith(DETERMINISTIC_SUFFIX):
+            continue
+        plain = (*what, name.removesuffix(DETERMINISTIC_SUFFIX))
+        if plain not in forward:
+            continue
+        label = " ".join(str(part) for part in what)
+        line = f"{label} {name}: forward {seconds / forward[plain]:.2f}x the atomic forward's time"
+        if both is not None and both[key] == both[key] and both[plain] == both[plain]:
+            line += f", forward+backward {both[key] / both[plain]:.2f}x"
+        lines.append(line)
+    return lines
+
+
 def copy_bandwidth(device="cpu") -> float:
     """Measured bytes per second of a large tensor copy (read + write). The source is written
     first: an untouched ``empty`` tensor's pages all map the kernel's one zero page, whose reads
@@ -234,7 +285,10 @@ def run_workload(args, console) -> int:
     device, dtype = args.device, getattr(torch, args.dtype)
     calls = WORKLOADS[args.workload]
     runnable = _runnable(args, ["soft"], console)
-    contenders = [(b.name, splat_call(b.name)) for b in runnable] + [("naive port", naive_port)]
+    contenders = [(b.name, splat_call(b.name)) for b in runnable]
+    if args.deterministic:
+        contenders += deterministic_contenders(runnable, device, console)
+    contenders += [("naive port", naive_port)]
     bandwidth = copy_bandwidth(device)
     times, bounds = {}, {}
     for what, channels, divisor in calls:
@@ -269,6 +323,8 @@ def run_workload(args, console) -> int:
                   f"(the set: {total_bound * 1e3:.1f} ms)")
     for name, _ in contenders[:-1]:
         console.print(f"{name}: the set at {totals['naive port'] / totals[name]:.1f}x the naive port's speed")
+    for line in deterministic_ratios({("the set", name): seconds for name, seconds in totals.items()}):
+        console.print(line)
     return 0
 
 
@@ -287,7 +343,10 @@ def run(args) -> int:
     dtype = getattr(torch, args.dtype)
     runnable = _runnable(args, modes, console)
     bandwidth = copy_bandwidth(device)
-    contenders = [(b.name, splat_call(b.name)) for b in runnable] + [("naive port", naive_port)]
+    contenders = [(b.name, splat_call(b.name)) for b in runnable]
+    if args.deterministic:
+        contenders += deterministic_contenders(runnable, device, console)
+    contenders += [("naive port", naive_port)]
     if args.onnxruntime:
         reason = onnxruntime_reason(device, dtype)
         if reason:
@@ -333,6 +392,10 @@ def run(args) -> int:
     console.print(table)
     console.print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; bound = bytes the fused forward must move / that bandwidth")
     for line in stable_ratios(rows):
+        console.print(line)
+    forward = {(f"{size[0]}x{size[1]}", mode, name): t[0] for size, mode, measured, _ in rows for name, t in measured.items()}
+    both = {(f"{size[0]}x{size[1]}", mode, name): t[1] for size, mode, measured, _ in rows for name, t in measured.items()}
+    for line in deterministic_ratios(forward, both):
         console.print(line)
     return 0
 
@@ -381,5 +444,9 @@ def add_arguments(parser) -> None:
                         "frame, C = 3 to 192); --frame sets the frame size")
     parser.add_argument("--frame", default="1080x1920", type=options.size_list, help="--workload's frame size (default 1080x1920)")
     parser.add_argument("--backends", default="", type=options.backend_names, help="comma-separated backends (default: every available one)")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="also time each backend's deterministic path beside its default one where it has one of its "
+                        "own (cpp and cupy on CUDA: the ordered forward, under torch.use_deterministic_algorithms(True)), "
+                        "and print its time over the default's")
     parser.add_argument("--onnxruntime", action=argparse.BooleanOptionalAction, default=True,
                         help="also time ONNX Runtime (CPU) running the exported model, forward only, when the onnx extra is installed")

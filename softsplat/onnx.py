@@ -141,8 +141,10 @@ def _safe_normaliser(D, normalisation: int):
     return op.Where(op.Less(D, eps), eps, D)  # clipeps; NaN stays NaN
 
 
-def _forward(input, flow, metric=None, kind: int = Kind.SUM, normalisation: int = Normalisation.ADDEPS, maximum=None):
-    """``splat_forward`` of csrc/schemas.h: (result or numerator, normaliser) in flow's dtype."""
+def _forward(input, flow, metric=None, kind: int = Kind.SUM, normalisation: int = Normalisation.ADDEPS, maximum=None,
+             deterministic: bool = False):
+    """``splat_forward`` of csrc/schemas.h: (result or numerator, normaliser) in flow's dtype.
+    ``deterministic`` is the runtime's business: one scatter either way."""
     op = _op()
     index, weight, keep, (N, H, W) = _taps(flow)
     x = op.CastLike(input, flow)

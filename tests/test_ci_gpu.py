@@ -76,3 +76,11 @@ def test_each_part_gets_at_most_what_is_left_of_the_budget(tmp_path, monkeypatch
     text = report.read_text()
     assert "| slow | slow | timed out (killed after 8 s)" in text
     assert "| later | later | not run (the budget is spent)" in text
+
+
+def test_the_bench_parts_time_the_ordered_forward_beside_the_atomic_one() -> None:
+    """A lent GPU measures the deterministic path's cost: both bench parts run --deterministic."""
+    module = _module()
+    benches = [part for part in module.parts() if part.name.startswith("bench")]
+    assert [part.name for part in benches] == ["bench", "bench-rgb"]
+    assert all("--deterministic" in part.command for part in benches)

@@ -38,6 +38,27 @@ def test_unknown_command_fails_with_usage() -> None:
     assert result.returncode == 2 and "invalid choice: 'frobnicate'" in result.stderr
 
 
+def test_bench_times_the_deterministic_path_beside_the_atomic_one(capsys, monkeypatch) -> None:
+    """--deterministic: a backend with a deterministic path of its own on the device (here the
+    test suite's cuda-host, the CUDA kernels on the CPU) gets a row of it and its cost over the
+    default path; where none has one, bench says so."""
+    monkeypatch.setenv("COLUMNS", "250")
+    assert main(["bench", "--sizes", "16x24", "--modes", "soft,sum", "--repeats", "1", "--backends", "cuda-host",
+                 "--deterministic", "--no-onnxruntime"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if "│" in line and "cuda-host deterministic" in line]
+    assert len(rows) == 2, out
+    for mode in ("soft", "sum"):
+        assert f"16x24 {mode} cuda-host deterministic: forward" in out and "x the atomic forward's time" in out, out
+    assert main(["bench", "--workload", "gmfss", "--frame", "32x64", "--repeats", "1", "--backends", "cuda-host",
+                 "--deterministic"]) == 0
+    out = capsys.readouterr().out
+    assert "cuda-host deterministic ms (x bound)" in out and "the set cuda-host deterministic: forward" in out, out
+    assert main(["bench", "--sizes", "16x24", "--repeats", "1", "--backends", "cpp", "--deterministic",
+                 "--no-onnxruntime"]) == 0
+    assert "no backend timed here has a deterministic path of its own on cpu" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "argv, option, given",
     [

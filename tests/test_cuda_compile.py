@@ -23,6 +23,10 @@ CUDA_FLAGS = ["-O3", "--fmad=false", *build_flags.stable_abi_flags()]
 CUOBJDUMP = pathlib.Path(importlib.util.find_spec("triton").origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump" \
     if importlib.util.find_spec("triton") else None
 
+#: The ordered (deterministic) forward's kernels.
+ORDERED_KERNELS = ("splat_count_kernel", "splat_scan_kernel", "splat_scan_add_kernel", "splat_place_kernel",
+                   "splat_order_kernel", "splat_weigh_kernel", "splat_gather_kernel")
+
 NVCC = shutil.which("nvcc") or ("/usr/local/bin/nvcc" if pathlib.Path("/usr/local/bin/nvcc").exists() else None)
 
 
@@ -39,7 +43,8 @@ def test_cuda_translation_unit_compiles_for_sm80_and_sm90(tmp_path) -> None:
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, f"nvcc failed:\n{result.stderr[-5000:]}"
     symbols = subprocess.run(["nm", "-C", str(tmp_path / "splat_cuda.o")], capture_output=True, text=True, check=True).stdout
-    for kernel in ("splat_forward_kernel", "splat_normalise_kernel", "splat_backward_prepare_kernel", "splat_backward_kernel"):
+    for kernel in ("splat_forward_kernel", "splat_normalise_kernel", "splat_backward_prepare_kernel", "splat_backward_kernel",
+                   *ORDERED_KERNELS):
         assert kernel in symbols, f"{kernel} was not compiled"
     # No kernel spills to local memory (the SASS's resource usage, by cuobjdump: Triton's own):
     # spilled registers live in the thread's stack frame (STACK; -maxrregcount=16 makes 23 of
@@ -47,9 +52,10 @@ def test_cuda_translation_unit_compiles_for_sm80_and_sm90(tmp_path) -> None:
     usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", str(tmp_path / "splat_cuda.o")], capture_output=True,
                            text=True, check=True).stdout
     kernels = [line for line in usage.splitlines() if "LOCAL:" in line]
-    # Per architecture: forward and backward for 4 dtypes, normalise, prepare and maximum for 2
-    # accumulation types, each with 32- and 64-bit indices.
-    assert len(kernels) == 2 * 2 * (2 * 4 + 3 * 2), usage[:2000]
+    # Per architecture: forward, backward and gather for 4 dtypes; normalise, prepare, maximum,
+    # count, place and weigh for 2 accumulation types; scan, scan_add and order once; each with
+    # 32- and 64-bit indices.
+    assert len(kernels) == 2 * 2 * (3 * 4 + 6 * 2 + 3), usage[:2000]
     spilled = [line for line in kernels if "LOCAL:0 " not in line or "STACK:0 " not in line]
     assert not spilled, spilled[:3]
 

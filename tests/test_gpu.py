@@ -145,3 +145,56 @@ def test_the_torch_backend_is_deterministic_on_cuda_in_deterministic_mode() -> N
     finally:
         torch.use_deterministic_algorithms(previous)
     assert all(torch.equal(runs[0], run) for run in runs[1:])
+
+
+#: The backends with an ordered forward on CUDA (docs/spec.md, section 9).
+ORDERED_BACKENDS = ["cpp", "cupy"]
+
+
+def _converging(shape, seed=0):
+    """Every pixel moved to within a few pixels of the centre: targets that sum hundreds of
+    terms, whose float sum depends on their order."""
+    N, C, H, W = shape
+    generator = torch.Generator().manual_seed(seed)
+    ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
+    flow = torch.stack([W / 2 - xs, H / 2 - ys]).expand(N, 2, H, W) + 3 * torch.rand((N, 2, H, W), generator=generator)
+    return [torch.randn(shape, generator=generator), flow, torch.randn((N, 1, H, W), generator=generator)]
+
+
+def _ordered(name, tensors, mode, stable=False):
+    input, flow, metric = tensors
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        return softsplat.splat(input, flow, metric if mode in ("linear", "soft", "max") else None, mode=mode,
+                               backend=name, stable=stable, return_normaliser=mode != "sum")
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+@pytest.mark.parametrize("name", ORDERED_BACKENDS)
+@pytest.mark.parametrize(("mode", "stable"), [("sum", False), ("avg", False), ("linear", False), ("soft", False),
+                                             ("soft", True), ("max", False)])
+def test_the_ordered_forward_gives_the_same_bits_every_run_on_the_gpu(name, mode, stable) -> None:
+    """Under torch.use_deterministic_algorithms(True), cpp's and cupy's forward give the same
+    bits on every run on the device (the gradients are a gather and do anyway)."""
+    candidate = backends.get(name)
+    if "cuda" not in candidate.devices() or not candidate.is_available():
+        pytest.fail(f"{name} cannot run on this CUDA machine: {candidate.unavailable_reason}")
+    tensors = [t.cuda() for t in _converging((2, 8, 270, 480))]
+    runs = [_ordered(name, tensors, mode, stable) for _ in range(10)]
+    first = runs[0] if mode != "sum" else (runs[0],)
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(first, run if mode != "sum" else (run,))), (name, mode)
+
+
+@pytest.mark.parametrize("mode", ["sum", "avg", "linear"])
+def test_the_ordered_forward_has_the_host_shims_bits(mode) -> None:
+    """Without exp, the ordered forward is IEEE arithmetic in one fixed order: cpp and cupy on the
+    GPU give exactly the bits the host shim (cuda-host) gives on the CPU."""
+    tensors = _converging((2, 3, 60, 70), seed=1)
+    expected = _ordered("cuda-host", tensors, mode)
+    for name in ORDERED_BACKENDS:
+        got = _ordered(name, [t.cuda() for t in tensors], mode)
+        pairs = zip(got, expected) if mode != "sum" else [(got, expected)]
+        assert all(torch.equal(a.cpu(), b) for a, b in pairs), name

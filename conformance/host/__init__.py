@@ -93,9 +93,11 @@ def _launcher():
 
 
 class _HostBackend(OpsBackend):
-    """GPU code run on CPU tensors: atomics (not deterministic) with the device's arithmetic."""
+    """GPU code run on CPU tensors: atomics (not deterministic) with the device's arithmetic, and
+    the ordered forward under ``torch.use_deterministic_algorithms(True)``, as on a GPU."""
 
     deterministic_on = ()  # atomics in the forward, as on a GPU
+    deterministic_when_asked_on = ("cpu",)  # the ordered forward
     flushes_subnormals_on = ("cpu",)  # the host shim computes what the device does
 
     def devices(self) -> tuple[str, ...]:

@@ -47,6 +47,15 @@ void add(std::map<std::string, Launcher>& table, const std::string& scalar, cons
   table["softsplat::splat_normalise_kernel" + ai] = &launcher<&splat_normalise_kernel<acc_t, index_t>>;
   table["softsplat::splat_maximum_kernel" + ai] = &launcher<&splat_maximum_kernel<acc_t, index_t>>;
   table["softsplat::splat_backward_prepare_kernel" + ai] = &launcher<&splat_backward_prepare_kernel<acc_t, index_t>>;
+  // the ordered forward
+  const std::string i = "<" + index + ">";
+  table["softsplat::splat_count_kernel" + ai] = &launcher<&splat_count_kernel<acc_t, index_t>>;
+  table["softsplat::splat_scan_kernel" + i] = &launcher<&splat_scan_kernel<index_t>>;
+  table["softsplat::splat_scan_add_kernel" + i] = &launcher<&splat_scan_add_kernel<index_t>>;
+  table["softsplat::splat_place_kernel" + ai] = &launcher<&splat_place_kernel<acc_t, index_t>>;
+  table["softsplat::splat_order_kernel" + i] = &launcher<&splat_order_kernel<index_t>>;
+  table["softsplat::splat_weigh_kernel" + ai] = &launcher<&splat_weigh_kernel<acc_t, index_t>>;
+  table["softsplat::splat_gather_kernel" + sai] = &launcher<&splat_gather_kernel<scalar_t, acc_t, index_t>>;
 }
 
 template <typename index_t>

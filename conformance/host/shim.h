@@ -2,7 +2,11 @@
 // source as nvcc and NVRTC compile. blockIdx/threadIdx are thread-local; a launch is a parallel
 // loop over blocks, each running its threads one after another; atomicAdd is a real atomic
 // (std::atomic_ref), so blocks on different CPU threads race exactly as they may on a GPU, and
-// computes what the device's does: float32 adds flush subnormals to zero. Built, as the device
+// computes what the device's does: float32 adds flush subnormals to zero. As a GPU promises no
+// order, neither does a launch here: its blocks run in a shuffled order, and each block's
+// threads in a rotated, possibly reversed order, drawn afresh for every launch (from a launch
+// counter and SOFTSPLAT_HOST_SEED), so code whose result depends on the order of its atomic
+// adds gives different bits from launch to launch here too. Built, as the device
 // code, without contraction into FMAs (-ffp-contract=off; nvcc --fmad=false). The
 // splatting kernels use neither shared memory nor __syncthreads, which this shim does not offer.
 #pragma once
@@ -12,7 +16,11 @@
 #include <atomic>
 #include <bit>
 #include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <numeric>
 #include <type_traits>
+#include <vector>
 
 #define __global__
 #define __device__
@@ -72,18 +80,45 @@ inline float __uint_as_float(unsigned int v) { return std::bit_cast<float>(v); }
 inline long long __double_as_longlong(double v) { return std::bit_cast<long long>(v); }
 inline double __longlong_as_double(long long v) { return std::bit_cast<double>(v); }
 
+// The orders of one launch: SplitMix64 of the launch's seed and an index.
+inline uint64_t mix(uint64_t value) {
+  value += 0x9e3779b97f4a7c15ULL;
+  value = (value ^ (value >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  value = (value ^ (value >> 27)) * 0x94d049bb133111ebULL;
+  return value ^ (value >> 31);
+}
+
+// A new seed for every launch of the process: SOFTSPLAT_HOST_SEED (default 0) and a launch count.
+inline uint64_t launch_seed() {
+  static const uint64_t base = [] {
+    const char* text = std::getenv("SOFTSPLAT_HOST_SEED");
+    return text ? std::strtoull(text, nullptr, 10) : 0ULL;
+  }();
+  static std::atomic<uint64_t> launches{0};
+  return mix(base ^ mix(launches.fetch_add(1, std::memory_order_relaxed)));
+}
+
 // Runs blocks [first, last) of a launch of `grid` blocks (a test can run a few blocks of a
-// grid too large to run whole).
+// grid too large to run whole): in a shuffled order, on torch's CPU threads, each block's
+// threads from a drawn start, forwards or backwards.
 template <typename... Parameters, typename... Arguments>
 void launch_blocks(void (*kernel)(Parameters...), dim3 grid, dim3 block, unsigned int first, unsigned int last,
                    Arguments... arguments) {
-  torch::stable::parallel_for(first, last, 1, [&](int64_t begin, int64_t end) {
+  const uint64_t seed = launch_seed();
+  std::vector<unsigned int> order(last - first);
+  std::iota(order.begin(), order.end(), first);
+  for (size_t i = order.size(); i > 1; --i) std::swap(order[i - 1], order[mix(seed + i) % i]);  // Fisher-Yates
+  torch::stable::parallel_for(0, static_cast<int64_t>(order.size()), 1, [&](int64_t begin, int64_t end) {
     gridDim = grid;
     blockDim = block;
-    for (int64_t b = begin; b < end; ++b) {
-      blockIdx = dim3(static_cast<unsigned int>(b));
-      for (unsigned int t = 0; t < block.x; ++t) {
-        threadIdx = dim3(t);
+    for (int64_t i = begin; i < end; ++i) {
+      const unsigned int b = order[i];
+      blockIdx = dim3(b);
+      const uint64_t draw = mix(seed ^ (0x5851f42d4c957f2dULL * (b + 1ULL)));
+      const unsigned int start = static_cast<unsigned int>(draw % block.x);
+      const bool backwards = (draw >> 63) != 0;
+      for (unsigned int step = 0; step < block.x; ++step) {
+        threadIdx = dim3((start + (backwards ? block.x - 1 - step : step)) % block.x);
         kernel(static_cast<Parameters>(arguments)...);
       }
     }

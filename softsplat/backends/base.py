@@ -42,6 +42,9 @@ class Problem:
     #: A given per-target maximum [N, 1, H, W] for stable and max (splat_many's joint one), else
     #: None.
     maximum: torch.Tensor | None = None
+    #: The same bits on every run are asked for (``torch.use_deterministic_algorithms(True)``):
+    #: a backend with a deterministic path of its own (``deterministic_when_asked_on``) takes it.
+    deterministic: bool = False
 
     @property
     def per_tap(self) -> bool:
@@ -75,7 +78,8 @@ class Backend(abc.ABC):
     #: Device types on which the backend is run-to-run deterministic.
     deterministic_on: tuple[str, ...] = ()
     #: Device types on which it is deterministic only under
-    #: ``torch.use_deterministic_algorithms(True)`` (torch's deterministic kernels then run).
+    #: ``torch.use_deterministic_algorithms(True)`` (torch's deterministic kernels, or the
+    #: backend's own ordered path, then run: ``Problem.deterministic``).
     deterministic_when_asked_on: tuple[str, ...] = ()
     #: Device types on which its float32 sums are atomic adds that flush subnormal operands and
     #: results to zero, as GPUs' do (docs/spec.md, "Floating point").

@@ -4,7 +4,8 @@ else built with ``torch.utils.cpp_extension`` on first use. ``SOFTSPLAT_PREBUILT
 where a wheel's libraries could be used.
 
 CPU: bitwise reproducible run to run (see ``csrc/cpu/schedule.h``). CUDA: atomics in the forward,
-so not deterministic; the backward is a gather and is.
+so not deterministic, but under ``torch.use_deterministic_algorithms(True)`` the ordered forward
+(``cuda/kernels.cuh``) is; the backward is a gather and is deterministic either way.
 """
 
 from __future__ import annotations
@@ -149,6 +150,7 @@ def _library_or_error() -> tuple[OpLibrary | None, str | None]:
 class CppBackend(OpsBackend):
     name = "cpp"
     deterministic_on = ("cpu",)
+    deterministic_when_asked_on = ("cuda",)  # the ordered forward of cuda/kernels.cuh
     flushes_subnormals_on = ("cuda",)
     fused_stable_on = ("cpu",)
     fix_hint = (

@@ -42,6 +42,7 @@ SCALAR_TYPES = {
 INT32_MAX = 2**31 - 1
 THREADS = 256
 MAX_BLOCKS = 1 << 20  # blocks of a launch at most; grid-stride loops cover the rest
+SCAN_CHUNK = 128  # elements each thread of splat_scan_kernel scans (as cuda/launch.h)
 
 
 def kernel_names(dtype: torch.dtype) -> dict[tuple[str, str], str]:
@@ -54,6 +55,14 @@ def kernel_names(dtype: torch.dtype) -> dict[tuple[str, str], str]:
         names["forward", index] = f"softsplat::splat_forward_kernel<{scalar}, {acc}, {index}>"
         names["normalise", index] = f"softsplat::splat_normalise_kernel<{acc}, {index}>"
         names["maximum", index] = f"softsplat::splat_maximum_kernel<{acc}, {index}>"
+        # the ordered forward (deterministic)
+        names["count", index] = f"softsplat::splat_count_kernel<{acc}, {index}>"
+        names["scan", index] = f"softsplat::splat_scan_kernel<{index}>"
+        names["scan_add", index] = f"softsplat::splat_scan_add_kernel<{index}>"
+        names["place", index] = f"softsplat::splat_place_kernel<{acc}, {index}>"
+        names["order", index] = f"softsplat::splat_order_kernel<{index}>"
+        names["weigh", index] = f"softsplat::splat_weigh_kernel<{acc}, {index}>"
+        names["gather", index] = f"softsplat::splat_gather_kernel<{scalar}, {acc}, {index}>"
         names["prepare", index] = f"softsplat::splat_backward_prepare_kernel<{acc}, {index}>"
         names["backward", index] = f"softsplat::splat_backward_kernel<{scalar}, {acc}, {index}>"
     return names
@@ -258,14 +267,20 @@ class Impls:
         kind: int,
         normalisation: int,
         maximum: torch.Tensor | None = None,
+        deterministic: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         N, C, H, W = input.shape
         out, normaliser = forward_buffers(input, flow, kind)
         if N * H * W == 0:
             return out, normaliser
         metric = metric if kind >= Kind.LINEAR else None
-        index = "int" if _fits_int32((input, flow, metric, out), N * (C + 1) * H * W) else "long long"
+        # The ordered forward also counts up to four slots per pixel in the index type.
+        largest = max(N * (C + 1) * H * W, 4 * N * H * W if deterministic else 0)
+        index = "int" if _fits_int32((input, flow, metric, out), largest) else "long long"
         sizes = tuple(("index", v) for v in (N, C, H, W))
+        if deterministic:
+            self.ordered_forward(input, flow, metric, kind, normalisation, maximum, index, out, normaliser)
+            return out, normaliser
         self.launch(
             input.device,
             input.dtype,
@@ -292,6 +307,47 @@ class Impls:
                 ("int", normalisation),
             )
         return out, normaliser
+
+    def ordered_forward(self, input, flow, metric, kind, normalisation, maximum, index, out, normaliser) -> None:
+        """The ordered forward of cuda/kernels.cuh, as cuda/launch.h launches it: every target
+        sums its contributions in the order of their source pixels (the same bits on every run)."""
+        N, C, H, W = input.shape
+        pixels = N * H * W
+        count_dtype = torch.int32 if index == "int" else torch.int64
+        ends = torch.zeros(pixels, dtype=count_dtype, device=input.device)
+        slots = torch.empty(4 * pixels, dtype=count_dtype, device=input.device)
+        bilinear = torch.empty(4 * pixels, dtype=flow.dtype, device=input.device)
+        weight = torch.empty(4 * pixels, dtype=flow.dtype, device=input.device) if kind != Kind.SUM else None
+        pixel_sizes = tuple(("index", v) for v in (N, H, W))
+        launch = functools.partial(self.launch, input.device, input.dtype)
+        launch("count", index, pixels, flow, *flow.stride(), *pixel_sizes, ends)
+        self.scan(launch, index, ends, pixels)
+        launch("place", index, pixels, flow, *flow.stride(), *pixel_sizes, ends, slots)
+        launch("order", index, pixels, ends, ("index", pixels), slots)
+        launch("weigh", index, pixels, input.stride(0), input.stride(2), input.stride(3), flow, *flow.stride(),
+               metric, *per_pixel_strides(metric), *pixel_sizes, ("int", kind),
+               maximum.contiguous() if kind in (Kind.STABLE, Kind.MAX) else None, ends, slots, bilinear, weight,
+               normaliser if kind != Kind.SUM else None)
+        if C:
+            launch("gather", index, pixels * C, input, input.stride(1), *(("index", v) for v in (N, C, H, W)),
+                   ("int", kind), ("int", normalisation), ends, slots, bilinear, weight,
+                   normaliser if kind != Kind.SUM else None, out)
+
+    @staticmethod
+    def scan(launch, index: str, counts: torch.Tensor, length: int) -> None:
+        """The exclusive prefix sum of ``counts`` in place, as cuda/launch.h's scan_counts."""
+        levels = []
+        data = counts
+        while True:
+            chunks = -(-length // SCAN_CHUNK)
+            sums = counts.new_empty(chunks) if chunks > 1 else None
+            launch("scan", index, chunks, data, ("index", length), ("index", SCAN_CHUNK), sums)
+            if chunks == 1:
+                break
+            levels.append((data, length, sums))
+            data, length = sums, chunks
+        for data, length, sums in reversed(levels):
+            launch("scan_add", index, length, data, ("index", length), ("index", SCAN_CHUNK), sums)
 
     def backward(
         self,
@@ -402,6 +458,7 @@ class CupyBackend(OpsBackend):
     name = "cupy"
     summary = "the CUDA kernels of cuda/kernels.cuh compiled by NVRTC, launched through CuPy, per device and dtype"
     deterministic_on = ()  # atomics in the forward
+    deterministic_when_asked_on = ("cuda",)  # the ordered forward
     flushes_subnormals_on = ("cuda",)
 
     def devices(self) -> tuple[str, ...]:

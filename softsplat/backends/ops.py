@@ -62,7 +62,8 @@ def run_forward(ops, problem: Problem, fused_stable: bool = False) -> tuple[torc
     """``Backend.run`` through ``ops`` (``torch.ops.<namespace>``, the ops of schemas.h).
 
     ``flow`` and ``metric`` are read in the compute dtype (a no-op when they already are);
-    the op returns the compute dtype, cast here so that autograd casts gradients back. For
+    the op returns the compute dtype, cast here so that autograd casts gradients back;
+    ``problem.deterministic`` asks the op for its ordered forward (the CUDA kernels'). For
     stable soft splatting, the scatter-max pass runs first unless a (joint) maximum is given;
     with ``fused_stable`` (the backend implements ``splat_stable_forward`` on the input's device)
     that one call does both. Max splatting takes its maximum the same way (``splat_maximum``
@@ -79,7 +80,8 @@ def run_forward(ops, problem: Problem, fused_stable: bool = False) -> tuple[torc
         given = problem.maximum
         maximum = (given if given is not None else scatter_maximum(ops, problem)).to(dtype)
     out, normaliser = ops.splat_forward(
-        problem.input, flow, metric, int(problem.kind_code), int(problem.normalisation_code), maximum
+        problem.input, flow, metric, int(problem.kind_code), int(problem.normalisation_code), maximum,
+        problem.deterministic,
     )
     normaliser = None if problem.mode.kind == "sum" else normaliser
     return (out if problem.raw else out.to(problem.input.dtype)), normaliser
@@ -120,8 +122,8 @@ def autograd_formula(backward_op):
         out, normaliser = output
         save(ctx, kind, normalisation, (input, flow, metric, out, normaliser, maximum))
 
-    def backward(ctx, grad_out, grad_normaliser):
-        return gradients(ctx, backward_op, grad_out, grad_normaliser) + (None, None, None)
+    def backward(ctx, grad_out, grad_normaliser):  # none for kind, normalisation, maximum, deterministic
+        return gradients(ctx, backward_op, grad_out, grad_normaliser) + (None, None, None, None)
 
     return backward, setup_context
 
@@ -189,7 +191,7 @@ def register_python_side(namespace: str, fused_stable: bool = False) -> None:
         return flow.new_empty((flow.shape[0], 1, *flow.shape[2:]))
 
     @torch.library.register_fake(forward_name)
-    def _(input, flow, metric, kind, normalisation, maximum=None):
+    def _(input, flow, metric, kind, normalisation, maximum=None, deterministic=False):
         out = flow.new_empty((input.shape[0], input.shape[1], *input.shape[2:]))
         normaliser = flow.new_empty((input.shape[0], 1, *input.shape[2:]) if kind != Kind.SUM else (0,))
         return out, normaliser

@@ -77,12 +77,15 @@ def splat_maximum(flow: torch.Tensor, metric: torch.Tensor, kind: int = int(Kind
 
 def splat_forward(
     input: torch.Tensor, flow: torch.Tensor, metric: torch.Tensor | None, kind: int, normalisation: int,
-    maximum: torch.Tensor | None = None,
+    maximum: torch.Tensor | None = None, deterministic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from torch.library import wrap_triton
 
     from . import triton_kernels as k
 
+    if deterministic:  # never asked by dispatch: the backend does not declare it (docs/spec.md, determinism)
+        raise ValueError("deterministic: the triton kernels add with atomics and have no ordered forward "
+                         "(expected False), got True; the cpp and cupy backends have one on CUDA")
     N, C, H, W = input.shape
     out, normaliser = forward_buffers(input, flow, kind)
     pixels = N * H * W

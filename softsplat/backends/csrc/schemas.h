@@ -10,12 +10,14 @@
 // passes no gradient, and max passes none to metric (its gradient is zeros). The cpp library also defines
 // splat_stable_forward (SOFTSPLAT_DEFINE_FUSED_STABLE): both passes of kind 4 in one call,
 // (out, normaliser, maximum) as splat_maximum then splat_forward with kind 4 give them;
-// implemented by the CPU kernels only.
+// implemented by the CPU kernels only. `deterministic` asks splat_forward for the same bits on
+// every run: the CUDA kernels then take their ordered forward (cuda/kernels.cuh) instead of
+// adding with atomics; the CPU kernels are deterministic either way.
 #pragma once
 
 #define SOFTSPLAT_DEFINE_OPS(m)                                                                  \
   m.def("splat_forward(Tensor input, Tensor flow, Tensor? metric, int kind, int normalisation, " \
-        "Tensor? maximum=None) -> (Tensor, Tensor)");                                           \
+        "Tensor? maximum=None, bool deterministic=False) -> (Tensor, Tensor)");                 \
   m.def("splat_backward(Tensor grad_out, Tensor? grad_normaliser, Tensor input, Tensor flow, "   \
         "Tensor? metric, Tensor out, Tensor normaliser, int kind, int normalisation, "           \
         "bool[3] output_mask, Tensor? maximum=None) -> (Tensor, Tensor, Tensor)");               \

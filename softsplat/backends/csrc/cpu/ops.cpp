@@ -28,7 +28,8 @@ Tensor splat_maximum_cpu(const Tensor& flow, const Tensor& metric, int64_t kind)
 std::tuple<Tensor, Tensor> splat_forward_cpu(const Tensor& input, const Tensor& flow,
                                                      const std::optional<Tensor>& metric,
                                                      int64_t kind, int64_t normalisation,
-                                                     const std::optional<Tensor>& maximum_arg) {
+                                                     const std::optional<Tensor>& maximum_arg,
+                                                     bool /*deterministic: always, whatever the thread count*/) {
   checks::check_arguments("softsplat::splat_forward", input, flow, metric, kind, normalisation);
   const Tensor maximum = checks::checked_maximum("softsplat::splat_forward", flow, maximum_arg, kind);
   const ScalarType compute = flow.scalar_type();

@@ -69,26 +69,110 @@ inline Tensor splat_maximum(const Tensor& flow, const Tensor& metric, int64_t ki
   return maximum;
 }
 
+constexpr int64_t kScanChunk = 128;  // elements each thread of splat_scan_kernel scans
+
+// The exclusive prefix sum of `counts` (index_t's count type, `length` elements) in place:
+// chunks scanned, then their totals scanned the same way (recursively), then added back.
+template <typename index_t>
+void scan_counts(const Tensor& counts, int64_t length) {
+  using count_t = typename count_type<index_t>::type;
+  const int64_t chunk = kScanChunk;
+  std::vector<std::tuple<Tensor, int64_t, Tensor>> levels;  // (data, length, its chunks' totals)
+  Tensor data = counts;
+  for (;;) {
+    const int64_t chunks = (length + chunk - 1) / chunk;
+    Tensor sums = chunks > 1 ? empty({chunks}, counts.scalar_type(), counts) : Tensor();
+    auto scan = &splat_scan_kernel<index_t>;
+    SOFTSPLAT_LAUNCH(scan, blocks_for(chunks), kThreads, ptr<count_t>(data), (index_t)length, (index_t)chunk,
+                     ptr<count_t>(sums));
+    if (chunks == 1) break;
+    levels.emplace_back(data, length, sums);
+    data = sums;
+    length = chunks;
+  }
+  for (auto level = levels.rbegin(); level != levels.rend(); ++level) {
+    auto add = &splat_scan_add_kernel<index_t>;
+    SOFTSPLAT_LAUNCH(add, blocks_for(std::get<1>(*level)), kThreads, ptr<count_t>(std::get<0>(*level)),
+                     (index_t)std::get<1>(*level), (index_t)chunk, (const count_t*)ptr<count_t>(std::get<2>(*level)));
+  }
+}
+
+// The ordered forward (kernels.cuh): every target sums its contributions in the order of their
+// source pixels, the same bits on every run. Scratch: a count per target and, per possible slot
+// (four per pixel), a source offset, a bilinear weight and (but for sum) a weight.
+template <typename scalar_t, typename acc_t, typename index_t>
+void ordered_forward(const Tensor& input, const Tensor& flow, const Tensor& metric, const Tensor& maximum,
+                     int64_t kind, int64_t normalisation, Tensor& out, Tensor& normaliser) {
+  using count_t = typename count_type<index_t>::type;
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  const ScalarType count_dtype = sizeof(index_t) == 4 ? ScalarType::Int : ScalarType::Long;
+  const ScalarType compute = flow.scalar_type();
+  const bool with_metric = kind >= LINEAR;
+  Tensor ends = zeros({N * H * W}, count_dtype, input);
+  Tensor slots = empty({4 * N * H * W}, count_dtype, input);
+  Tensor bilinear = empty({4 * N * H * W}, compute, input);
+  Tensor weight = kind == SUM ? Tensor() : empty({4 * N * H * W}, compute, input);
+  auto count = &splat_count_kernel<acc_t, index_t>;
+  SOFTSPLAT_LAUNCH(count, blocks_for(N * H * W), kThreads,
+      ptr<acc_t>(flow), flow.stride(0), flow.stride(1), flow.stride(2), flow.stride(3),
+      (index_t)N, (index_t)H, (index_t)W, ptr<count_t>(ends));
+  scan_counts<index_t>(ends, N * H * W);
+  auto place = &splat_place_kernel<acc_t, index_t>;
+  SOFTSPLAT_LAUNCH(place, blocks_for(N * H * W), kThreads,
+      ptr<acc_t>(flow), flow.stride(0), flow.stride(1), flow.stride(2), flow.stride(3),
+      (index_t)N, (index_t)H, (index_t)W, ptr<count_t>(ends), ptr<index_t>(slots));
+  auto order = &splat_order_kernel<index_t>;
+  SOFTSPLAT_LAUNCH(order, blocks_for(N * H * W), kThreads, (const count_t*)ptr<count_t>(ends), (index_t)(N * H * W),
+                   ptr<index_t>(slots));
+  auto weigh = &splat_weigh_kernel<acc_t, index_t>;
+  SOFTSPLAT_LAUNCH(weigh, blocks_for(N * H * W), kThreads,
+      input.stride(0), input.stride(2), input.stride(3),
+      ptr<acc_t>(flow), flow.stride(0), flow.stride(1), flow.stride(2), flow.stride(3),
+      with_metric ? ptr<acc_t>(metric) : nullptr,
+      with_metric ? metric.stride(0) : 0, with_metric ? metric.stride(2) : 0, with_metric ? metric.stride(3) : 0,
+      (index_t)N, (index_t)H, (index_t)W, (int)kind,
+      weighs_per_tap((int)kind) ? (const acc_t*)ptr<acc_t>(maximum) : nullptr,
+      (const count_t*)ptr<count_t>(ends), ptr<index_t>(slots), ptr<acc_t>(bilinear), ptr<acc_t>(weight),
+      kind == SUM ? nullptr : ptr<acc_t>(normaliser));
+  if (C == 0) return;
+  auto gather = &splat_gather_kernel<scalar_t, acc_t, index_t>;
+  SOFTSPLAT_LAUNCH(gather, blocks_for(N * C * H * W), kThreads,
+      ptr<scalar_t>(input), input.stride(1), (index_t)N, (index_t)C, (index_t)H, (index_t)W, (int)kind,
+      (int)normalisation, (const count_t*)ptr<count_t>(ends), (const index_t*)ptr<index_t>(slots),
+      (const acc_t*)ptr<acc_t>(bilinear), (const acc_t*)ptr<acc_t>(weight),
+      kind == SUM ? nullptr : (const acc_t*)ptr<acc_t>(normaliser), ptr<acc_t>(out));
+}
+
+// `deterministic`: the ordered forward (docs/spec.md, determinism) instead of the atomic one.
 inline std::tuple<Tensor, Tensor> splat_forward(const Tensor& input, const Tensor& flow,
                                                         const std::optional<Tensor>& metric_arg,
                                                         int64_t kind, int64_t normalisation,
-                                                        const std::optional<Tensor>& maximum_arg) {
+                                                        const std::optional<Tensor>& maximum_arg,
+                                                        bool deterministic) {
   checks::check_arguments("splat_forward", input, flow, metric_arg, kind, normalisation);
   const Tensor maximum = checks::checked_maximum("splat_forward", flow, maximum_arg, kind);
   SOFTSPLAT_DEVICE_GUARD(input);
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
   const ScalarType compute = flow.scalar_type();
-  Tensor out = zeros({N, C, H, W}, compute, input);
-  Tensor normaliser = kind == SUM ? empty({0}, compute, input) : zeros({N, 1, H, W}, compute, input);
+  // The atomic forward adds into zeros; the ordered one writes every element.
+  Tensor out = deterministic ? empty({N, C, H, W}, compute, input) : zeros({N, C, H, W}, compute, input);
+  Tensor normaliser = kind == SUM       ? empty({0}, compute, input)
+                      : deterministic ? empty({N, 1, H, W}, compute, input)
+                                      : zeros({N, 1, H, W}, compute, input);
   const bool with_metric = kind >= LINEAR;
   const Tensor metric = with_metric ? *metric_arg : Tensor();
   if (N * H * W == 0) return {out, normaliser};
-  const bool small = fits_int32({input, flow, metric, out}, N * (C + 1) * H * W);
+  // The ordered forward also counts up to four slots per pixel in index_t.
+  const bool small =
+      fits_int32({input, flow, metric, out}, std::max(N * (C + 1) * H * W, deterministic ? 4 * N * H * W : 0));
   dispatch_floating<true>(input.scalar_type(), "splat_forward: input", [&](auto scalar) {
     using scalar_t = decltype(scalar);
     using acc_t = acc_type<scalar_t>;
     auto run = [&](auto index_zero) {
       using index_t = decltype(index_zero);
+      if (deterministic)
+        return ordered_forward<scalar_t, acc_t, index_t>(input, flow, metric, maximum, kind, normalisation, out,
+                                                         normaliser);
       auto forward = &splat_forward_kernel<scalar_t, acc_t, index_t>;
       SOFTSPLAT_LAUNCH(forward, blocks_for(N * H * W), kThreads,
           ptr<scalar_t>(input), input.stride(0), input.stride(1), input.stride(2), input.stride(3),
