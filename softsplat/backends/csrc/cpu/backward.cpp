@@ -123,6 +123,29 @@ struct Prepare {
   }
 };
 
+// Rows of Prepare's layout, `count` of them and one more of zeros, left uninitialised but for
+// the zeros Prepare leaves to its caller (the pixel before and after each row, the extra row):
+// Prepare writes every other value. On 2 MB pages where the system gives them on request
+// (advise_huge_pages): such a buffer is often a hundred megabytes or more (a target's C + 1
+// values, for every row of the image), and a fresh one written page by page took as long as
+// the gather itself in page faults.
+template <typename acc_t>
+struct PreparedRows {
+  Tensor storage;
+  acc_t* data;
+
+  PreparedRows(int64_t count, int64_t pitch, int64_t K, const Tensor& like)
+      : storage(empty({(count + 1) * pitch}, like.scalar_type(), like)) {
+    advise_huge_pages(storage);
+    data = ptr<acc_t>(storage);
+    for (int64_t r = 0; r < count; ++r) {
+      std::fill(data + r * pitch, data + r * pitch + K, acc_t(0));
+      std::fill(data + (r + 1) * pitch - K, data + (r + 1) * pitch, acc_t(0));
+    }
+    std::fill(data + count * pitch, data + (count + 1) * pitch, acc_t(0));
+  }
+};
+
 // The backward's gather: every source pixel reads gN (and gD) at its four taps and writes its
 // own gradients; only those asked for (non-null) are computed.
 template <typename scalar_t, typename acc_t>
@@ -506,9 +529,9 @@ void backward_kernel(const Tensor& grad_out, const Tensor& grad_normaliser,
         // Zeros: the padding of each row (Prepare), and a row for the taps above and below the
         // image, which only the AVX-512 gather reads.
         const int64_t pitch = prepare.pitch();
-        std::vector<acc_t> ring(static_cast<size_t>((capacity + 1) * pitch), acc_t(0));
-        const acc_t* zeros = ring.data() + capacity * pitch + K;
-        auto slot = [&](int64_t r) { return ring.data() + (r % capacity) * pitch; };
+        const PreparedRows<acc_t> ring(capacity, pitch, K, grad_out);
+        const acc_t* zeros = ring.data + capacity * pitch + K;
+        auto slot = [&](int64_t r) { return ring.data + (r % capacity) * pitch; };
         int64_t held_n = -1, held_lo = 0, held_hi = 0;  // rows [held_lo, held_hi) of image held_n
         std::vector<const acc_t*> row;
         for (int64_t i = begin; i < end; ++i) {
@@ -530,11 +553,11 @@ void backward_kernel(const Tensor& grad_out, const Tensor& grad_normaliser,
       return;
     }
     const int64_t pitch = prepare.pitch();
-    std::vector<acc_t> g(static_cast<size_t>((H + 1) * pitch), acc_t(0));  // as the ring: zeros beside
-    std::vector<const acc_t*> row(H + 2, g.data() + H * pitch + K);
-    for (int64_t r = 0; r < H; ++r) row[r + 1] = g.data() + r * pitch + K;
+    const PreparedRows<acc_t> g(H, pitch, K, grad_out);  // as the ring
+    std::vector<const acc_t*> row(H + 2, g.data + H * pitch + K);
+    for (int64_t r = 0; r < H; ++r) row[r + 1] = g.data + r * pitch + K;
     for (int64_t n = 0; n < N; ++n) {
-      torch::stable::parallel_for(0, H, 16, [&](int64_t begin, int64_t end) { prepare.rows(n, begin, end, g.data() + begin * pitch); });
+      torch::stable::parallel_for(0, H, 16, [&](int64_t begin, int64_t end) { prepare.rows(n, begin, end, g.data + begin * pitch); });
       torch::stable::parallel_for(0, H, 4, [&](int64_t begin, int64_t end) { rows(n, begin, end, row.data(), 0); });
     }
   };
