@@ -382,7 +382,9 @@ bool blocks_fit(const Band& band, int64_t C, int64_t W) {
 // A chunk's pixels added into a block's `scratch` (first target: the image's flat index row0),
 // lanes v of pixel i as plane[tap k] += b[k] * v, in_pixel_order; with `norm` (the normaliser's
 // plane of the image), also norm[tap k] += b[k] * w (w null: 1), as scatter_band adds them.
-template <int L, typename acc_t>
+// Stable (stable soft without its shortcut, max): the tap weights s[k] of fill_stable instead of
+// w, as plane[tap k] += b[k] * (v * s[k]) and norm[tap k] += b[k] * s[k].
+template <int L, bool Stable, typename acc_t>
 void scatter_block(const TapChunk<acc_t>& chunk, const acc_t* __restrict values, const acc_t* __restrict w,
                    int64_t count, int64_t row0, int64_t W, acc_t* __restrict scratch, acc_t* __restrict norm) {
   const int64_t offset[4] = {0, 1, W, W + 1};
@@ -390,38 +392,43 @@ void scatter_block(const TapChunk<acc_t>& chunk, const acc_t* __restrict values,
     const unsigned keep = chunk.keep[i];
     if (!keep) return;
     const acc_t b[4] = {chunk.weight[0][i], chunk.weight[1][i], chunk.weight[2][i], chunk.weight[3][i]};
+    const acc_t s[4] = {Stable ? chunk.stable[0][i] : acc_t(1), Stable ? chunk.stable[1][i] : acc_t(1),
+                        Stable ? chunk.stable[2][i] : acc_t(1), Stable ? chunk.stable[3][i] : acc_t(1)};
     acc_t* target = scratch + (chunk.corner[i] - row0) * L;
     const acc_t* lanes = values + i * L;
 #if defined(SOFTSPLAT_VECTOR_EXTENSION)
     using Lanes = typename Vector<acc_t, L>::type;
     Lanes v;
     load_lanes(v, lanes);
-    auto add = [&](acc_t* at, acc_t weight) {
+    auto add = [&](acc_t* at, int k) {
       Lanes sum;
       load_lanes(sum, at);
-      sum += weight * v;
+      if (Stable)
+        sum += b[k] * (v * s[k]);
+      else
+        sum += b[k] * v;
       store_lanes(at, sum);
     };
     if (keep == TapChunk<acc_t>::kAll) {
-      add(target, b[0]);
-      add(target + L, b[1]);
-      add(target + W * L, b[2]);
-      add(target + (W + 1) * L, b[3]);
+      add(target, 0);
+      add(target + L, 1);
+      add(target + W * L, 2);
+      add(target + (W + 1) * L, 3);
     } else {
       for (int k = 0; k < 4; ++k)
-        if (keep >> k & 1) add(target + offset[k] * L, b[k]);
+        if (keep >> k & 1) add(target + offset[k] * L, k);
     }
 #else
     for (int k = 0; k < 4; ++k) {
       if (!(keep >> k & 1)) continue;
       acc_t* tap = target + offset[k] * L;
-      for (int j = 0; j < L; ++j) tap[j] += b[k] * lanes[j];
+      for (int j = 0; j < L; ++j) tap[j] += Stable ? b[k] * (lanes[j] * s[k]) : b[k] * lanes[j];
     }
 #endif
     if (norm) {
-      const acc_t s = w ? w[i] : acc_t(1);
+      const acc_t weight = w ? w[i] : acc_t(1);
       for (int k = 0; k < 4; ++k)
-        if (keep >> k & 1) norm[chunk.corner[i] + offset[k]] += b[k] * s;
+        if (keep >> k & 1) norm[chunk.corner[i] + offset[k]] += b[k] * (Stable ? s[k] : weight);
     }
   });
 }
@@ -429,7 +436,8 @@ void scatter_block(const TapChunk<acc_t>& chunk, const acc_t* __restrict values,
 // One band's contributions of channels [c0, c0 + count) (count <= L) on the blocked layout,
 // written into out [N, C, H, W]; with `norm`, the normaliser's too (added into norm). `last(y)`:
 // whether row y is final once this band is done with it (then divided, when `divides`).
-template <int L, typename scalar_t, typename acc_t, typename Last>
+// Stable: weights per tap (stable soft without its shortcut, max), as scatter_band<_, true>.
+template <int L, bool Stable, typename scalar_t, typename acc_t, typename Last>
 void splat_block(const Band& band, int p, const std::vector<Band>& parts, const scalar_t* in, const View4& in_view,
                  const Sources<acc_t>& src, int64_t C, int64_t c0, int64_t count, acc_t* out, acc_t* norm,
                  const acc_t* divisor_plane, int normalisation, Scratch<acc_t>& scratch, const Last& last) {
@@ -451,9 +459,10 @@ void splat_block(const Band& band, int p, const std::vector<Band>& parts, const 
         for (int64_t x_begin = 0; x_begin < W; x_begin += kChunk) {
           const int64_t chunk_count = std::min(kChunk, W - x_begin);
           chunk->fill(src, n, y, x_begin, chunk_count);
-          const acc_t* chunk_w = weighted ? w.data() + x_begin : nullptr;
+          if (Stable) chunk->fill_stable(src.maximum + n * H * W, w.data() + x_begin, W, chunk_count, src.kind);
+          const acc_t* chunk_w = weighted && !Stable ? w.data() + x_begin : nullptr;
           pack_block<L>(in_row + x_begin * in_view.x, in_view, chunk_w, count, values.data(), L, chunk_count);
-          scatter_block<L>(*chunk, values.data(), chunk_w, chunk_count, band.lo * W, W, rows, norm_n);
+          scatter_block<L, Stable>(*chunk, values.data(), chunk_w, chunk_count, band.lo * W, W, rows, norm_n);
         }
       }
     }
@@ -563,7 +572,7 @@ void forward_kernel(const Tensor& input, const Sources<acc_t>& src, int normalis
         }
         return;
       }
-      if (!per_tap && blocks_fit<acc_t>(band, C, W)) {
+      if (blocks_fit<acc_t>(band, C, W)) {
         // The normaliser first (phase 0: zeroed), as the first block adds into it; rows are
         // divided as each block moves them out, unless the stable shortcut rescales them after.
         if (p == 0 && norm_data) std::fill(norm_data + (band.n * H + band.lo) * W, norm_data + (band.n * H + band.hi) * W, acc_t(0));
@@ -574,11 +583,18 @@ void forward_kernel(const Tensor& input, const Sources<acc_t>& src, int normalis
           const int64_t count = std::min<int64_t>(lanes, C - c0);
           acc_t* norm = c0 == 0 ? norm_data : nullptr;
           const acc_t* divisor = divides ? norm_data : nullptr;
-          switch (lanes) {
-            case 4: splat_block<4>(band, p, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, last); break;
-            case 8: splat_block<8>(band, p, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, last); break;
-            default: splat_block<16>(band, p, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, last);
-          }
+          auto block = [&](auto stable) {
+            constexpr bool Stable = decltype(stable)::value;
+            switch (lanes) {
+              case 4: splat_block<4, Stable>(band, p, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, last); break;
+              case 8: splat_block<8, Stable>(band, p, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, last); break;
+              default: splat_block<16, Stable>(band, p, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, last);
+            }
+          };
+          if (per_tap)
+            block(std::true_type());
+          else
+            block(std::false_type());
         }
         std::vector<acc_t> finishing(finish.needed() ? 2 * W : 0);
         for (int64_t y = band.lo; y < band.hi; ++y)
