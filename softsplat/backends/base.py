@@ -93,6 +93,11 @@ class Backend(abc.ABC):
         """Device types the backend can run on (may depend on the environment)."""
         return ("cpu", "cuda")
 
+    def runs_on(self, device_type: str) -> bool:
+        """Whether it can run on ``device_type``: ``device_type in devices()``, which a backend
+        may answer without asking about every device (every call asks)."""
+        return device_type in self.devices()
+
     def _unavailable_reason(self) -> str | None:
         """Why the backend cannot run on this machine at all, or None. Must not compile."""
         return None
@@ -120,7 +125,7 @@ class Backend(abc.ABC):
         if self.failure is not None:
             return [self.failure]
         reasons = []
-        if call.device_type not in self.devices():
+        if not self.runs_on(call.device_type):
             reasons.append(f"runs on {'/'.join(self.devices())}, the tensors are on {call.device_type}")
         if call.dtype not in self.dtypes:
             reasons.append(f"computes {dtype_names(self.dtypes)}, input is {dtype_names([call.dtype])}")

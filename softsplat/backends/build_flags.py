@@ -43,6 +43,14 @@ def architecture(machine: str | None = None) -> str:
     return "other"
 
 
+@functools.cache
+def _torch_capability() -> str:
+    """torch's CPU capability, fixed for the process (every call asks for the level)."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
+
+
 def supported_levels(capability: str | None = None, machine: str | None = None) -> tuple[str, ...]:
     """The levels this CPU runs, lowest first, from torch's own detection
     (``torch.backends.cpu.get_cpu_capability()``: ``AVX512``, ``AVX2``, ``DEFAULT``, ...)."""
@@ -50,9 +58,7 @@ def supported_levels(capability: str | None = None, machine: str | None = None) 
     if arch != "x86_64":
         return ("baseline",)
     if capability is None:
-        import torch
-
-        capability = torch.backends.cpu.get_cpu_capability()
+        capability = _torch_capability()
     capability = capability.upper()
     if "AVX512" in capability:
         return LEVELS["x86_64"]

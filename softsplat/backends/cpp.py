@@ -209,6 +209,10 @@ class CppBackend(OpsBackend):
     def devices(self) -> tuple[str, ...]:
         return ("cpu",) if _cuda_reason() else ("cpu", "cuda")
 
+    def runs_on(self, device_type: str) -> bool:
+        # Every call asks: a CPU call need not ask about CUDA.
+        return device_type == "cpu" or device_type in self.devices()
+
     def _unavailable_reason(self) -> str | None:
         built, _ = _library_or_error()
         if built is not None and built.prebuilt is not None:
