@@ -28,9 +28,10 @@ import tempfile
 import time
 
 CHECKOUT = pathlib.Path(__file__).resolve().parents[1]
-#: What the wheel is made of: a wheel of these files' contents is taken from the cache.
-WHEEL_INPUTS = ["setup.py", "pyproject.toml", "noxfile.py", "softsplat/backends/build_flags.py",
-                "softsplat/backends/prebuilt.py", "softsplat/backends/csrc"]
+#: What the wheel is made of: the whole package (its Python code goes into the wheel beside the
+#: libraries built from csrc) and how it is built. A wheel of these files' contents is taken
+#: from the cache; a change to any of them builds one anew.
+WHEEL_INPUTS = ["setup.py", "pyproject.toml", "noxfile.py", "softsplat"]
 TIMES: list[tuple[str, float]] = []
 
 
