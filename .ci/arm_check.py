@@ -8,7 +8,8 @@ architecture) by the root's environment, with the checkout copied to the working
 5. ``nox -s wheel_test``: that wheel in a fresh environment with no compiler reachable, the
    same tests at every level, nothing built.
 
-Each part's duration is printed at the end: under emulation they say nothing about speed.
+Each part's duration is printed after it and again at the end: under emulation they say
+nothing about speed.
 
 usage: python .ci/arm_check.py --wheel-cache DIR --nox-envdir DIR TEST [TEST ...]
 """
@@ -43,6 +44,7 @@ def run(title: str, *command: str, **environment: str) -> str:
                             stderr=subprocess.STDOUT, text=True)
     TIMES.append((title, time.monotonic() - start))
     print(result.stdout[-8000:], flush=True)
+    print(f"-- {TIMES[-1][1]:.0f} s (emulated: a cost, not a speed)", flush=True)
     if result.returncode:
         sys.exit(f"arm: failed ({result.returncode}): {title}")
     return result.stdout
