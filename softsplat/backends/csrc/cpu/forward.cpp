@@ -132,7 +132,9 @@ template <bool Stable, typename acc_t>
 void scatter_chunk(const TapChunk<acc_t>& chunk, const acc_t* __restrict values, const acc_t* __restrict tap_weights,
                    int64_t count, int64_t row0, int64_t W, acc_t* __restrict scratch) {
 #if defined(SOFTSPLAT_VECTOR_EXTENSION)
+#if defined(__AVX__)
   using Pair = typename Vector<acc_t, 2 * kPacked>::type;  // the lanes of two targets
+#endif
   using Lanes = typename Vector<acc_t, kPacked>::type;
 #endif
   const int64_t offset[4] = {0, 1, W, W + 1};
@@ -161,6 +163,18 @@ void scatter_chunk(const TapChunk<acc_t>& chunk, const acc_t* __restrict values,
       Lanes v, b;  // the lanes; the four taps' weights
       std::memcpy(&v, lanes, sizeof v);
       std::memcpy(&b, tap_weights + i * kPacked, sizeof b);
+#if !defined(__AVX__)
+      // 128-bit vectors (SSE2, NEON): one target at a time, the same sums; the compiler built a
+      // pair's eight lanes through the stack, and each read of them waited for the store.
+      for (int k = 0; k < 4; ++k) {
+        const Lanes value = Stable ? v * s[k] : v;
+        acc_t* at = target + offset[k] * kPacked;
+        Lanes sum;
+        std::memcpy(&sum, at, sizeof sum);
+        sum += b[k] * value;
+        std::memcpy(at, &sum, sizeof sum);
+      }
+#else
       const Pair v2 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 0, 1, 2, 3);
       auto add = [&](int row, const Pair& weight) {  // by reference: no vector-ABI dependence
         const int k = 2 * row;
@@ -174,6 +188,7 @@ void scatter_chunk(const TapChunk<acc_t>& chunk, const acc_t* __restrict values,
       };
       add(0, __builtin_shufflevector(b, b, 0, 0, 0, 0, 1, 1, 1, 1));
       add(1, __builtin_shufflevector(b, b, 2, 2, 2, 2, 3, 3, 3, 3));
+#endif
       return;
     }
 #endif  // else the loop below takes the four taps
