@@ -144,15 +144,19 @@ def compare(
     )
 
 
-#: The smallest normal float32; below it a float32 atomic add on a GPU reads and writes 0.
-FLT_MIN = torch.finfo(torch.float32).tiny
+#: Normaliser contributions below this leave a target open on flushing backends (see flushed);
+#: below float32's smallest normal number (2^-126) a GPU's float32 atomic add reads and writes 0.
+FLUSHED_BELOW = 2.0**-100
 
 
 @torch.no_grad()
 def flushed(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
     """``(targets, sources)`` [N, 1, H, W] booleans: the targets every float32 normaliser
-    contribution ``b * w`` of which is subnormal (an add that flushes subnormals, as GPUs' float32
-    atomics do, leaves their normaliser 0), and the source pixels with a tap into one. The spec
+    contribution ``b * w`` of which is below 2^-100, and the source pixels with a tap into one.
+    An add that flushes subnormals, as GPUs' float32 atomics do, leaves such a target's
+    normaliser 0 where its contributions are subnormal, and can drop a numerator contribution
+    ``b * (x * w)`` that is (a value of 0.5 with ``b * w`` = 1.6e-38 makes 8e-39); from 2^-100 on,
+    what it drops is below 2^-26 of the result, under the float32 tolerance. The spec
     (docs/spec.md, "Floating point") leaves their results, and those sources' gradients, open on
     such backends."""
     flow = case.flow.float().cpu()
@@ -170,7 +174,7 @@ def flushed(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
     for target, b, keep in oracle.taps(flow):
         w = tap_weight(metric[:, 0], maximum[target]) if tap_weight else weight
         largest.scatter_reduce_(0, target[keep], (b * w).abs()[keep], "amax")
-    targets = (largest > 0) & (largest < FLT_MIN)
+    targets = (largest > 0) & (largest < FLUSHED_BELOW)
     sources = torch.zeros(N, H, W, dtype=torch.bool)
     for target, _, keep in oracle.taps(flow):
         sources |= keep & targets[target]
