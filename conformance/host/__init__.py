@@ -98,6 +98,7 @@ class _HostBackend(OpsBackend):
 
     deterministic_on = ()  # atomics in the forward, as on a GPU
     deterministic_when_asked_on = ("cpu",)  # the ordered forward
+    ordered_forward_on = ("cpu",)
     flushes_subnormals_on = ("cpu",)  # the host shim computes what the device does
 
     def devices(self) -> tuple[str, ...]:

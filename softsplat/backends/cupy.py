@@ -461,6 +461,7 @@ class CupyBackend(OpsBackend):
     summary = "the CUDA kernels of cuda/kernels.cuh compiled by NVRTC, launched through CuPy, per device and dtype"
     deterministic_on = ()  # atomics in the forward
     deterministic_when_asked_on = ("cuda",)  # the ordered forward
+    ordered_forward_on = ("cuda",)
     flushes_subnormals_on = ("cuda",)
 
     def devices(self) -> tuple[str, ...]:
