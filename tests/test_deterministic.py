@@ -342,3 +342,75 @@ def test_the_channel_blocks_of_the_gather_keep_the_source_order(backend_name, mo
     assert torch.equal(got[0], expected)
     if expected_normaliser is not None:
         assert torch.equal(got[1], expected_normaliser)
+
+
+def _host_ops(backend_name: str):
+    backend = backends.get(backend_name)
+    backend.prepare()
+    return backend._ops
+
+
+@pytest.mark.parametrize("backend_name", HOST_BACKENDS)
+@pytest.mark.parametrize("mode", ["sum", "soft", "max"])
+def test_opcheck_of_the_ordered_forward(backend_name, mode) -> None:
+    """torch.library.opcheck of splat_forward with deterministic=True: schema, fake tensors,
+    autograd registration and dispatch of the ordered forward's op."""
+    parsed = softsplat.Mode.parse(mode)
+    ops = _host_ops(backend_name)
+    input, flow, metric = converging(shape=(2, 3, 9, 7), seed=6)
+    metric = metric if parsed.needs_metric else None
+    maximum = ops.splat_maximum(flow, metric, parsed.kind_code) if mode == "max" else None
+    args = (input.requires_grad_(), flow.requires_grad_(), metric, parsed.kind_code, parsed.normalisation_code,
+            maximum, True)
+    torch.library.opcheck(ops.splat_forward.default, args)
+
+
+@pytest.mark.parametrize("backend_name", HOST_BACKENDS)
+def test_compile_fullgraph_in_deterministic_mode_gives_the_eager_bits(backend_name) -> None:
+    """torch.compile(fullgraph=True) traced in deterministic mode calls the ordered forward: the
+    bits of eager deterministic calls, output and gradients."""
+    tensors = converging(shape=(1, 3, 16, 12), seed=7)
+
+    def warp(input, flow, metric):
+        return softsplat.splat(input, flow, metric, mode="soft", stable=True, backend=backend_name) * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(warp, fullgraph=True, backend="aot_eager")
+    runs = []
+    with deterministic_algorithms():
+        for function in (compiled, warp, compiled):
+            leaves = [t.clone().requires_grad_() for t in tensors]
+            out = function(*leaves)
+            out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+            runs.append((out.detach(), *(leaf.grad for leaf in leaves)))
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], run))
+
+
+@pytest.mark.parametrize("backend_name", HOST_BACKENDS)
+def test_torch_export_keeps_the_ordered_forward(backend_name) -> None:
+    """A program exported in deterministic mode keeps the ordered forward (docs/spec.md section 9):
+    run outside the mode, it gives the eager deterministic bits on every run."""
+    input, flow, metric = converging(shape=(1, 3, 16, 12), seed=8)
+    model = softsplat.Splat("soft", backend=backend_name, return_normaliser=True)
+    with deterministic_algorithms():
+        program = torch.export.export(model, (input, flow, metric))
+        expected = model(input, flow, metric)
+    runs = [program.module()(input, flow, metric) for _ in range(4)]
+    for run in runs:
+        assert all(torch.equal(a, b) for a, b in zip(run, expected))
+
+
+@pytest.mark.parametrize("backend_name", HOST_BACKENDS)
+def test_the_ordered_forward_over_many_targets_adds_in_source_pixel_order(backend_name) -> None:
+    """131 x 129 targets (more than the 128^2 + 1 a two-level scan covered, more than a
+    launch's 256 threads many times over), scattered by a random flow: still the sum in source
+    pixel order, bit for bit."""
+    generator = torch.Generator().manual_seed(9)
+    input = torch.randn((1, 1, 131, 129), generator=generator)
+    flow = torch.randn((1, 2, 131, 129), generator=generator) * 2
+    metric = torch.randn((1, 1, 131, 129), generator=generator)
+    expected, expected_normaliser = in_source_order(input, flow, metric, "linear")
+    with deterministic_algorithms():
+        got = results(backend_name, "linear", False, (input, flow, metric), runs=1)[0]
+    assert torch.equal(got[0], expected) and torch.equal(got[1], expected_normaliser)
