@@ -190,10 +190,11 @@ def deterministic_call(backend: str):
 
 
 def deterministic_contenders(runnable, device: str, console) -> list:
-    """--deterministic: ``(name, call)`` of each runnable backend's deterministic path on
-    ``device``, where it has one of its own (``deterministic_when_asked_on``)."""
+    """--deterministic: ``(name, call)`` of each runnable backend's ordered forward on
+    ``device`` (``ordered_forward_on``: cpp and cupy on CUDA; not the torch backend's
+    deterministic ``index_add_``)."""
     device_type = torch.device(device).type
-    chosen = [b for b in runnable if device_type in b.deterministic_when_asked_on]
+    chosen = [b for b in runnable if device_type in b.ordered_forward_on]
     if not chosen:
         console.print(f"[yellow]--deterministic[/]: no backend timed here has a deterministic path of its own on "
                       f"{device_type} (on the CPU cpp and torch are deterministic as they are)")
@@ -216,6 +217,35 @@ def deterministic_ratios(forward: dict, both: dict | None = None) -> list[str]:
         if both is not None and both[key] == both[key] and both[plain] == both[plain]:
             line += f", forward+backward {both[key] / both[plain]:.2f}x"
         lines.append(line)
+    return lines
+
+
+def collapsing_inputs(size, channels=3, dtype=torch.float32, device="cpu"):
+    """``inputs`` with a collapsing flow instead: every pixel moved onto the 2 x 2 targets
+    around the centre, so each of the four is reached by every pixel (the ordered forward's
+    worst case: all its work on four targets)."""
+    input, _, metric = inputs(size, channels=channels, dtype=dtype, device=device)
+    height, width = size
+    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32),
+                            indexing="ij")
+    flow = torch.stack([width // 2 + 0.5 - xs, height // 2 + 0.5 - ys])[None].expand(input.shape[0], 2, height, width)
+    return input, flow.to(device=device, dtype=dtype).contiguous(), metric
+
+
+def collapsing_times(contenders, size, channels: int, dtype, device: str, repeats: int) -> list[str]:
+    """--deterministic: each ordered forward and its backend's atomic forward on a collapsing
+    flow (``collapsing_inputs``) of ``size``, soft mode."""
+    calls = dict(contenders)
+    tensors = collapsing_inputs(size, channels=channels, dtype=dtype, device=device)
+    lines = []
+    for name, call in contenders:
+        plain = name.removesuffix(DETERMINISTIC_SUFFIX)
+        if name == plain or plain not in calls:
+            continue
+        ordered = timed(passes(call, tensors, "soft")[0], device, repeats, warmups=1)
+        atomic = timed(passes(calls[plain], tensors, "soft")[0], device, repeats, warmups=1)
+        lines.append(f"collapsing flow {size[0]}x{size[1]} (every pixel onto 2x2 targets) {name}: forward "
+                     f"{ordered * 1e3:.1f} ms, the atomic forward {atomic * 1e3:.1f} ms")
     return lines
 
 
@@ -397,6 +427,9 @@ def run(args) -> int:
     both = {(f"{size[0]}x{size[1]}", mode, name): t[1] for size, mode, measured, _ in rows for name, t in measured.items()}
     for line in deterministic_ratios(forward, both):
         console.print(line)
+    if args.deterministic:
+        for line in collapsing_times(contenders, sizes[0], args.channels, dtype, device, min(args.repeats, 3)):
+            console.print(line)
     return 0
 
 
@@ -447,6 +480,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--deterministic", action="store_true",
                         help="also time each backend's deterministic path beside its default one where it has one of its "
                         "own (cpp and cupy on CUDA: the ordered forward, under torch.use_deterministic_algorithms(True)), "
-                        "and print its time over the default's")
+                        "and print its time over the default's, and on a collapsing flow (every pixel onto 2x2 "
+                        "targets, the first size) beside the atomic forward")
     parser.add_argument("--onnxruntime", action=argparse.BooleanOptionalAction, default=True,
                         help="also time ONNX Runtime (CPU) running the exported model, forward only, when the onnx extra is installed")

@@ -79,7 +79,7 @@ def test_each_part_gets_at_most_what_is_left_of_the_budget(tmp_path, monkeypatch
 
 
 def test_the_bench_parts_time_the_ordered_forward_beside_the_atomic_one() -> None:
-    """A lent GPU measures the deterministic path's cost: both bench parts run --deterministic."""
+    """GPU CI measures the deterministic path's cost: both bench parts run --deterministic."""
     module = _module()
     benches = [part for part in module.parts() if part.name.startswith("bench")]
     assert [part.name for part in benches] == ["bench", "bench-rgb"]

@@ -50,6 +50,7 @@ def test_bench_times_the_deterministic_path_beside_the_atomic_one(capsys, monkey
     assert len(rows) == 2, out
     for mode in ("soft", "sum"):
         assert f"16x24 {mode} cuda-host deterministic: forward" in out and "x the atomic forward's time" in out, out
+    assert "collapsing flow 16x24 (every pixel onto 2x2 targets) cuda-host deterministic: forward" in out, out
     assert main(["bench", "--workload", "gmfss", "--frame", "32x64", "--repeats", "1", "--backends", "cuda-host",
                  "--deterministic"]) == 0
     out = capsys.readouterr().out
@@ -57,6 +58,21 @@ def test_bench_times_the_deterministic_path_beside_the_atomic_one(capsys, monkey
     assert main(["bench", "--sizes", "16x24", "--repeats", "1", "--backends", "cpp", "--deterministic",
                  "--no-onnxruntime"]) == 0
     assert "no backend timed here has a deterministic path of its own on cpu" in capsys.readouterr().out
+
+
+def test_bench_deterministic_times_only_ordered_forwards() -> None:
+    """--deterministic adds rows for backends with an ordered forward of their own on the device
+    (cpp and cupy on CUDA), not for the torch backend, whose deterministic mode on CUDA is torch's
+    deterministic index_add_."""
+    from softsplat import backends, bench
+
+    class Console:
+        def print(self, *args) -> None:
+            pass
+
+    runnable = [backends.get(name) for name in ("torch", "cpp", "cupy", "triton")]
+    names = [name for name, _ in bench.deterministic_contenders(runnable, "cuda", Console())]
+    assert names == ["cpp deterministic", "cupy deterministic"]
 
 
 @pytest.mark.parametrize(

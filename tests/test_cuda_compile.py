@@ -24,8 +24,7 @@ CUOBJDUMP = pathlib.Path(importlib.util.find_spec("triton").origin).parent / "ba
     if importlib.util.find_spec("triton") else None
 
 #: The ordered (deterministic) forward's kernels.
-ORDERED_KERNELS = ("splat_count_kernel", "splat_scan_kernel", "splat_scan_add_kernel", "splat_place_kernel",
-                   "splat_order_kernel", "splat_weigh_kernel", "splat_gather_kernel")
+ORDERED_KERNELS = ("splat_key_kernel", "splat_ends_kernel", "splat_weigh_kernel", "splat_gather_kernel")
 
 NVCC = shutil.which("nvcc") or ("/usr/local/bin/nvcc" if pathlib.Path("/usr/local/bin/nvcc").exists() else None)
 
@@ -53,9 +52,8 @@ def test_cuda_translation_unit_compiles_for_sm80_and_sm90(tmp_path) -> None:
                            text=True, check=True).stdout
     kernels = [line for line in usage.splitlines() if "LOCAL:" in line]
     # Per architecture: forward, backward and gather for 4 dtypes; normalise, prepare, maximum,
-    # count, place and weigh for 2 accumulation types; scan, scan_add and order once; each with
-    # 32- and 64-bit indices.
-    assert len(kernels) == 2 * 2 * (3 * 4 + 6 * 2 + 3), usage[:2000]
+    # key and weigh for 2 accumulation types; ends once; each with 32- and 64-bit indices.
+    assert len(kernels) == 2 * 2 * (3 * 4 + 5 * 2 + 1), usage[:2000]
     spilled = [line for line in kernels if "LOCAL:0 " not in line or "STACK:0 " not in line]
     assert not spilled, spilled[:3]
 

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import softsplat
-from conformance import host
 from softsplat import backends
 from softsplat.backends import cupy as cupy_backend
 from softsplat.backends.extension import compiler_reason
@@ -165,31 +164,22 @@ def test_the_ordered_forward_adds_in_source_pixel_order(backend_name, mode) -> N
         assert torch.equal(got[1], expected_normaliser)
 
 
-def _unordered_launch(device, dtype, kernel, *args) -> None:
-    """The cupy-host launches, but for the ordering pass: a wrong ordered forward."""
-    if kernel != "order":
-        host.host_launch(device, dtype, kernel, *args)
+def _unstable_sort(keys, sorted_keys, order) -> None:
+    """A sort that leaves equal keys in a random order: the taps of each target in some order
+    other than their source pixels'."""
+    shuffle = torch.randperm(keys.numel())
+    values, indices = torch.sort(keys[shuffle], stable=True)
+    sorted_keys.copy_(values)
+    order.copy_(shuffle[indices])
 
 
-class _Unordered(host.CupyHostBackend):
-    name = "cupy-host-unordered"
-
-    def load_ops(self):
-        return cupy_backend.define_ops("softsplat_unordered_host", "cpu", _unordered_launch)
-
-
-def test_a_wrong_ordered_forward_fails_the_check() -> None:
-    """The meta-test: the cupy backend's launches on the host with the ordering pass left out
-    (each target's slots in the order the atomics placed them) are not repeatable."""
-    Unordered = _Unordered
-
-    backends.register(Unordered())
-    try:
-        with deterministic_algorithms():
-            outputs = results("cupy-host-unordered", "soft", False, converging(), runs=6)
-            correct = results("cupy-host", "soft", False, converging(), runs=1)
-    finally:
-        backends.unregister("cupy-host-unordered")
+def test_a_wrong_ordered_forward_fails_the_check(monkeypatch) -> None:
+    """The meta-test: the cupy backend's ordered forward on the host with an unstable sort (each
+    target's slots in an order that is not their source pixels') is not repeatable."""
+    with deterministic_algorithms():
+        correct = results("cupy-host", "soft", False, converging(), runs=1)
+        monkeypatch.setattr(cupy_backend, "sort_keys", _unstable_sort)
+        outputs = results("cupy-host", "soft", False, converging(), runs=6)
     with pytest.raises(AssertionError, match="different results"):
         assert_repeatable(outputs)
     torch.testing.assert_close(outputs[0][0], correct[0][0])  # right up to the order of the sums
@@ -266,3 +256,161 @@ def test_the_ordered_forward_with_64_bit_indices_has_the_same_bits(monkeypatch, 
         monkeypatch.setattr(cupy_backend, "_fits_int32", lambda tensors, largest_product: False)
         wide = results("cupy-host", mode, stable, tensors, runs=1)
     assert all(torch.equal(a, b) for a, b in zip(narrow[0], wide[0]) if a is not None)
+
+
+def collapsing(size: int = 256, channels: int = 3):
+    """A collapsing flow: every pixel of a size x size image moved onto the 2 x 2 targets around
+    (10.5, 20.5), so each of the four sums size * size contributions. Positive values: each
+    result is a weighted mean, without cancellation."""
+    generator = torch.Generator().manual_seed(5)
+    ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
+                            indexing="ij")
+    flow = torch.stack([10.5 - xs, 20.5 - ys])[None]
+    return (torch.rand((1, channels, size, size), generator=generator), flow,
+            torch.randn((1, 1, size, size), generator=generator))
+
+
+#: CPU time one GPU thread of the ordered forward may take per contribution to the most crowded
+#: target: one pass over a target's slots takes a few ns a slot on the host; a thread that sorts
+#: them (k log k, dependent loads) or recomputes every pixel's taps takes tens.
+NS_PER_SLOT = 20
+
+
+@pytest.mark.parametrize("backend_name", HOST_BACKENDS)
+def test_a_collapsing_flow_spreads_the_work_over_threads(backend_name) -> None:
+    """The ordered forward of a collapsing flow (256 x 256 pixels onto four targets): no GPU
+    thread does much more than one pass over the crowded target's 65536 slots (the shim's thread
+    probe times each thread; a GPU takes at least its longest thread's time), it finishes
+    within seconds on the host and it meets the oracle."""
+    import time
+
+    from conformance import host
+    from conformance.compare import compare
+
+    input, flow, metric = collapsing()
+    heaviest = input.shape[2] * input.shape[3]
+    probe = host.ThreadProbe(backend_name)
+    with deterministic_algorithms():
+        start = time.perf_counter()
+        out, normaliser = softsplat.splat(input, flow, metric, mode="soft", backend=backend_name,
+                                          return_normaliser=True)
+        took = time.perf_counter() - start
+        with probe:
+            softsplat.splat(input, flow, metric, mode="soft", backend=backend_name)
+    assert took < 5, f"{took:.1f} s"
+    assert probe.longest < NS_PER_SLOT * heaviest, (
+        f"one thread ran {probe.longest / 1e6:.2f} ms (of {probe.total / 1e6:.1f} ms in all threads): "
+        f"{probe.longest / heaviest:.0f} ns per slot of the crowded target")
+    reference, reference_normaliser = softsplat.splat(*(t.double() for t in (input, flow, metric)), mode="soft",
+                                                      backend="torch", return_normaliser=True)
+    float32, float32_normaliser = softsplat.splat(input, flow, metric, mode="soft", backend="torch",
+                                                  return_normaliser=True)
+    assert (normaliser[0, 0, 20:22, 10:12] > 0).all() and (normaliser.count_nonzero() == 4)
+    compare("output", out, reference, float32, reference.abs(), torch.float32)
+    compare("normaliser", normaliser, reference_normaliser, float32_normaliser, reference_normaliser.abs(),
+            torch.float32)
+
+
+@pytest.mark.parametrize("backend_name", HOST_BACKENDS)
+def test_the_ordered_forward_allocates_once_besides_its_results(backend_name) -> None:
+    """In deterministic mode torch fills every new buffer (torch.utils.deterministic.
+    fill_uninitialized_memory), a write of its own: the ordered forward allocates its result,
+    its normaliser and one scratch buffer, none of them zeroed (it writes every element), and
+    hands its sort that scratch (torch's sort allocates only inside itself)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    input, flow, metric = converging(shape=(1, 3, 12, 10))
+    with deterministic_algorithms():
+        softsplat.splat(input, flow, metric, mode="soft", backend=backend_name)  # built, loaded
+        with profile(activities=[ProfilerActivity.CPU]) as trace:
+            softsplat.splat(input, flow, metric, mode="soft", backend=backend_name)
+    names = [event.name for event in trace.events()]
+    assert "aten::sort" in names, names
+    before_sort = names[:names.index("aten::sort")]
+    assert before_sort.count("aten::empty") == 3 and "aten::zero_" not in before_sort, before_sort
+
+
+@pytest.mark.parametrize("backend_name", HOST_BACKENDS)
+@pytest.mark.parametrize("mode", ["sum", "linear"])
+def test_the_channel_blocks_of_the_gather_keep_the_source_order(backend_name, mode) -> None:
+    """19 channels: two full blocks of the gather and a block of 3, each channel summed in
+    source pixel order, bit for bit, and D written once."""
+    input, flow, metric = converging(shape=(1, 19, 7, 9), seed=4)
+    expected, expected_normaliser = in_source_order(input, flow, metric, mode)
+    with deterministic_algorithms():
+        got = results(backend_name, mode, False, (input, flow, metric), runs=1)[0]
+    assert torch.equal(got[0], expected)
+    if expected_normaliser is not None:
+        assert torch.equal(got[1], expected_normaliser)
+
+
+def _host_ops(backend_name: str):
+    backend = backends.get(backend_name)
+    backend.prepare()
+    return backend._ops
+
+
+@pytest.mark.parametrize("backend_name", HOST_BACKENDS)
+@pytest.mark.parametrize("mode", ["sum", "soft", "max"])
+def test_opcheck_of_the_ordered_forward(backend_name, mode) -> None:
+    """torch.library.opcheck of splat_forward with deterministic=True: schema, fake tensors,
+    autograd registration and dispatch of the ordered forward's op."""
+    parsed = softsplat.Mode.parse(mode)
+    ops = _host_ops(backend_name)
+    input, flow, metric = converging(shape=(2, 3, 9, 7), seed=6)
+    metric = metric if parsed.needs_metric else None
+    maximum = ops.splat_maximum(flow, metric, parsed.kind_code) if mode == "max" else None
+    args = (input.requires_grad_(), flow.requires_grad_(), metric, parsed.kind_code, parsed.normalisation_code,
+            maximum, True)
+    torch.library.opcheck(ops.splat_forward.default, args)
+
+
+@pytest.mark.parametrize("backend_name", HOST_BACKENDS)
+def test_compile_fullgraph_in_deterministic_mode_gives_the_eager_bits(backend_name) -> None:
+    """torch.compile(fullgraph=True) traced in deterministic mode calls the ordered forward: the
+    bits of eager deterministic calls, output and gradients."""
+    tensors = converging(shape=(1, 3, 16, 12), seed=7)
+
+    def warp(input, flow, metric):
+        return softsplat.splat(input, flow, metric, mode="soft", stable=True, backend=backend_name) * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(warp, fullgraph=True, backend="aot_eager")
+    runs = []
+    with deterministic_algorithms():
+        for function in (compiled, warp, compiled):
+            leaves = [t.clone().requires_grad_() for t in tensors]
+            out = function(*leaves)
+            out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+            runs.append((out.detach(), *(leaf.grad for leaf in leaves)))
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], run))
+
+
+@pytest.mark.parametrize("backend_name", HOST_BACKENDS)
+def test_torch_export_keeps_the_ordered_forward(backend_name) -> None:
+    """A program exported in deterministic mode keeps the ordered forward (docs/spec.md section 9):
+    run outside the mode, it gives the eager deterministic bits on every run."""
+    input, flow, metric = converging(shape=(1, 3, 16, 12), seed=8)
+    model = softsplat.Splat("soft", backend=backend_name, return_normaliser=True)
+    with deterministic_algorithms():
+        program = torch.export.export(model, (input, flow, metric))
+        expected = model(input, flow, metric)
+    runs = [program.module()(input, flow, metric) for _ in range(4)]
+    for run in runs:
+        assert all(torch.equal(a, b) for a, b in zip(run, expected))
+
+
+@pytest.mark.parametrize("backend_name", HOST_BACKENDS)
+def test_the_ordered_forward_over_many_targets_adds_in_source_pixel_order(backend_name) -> None:
+    """131 x 129 targets (more than the 128^2 + 1 a two-level scan covered, more than a
+    launch's 256 threads many times over), scattered by a random flow: still the sum in source
+    pixel order, bit for bit."""
+    generator = torch.Generator().manual_seed(9)
+    input = torch.randn((1, 1, 131, 129), generator=generator)
+    flow = torch.randn((1, 2, 131, 129), generator=generator) * 2
+    metric = torch.randn((1, 1, 131, 129), generator=generator)
+    expected, expected_normaliser = in_source_order(input, flow, metric, "linear")
+    with deterministic_algorithms():
+        got = results(backend_name, "linear", False, (input, flow, metric), runs=1)[0]
+    assert torch.equal(got[0], expected) and torch.equal(got[1], expected_normaliser)

@@ -188,13 +188,56 @@ def test_the_ordered_forward_gives_the_same_bits_every_run_on_the_gpu(name, mode
         assert all(torch.equal(a, b) for a, b in zip(first, run if mode != "sum" else (run,))), (name, mode)
 
 
+def _require_host_shim() -> None:
+    """Skips, with the reason, where the host shim (cuda-host) cannot be built here."""
+    shim = backends.get("cuda-host")
+    if not shim.is_available():
+        pytest.skip(f"the host shim (cuda-host) cannot be built here: {shim.unavailable_reason}")
+    try:
+        shim.prepare_once()
+    except backends.BackendFailedError as error:  # its build failed: nothing to compare with
+        pytest.skip(f"the host shim (cuda-host) did not build: {error}")
+
+
 @pytest.mark.parametrize("mode", ["sum", "avg", "linear"])
 def test_the_ordered_forward_has_the_host_shims_bits(mode) -> None:
     """Without exp, the ordered forward is IEEE arithmetic in one fixed order: cpp and cupy on the
     GPU give exactly the bits the host shim (cuda-host) gives on the CPU."""
+    _require_host_shim()
     tensors = _converging((2, 3, 60, 70), seed=1)
     expected = _ordered("cuda-host", tensors, mode)
     for name in ORDERED_BACKENDS:
         got = _ordered(name, [t.cuda() for t in tensors], mode)
         pairs = zip(got, expected) if mode != "sum" else [(got, expected)]
         assert all(torch.equal(a.cpu(), b) for a, b in pairs), name
+
+
+@pytest.mark.parametrize("name", ORDERED_BACKENDS)
+def test_the_ordered_forward_of_a_collapsing_flow_on_the_gpu(name) -> None:
+    """Every pixel of a 1080p frame moved onto the 2 x 2 targets around one point (each of the
+    four sums 2 million contributions): the ordered forward spreads its work over threads but
+    for one pass over each crowded target's slots per block of channels, so it finishes within
+    two seconds, the same bits twice; at 256 x 256, the bits of the host shim."""
+    import time
+
+    from softsplat.bench import collapsing_inputs
+
+    candidate = backends.get(name)
+    if "cuda" not in candidate.devices() or not candidate.is_available():
+        pytest.fail(f"{name} cannot run on this CUDA machine: {candidate.unavailable_reason}")
+    _ordered(name, [t.cuda() for t in _converging((1, 3, 8, 8))], "avg")  # built, loaded
+    tensors = list(collapsing_inputs((1080, 1920), channels=3, device="cuda"))
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    first = _ordered(name, tensors, "soft")
+    torch.cuda.synchronize()
+    took = time.perf_counter() - start
+    assert took < 2, f"{name}: {took:.2f} s"
+    again = _ordered(name, tensors, "soft")
+    assert first[1].count_nonzero() == 4 and first[0].isfinite().all()
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    _require_host_shim()
+    small = collapsing_inputs((256, 256), channels=3)
+    expected = _ordered("cuda-host", small, "avg")
+    got = _ordered(name, [t.cuda() for t in small], "avg")
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(got, expected)), name

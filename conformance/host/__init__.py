@@ -98,6 +98,7 @@ class _HostBackend(OpsBackend):
 
     deterministic_on = ()  # atomics in the forward, as on a GPU
     deterministic_when_asked_on = ("cpu",)  # the ordered forward
+    ordered_forward_on = ("cpu",)
     flushes_subnormals_on = ("cpu",)  # the host shim computes what the device does
 
     def devices(self) -> tuple[str, ...]:
@@ -122,6 +123,30 @@ class CupyHostBackend(_HostBackend):
     def load_ops(self):
         _launcher()  # builds the kernels now, not inside the first op call
         return cupy_backend.define_ops("softsplat_cupy_host", "cpu", host_launch)
+
+
+class ThreadProbe:
+    """The longest and the total run of one GPU thread (ns) of the launches made inside a
+    ``with`` block by backend ``name``'s host library (shim.h's thread probe)."""
+
+    def __init__(self, name: str) -> None:
+        built = library() if name == "cuda-host" else kernel_library()
+        built.ops()  # built and loaded once
+        self._probe = ctypes.CDLL(str(built.library_path())).softsplat_host_thread_probe
+        self._probe.restype = None
+        self.longest = self.total = 0
+
+    def _read(self, on: bool) -> tuple[int, int]:
+        longest, total = ctypes.c_longlong(), ctypes.c_longlong()
+        self._probe(ctypes.c_int(on), ctypes.byref(longest), ctypes.byref(total))
+        return longest.value, total.value
+
+    def __enter__(self) -> ThreadProbe:
+        self._read(True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.longest, self.total = self._read(False)
 
 
 #: The backends this package adds, by name.

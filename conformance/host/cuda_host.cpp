@@ -11,6 +11,8 @@
 #include "tensor.h"
 #include "cuda/launch.h"
 
+SOFTSPLAT_HOST_THREAD_PROBE
+
 STABLE_TORCH_LIBRARY(softsplat_cuda_host, m) { SOFTSPLAT_DEFINE_OPS(m); }
 
 STABLE_TORCH_LIBRARY_IMPL(softsplat_cuda_host, CPU, m) {

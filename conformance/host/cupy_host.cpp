@@ -49,11 +49,8 @@ void add(std::map<std::string, Launcher>& table, const std::string& scalar, cons
   table["softsplat::splat_backward_prepare_kernel" + ai] = &launcher<&splat_backward_prepare_kernel<acc_t, index_t>>;
   // the ordered forward
   const std::string i = "<" + index + ">";
-  table["softsplat::splat_count_kernel" + ai] = &launcher<&splat_count_kernel<acc_t, index_t>>;
-  table["softsplat::splat_scan_kernel" + i] = &launcher<&splat_scan_kernel<index_t>>;
-  table["softsplat::splat_scan_add_kernel" + i] = &launcher<&splat_scan_add_kernel<index_t>>;
-  table["softsplat::splat_place_kernel" + ai] = &launcher<&splat_place_kernel<acc_t, index_t>>;
-  table["softsplat::splat_order_kernel" + i] = &launcher<&splat_order_kernel<index_t>>;
+  table["softsplat::splat_key_kernel" + ai] = &launcher<&splat_key_kernel<acc_t, index_t>>;
+  table["softsplat::splat_ends_kernel" + i] = &launcher<&splat_ends_kernel<index_t>>;
   table["softsplat::splat_weigh_kernel" + ai] = &launcher<&splat_weigh_kernel<acc_t, index_t>>;
   table["softsplat::splat_gather_kernel" + sai] = &launcher<&splat_gather_kernel<scalar_t, acc_t, index_t>>;
 }
@@ -110,6 +107,8 @@ extern "C" long long softsplat_host_loop_probe(int wide, long long total, unsign
   }
   return visits;
 }
+
+SOFTSPLAT_HOST_THREAD_PROBE
 
 // Launches the kernel named `name` (an NVRTC name expression) on `blocks` x `threads`; returns 0,
 // or 1 for an unknown name.

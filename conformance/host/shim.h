@@ -15,6 +15,7 @@
 
 #include <atomic>
 #include <bit>
+#include <ctime>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -98,6 +99,26 @@ inline uint64_t launch_seed() {
   return mix(base ^ mix(launches.fetch_add(1, std::memory_order_relaxed)));
 }
 
+// The thread probe: while on, every GPU thread's run is timed (CPU time) and the longest
+// and the total kept, so a test can see how the work of a launch is spread over its threads (a
+// GPU runs its threads in parallel: a launch takes at least as long as its longest thread).
+struct ThreadProbe {
+  std::atomic<bool> on{false};
+  std::atomic<long long> longest{0}, total{0};
+};
+
+// The CPU time of the calling thread (ns): what the thread ran, not time others ran while it waited.
+inline long long thread_time() {
+  timespec now;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &now);
+  return now.tv_sec * 1000000000LL + now.tv_nsec;
+}
+
+inline ThreadProbe& thread_probe() {
+  static ThreadProbe probe;
+  return probe;
+}
+
 // Runs blocks [first, last) of a launch of `grid` blocks (a test can run a few blocks of a
 // grid too large to run whole): in a shuffled order, on torch's CPU threads, each block's
 // threads from a drawn start, forwards or backwards.
@@ -117,9 +138,21 @@ void launch_blocks(void (*kernel)(Parameters...), dim3 grid, dim3 block, unsigne
       const uint64_t draw = mix(seed ^ (0x5851f42d4c957f2dULL * (b + 1ULL)));
       const unsigned int start = static_cast<unsigned int>(draw % block.x);
       const bool backwards = (draw >> 63) != 0;
+      const bool timed = thread_probe().on.load(std::memory_order_relaxed);
       for (unsigned int step = 0; step < block.x; ++step) {
         threadIdx = dim3((start + (backwards ? block.x - 1 - step : step)) % block.x);
+        if (!timed) {
+          kernel(static_cast<Parameters>(arguments)...);
+          continue;
+        }
+        const long long begin = thread_time();
         kernel(static_cast<Parameters>(arguments)...);
+        const long long took = thread_time() - begin;
+        ThreadProbe& probe = thread_probe();
+        probe.total.fetch_add(took, std::memory_order_relaxed);
+        long long seen = probe.longest.load(std::memory_order_relaxed);
+        while (seen < took && !probe.longest.compare_exchange_weak(seen, took, std::memory_order_relaxed)) {
+        }
       }
     }
   });
@@ -131,6 +164,16 @@ void launch(void (*kernel)(Parameters...), dim3 grid, dim3 block, Arguments... a
 }
 
 }  // namespace softsplat_host
+
+// The thread probe of this library: switched on (or off) by `on`; returns the longest and the
+// total run of one GPU thread (ns) since the last call, and starts both afresh.
+#define SOFTSPLAT_HOST_THREAD_PROBE                                                                  \
+  extern "C" void softsplat_host_thread_probe(int on, long long* longest, long long* total) {      \
+    softsplat_host::ThreadProbe& probe = softsplat_host::thread_probe();                           \
+    *longest = probe.longest.exchange(0);                                                         \
+    *total = probe.total.exchange(0);                                                             \
+    probe.on.store(on != 0);                                                                      \
+  }
 
 using softsplat_host::__double_as_longlong;
 using softsplat_host::__float_as_int;

@@ -81,6 +81,9 @@ class Backend(abc.ABC):
     #: ``torch.use_deterministic_algorithms(True)`` (torch's deterministic kernels, or the
     #: backend's own ordered path, then run: ``Problem.deterministic``).
     deterministic_when_asked_on: tuple[str, ...] = ()
+    #: Device types on which that path is an ordered forward of its own (docs/spec.md, section
+    #: 9), rather than torch's deterministic kernels: what ``softsplat bench --deterministic`` times.
+    ordered_forward_on: tuple[str, ...] = ()
     #: Device types on which its float32 sums are atomic adds that flush subnormal operands and
     #: results to zero, as GPUs' do (docs/spec.md, "Floating point").
     flushes_subnormals_on: tuple[str, ...] = ()

@@ -151,6 +151,7 @@ class CppBackend(OpsBackend):
     name = "cpp"
     deterministic_on = ("cpu",)
     deterministic_when_asked_on = ("cuda",)  # the ordered forward of cuda/kernels.cuh
+    ordered_forward_on = ("cuda",)
     flushes_subnormals_on = ("cuda",)
     fused_stable_on = ("cpu",)
     fix_hint = (

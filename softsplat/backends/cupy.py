@@ -42,7 +42,7 @@ SCALAR_TYPES = {
 INT32_MAX = 2**31 - 1
 THREADS = 256
 MAX_BLOCKS = 1 << 20  # blocks of a launch at most; grid-stride loops cover the rest
-SCAN_CHUNK = 128  # elements each thread of splat_scan_kernel scans (as cuda/launch.h)
+CHANNEL_BLOCK = 8  # channels a thread of splat_gather_kernel sums (kSplatChannelBlock)
 
 
 def kernel_names(dtype: torch.dtype) -> dict[tuple[str, str], str]:
@@ -56,11 +56,8 @@ def kernel_names(dtype: torch.dtype) -> dict[tuple[str, str], str]:
         names["normalise", index] = f"softsplat::splat_normalise_kernel<{acc}, {index}>"
         names["maximum", index] = f"softsplat::splat_maximum_kernel<{acc}, {index}>"
         # the ordered forward (deterministic)
-        names["count", index] = f"softsplat::splat_count_kernel<{acc}, {index}>"
-        names["scan", index] = f"softsplat::splat_scan_kernel<{index}>"
-        names["scan_add", index] = f"softsplat::splat_scan_add_kernel<{index}>"
-        names["place", index] = f"softsplat::splat_place_kernel<{acc}, {index}>"
-        names["order", index] = f"softsplat::splat_order_kernel<{index}>"
+        names["key", index] = f"softsplat::splat_key_kernel<{acc}, {index}>"
+        names["ends", index] = f"softsplat::splat_ends_kernel<{index}>"
         names["weigh", index] = f"softsplat::splat_weigh_kernel<{acc}, {index}>"
         names["gather", index] = f"softsplat::splat_gather_kernel<{scalar}, {acc}, {index}>"
         names["prepare", index] = f"softsplat::splat_backward_prepare_kernel<{acc}, {index}>"
@@ -189,6 +186,29 @@ def _fits_int32(tensors, largest_product: int) -> bool:
     return True
 
 
+def ordered_scratch(device: torch.device, pixels: int, index_dtype: torch.dtype, compute: torch.dtype,
+                    with_weight: bool) -> tuple:
+    """The ordered forward's scratch, as cuda/launch.h carves it: one byte buffer (one allocation,
+    and in torch's deterministic mode one fill) holding, per tap, its key (then its offset), its
+    sorted key, its int64 sort index, b and (but for sum) w, and per target its end."""
+    taps = 4 * pixels
+    parts = [(taps, index_dtype), (taps, index_dtype), (taps, torch.int64), (pixels, index_dtype), (taps, compute)]
+    parts += [(taps, compute)] if with_weight else []
+    sizes = [-(-count * dtype.itemsize // 16) * 16 for count, dtype in parts]
+    scratch = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
+    views, at = [], 0
+    for (count, dtype), size in zip(parts, sizes):
+        views.append(scratch[at:at + count * dtype.itemsize].view(dtype))
+        at += size
+    return (*views, None) if not with_weight else tuple(views)
+
+
+def sort_keys(keys: torch.Tensor, sorted_keys: torch.Tensor, order: torch.Tensor) -> None:
+    """``keys`` sorted into ``sorted_keys`` stably (equal keys keep their order), the index of
+    each into ``order``: deterministic, as a stable sort's result is unique."""
+    torch.sort(keys, stable=True, out=(sorted_keys, order))
+
+
 def _current_stream(device_index: int) -> int:
     """torch's current stream on the device, as a raw handle."""
     return torch.cuda.current_stream(device_index).cuda_stream
@@ -270,11 +290,12 @@ class Impls:
         deterministic: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         N, C, H, W = input.shape
-        out, normaliser = forward_buffers(input, flow, kind)
+        # The atomic forward adds into zeros; the ordered one writes every element.
+        out, normaliser = forward_buffers(input, flow, kind, zeroed=not deterministic)
         if N * H * W == 0:
             return out, normaliser
         metric = metric if kind >= Kind.LINEAR else None
-        # The ordered forward also counts up to four slots per pixel in the index type.
+        # The ordered forward also numbers four taps per pixel in the index type.
         largest = max(N * (C + 1) * H * W, 4 * N * H * W if deterministic else 0)
         index = "int" if _fits_int32((input, flow, metric, out), largest) else "long long"
         sizes = tuple(("index", v) for v in (N, C, H, W))
@@ -310,44 +331,25 @@ class Impls:
 
     def ordered_forward(self, input, flow, metric, kind, normalisation, maximum, index, out, normaliser) -> None:
         """The ordered forward of cuda/kernels.cuh, as cuda/launch.h launches it: every target
-        sums its contributions in the order of their source pixels (the same bits on every run)."""
+        sums its contributions in the order of their source pixels (the same bits on every run),
+        every step parallel over taps, targets or (target, channel block)."""
         N, C, H, W = input.shape
-        pixels = N * H * W
-        count_dtype = torch.int32 if index == "int" else torch.int64
-        ends = torch.zeros(pixels, dtype=count_dtype, device=input.device)
-        slots = torch.empty(4 * pixels, dtype=count_dtype, device=input.device)
-        bilinear = torch.empty(4 * pixels, dtype=flow.dtype, device=input.device)
-        weight = torch.empty(4 * pixels, dtype=flow.dtype, device=input.device) if kind != Kind.SUM else None
+        pixels, taps = N * H * W, 4 * N * H * W
+        index_dtype = torch.int32 if index == "int" else torch.int64
+        keys, sorted_keys, order, ends, bilinear, weight = ordered_scratch(
+            input.device, pixels, index_dtype, flow.dtype, kind != Kind.SUM)
         pixel_sizes = tuple(("index", v) for v in (N, H, W))
         launch = functools.partial(self.launch, input.device, input.dtype)
-        launch("count", index, pixels, flow, *flow.stride(), *pixel_sizes, ends)
-        self.scan(launch, index, ends, pixels)
-        launch("place", index, pixels, flow, *flow.stride(), *pixel_sizes, ends, slots)
-        launch("order", index, pixels, ends, ("index", pixels), slots)
-        launch("weigh", index, pixels, input.stride(0), input.stride(2), input.stride(3), flow, *flow.stride(),
+        launch("key", index, pixels, flow, *flow.stride(), *pixel_sizes, keys)
+        sort_keys(keys, sorted_keys, order)
+        launch("ends", index, pixels, sorted_keys, ("index", taps), ("index", pixels), ends)
+        launch("weigh", index, taps, input.stride(0), input.stride(2), input.stride(3), flow, *flow.stride(),
                metric, *per_pixel_strides(metric), *pixel_sizes, ("int", kind),
-               maximum.contiguous() if kind in (Kind.STABLE, Kind.MAX) else None, ends, slots, bilinear, weight,
-               normaliser if kind != Kind.SUM else None)
-        if C:
-            launch("gather", index, pixels * C, input, input.stride(1), *(("index", v) for v in (N, C, H, W)),
-                   ("int", kind), ("int", normalisation), ends, slots, bilinear, weight,
-                   normaliser if kind != Kind.SUM else None, out)
-
-    @staticmethod
-    def scan(launch, index: str, counts: torch.Tensor, length: int) -> None:
-        """The exclusive prefix sum of ``counts`` in place, as cuda/launch.h's scan_counts."""
-        levels = []
-        data = counts
-        while True:
-            chunks = -(-length // SCAN_CHUNK)
-            sums = counts.new_empty(chunks) if chunks > 1 else None
-            launch("scan", index, chunks, data, ("index", length), ("index", SCAN_CHUNK), sums)
-            if chunks == 1:
-                break
-            levels.append((data, length, sums))
-            data, length = sums, chunks
-        for data, length, sums in reversed(levels):
-            launch("scan_add", index, length, data, ("index", length), ("index", SCAN_CHUNK), sums)
+               maximum.contiguous() if kind in (Kind.STABLE, Kind.MAX) else None, order, ends, keys, bilinear, weight)
+        blocks = -(-C // CHANNEL_BLOCK) if C else 1
+        launch("gather", index, N * blocks * H * W, input, input.stride(1), *(("index", v) for v in (N, C, H, W)),
+               ("int", kind), ("int", normalisation), ends, keys, bilinear, weight,
+               normaliser if kind != Kind.SUM else None, out)
 
     def backward(
         self,
@@ -459,6 +461,7 @@ class CupyBackend(OpsBackend):
     summary = "the CUDA kernels of cuda/kernels.cuh compiled by NVRTC, launched through CuPy, per device and dtype"
     deterministic_on = ()  # atomics in the forward
     deterministic_when_asked_on = ("cuda",)  # the ordered forward
+    ordered_forward_on = ("cuda",)
     flushes_subnormals_on = ("cuda",)
 
     def devices(self) -> tuple[str, ...]:

@@ -16,13 +16,15 @@ def per_pixel_strides(tensor: torch.Tensor | None) -> tuple[int, int, int]:
     return (tensor.stride(0), tensor.stride(2), tensor.stride(3)) if tensor is not None else (0, 0, 0)
 
 
-def forward_buffers(input: torch.Tensor, flow: torch.Tensor, kind: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``splat_forward``'s outputs, zeroed, for kernels that add into them: the result
-    ``[N, C, H, W]`` and the normaliser ``[N, 1, H, W]`` (``[0]`` for sum), in flow's dtype (the
-    compute dtype)."""
+def forward_buffers(input: torch.Tensor, flow: torch.Tensor, kind: int,
+                    zeroed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``splat_forward``'s outputs, zeroed for kernels that add into them (else left as
+    allocated, for kernels that write every element): the result ``[N, C, H, W]`` and the
+    normaliser ``[N, 1, H, W]`` (``[0]`` for sum), in flow's dtype (the compute dtype)."""
     N, C, H, W = input.shape
-    out = torch.zeros((N, C, H, W), dtype=flow.dtype, device=input.device)
-    normaliser = torch.zeros((N, 1, H, W) if kind != Kind.SUM else (0,), dtype=flow.dtype, device=input.device)
+    make = torch.zeros if zeroed else torch.empty
+    out = make((N, C, H, W), dtype=flow.dtype, device=input.device)
+    normaliser = make((N, 1, H, W) if kind != Kind.SUM else (0,), dtype=flow.dtype, device=input.device)
     return out, normaliser
 
 

@@ -8,7 +8,7 @@
 // the four taps (atomics: the order of additions, hence the last bits, vary run to run), then
 // one thread per output element divides. The ordered forward (taken when determinism is asked
 // for) sums every target's contributions in one fixed order instead: by source pixel index
-// (count, scan, place, order, weigh, gather below); its float adds are plain, not atomic, so
+// (key, a stable sort, ends, weigh, gather below); its float adds are plain, not atomic, so
 // the same inputs give the same bits on every run. Backward: one thread per target pixel
 // prepares gN = grad / D' and gD, then one thread per source pixel gathers from its taps and
 // writes only its own gradients: no atomics, so it is deterministic as it is.
@@ -130,143 +130,66 @@ __global__ void splat_normalise_kernel(acc_t* __restrict__ out, const acc_t* __r
 
 // ---- The ordered forward: every target sums its contributions in one fixed order ----
 //
-// 1. splat_count_kernel: per source pixel, an integer atomic add of 1 to the count of each
-//    target it has a kept tap on (integer adds commute: the counts are exact in any order).
-// 2. splat_scan_kernel / splat_scan_add_kernel: the counts become each target's first slot
-//    (an exclusive prefix sum, chunk by chunk, the chunks' totals scanned the same way).
-// 3. splat_place_kernel: per source pixel, each kept tap takes the next slot of its target
-//    (an integer atomic increment) and writes the pixel's index there; afterwards each target's
-//    counter holds its end, so target t's slots are [end(t - 1), end(t)). Which pixel gets
-//    which slot varies run to run.
-// 4. splat_order_kernel: per target, its slots sorted by source pixel index (unique within a
-//    target: a pixel's four taps reach four different targets). From here on, nothing varies.
-// 5. splat_weigh_kernel: per target, in slot order, each slot's bilinear weight b and per-tap
-//    weight w (computed as the atomic forward computes them) and D = sum of b * w, added in slot
-//    order; the slot's pixel index is replaced by the pixel's offset into `input`.
-// 6. splat_gather_kernel: per output element, the sum of b * (v * w) (sum: b * v) over the
-//    target's slots in order, divided by D' as splat_normalise_kernel divides.
+// A tap is (source pixel p, corner k), numbered 4 * p + k. Sorted by target, stably, the taps
+// of each target come in ascending source pixel order (a pixel's four taps reach four
+// different targets); every step is parallel over taps, targets or (target, channel block),
+// and no step depends on the order in which threads run (no atomics at all):
+// 1. splat_key_kernel: per source pixel, each tap's key: its target's index n * H * W + ty * W
+//    + tx, or N * H * W (past every target) for a tap that is not kept.
+// 2. a stable sort of the keys (torch's sort with stable=True, between the launches): `sorted`
+//    and `order`, the tap numbers in that order. The slots of target t are then
+//    [end(t - 1), end(t)), every target's slots in ascending source pixel order.
+// 3. splat_ends_kernel: per target, end(t) = how many keys are at most t (a binary search).
+// 4. splat_weigh_kernel: per slot, its tap's bilinear weight b and per-tap weight w (computed
+//    as the atomic forward computes them) and its source pixel's offset into `input`.
+// 5. splat_gather_kernel: per target and block of kSplatChannelBlock channels, in slot order,
+//    the sums of b * (v * w) (sum: b * v) of each channel of the block, and D = the sum of
+//    b * w, each slot read once; divided by D' as splat_normalise_kernel divides. A target
+//    many pixels reach costs its threads time in proportion to their number (one pass over the
+//    slots), never a sort.
 //
-// Counts, slots and offsets are index_t-sized: the launchers take the 32-bit kernels only where
-// 4 * N * H * W (the most slots there can be) fits too.
-template <typename index_t>
-struct count_type;
-template <>
-struct count_type<int> {
-  typedef unsigned int type;  // CUDA's atomicAdd takes unsigned int and unsigned long long
-};
-template <>
-struct count_type<long long> {
-  typedef unsigned long long type;
-};
+// Keys, ends and offsets are index_t: the launchers take the 32-bit kernels only where
+// 4 * N * H * W (the number of taps) fits too. `order` is the sort's int64 indices.
+constexpr int kSplatChannelBlock = 8;  // channels a gather thread sums
 
 // The slots of `target`: [begin, end).
 template <typename index_t>
-__device__ __forceinline__ void slot_range(const typename count_type<index_t>::type* __restrict__ ends, index_t target,
-                                           index_t& begin, index_t& end) {
-  begin = target > 0 ? static_cast<index_t>(ends[target - 1]) : index_t(0);
-  end = static_cast<index_t>(ends[target]);
+__device__ __forceinline__ void slot_range(const index_t* __restrict__ ends, index_t target, index_t& begin,
+                                           index_t& end) {
+  begin = target > 0 ? ends[target - 1] : index_t(0);
+  end = ends[target];
 }
 
 template <typename acc_t, typename index_t>
-__global__ void splat_count_kernel(
+__global__ void splat_key_kernel(
     const acc_t* __restrict__ flow, long long fl_sn, long long fl_sc, long long fl_sy, long long fl_sx,
     index_t N, index_t H, index_t W,
-    typename count_type<index_t>::type* __restrict__ ends) {  // [N * H * W], zeroed
-  typedef typename count_type<index_t>::type count_t;
-  SOFTSPLAT_KERNEL_LOOP(pixel, N * H * W) {
+    index_t* __restrict__ keys) {  // [4 * N * H * W]
+  const index_t targets = N * H * W;
+  SOFTSPLAT_KERNEL_LOOP(pixel, targets) {
     index_t n, y, x;
     Taps<acc_t, index_t> taps;
-    if (!source_taps(pixel, flow, fl_sn, fl_sc, fl_sy, fl_sx, H, W, n, y, x, taps)) continue;
-    for (int k = 0; k < 4; ++k)
-      if (taps.keep[k]) atomicAdd(ends + (n * H + tap_y(taps, k)) * W + tap_x(taps, k), count_t(1));
-  }
-}
-
-// Each chunk of `chunk` elements of data[0, length) replaced by its exclusive prefix sum, its
-// total written to sums[chunk index] (when sums is not null): one thread per chunk.
-template <typename index_t>
-__global__ void splat_scan_kernel(typename count_type<index_t>::type* __restrict__ data, index_t length, index_t chunk,
-                                  typename count_type<index_t>::type* __restrict__ sums) {
-  typedef typename count_type<index_t>::type count_t;
-  SOFTSPLAT_KERNEL_LOOP(j, (length + chunk - 1) / chunk) {
-    const index_t begin = j * chunk, end = length - begin < chunk ? length : begin + chunk;
-    count_t running = 0;
-    for (index_t i = begin; i < end; ++i) {
-      const count_t value = data[i];
-      data[i] = running;
-      running += value;
+    index_t* key = keys + 4 * pixel;
+    if (!source_taps(pixel, flow, fl_sn, fl_sc, fl_sy, fl_sx, H, W, n, y, x, taps)) {
+      for (int k = 0; k < 4; ++k) key[k] = targets;
+      continue;
     }
-    if (sums) sums[j] = running;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) key[k] = taps.keep[k] ? (n * H + tap_y(taps, k)) * W + tap_x(taps, k) : targets;
   }
 }
 
-// data[i] += sums[i / chunk]: the chunks' scanned totals added to their elements.
+// ends[t] = how many of sorted[0, slots) are at most t: the end of target t's slots.
 template <typename index_t>
-__global__ void splat_scan_add_kernel(typename count_type<index_t>::type* __restrict__ data, index_t length,
-                                      index_t chunk, const typename count_type<index_t>::type* __restrict__ sums) {
-  SOFTSPLAT_KERNEL_LOOP(i, length) { data[i] += sums[i / chunk]; }
-}
-
-template <typename acc_t, typename index_t>
-__global__ void splat_place_kernel(
-    const acc_t* __restrict__ flow, long long fl_sn, long long fl_sc, long long fl_sy, long long fl_sx,
-    index_t N, index_t H, index_t W,
-    typename count_type<index_t>::type* __restrict__ ends,  // in: each target's first slot; out: its end
-    index_t* __restrict__ slots) {                           // [4 * N * H * W]: source pixel indices
-  typedef typename count_type<index_t>::type count_t;
-  SOFTSPLAT_KERNEL_LOOP(pixel, N * H * W) {
-    index_t n, y, x;
-    Taps<acc_t, index_t> taps;
-    if (!source_taps(pixel, flow, fl_sn, fl_sc, fl_sy, fl_sx, H, W, n, y, x, taps)) continue;
-    for (int k = 0; k < 4; ++k)
-      if (taps.keep[k]) slots[atomicAdd(ends + (n * H + tap_y(taps, k)) * W + tap_x(taps, k), count_t(1))] = pixel;
-  }
-}
-
-// values[root] moved down the max-heap values[0, size) to where it belongs.
-template <typename index_t>
-__device__ __forceinline__ void sift_down(index_t* __restrict__ values, index_t root, index_t size) {
-  const index_t moving = values[root];
-  for (;;) {
-    index_t child = 2 * root + 1;
-    if (child >= size) break;
-    if (child + 1 < size && values[child + 1] > values[child]) ++child;
-    if (!(values[child] > moving)) break;
-    values[root] = values[child];
-    root = child;
-  }
-  values[root] = moving;
-}
-
-// values[0, size) in ascending order: insertion sort for the few slots of a usual target,
-// heapsort (no recursion, O(size log size)) for a target that many pixels reach.
-template <typename index_t>
-__device__ __forceinline__ void sort_ascending(index_t* __restrict__ values, index_t size) {
-  if (size <= 16) {
-    for (index_t i = 1; i < size; ++i) {
-      const index_t moving = values[i];
-      index_t j = i;
-      for (; j > 0 && values[j - 1] > moving; --j) values[j] = values[j - 1];
-      values[j] = moving;
-    }
-    return;
-  }
-  for (index_t root = size / 2; root > 0; --root) sift_down(values, root - 1, size);
-  for (index_t last = size - 1; last > 0; --last) {
-    const index_t largest = values[0];
-    values[0] = values[last];
-    values[last] = largest;
-    sift_down(values, index_t(0), last);
-  }
-}
-
-template <typename index_t>
-__global__ void splat_order_kernel(const typename count_type<index_t>::type* __restrict__ ends, index_t targets,
-                                   index_t* __restrict__ slots) {
+__global__ void splat_ends_kernel(const index_t* __restrict__ sorted, index_t slots, index_t targets,
+                                  index_t* __restrict__ ends) {
   SOFTSPLAT_KERNEL_LOOP(target, targets) {
-    index_t begin, end;
-    slot_range<index_t>(ends, target, begin, end);
-    sort_ascending(slots + begin, end - begin);
+    index_t low = 0, high = slots;
+    while (low < high) {
+      const index_t middle = low + (high - low) / 2;
+      if (sorted[middle] <= target) low = middle + 1; else high = middle;
+    }
+    ends[target] = low;
   }
 }
 
@@ -276,61 +199,81 @@ __global__ void splat_weigh_kernel(
     const acc_t* __restrict__ flow, long long fl_sn, long long fl_sc, long long fl_sy, long long fl_sx,
     const acc_t* __restrict__ metric, long long me_sn, long long me_sy, long long me_sx,
     index_t N, index_t H, index_t W, int kind,
-    const acc_t* __restrict__ maximum,  // stable, max: M [N, 1, H, W] contiguous; else null
-    const typename count_type<index_t>::type* __restrict__ ends,
-    index_t* __restrict__ slots,        // in: source pixel indices, sorted; out: their offsets into input
-    acc_t* __restrict__ bilinear,       // [4 * N * H * W]: each slot's bilinear weight
-    acc_t* __restrict__ weight,         // [4 * N * H * W]: each slot's w; null for sum
-    acc_t* __restrict__ normaliser) {   // [N, 1, H, W] contiguous; null for sum
-  const index_t plane = H * W;
-  SOFTSPLAT_KERNEL_LOOP(target, N * plane) {
-    index_t begin, end;
-    slot_range<index_t>(ends, target, begin, end);
-    const index_t at = target % plane;  // ty * W + tx
-    acc_t D = 0;
-    for (index_t s = begin; s < end; ++s) {
-      index_t n, y, x;
-      Taps<acc_t, index_t> taps;
-      source_taps(slots[s], flow, fl_sn, fl_sc, fl_sy, fl_sx, H, W, n, y, x, taps);  // it lands: it has a slot
-      acc_t b = 0;  // of the pixel's one kept tap on this target (kept taps lie inside: their `at` differ)
+    const acc_t* __restrict__ maximum,    // stable, max: M [N, 1, H, W] contiguous; else null
+    const long long* __restrict__ order,  // [4 * N * H * W]: the tap of each slot
+    const index_t* __restrict__ ends,
+    index_t* __restrict__ offsets,        // [4 * N * H * W]: each slot's source offset into input
+    acc_t* __restrict__ bilinear,         // [4 * N * H * W]: each slot's bilinear weight
+    acc_t* __restrict__ weight) {         // [4 * N * H * W]: each slot's w; null for sum
+  const index_t targets = N * H * W, kept = ends[targets - 1];  // the slots past `kept`: taps not kept
+  SOFTSPLAT_KERNEL_LOOP(slot, kept) {
+    const index_t tap = static_cast<index_t>(order[slot]), pixel = tap / 4;
+    const int corner = static_cast<int>(tap - 4 * pixel);
+    index_t n, y, x;
+    Taps<acc_t, index_t> taps;
+    source_taps(pixel, flow, fl_sn, fl_sc, fl_sy, fl_sx, H, W, n, y, x, taps);  // it lands: it has a slot
+    acc_t b = 0;
+    index_t at = 0;  // ty * W + tx
 #pragma unroll
-      for (int k = 0; k < 4; ++k)  // constant indices: the taps stay in registers
-        if (taps.keep[k] && tap_y(taps, k) * W + tap_x(taps, k) == at) b = taps.weight[k];
-      const acc_t m = metric ? metric[n * (index_t)me_sn + y * (index_t)me_sy + x * (index_t)me_sx] : acc_t(0);
-      // as splat_forward_kernel weighs the tap
-      const acc_t w = weighs_per_tap(kind) ? tap_weight(kind, m, maximum[target]) : pixel_weight<acc_t>(kind, m);
-      bilinear[s] = b;
-      if (weight) weight[s] = w;
-      D += b * w;
-      slots[s] = n * (index_t)in_sn + y * (index_t)in_sy + x * (index_t)in_sx;
-    }
-    if (normaliser) normaliser[target] = D;
+    for (int k = 0; k < 4; ++k)  // constant indices: the taps stay in registers
+      if (k == corner) {
+        b = taps.weight[k];
+        at = tap_y(taps, k) * W + tap_x(taps, k);
+      }
+    const acc_t m = metric ? metric[n * (index_t)me_sn + y * (index_t)me_sy + x * (index_t)me_sx] : acc_t(0);
+    bilinear[slot] = b;
+    // as splat_forward_kernel weighs the tap
+    if (weight)
+      weight[slot] = weighs_per_tap(kind) ? tap_weight(kind, m, maximum[n * H * W + at]) : pixel_weight<acc_t>(kind, m);
+    offsets[slot] = n * (index_t)in_sn + y * (index_t)in_sy + x * (index_t)in_sx;
   }
 }
 
+// One thread per (n, block of channels, target): element e is target e % (H * W) of block
+// (e / (H * W)) % blocks of batch n; neighbouring threads take neighbouring targets, so each
+// channel's stores are coalesced. blocks = max(1, ceil(C / kSplatChannelBlock)); the threads of
+// block 0 write D (every block sums it, the same bits).
 template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void splat_gather_kernel(
     const scalar_t* __restrict__ input, long long in_sc,
     index_t N, index_t C, index_t H, index_t W, int kind, int normalisation,
-    const typename count_type<index_t>::type* __restrict__ ends,
-    const index_t* __restrict__ slots,  // offsets into input, from splat_weigh_kernel
+    const index_t* __restrict__ ends,
+    const index_t* __restrict__ offsets,  // offsets into input, from splat_weigh_kernel
     const acc_t* __restrict__ bilinear, const acc_t* __restrict__ weight,  // weight: null for sum
-    const acc_t* __restrict__ normaliser,  // null for sum
-    acc_t* __restrict__ out) {             // [N, C, H, W] contiguous
+    acc_t* __restrict__ normaliser,  // [N, 1, H, W] contiguous; null for sum
+    acc_t* __restrict__ out) {       // [N, C, H, W] contiguous
   const index_t plane = H * W;
-  SOFTSPLAT_KERNEL_LOOP(element, N * C * plane) {
-    const index_t at = element % plane, n = element / (C * plane), c = element / plane - n * C;
-    const index_t target = n * plane + at;
+  const index_t blocks = C > 0 ? (C + kSplatChannelBlock - 1) / kSplatChannelBlock : index_t(1);
+  SOFTSPLAT_KERNEL_LOOP(element, N * blocks * plane) {
+    const index_t at = element % plane, n = element / (blocks * plane), block = element / plane - n * blocks;
+    const index_t target = n * plane + at, first = block * kSplatChannelBlock;
+    const index_t channels = C - first < kSplatChannelBlock ? C - first : index_t(kSplatChannelBlock);
     index_t begin, end;
     slot_range<index_t>(ends, target, begin, end);
-    const scalar_t* channel = input + c * (index_t)in_sc;
-    acc_t sum = 0;
+    const scalar_t* values = input + first * (index_t)in_sc;
+    acc_t sums[kSplatChannelBlock];
+#pragma unroll
+    for (int j = 0; j < kSplatChannelBlock; ++j) sums[j] = 0;
+    acc_t D = 0;
     for (index_t s = begin; s < end; ++s) {
-      const acc_t v = static_cast<acc_t>(channel[slots[s]]);
-      // b * (v * w): the oracle's order of operations, as splat_forward_kernel adds it
-      sum += kind == SUM ? bilinear[s] * v : bilinear[s] * (v * weight[s]);
+      const scalar_t* source = values + offsets[s];
+      const acc_t b = bilinear[s], w = kind == SUM ? acc_t(1) : weight[s];
+      D += b * w;
+#pragma unroll
+      for (int j = 0; j < kSplatChannelBlock; ++j) {
+        if (j < channels) {
+          const acc_t v = static_cast<acc_t>(source[j * (index_t)in_sc]);
+          // b * (v * w): the oracle's order of operations, as splat_forward_kernel adds it
+          sums[j] += kind == SUM ? b * v : b * (v * w);
+        }
+      }
     }
-    out[element] = kind == SUM ? sum : sum / safe_normaliser(normaliser[target], normalisation);
+    if (kind != SUM && block == 0) normaliser[target] = D;
+    const acc_t divisor = kind == SUM ? acc_t(1) : safe_normaliser(D, normalisation);
+    acc_t* destination = out + (n * C + first) * plane + at;
+#pragma unroll
+    for (int j = 0; j < kSplatChannelBlock; ++j)
+      if (j < channels) destination[j * plane] = kind == SUM ? sums[j] : sums[j] / divisor;
   }
 }
 

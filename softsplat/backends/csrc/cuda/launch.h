@@ -7,6 +7,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <climits>
 #include <limits>
 #include <cstdlib>
@@ -69,78 +70,97 @@ inline Tensor splat_maximum(const Tensor& flow, const Tensor& metric, int64_t ki
   return maximum;
 }
 
-constexpr int64_t kScanChunk = 128;  // elements each thread of splat_scan_kernel scans
+// An op of torch's called through the stable ABI's dispatcher, its arguments and then its
+// results on `stack`.
+template <size_t size>
+void call_op(const char* name, const char* overload, std::array<StableIValue, size>& stack) {
+#if TORCH_FEATURE_VERSION >= TORCH_VERSION_2_10_0
+  STABLE_TORCH_ERROR_CODE_CHECK(torch_call_dispatcher(name, overload, stack.data(), TORCH_ABI_VERSION));
+#else
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_call_dispatcher(name, overload, stack.data()));
+#endif
+}
 
-// The exclusive prefix sum of `counts` (index_t's count type, `length` elements) in place:
-// chunks scanned, then their totals scanned the same way (recursively), then added back.
-template <typename index_t>
-void scan_counts(const Tensor& counts, int64_t length) {
-  using count_t = typename count_type<index_t>::type;
-  const int64_t chunk = kScanChunk;
-  std::vector<std::tuple<Tensor, int64_t, Tensor>> levels;  // (data, length, its chunks' totals)
-  Tensor data = counts;
-  for (;;) {
-    const int64_t chunks = (length + chunk - 1) / chunk;
-    Tensor sums = chunks > 1 ? empty({chunks}, counts.scalar_type(), counts) : Tensor();
-    auto scan = &splat_scan_kernel<index_t>;
-    SOFTSPLAT_LAUNCH(scan, blocks_for(chunks), kThreads, ptr<count_t>(data), (index_t)length, (index_t)chunk,
-                     ptr<count_t>(sums));
-    if (chunks == 1) break;
-    levels.emplace_back(data, length, sums);
-    data = sums;
-    length = chunks;
-  }
-  for (auto level = levels.rbegin(); level != levels.rend(); ++level) {
-    auto add = &splat_scan_add_kernel<index_t>;
-    SOFTSPLAT_LAUNCH(add, blocks_for(std::get<1>(*level)), kThreads, ptr<count_t>(std::get<0>(*level)),
-                     (index_t)std::get<1>(*level), (index_t)chunk, (const count_t*)ptr<count_t>(std::get<2>(*level)));
-  }
+// `count` elements of `dtype` (of `element` bytes each) carved from the byte buffer `bytes` at
+// byte `at`, which moves on past them (rounded up to 16 bytes, so every part stays aligned).
+inline Tensor carve(const Tensor& bytes, int64_t& at, int64_t count, ScalarType dtype, int64_t element) {
+  Tensor whole = bytes;  // narrow takes a mutable reference
+  Tensor part = torch::stable::narrow(whole, 0, at, count * element);
+  at += (count * element + 15) / 16 * 16;
+  std::array<StableIValue, 2> stack{torch::stable::detail::from(part), torch::stable::detail::from(dtype)};
+  call_op("aten::view", "dtype", stack);  // the same bytes, as dtype
+  return torch::stable::detail::to<Tensor>(stack[0]);
+}
+
+// keys sorted into `sorted`, stably (equal keys keep their order), and into `order` the index
+// of each: torch's sort (deterministic: a stable sort's result is unique).
+inline void stable_sort(const Tensor& keys, Tensor& sorted, Tensor& order) {
+  std::array<StableIValue, 6> stack{
+      torch::stable::detail::from(keys), torch::stable::detail::from(std::optional<bool>(true)),
+      torch::stable::detail::from(int64_t(-1)), torch::stable::detail::from(false),
+      torch::stable::detail::from(sorted), torch::stable::detail::from(order)};
+  call_op("aten::sort", "values_stable", stack);
+  // the results are sorted and order again: their new handles released
+  (void)torch::stable::detail::to<Tensor>(stack[0]);
+  (void)torch::stable::detail::to<Tensor>(stack[1]);
+}
+
+// Bytes of scratch the ordered forward takes for `pixels` source pixels: per tap (four per
+// pixel) its key (then its offset), its sorted key, its int64 sort index, b and (but for sum) w;
+// per target its end. One buffer, so that one allocation (and, in torch's deterministic mode,
+// one fill of it) serves the call.
+inline int64_t ordered_scratch_bytes(int64_t pixels, int64_t index_size, int64_t acc_size, bool with_weight) {
+  auto aligned = [](int64_t bytes) { return (bytes + 15) / 16 * 16; };
+  const int64_t taps = 4 * pixels;
+  return 2 * aligned(taps * index_size) + aligned(taps * 8) + aligned(pixels * index_size) +
+         (with_weight ? 2 : 1) * aligned(taps * acc_size);
 }
 
 // The ordered forward (kernels.cuh): every target sums its contributions in the order of their
-// source pixels, the same bits on every run. Scratch: a count per target and, per possible slot
-// (four per pixel), a source offset, a bilinear weight and (but for sum) a weight.
+// source pixels, the same bits on every run, every step parallel over taps, targets or
+// (target, channel block).
 template <typename scalar_t, typename acc_t, typename index_t>
 void ordered_forward(const Tensor& input, const Tensor& flow, const Tensor& metric, const Tensor& maximum,
                      int64_t kind, int64_t normalisation, Tensor& out, Tensor& normaliser) {
-  using count_t = typename count_type<index_t>::type;
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
-  const ScalarType count_dtype = sizeof(index_t) == 4 ? ScalarType::Int : ScalarType::Long;
+  const int64_t pixels = N * H * W, taps = 4 * pixels;
+  const ScalarType index_dtype = sizeof(index_t) == 4 ? ScalarType::Int : ScalarType::Long;
   const ScalarType compute = flow.scalar_type();
-  const bool with_metric = kind >= LINEAR;
-  Tensor ends = zeros({N * H * W}, count_dtype, input);
-  Tensor slots = empty({4 * N * H * W}, count_dtype, input);
-  Tensor bilinear = empty({4 * N * H * W}, compute, input);
-  Tensor weight = kind == SUM ? Tensor() : empty({4 * N * H * W}, compute, input);
-  auto count = &splat_count_kernel<acc_t, index_t>;
-  SOFTSPLAT_LAUNCH(count, blocks_for(N * H * W), kThreads,
+  const bool with_metric = kind >= LINEAR, with_weight = kind != SUM;
+  const Tensor scratch =
+      empty({ordered_scratch_bytes(pixels, sizeof(index_t), sizeof(acc_t), with_weight)}, ScalarType::Byte, input);
+  int64_t at = 0;
+  Tensor keys = carve(scratch, at, taps, index_dtype, sizeof(index_t));  // then each slot's offset
+  Tensor sorted = carve(scratch, at, taps, index_dtype, sizeof(index_t));
+  Tensor order = carve(scratch, at, taps, ScalarType::Long, 8);
+  Tensor ends = carve(scratch, at, pixels, index_dtype, sizeof(index_t));
+  Tensor bilinear = carve(scratch, at, taps, compute, sizeof(acc_t));
+  Tensor weight = with_weight ? carve(scratch, at, taps, compute, sizeof(acc_t)) : Tensor();
+  auto key = &splat_key_kernel<acc_t, index_t>;
+  SOFTSPLAT_LAUNCH(key, blocks_for(pixels), kThreads,
       ptr<acc_t>(flow), flow.stride(0), flow.stride(1), flow.stride(2), flow.stride(3),
-      (index_t)N, (index_t)H, (index_t)W, ptr<count_t>(ends));
-  scan_counts<index_t>(ends, N * H * W);
-  auto place = &splat_place_kernel<acc_t, index_t>;
-  SOFTSPLAT_LAUNCH(place, blocks_for(N * H * W), kThreads,
-      ptr<acc_t>(flow), flow.stride(0), flow.stride(1), flow.stride(2), flow.stride(3),
-      (index_t)N, (index_t)H, (index_t)W, ptr<count_t>(ends), ptr<index_t>(slots));
-  auto order = &splat_order_kernel<index_t>;
-  SOFTSPLAT_LAUNCH(order, blocks_for(N * H * W), kThreads, (const count_t*)ptr<count_t>(ends), (index_t)(N * H * W),
-                   ptr<index_t>(slots));
+      (index_t)N, (index_t)H, (index_t)W, ptr<index_t>(keys));
+  stable_sort(keys, sorted, order);
+  auto find_ends = &splat_ends_kernel<index_t>;
+  SOFTSPLAT_LAUNCH(find_ends, blocks_for(pixels), kThreads, (const index_t*)ptr<index_t>(sorted), (index_t)taps,
+                   (index_t)pixels, ptr<index_t>(ends));
   auto weigh = &splat_weigh_kernel<acc_t, index_t>;
-  SOFTSPLAT_LAUNCH(weigh, blocks_for(N * H * W), kThreads,
+  SOFTSPLAT_LAUNCH(weigh, blocks_for(taps), kThreads,
       input.stride(0), input.stride(2), input.stride(3),
       ptr<acc_t>(flow), flow.stride(0), flow.stride(1), flow.stride(2), flow.stride(3),
       with_metric ? ptr<acc_t>(metric) : nullptr,
       with_metric ? metric.stride(0) : 0, with_metric ? metric.stride(2) : 0, with_metric ? metric.stride(3) : 0,
       (index_t)N, (index_t)H, (index_t)W, (int)kind,
       weighs_per_tap((int)kind) ? (const acc_t*)ptr<acc_t>(maximum) : nullptr,
-      (const count_t*)ptr<count_t>(ends), ptr<index_t>(slots), ptr<acc_t>(bilinear), ptr<acc_t>(weight),
-      kind == SUM ? nullptr : ptr<acc_t>(normaliser));
-  if (C == 0) return;
+      (const long long*)ptr<int64_t>(order), (const index_t*)ptr<index_t>(ends), ptr<index_t>(keys),
+      ptr<acc_t>(bilinear), with_weight ? ptr<acc_t>(weight) : nullptr);
+  const int64_t blocks = C > 0 ? (C + kSplatChannelBlock - 1) / kSplatChannelBlock : 1;
   auto gather = &splat_gather_kernel<scalar_t, acc_t, index_t>;
-  SOFTSPLAT_LAUNCH(gather, blocks_for(N * C * H * W), kThreads,
+  SOFTSPLAT_LAUNCH(gather, blocks_for(N * blocks * H * W), kThreads,
       ptr<scalar_t>(input), input.stride(1), (index_t)N, (index_t)C, (index_t)H, (index_t)W, (int)kind,
-      (int)normalisation, (const count_t*)ptr<count_t>(ends), (const index_t*)ptr<index_t>(slots),
-      (const acc_t*)ptr<acc_t>(bilinear), (const acc_t*)ptr<acc_t>(weight),
-      kind == SUM ? nullptr : (const acc_t*)ptr<acc_t>(normaliser), ptr<acc_t>(out));
+      (int)normalisation, (const index_t*)ptr<index_t>(ends), (const index_t*)ptr<index_t>(keys),
+      (const acc_t*)ptr<acc_t>(bilinear), with_weight ? (const acc_t*)ptr<acc_t>(weight) : nullptr,
+      kind == SUM ? nullptr : ptr<acc_t>(normaliser), ptr<acc_t>(out));
 }
 
 // `deterministic`: the ordered forward (docs/spec.md, determinism) instead of the atomic one.
@@ -162,7 +182,7 @@ inline std::tuple<Tensor, Tensor> splat_forward(const Tensor& input, const Tenso
   const bool with_metric = kind >= LINEAR;
   const Tensor metric = with_metric ? *metric_arg : Tensor();
   if (N * H * W == 0) return {out, normaliser};
-  // The ordered forward also counts up to four slots per pixel in index_t.
+  // The ordered forward also numbers four taps per pixel in index_t.
   const bool small =
       fits_int32({input, flow, metric, out}, std::max(N * (C + 1) * H * W, deterministic ? 4 * N * H * W : 0));
   dispatch_floating<true>(input.scalar_type(), "splat_forward: input", [&](auto scalar) {
