@@ -88,10 +88,11 @@ void with_normalisation(int normalisation, const F& f) {
 
 // How the CPU kernels finish a target of four channels or more: x / D' as x * (1 / D'), one
 // division per target instead of one per channel (up to three channels, where the division is
-// not what costs, they divide). The product is within an ulp of the quotient unless 1 / D' is out of the
-// normal range, |D'| within (0, 2^-126) or (2^126, inf) in float ((0, 2^-1022), (2^1022, inf)
-// in double); there it is the quotient itself (with D' 0, inf or NaN the two are the same). A
-// function of x and D' alone: every path finishes a target to the same bits.
+// not what costs, they divide). The product is within about an ulp of the quotient unless
+// 1 / D' is out of the normal range, |D'| within (0, 2^-126) or (2^126, inf) in float
+// ((0, 2^-1022), (2^1022, inf) in double); there it is the quotient itself (with D' 0, inf or
+// NaN the two are the same). A function of x and D' alone: every path finishes a target to
+// the same bits.
 template <typename T>
 inline bool finishes_by_product(T divisor) {
   constexpr T low = std::numeric_limits<T>::min(), high = T(1) / std::numeric_limits<T>::min();
