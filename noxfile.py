@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import os
 import pathlib
+import shlex
 import shutil
 import sys
 
@@ -294,7 +295,8 @@ def arm(session: nox.Session) -> None:
     first-use build of the cpp backend by the root's g++, ``softsplat info``, ARM_TESTS on cpp at
     every aarch64 CPU level, then ``nox -s wheel`` there and ``nox -s wheel_test`` (a fresh
     environment, no compiler) with the same tests. Needs root; emulated, it takes over an hour
-    (docs/development.md gives the parts' durations)."""
+    (docs/development.md gives the parts' durations). ``-- --part build`` runs the first-use
+    build's parts only, ``-- --part wheel`` the wheel's."""
     _arm_ready(session)
     root = _arm_root(session)
     source = root / "src"
@@ -306,5 +308,5 @@ def arm(session: nox.Session) -> None:
             (source / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(name, source / name)
     _in_root(session, root, "/opt/softsplat/bin/python .ci/arm_check.py --wheel-cache /var/cache/softsplat/wheels "
-             "--nox-envdir /var/cache/softsplat/nox " + " ".join(ARM_TESTS),
+             "--nox-envdir /var/cache/softsplat/nox " + shlex.join([*session.posargs, *ARM_TESTS]),
              SOFTSPLAT_TORCH=ARM_TORCH)

@@ -9,9 +9,10 @@ architecture) by the root's environment, with the checkout copied to the working
    same tests at every level, nothing built.
 
 Each part's duration is printed after it and again at the end: under emulation they say
-nothing about speed.
+nothing about speed. ``--part build`` runs 1-3 only, ``--part wheel`` 4-5 only (each takes over
+an hour emulated); both by default.
 
-usage: python .ci/arm_check.py --wheel-cache DIR --nox-envdir DIR TEST [TEST ...]
+usage: python .ci/arm_check.py --wheel-cache DIR --nox-envdir DIR [--part build|wheel] TEST [TEST ...]
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ CHECKOUT = pathlib.Path(__file__).resolve().parents[1]
 #: from the cache; a change to any of them builds one anew.
 WHEEL_INPUTS = ["setup.py", "pyproject.toml", "noxfile.py", "softsplat"]
 TIMES: list[tuple[str, float]] = []
+PARTS = ("build", "wheel")
 
 
 def run(title: str, *command: str, **environment: str) -> str:
@@ -64,6 +66,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--wheel-cache", required=True, type=pathlib.Path)
     parser.add_argument("--nox-envdir", required=True)
+    parser.add_argument("--part", action="append", choices=PARTS, help="build: parts 1-3; wheel: 4-5 (default: both)")
     parser.add_argument("tests", nargs="+")
     arguments = parser.parse_args()
     if platform.machine() != "aarch64":
@@ -75,6 +78,19 @@ def main() -> int:
                "print(cpp.unavailable_reason or 'available:', cpp.summary)"]
     pytest = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *arguments.tests, "--backend", "cpp",
               "--require-backends", "cpp"]
+    parts = arguments.part or PARTS
+    if "build" in parts:
+        check_first_use_build(python, pytest, summary)
+    if "wheel" in parts:
+        check_wheel(python, arguments)
+    print(f"\narm: passed ({', '.join(parts)}). Durations under emulation (they say nothing about speed):")
+    for title, seconds in TIMES:
+        print(f"  {seconds:7.0f} s  {title}")
+    return 0
+
+
+def check_first_use_build(python: str, pytest: list[str], summary: list[str]) -> None:
+    """Parts 1-3: info, the first-use build, the tests at every level on what it built."""
     with tempfile.TemporaryDirectory() as extensions:
         built = {"TORCH_EXTENSIONS_DIR": extensions}  # empty: the build below is a first use
         run("install the checkout (editable, nothing built)", python, "-m", "pip", "install", "-q", "--no-deps",
@@ -93,6 +109,10 @@ def main() -> int:
             sys.exit(f"arm: build_flags takes this machine for {levels[0]}")
         for level in levels[1:]:
             run(f"tests on cpp at CPU level {level} (first-use build)", *pytest, **built, SOFTSPLAT_CPU_LEVEL=level)
+
+
+def check_wheel(python: str, arguments: argparse.Namespace) -> None:
+    """Parts 4-5: the wheel (unless cached), then its check in a fresh environment."""
     torch_requirement = os.environ["SOFTSPLAT_TORCH"]
     cached = arguments.wheel_cache / wheel_key(torch_requirement)
     nox = [python, "-m", "nox", "--envdir", arguments.nox_envdir]
@@ -108,10 +128,6 @@ def main() -> int:
     print(f"\n== the wheel: {wheel}", flush=True)
     # wheel_test makes its environment anew (no --reuse-existing-virtualenvs): a fresh one.
     run("nox -s wheel_test (fresh environment, no compiler)", *nox, "-s", "wheel_test", "--", wheel, *arguments.tests)
-    print("\narm: passed. Durations under emulation (they say nothing about speed):")
-    for title, seconds in TIMES:
-        print(f"  {seconds:7.0f} s  {title}")
-    return 0
 
 
 if __name__ == "__main__":
