@@ -124,10 +124,11 @@ def splat_many(
         joint = functools.reduce(torch.maximum, maxima)  # NaN propagates, as in one source
         problems = [dataclasses.replace(p, maximum=joint) for p in problems]
     parts = [chosen.run(problem) for problem in problems]
-    numerator = torch.stack([part[0] for part in parts]).sum(0)
+    # Summed in source order, each sum one new buffer (no stacked copy of every part).
+    numerator = functools.reduce(torch.add, (part[0] for part in parts))
     if mode.kind == "sum":
         return numerator.to(problems[0].input.dtype)
-    normaliser = torch.stack([part[1] for part in parts]).sum(0)
+    normaliser = functools.reduce(torch.add, (part[1] for part in parts))
     out = (numerator / safe_normaliser(normaliser, mode)).to(problems[0].input.dtype)
     return (out, normaliser) if return_normaliser else out
 

@@ -286,6 +286,29 @@ def test_splat_many_normalises_jointly() -> None:
     torch.testing.assert_close(normaliser, torch.full_like(input, 2.0))
 
 
+def test_splat_many_sums_the_sources_in_place_of_stacking_them() -> None:
+    """K sources: K - 1 additions of the numerators (and of the normalisers), in source order,
+    and no stacked copy of all of them; the result is the left-to-right sum."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    sources = [_tensors() for _ in range(3)]
+    with Calls() as calls:
+        out, normaliser = softsplat.splat_many(sources, mode="soft-zeroeps", backend="cpp", return_normaliser=True)
+    assert not {"stack", "cat", "sum"} & set(calls.names), calls.names
+    assert calls.names.count("add") == 2 * (len(sources) - 1), calls.names  # zeroeps adds no eps
+    D = [softsplat.splat(*source, mode="soft-zeroeps", backend="cpp", return_normaliser=True)[1] for source in sources]
+    assert torch.equal(normaliser, (D[0] + D[1]) + D[2])
+
+
 def test_splat_many_errors() -> None:
     input, flow, metric = _tensors()
     with pytest.raises(ValueError, match=r"^sources: expected a non-empty list"):

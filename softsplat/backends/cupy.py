@@ -43,6 +43,7 @@ INT32_MAX = 2**31 - 1
 THREADS = 256
 MAX_BLOCKS = 1 << 20  # blocks of a launch at most; grid-stride loops cover the rest
 CHANNEL_BLOCK = 8  # channels a thread of splat_gather_kernel sums (kSplatChannelBlock)
+NORMALISE_CHANNELS = 8  # channels a thread of splat_normalise_kernel divides (kNormaliseChannels)
 
 
 def kernel_names(dtype: torch.dtype) -> dict[tuple[str, str], str]:
@@ -321,7 +322,7 @@ class Impls:
                 input.dtype,
                 "normalise",
                 index,
-                N * C * H * W,
+                N * -(-C // NORMALISE_CHANNELS) * H * W,
                 out,
                 normaliser,
                 *sizes,

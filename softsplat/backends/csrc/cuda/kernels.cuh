@@ -119,12 +119,23 @@ __global__ void splat_maximum_kernel(
   }
 }
 
+// out /= D' per target and block of kNormaliseChannels channels: each thread reads its target's
+// D once and divides the block's channels (stores coalesced across threads, as in a plane).
+constexpr int kNormaliseChannels = 8;
+
 template <typename acc_t, typename index_t>
 __global__ void splat_normalise_kernel(acc_t* __restrict__ out, const acc_t* __restrict__ normaliser,
                                        index_t N, index_t C, index_t H, index_t W, int normalisation) {
-  SOFTSPLAT_KERNEL_LOOP(element, N * C * H * W) {
-    const index_t pixel = element % (H * W), n = element / (C * H * W);
-    out[element] = out[element] / safe_normaliser(normaliser[n * H * W + pixel], normalisation);
+  const index_t plane = H * W, blocks = (C + kNormaliseChannels - 1) / kNormaliseChannels;
+  SOFTSPLAT_KERNEL_LOOP(index, N * blocks * plane) {
+    const index_t pixel = index % plane, block = index / plane % blocks, n = index / (plane * blocks);
+    const acc_t divisor = safe_normaliser(normaliser[n * plane + pixel], normalisation);
+    const index_t first = block * kNormaliseChannels;
+    const index_t last = C - first < kNormaliseChannels ? C : first + kNormaliseChannels;
+    for (index_t c = first; c < last; ++c) {
+      acc_t* at = out + (n * C + c) * plane + pixel;
+      *at = *at / divisor;
+    }
   }
 }
 

@@ -204,7 +204,8 @@ inline std::tuple<Tensor, Tensor> splat_forward(const Tensor& input, const Tenso
           ptr<acc_t>(out), kind == SUM ? nullptr : ptr<acc_t>(normaliser));
       if (kind != SUM && normalisation != RAW && C > 0) {  // raw: the numerator as it is
         auto normalise = &splat_normalise_kernel<acc_t, index_t>;
-        SOFTSPLAT_LAUNCH(normalise, blocks_for(N * C * H * W), kThreads,
+        const int64_t blocks = (C + kNormaliseChannels - 1) / kNormaliseChannels;
+        SOFTSPLAT_LAUNCH(normalise, blocks_for(N * blocks * H * W), kThreads,
             ptr<acc_t>(out), (const acc_t*)ptr<acc_t>(normaliser),
             (index_t)N, (index_t)C, (index_t)H, (index_t)W, (int)normalisation);
       }
