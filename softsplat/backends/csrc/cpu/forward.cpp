@@ -95,6 +95,7 @@ struct Scratch {
   std::vector<acc_t> data;
   int64_t first = 0, W = 0;  // the band's first row; the values per row (width x lanes)
   int64_t lo = 0, hi = 0;    // rows zeroed so far: [lo, hi), empty after rows()
+  std::vector<acc_t> weights;  // splat_block's row weights, of the band's source rows
 
   // `lanes` values per target: kPacked, or a channel block's (splat_block).
   acc_t* rows(const Band& band, int64_t width, int64_t lanes = kPacked) {
@@ -452,14 +453,17 @@ void scatter_block(const TapChunk<acc_t>& chunk, const acc_t* __restrict values,
 // written into out [N, C, H, W]; with `norm`, the normaliser's too (added into norm). `last(y)`:
 // whether row y is final once this band is done with it (then divided, when `divides`).
 // Stable: weights per tap (stable soft without its shortcut, max), as scatter_band<_, true>.
+// `weights`: src.row_weights of the band's source rows, W per row from band.y_begin (made once
+// for all of a band's blocks).
 template <int L, bool Stable, typename scalar_t, typename acc_t, typename Last>
 void splat_block(const Band& band, int p, const std::vector<Band>& parts, const scalar_t* in, const View4& in_view,
                  const Sources<acc_t>& src, int64_t C, int64_t c0, int64_t count, acc_t* out, acc_t* norm,
-                 const acc_t* divisor_plane, int normalisation, Scratch<acc_t>& scratch, const Last& last) {
+                 const acc_t* divisor_plane, int normalisation, Scratch<acc_t>& scratch, const acc_t* weights,
+                 const Last& last) {
   const int64_t W = src.W, H = src.H, n = band.n;
   const bool weighted = src.kind != SUM;
   acc_t* rows = scratch.rows(band, W, L);
-  std::vector<acc_t> w(W), values(kChunk * L), divisor(W), factor(W);
+  std::vector<acc_t> values(kChunk * L), divisor(W), factor(W);
   auto chunk = std::make_unique<TapChunk<acc_t>>();
   acc_t* norm_n = norm ? norm + n * H * W : nullptr;
   auto plane = [&](int64_t y) { return [=](int64_t c) { return out + ((n * C + c0 + c) * H + y) * W; }; };
@@ -469,13 +473,13 @@ void splat_block(const Band& band, int p, const std::vector<Band>& parts, const 
     if (!part.empty()) {
       scratch.zero(part.lo, part.hi);
       for (int64_t y = part.y_begin; y < part.y_end; ++y) {
-        src.row_weights(n, y, w.data());
+        const acc_t* w = weights + (y - band.y_begin) * W;
         const scalar_t* in_row = in + in_view.at(n, c0, y, 0);
         for (int64_t x_begin = 0; x_begin < W; x_begin += kChunk) {
           const int64_t chunk_count = std::min(kChunk, W - x_begin);
           chunk->fill(src, n, y, x_begin, chunk_count);
-          if (Stable) chunk->fill_stable(src.maximum + n * H * W, w.data() + x_begin, W, chunk_count, src.kind);
-          const acc_t* chunk_w = weighted && !Stable ? w.data() + x_begin : nullptr;
+          if (Stable) chunk->fill_stable(src.maximum + n * H * W, w + x_begin, W, chunk_count, src.kind);
+          const acc_t* chunk_w = weighted && !Stable ? w + x_begin : nullptr;
           pack_block<L>(in_row + x_begin * in_view.x, in_view, chunk_w, count, values.data(), L, chunk_count);
           scatter_block<L, Stable>(*chunk, values.data(), chunk_w, chunk_count, band.lo * W, W, rows, norm_n);
         }
@@ -593,6 +597,10 @@ void forward_kernel(const Tensor& input, const Sources<acc_t>& src, int normalis
         if (p == 0 && norm_data) std::fill(norm_data + (band.n * H + band.lo) * W, norm_data + (band.n * H + band.hi) * W, acc_t(0));
         const bool divides = finish.divides && !finish.scales(band.n);
         auto last = [&](int64_t y) { return p == 1 || !reached_later[band.n * H + y]; };
+        // The source rows' weights once, for every block (exp of the metric for soft).
+        scratch.weights.resize(static_cast<size_t>((band.y_end - band.y_begin) * W));
+        for (int64_t y = band.y_begin; y < band.y_end; ++y)
+          band_src.row_weights(band.n, y, scratch.weights.data() + (y - band.y_begin) * W);
         for (int64_t c0 = 0, lanes = 0; c0 < C; c0 += lanes) {
           lanes = block_lanes(C, c0);
           const int64_t count = std::min<int64_t>(lanes, C - c0);
@@ -601,9 +609,9 @@ void forward_kernel(const Tensor& input, const Sources<acc_t>& src, int normalis
           auto block = [&](auto stable) {
             constexpr bool Stable = decltype(stable)::value;
             switch (lanes) {
-              case 4: splat_block<4, Stable>(band, p, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, last); break;
-              case 8: splat_block<8, Stable>(band, p, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, last); break;
-              default: splat_block<16, Stable>(band, p, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, last);
+              case 4: splat_block<4, Stable>(band, p, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, scratch.weights.data(), last); break;
+              case 8: splat_block<8, Stable>(band, p, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, scratch.weights.data(), last); break;
+              default: splat_block<16, Stable>(band, p, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, scratch.weights.data(), last);
             }
           };
           if (per_tap)
