@@ -72,19 +72,21 @@ def _splat_case(shape, reach: float, mode: str, backend, device) -> Case:
                 (True, True, parsed.needs_metric), stable=stable)
 
 
-@pytest.mark.parametrize("channels", [3, 5], ids=["packed", "unpacked"])
+@pytest.mark.parametrize("channels", [3, 5, 17], ids=["packed", "unpacked", "blocks"])
 @pytest.mark.parametrize("reach", [0.5, 40.0], ids=["bands-apart", "bands-merged"])
 @pytest.mark.parametrize("mode", ["sum", "avg-clipeps", "soft-stable"])
 def test_cpu_bands(backend, device, channels, reach, mode) -> None:
     """35 rows (the CPU kernels' bands are 8 to 64 rows): flows of ~0.5 rows keep the bands
-    apart (two phases), of ~40 rows make them reach the whole image (merged)."""
+    apart (two phases), of ~40 rows make them reach the whole image (merged). 17 channels: more
+    than one block, whose taps a band fills once for all of them."""
     case = _splat_case((2, channels, 35, 13), reach, mode, backend, device)
     check_case(backend, case, torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("channels", [3, 5], ids=["packed", "unpacked"])
+@pytest.mark.parametrize("channels", [3, 5, 17], ids=["packed", "unpacked", "blocks"])
 @pytest.mark.parametrize("mode", ["sum", "soft-stable"])
 def test_cpu_long_rows(backend, device, channels, mode) -> None:
-    """Rows of 261 pixels: past a chunk of taps (256), and not a multiple of any vector width."""
+    """Rows of 261 pixels: past a chunk of taps (256), and not a multiple of any vector width;
+    with 17 channels, chunks a band keeps for its blocks."""
     case = _splat_case((1, channels, 2, 261), 2.0, mode, backend, device)
     check_case(backend, case, torch.Generator().manual_seed(1))

@@ -96,6 +96,16 @@ struct Scratch {
   int64_t first = 0, W = 0;  // the band's first row; the values per row (width x lanes)
   int64_t lo = 0, hi = 0;    // rows zeroed so far: [lo, hi), empty after rows()
   std::vector<acc_t> weights;  // splat_block's row weights, of the band's source rows
+  std::unique_ptr<TapChunk<acc_t>[]> taps;  // and their taps, when kept for every block
+  int64_t tap_chunks = 0;                   // allocated
+
+  TapChunk<acc_t>* chunks(int64_t count) {
+    if (tap_chunks < count) {  // default-initialised: nothing written until filled
+      taps.reset(new TapChunk<acc_t>[static_cast<size_t>(count)]);
+      tap_chunks = count;
+    }
+    return taps.get();
+  }
 
   // `lanes` values per target: kPacked, or a channel block's (splat_block).
   acc_t* rows(const Band& band, int64_t width, int64_t lanes = kPacked) {
@@ -382,6 +392,11 @@ void flush_rows(const Band& band, int p, int64_t from, int64_t to, const acc_t* 
 // normaliser, straight into its plane. Every target receives its contributions in the order
 // scatter_band adds them: the same sums, bitwise.
 constexpr int64_t kBlockedBytes = int64_t(64) << 20;
+// Bands of at most this many source pixels, in more than one block, fill their tap chunks once
+// for every block (about 25 bytes a pixel, 41 for stable; larger bands fill them per block).
+constexpr int64_t kKeptTapPixels = int64_t(1) << 16;
+
+inline int64_t chunks_per_row(int64_t W) { return (W + kChunk - 1) / kChunk; }
 
 // The lanes of the block of channels starting at `c0` of C: 16 while more than 8 remain, else 8
 // or 4.
@@ -454,17 +469,18 @@ void scatter_block(const TapChunk<acc_t>& chunk, const acc_t* __restrict values,
 // whether row y is final once this band is done with it (then divided, when `divides`).
 // Stable: weights per tap (stable soft without its shortcut, max), as scatter_band<_, true>.
 // `weights`: src.row_weights of the band's source rows, W per row from band.y_begin (made once
-// for all of a band's blocks).
+// for all of a band's blocks); `taps`: their filled chunks likewise (chunks_per_row per row), or
+// null (then filled here).
 template <int L, bool Stable, typename scalar_t, typename acc_t, typename Last>
 void splat_block(const Band& band, int p, const std::vector<Band>& parts, const scalar_t* in, const View4& in_view,
                  const Sources<acc_t>& src, int64_t C, int64_t c0, int64_t count, acc_t* out, acc_t* norm,
                  const acc_t* divisor_plane, int normalisation, Scratch<acc_t>& scratch, const acc_t* weights,
-                 const Last& last) {
+                 const TapChunk<acc_t>* taps, const Last& last) {
   const int64_t W = src.W, H = src.H, n = band.n;
   const bool weighted = src.kind != SUM;
   acc_t* rows = scratch.rows(band, W, L);
   std::vector<acc_t> values(kChunk * L), divisor(W), factor(W);
-  auto chunk = std::make_unique<TapChunk<acc_t>>();
+  auto chunk = taps ? nullptr : std::make_unique<TapChunk<acc_t>>();
   acc_t* norm_n = norm ? norm + n * H * W : nullptr;
   auto plane = [&](int64_t y) { return [=](int64_t c) { return out + ((n * C + c0 + c) * H + y) * W; }; };
   int64_t flushed = band.lo;  // rows [band.lo, flushed) are in the outputs
@@ -477,11 +493,16 @@ void splat_block(const Band& band, int p, const std::vector<Band>& parts, const 
         const scalar_t* in_row = in + in_view.at(n, c0, y, 0);
         for (int64_t x_begin = 0; x_begin < W; x_begin += kChunk) {
           const int64_t chunk_count = std::min(kChunk, W - x_begin);
-          chunk->fill(src, n, y, x_begin, chunk_count);
-          if (Stable) chunk->fill_stable(src.maximum + n * H * W, w + x_begin, W, chunk_count, src.kind);
+          const TapChunk<acc_t>* filled = chunk.get();
+          if (taps) {
+            filled = taps + (y - band.y_begin) * chunks_per_row(W) + x_begin / kChunk;
+          } else {
+            chunk->fill(src, n, y, x_begin, chunk_count);
+            if (Stable) chunk->fill_stable(src.maximum + n * H * W, w + x_begin, W, chunk_count, src.kind);
+          }
           const acc_t* chunk_w = weighted && !Stable ? w + x_begin : nullptr;
           pack_block<L>(in_row + x_begin * in_view.x, in_view, chunk_w, count, values.data(), L, chunk_count);
-          scatter_block<L, Stable>(*chunk, values.data(), chunk_w, chunk_count, band.lo * W, W, rows, norm_n);
+          scatter_block<L, Stable>(*filled, values.data(), chunk_w, chunk_count, band.lo * W, W, rows, norm_n);
         }
       }
     }
@@ -601,6 +622,24 @@ void forward_kernel(const Tensor& input, const Sources<acc_t>& src, int normalis
         scratch.weights.resize(static_cast<size_t>((band.y_end - band.y_begin) * W));
         for (int64_t y = band.y_begin; y < band.y_end; ++y)
           band_src.row_weights(band.n, y, scratch.weights.data() + (y - band.y_begin) * W);
+        // With more than one block, the taps of its (non-empty) parts' rows likewise.
+        TapChunk<acc_t>* taps = nullptr;
+        if (C > 16 && (band.y_end - band.y_begin) * W <= kKeptTapPixels) {
+          taps = scratch.chunks((band.y_end - band.y_begin) * chunks_per_row(W));
+          for (int64_t k = band.first; k < band.last; ++k) {
+            const Band& part = schedule.parts[k];
+            if (part.empty()) continue;
+            for (int64_t y = part.y_begin; y < part.y_end; ++y)
+              for (int64_t x_begin = 0; x_begin < W; x_begin += kChunk) {
+                TapChunk<acc_t>& chunk = taps[(y - band.y_begin) * chunks_per_row(W) + x_begin / kChunk];
+                const int64_t chunk_count = std::min(kChunk, W - x_begin);
+                chunk.fill(band_src, band.n, y, x_begin, chunk_count);
+                if (per_tap)
+                  chunk.fill_stable(band_src.maximum + band.n * H * W, scratch.weights.data() + (y - band.y_begin) * W + x_begin,
+                                    W, chunk_count, band_src.kind);
+              }
+          }
+        }
         for (int64_t c0 = 0, lanes = 0; c0 < C; c0 += lanes) {
           lanes = block_lanes(C, c0);
           const int64_t count = std::min<int64_t>(lanes, C - c0);
@@ -609,9 +648,9 @@ void forward_kernel(const Tensor& input, const Sources<acc_t>& src, int normalis
           auto block = [&](auto stable) {
             constexpr bool Stable = decltype(stable)::value;
             switch (lanes) {
-              case 4: splat_block<4, Stable>(band, p, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, scratch.weights.data(), last); break;
-              case 8: splat_block<8, Stable>(band, p, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, scratch.weights.data(), last); break;
-              default: splat_block<16, Stable>(band, p, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, scratch.weights.data(), last);
+              case 4: splat_block<4, Stable>(band, p, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, scratch.weights.data(), taps, last); break;
+              case 8: splat_block<8, Stable>(band, p, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, scratch.weights.data(), taps, last); break;
+              default: splat_block<16, Stable>(band, p, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, scratch.weights.data(), taps, last);
             }
           };
           if (per_tap)
