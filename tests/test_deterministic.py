@@ -279,6 +279,7 @@ def collapsing(size: int = 256, channels: int = 3):
 #: target: one pass over a target's slots takes a few ns a slot on the host; a thread that sorts
 #: them (k log k, dependent loads) or recomputes every pixel's taps takes tens.
 NS_PER_SLOT = 20
+PROBED_RUNS = 5
 
 
 @pytest.mark.parametrize("backend_name", HOST_BACKENDS)
@@ -300,12 +301,18 @@ def test_a_collapsing_flow_spreads_the_work_over_threads(backend_name) -> None:
         out, normaliser = softsplat.splat(input, flow, metric, mode="soft", backend=backend_name,
                                           return_normaliser=True)
         took = time.perf_counter() - start
-        with probe:
-            softsplat.splat(input, flow, metric, mode="soft", backend=backend_name)
+        # The least of a few runs: other work on the machine only adds to a thread's CPU time
+        # (caches, a sibling hardware thread); a thread that does too much does it every run.
+        runs = []
+        for _ in range(PROBED_RUNS):
+            with probe:
+                softsplat.splat(input, flow, metric, mode="soft", backend=backend_name)
+            runs.append((probe.longest, probe.total))
+    longest, total = min(runs)
     assert took < 5, f"{took:.1f} s"
-    assert probe.longest < NS_PER_SLOT * heaviest, (
-        f"one thread ran {probe.longest / 1e6:.2f} ms (of {probe.total / 1e6:.1f} ms in all threads): "
-        f"{probe.longest / heaviest:.0f} ns per slot of the crowded target")
+    assert longest < NS_PER_SLOT * heaviest, (
+        f"one thread ran {longest / 1e6:.2f} ms (of {total / 1e6:.1f} ms in all threads), the least of "
+        f"{PROBED_RUNS} runs: {longest / heaviest:.0f} ns per slot of the crowded target")
     reference, reference_normaliser = softsplat.splat(*(t.double() for t in (input, flow, metric)), mode="soft",
                                                       backend="torch", return_normaliser=True)
     float32, float32_normaliser = softsplat.splat(input, flow, metric, mode="soft", backend="torch",
