@@ -174,6 +174,28 @@ def test_import_does_not_compile(tmp_path) -> None:
     assert not any(tmp_path.iterdir()), "importing created build files"
 
 
+def test_a_tall_narrow_band_keeps_its_taps_within_bounds() -> None:
+    """17 channels (two blocks) over one band of 30,000 rows of one pixel (flows that reach the
+    whole image merge every band into one): a band keeps its taps for its blocks only up to a
+    bounded size (a chunk of taps kept per row of it: 293 MB more), so the call's peak memory
+    stays near its tensors' few MB."""
+    code = (
+        "import resource, torch, softsplat\n"
+        "H = 30000\n"
+        "x = torch.rand(1, 17, H, 1)\n"
+        "flow = torch.zeros(1, 2, H, 1)\n"
+        "flow[0, 1, 0::2, 0], flow[0, 1, 1::2, 0] = H / 2, -H / 2  # every band reaches far up and down\n"
+        "softsplat.splat(x[:, :, :64], flow[:, :, :64], None, mode='avg', backend='cpp')  # built, loaded\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "softsplat.splat(x, flow, None, mode='avg', backend='cpp')\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    grown = int(result.stdout.split()[-1])  # KiB
+    assert grown < 64 * 1024, f"the call's peak memory grew by {grown / 1024:.0f} MB"
+
+
 def _thp_mode() -> str | None:
     try:
         text = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()

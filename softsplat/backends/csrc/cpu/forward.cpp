@@ -392,8 +392,9 @@ void flush_rows(const Band& band, int p, int64_t from, int64_t to, const acc_t* 
 // normaliser, straight into its plane. Every target receives its contributions in the order
 // scatter_band adds them: the same sums, bitwise.
 constexpr int64_t kBlockedBytes = int64_t(64) << 20;
-// Bands of at most this many source pixels, in more than one block, fill their tap chunks once
-// for every block (about 25 bytes a pixel, 41 for stable; larger bands fill them per block).
+// Bands of at most this many source pixels (each row counted in whole chunks: a tall, narrow
+// band takes a chunk per row), in more than one block, fill their tap chunks once for every block
+// (about 25 bytes a pixel, 41 for stable; larger bands fill them per block).
 constexpr int64_t kKeptTapPixels = int64_t(1) << 16;
 
 inline int64_t chunks_per_row(int64_t W) { return (W + kChunk - 1) / kChunk; }
@@ -624,7 +625,7 @@ void forward_kernel(const Tensor& input, const Sources<acc_t>& src, int normalis
           band_src.row_weights(band.n, y, scratch.weights.data() + (y - band.y_begin) * W);
         // With more than one block, the taps of its (non-empty) parts' rows likewise.
         TapChunk<acc_t>* taps = nullptr;
-        if (C > 16 && (band.y_end - band.y_begin) * W <= kKeptTapPixels) {
+        if (C > 16 && (band.y_end - band.y_begin) * chunks_per_row(W) * kChunk <= kKeptTapPixels) {
           taps = scratch.chunks((band.y_end - band.y_begin) * chunks_per_row(W));
           for (int64_t k = band.first; k < band.last; ++k) {
             const Band& part = schedule.parts[k];
