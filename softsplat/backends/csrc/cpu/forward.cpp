@@ -399,6 +399,15 @@ constexpr int64_t kKeptTapPixels = int64_t(1) << 16;
 
 inline int64_t chunks_per_row(int64_t W) { return (W + kChunk - 1) / kChunk; }
 
+// The chunk of pixels [x_begin, x_begin + count) of row y filled, with its per-tap weights when
+// Stable (`w`: the row's weights from x_begin): what a block scatters.
+template <typename acc_t>
+void fill_chunk(TapChunk<acc_t>& chunk, const Sources<acc_t>& src, bool stable, int64_t n, int64_t y,
+                int64_t x_begin, int64_t count, const acc_t* w) {
+  chunk.fill(src, n, y, x_begin, count);
+  if (stable) chunk.fill_stable(src.maximum + n * src.H * src.W, w, src.W, count, src.kind);
+}
+
 // The lanes of the block of channels starting at `c0` of C: 16 while more than 8 remain, else 8
 // or 4.
 inline int block_lanes(int64_t C, int64_t c0) {
@@ -469,13 +478,13 @@ void scatter_block(const TapChunk<acc_t>& chunk, const acc_t* __restrict values,
 // written into out [N, C, H, W]; with `norm`, the normaliser's too (added into norm). `last(y)`:
 // whether row y is final once this band is done with it (then divided, when `divides`).
 // Stable: weights per tap (stable soft without its shortcut, max), as scatter_band<_, true>.
-// `weights`: src.row_weights of the band's source rows, W per row from band.y_begin (made once
-// for all of a band's blocks); `taps`: their filled chunks likewise (chunks_per_row per row), or
-// null (then filled here).
+// scratch.weights: src.row_weights of the band's source rows, W per row from band.y_begin (made
+// once for all of a band's blocks); `taps`: their filled chunks likewise (chunks_per_row per
+// row), or null (then filled here).
 template <int L, bool Stable, typename scalar_t, typename acc_t, typename Last>
 void splat_block(const Band& band, int p, const std::vector<Band>& parts, const scalar_t* in, const View4& in_view,
                  const Sources<acc_t>& src, int64_t C, int64_t c0, int64_t count, acc_t* out, acc_t* norm,
-                 const acc_t* divisor_plane, int normalisation, Scratch<acc_t>& scratch, const acc_t* weights,
+                 const acc_t* divisor_plane, int normalisation, Scratch<acc_t>& scratch,
                  const TapChunk<acc_t>* taps, const Last& last) {
   const int64_t W = src.W, H = src.H, n = band.n;
   const bool weighted = src.kind != SUM;
@@ -490,7 +499,7 @@ void splat_block(const Band& band, int p, const std::vector<Band>& parts, const 
     if (!part.empty()) {
       scratch.zero(part.lo, part.hi);
       for (int64_t y = part.y_begin; y < part.y_end; ++y) {
-        const acc_t* w = weights + (y - band.y_begin) * W;
+        const acc_t* w = scratch.weights.data() + (y - band.y_begin) * W;
         const scalar_t* in_row = in + in_view.at(n, c0, y, 0);
         for (int64_t x_begin = 0; x_begin < W; x_begin += kChunk) {
           const int64_t chunk_count = std::min(kChunk, W - x_begin);
@@ -498,8 +507,7 @@ void splat_block(const Band& band, int p, const std::vector<Band>& parts, const 
           if (taps) {
             filled = taps + (y - band.y_begin) * chunks_per_row(W) + x_begin / kChunk;
           } else {
-            chunk->fill(src, n, y, x_begin, chunk_count);
-            if (Stable) chunk->fill_stable(src.maximum + n * H * W, w + x_begin, W, chunk_count, src.kind);
+            fill_chunk(*chunk, src, Stable, n, y, x_begin, chunk_count, w + x_begin);
           }
           const acc_t* chunk_w = weighted && !Stable ? w + x_begin : nullptr;
           pack_block<L>(in_row + x_begin * in_view.x, in_view, chunk_w, count, values.data(), L, chunk_count);
@@ -631,14 +639,9 @@ void forward_kernel(const Tensor& input, const Sources<acc_t>& src, int normalis
             const Band& part = schedule.parts[k];
             if (part.empty()) continue;
             for (int64_t y = part.y_begin; y < part.y_end; ++y)
-              for (int64_t x_begin = 0; x_begin < W; x_begin += kChunk) {
-                TapChunk<acc_t>& chunk = taps[(y - band.y_begin) * chunks_per_row(W) + x_begin / kChunk];
-                const int64_t chunk_count = std::min(kChunk, W - x_begin);
-                chunk.fill(band_src, band.n, y, x_begin, chunk_count);
-                if (per_tap)
-                  chunk.fill_stable(band_src.maximum + band.n * H * W, scratch.weights.data() + (y - band.y_begin) * W + x_begin,
-                                    W, chunk_count, band_src.kind);
-              }
+              for (int64_t x_begin = 0; x_begin < W; x_begin += kChunk)
+                fill_chunk(taps[(y - band.y_begin) * chunks_per_row(W) + x_begin / kChunk], band_src, per_tap, band.n, y,
+                           x_begin, std::min(kChunk, W - x_begin), scratch.weights.data() + (y - band.y_begin) * W + x_begin);
           }
         }
         for (int64_t c0 = 0, lanes = 0; c0 < C; c0 += lanes) {
@@ -649,9 +652,9 @@ void forward_kernel(const Tensor& input, const Sources<acc_t>& src, int normalis
           auto block = [&](auto stable) {
             constexpr bool Stable = decltype(stable)::value;
             switch (lanes) {
-              case 4: splat_block<4, Stable>(band, p, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, scratch.weights.data(), taps, last); break;
-              case 8: splat_block<8, Stable>(band, p, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, scratch.weights.data(), taps, last); break;
-              default: splat_block<16, Stable>(band, p, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, scratch.weights.data(), taps, last);
+              case 4: splat_block<4, Stable>(band, p, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, taps, last); break;
+              case 8: splat_block<8, Stable>(band, p, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, taps, last); break;
+              default: splat_block<16, Stable>(band, p, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, taps, last);
             }
           };
           if (per_tap)
