@@ -44,6 +44,15 @@ struct Taps {
   bool keep[4];    // tap inside [0, W) x [0, H)
 };
 
+// Which taps of the cell whose north-west corner is (x0, y0) lie inside [0, W) x [0, H): bit k
+// for tap k. Integer operations only (0 or 1 per side), so that a loop over pixels computing it
+// vectorises apart from the float math.
+template <typename index_t>
+SOFTSPLAT_HD index_t kept_taps(index_t x0, index_t y0, index_t H, index_t W) {
+  const index_t west = x0 >= 0, east = x0 + 1 <= W - 1, north = y0 >= 0, south = y0 + 1 <= H - 1;
+  return (west & north) | (east & north) << 1 | (west & south) << 2 | (east & south) << 3;
+}
+
 // Fills `taps` for the pixel at column x, row y moved by (flow_x, flow_y); returns false when the
 // pixel contributes nothing: a non-finite target, or one whose four taps all lie outside
 // (floor(fx) < -1 or > W-1, likewise for y). Then `taps` holds the taps of (0, 0), never used.
@@ -75,11 +84,8 @@ SOFTSPLAT_HD bool make_taps(index_t x, index_t y, T flow_x, T flow_y, index_t H,
   taps.weight[1] = (fx - x0f) * (y1f - fy);
   taps.weight[2] = (x1f - fx) * (fy - y0f);
   taps.weight[3] = (fx - x0f) * (fy - y0f);
-  const bool west = x0 >= 0, east = x0 + 1 <= W - 1, north = y0 >= 0, south = y0 + 1 <= H - 1;
-  taps.keep[0] = west & north;
-  taps.keep[1] = east & north;
-  taps.keep[2] = west & south;
-  taps.keep[3] = east & south;
+  const index_t kept = kept_taps(x0, y0, H, W);
+  for (int k = 0; k < 4; ++k) taps.keep[k] = kept >> k & 1;
   return lands;
 }
 

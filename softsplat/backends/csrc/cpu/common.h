@@ -66,11 +66,14 @@ struct Sources {
       return;
     }
     const acc_t* m = metric_row(n, y);
-    if (kind == SOFT && shift)
+    if (kind == SOFT && shift) {
       for (int64_t x = 0; x < W; ++x) w[x] = m[x] - shift[n];
-    else
+      exp_inplace(w, W);
+    } else if (kind == SOFT) {
+      exp_copy(m, w, W);
+    } else {
       std::copy(m, m + W, w);
-    if (kind == SOFT) exp_inplace(w, W);
+    }
   }
 };
 

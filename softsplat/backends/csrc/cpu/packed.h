@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "blocks.h"
 #include "common.h"
 
 namespace softsplat {
@@ -51,13 +52,22 @@ void interleave(const acc_t* const plane[kPacked], acc_t* __restrict target, int
     }
   }
 #endif
+#if defined(SOFTSPLAT_VECTOR_EXTENSION)
+  for (; x + 4 <= count; x += 4) {  // 4 x 4 tiles (SSE2, AVX2, NEON; and the rest of AVX-512's)
+    Quad<acc_t> lane[kPacked];
+    for (int c = 0; c < kPacked; ++c) load_lanes(lane[c], plane[c] + x);
+    transpose_quads(lane);
+    for (int j = 0; j < kPacked; ++j) store_lanes(target + (x + j) * kPacked, lane[j]);
+  }
+#endif
   for (; x < count; ++x)
     for (int c = 0; c < kPacked; ++c) target[x * kPacked + c] = plane[c][x];
 }
 
 // The lanes of `count` pixels of a row, from `pixel` (its first channel): x * w per channel, w
-// (null for sum: 1 and lane CC 0), zeros; stable: x and 1. float NCHW with AVX-512: 16 pixels
-// at a time through store_interleaved; otherwise, and for the remainder, one pixel at a time.
+// (null for sum: 1 and lane CC 0), zeros; stable: x and 1. NCHW of the compute type: float with
+// AVX-512 16 pixels at a time through store_interleaved, otherwise 4 x 4 tiles; channels_last,
+// other types and the remainder one pixel at a time.
 template <int CC, bool Stable, typename scalar_t, typename acc_t>
 void pack_values(const scalar_t* __restrict pixel, const View4& view, const acc_t* __restrict w,
                  acc_t* __restrict values, int64_t count) {
@@ -82,6 +92,28 @@ void pack_values(const scalar_t* __restrict pixel, const View4& view, const acc_
         lane[c] = _mm512_mul_ps(_mm512_loadu_ps(pixel + c * view.c + i), scale);
       lane[CC] = w ? scale : _mm512_setzero_ps();
       store_interleaved(lane, values + i * kPacked);
+    }
+    pixel += i;
+    values += i * kPacked;
+    if (w) w += i;
+    count -= i;
+  }
+#endif
+#if defined(SOFTSPLAT_VECTOR_EXTENSION)
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    using Q = Quad<acc_t>;
+    int64_t i = 0;
+    for (; view.x == 1 && i + 4 <= count; i += 4) {
+      Q scale = {acc_t(1), acc_t(1), acc_t(1), acc_t(1)};
+      if (w && !Stable) load_lanes(scale, w + i);
+      Q lane[kPacked] = {};
+      for (int c = 0; c < CC; ++c) {
+        load_lanes(lane[c], pixel + c * view.c + i);
+        lane[c] *= scale;
+      }
+      if (w) lane[CC] = scale;
+      transpose_quads(lane);
+      for (int j = 0; j < kPacked; ++j) store_lanes(values + (i + j) * kPacked, lane[j]);
     }
     pixel += i;
     values += i * kPacked;

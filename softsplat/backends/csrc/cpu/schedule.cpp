@@ -17,10 +17,14 @@ void find_reach(const Sources<acc_t>& src, Band& band) {
   acc_t lowest[kLanes], highest[kLanes];
   std::fill(lowest, lowest + kLanes, std::numeric_limits<acc_t>::infinity());
   std::fill(highest, highest + kLanes, -std::numeric_limits<acc_t>::infinity());
+  // Selects of values, then min and max: the vectoriser keeps the lanes in registers (a
+  // conditional update of lowest[lane] became masked stores, each read back).
   auto update = [&](int lane, acc_t fy) {
-    const bool lands = fy >= acc_t(-1) && fy < H;  // false for NaN and infinities
-    lowest[lane] = lands && fy < lowest[lane] ? fy : lowest[lane];
-    highest[lane] = lands && fy > highest[lane] ? fy : highest[lane];
+    const bool lands = (fy >= acc_t(-1)) & (fy < H);  // false for NaN and infinities
+    const acc_t low = lands ? fy : std::numeric_limits<acc_t>::infinity();
+    const acc_t high = lands ? fy : -std::numeric_limits<acc_t>::infinity();
+    lowest[lane] = low < lowest[lane] ? low : lowest[lane];
+    highest[lane] = high > highest[lane] ? high : highest[lane];
   };
   for (int64_t y = band.y_begin; y < band.y_end; ++y) {
     const acc_t* row = src.flow_row(band.n, 1, y);

@@ -17,41 +17,47 @@
 namespace softsplat {
 namespace cpu {
 
-// exp of a[0..n) in place with Sleef's vectorised exp (1 ulp) where the CPU has AVX2 or AVX-512,
-// else std::exp. The tail goes through the same vector function, so every value does.
+// to[i] = exp(from[i]) for i < n (from == to: in place) with Sleef's vectorised exp (1 ulp) where
+// the CPU has AVX2 or AVX-512, else std::exp. The tail goes through the same vector function, so
+// every value does.
 template <typename T, int Lanes, typename Load, typename Exp, typename Store>
-inline void exp_lanes(T* a, int64_t n, Load load, Exp exp, Store store) {
+inline void exp_lanes(const T* from, T* to, int64_t n, Load load, Exp exp, Store store) {
   int64_t i = 0;
-  for (; i + Lanes <= n; i += Lanes) store(a + i, exp(load(a + i)));
+  for (; i + Lanes <= n; i += Lanes) store(to + i, exp(load(from + i)));
   if (i == n) return;
   T tail[Lanes] = {};
-  std::copy(a + i, a + n, tail);
+  std::copy(from + i, from + n, tail);
   store(tail, exp(load(tail)));
-  std::copy(tail, tail + (n - i), a + i);
+  std::copy(tail, tail + (n - i), to + i);
 }
 
-inline void exp_inplace(float* a, int64_t n) {
+inline void exp_copy(const float* from, float* to, int64_t n) {
 #if defined(__AVX512F__)
-  exp_lanes<float, 16>(a, n, [](const float* p) { return _mm512_loadu_ps(p); }, Sleef_expf16_u10,
+  exp_lanes<float, 16>(from, to, n, [](const float* p) { return _mm512_loadu_ps(p); }, Sleef_expf16_u10,
                        [](float* p, __m512 v) { _mm512_storeu_ps(p, v); });
 #elif defined(__AVX2__)
-  exp_lanes<float, 8>(a, n, [](const float* p) { return _mm256_loadu_ps(p); }, Sleef_expf8_u10,
+  exp_lanes<float, 8>(from, to, n, [](const float* p) { return _mm256_loadu_ps(p); }, Sleef_expf8_u10,
                       [](float* p, __m256 v) { _mm256_storeu_ps(p, v); });
 #else
-  for (int64_t i = 0; i < n; ++i) a[i] = std::exp(a[i]);
+  for (int64_t i = 0; i < n; ++i) to[i] = std::exp(from[i]);
 #endif
 }
 
-inline void exp_inplace(double* a, int64_t n) {
+inline void exp_copy(const double* from, double* to, int64_t n) {
 #if defined(__AVX512F__)
-  exp_lanes<double, 8>(a, n, [](const double* p) { return _mm512_loadu_pd(p); }, Sleef_expd8_u10,
+  exp_lanes<double, 8>(from, to, n, [](const double* p) { return _mm512_loadu_pd(p); }, Sleef_expd8_u10,
                        [](double* p, __m512d v) { _mm512_storeu_pd(p, v); });
 #elif defined(__AVX2__)
-  exp_lanes<double, 4>(a, n, [](const double* p) { return _mm256_loadu_pd(p); }, Sleef_expd4_u10,
+  exp_lanes<double, 4>(from, to, n, [](const double* p) { return _mm256_loadu_pd(p); }, Sleef_expd4_u10,
                        [](double* p, __m256d v) { _mm256_storeu_pd(p, v); });
 #else
-  for (int64_t i = 0; i < n; ++i) a[i] = std::exp(a[i]);
+  for (int64_t i = 0; i < n; ++i) to[i] = std::exp(from[i]);
 #endif
+}
+
+template <typename T>
+inline void exp_inplace(T* a, int64_t n) {
+  exp_copy(a, a, n);
 }
 
 #if defined(__GNUC__)

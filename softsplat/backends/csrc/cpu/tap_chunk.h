@@ -58,16 +58,19 @@ struct TapChunk {
     const acc_t* flow_x = src.flow_row(n, 0, y) + x_begin;
     const acc_t* flow_y = src.flow_row(n, 1, y) + x_begin;
     const index_t H = static_cast<index_t>(src.H), W = static_cast<index_t>(src.W);
-    for (int64_t i = 0; i < count; ++i) {
+    // Two loops: the float math with 32-bit (index_t) results, then the integers (kept taps,
+    // flat indices of 64 bits). Apart, the first vectorises at every level (SSE2 has no 32-bit
+    // product and no 32-to-64-bit conversion, and its selects of mixed widths failed the loop).
+    index_t column[kChunk], row[kChunk], landed[kChunk];
+    const index_t n_pixels = static_cast<index_t>(count);
+    for (index_t i = 0; i < n_pixels; ++i) {
       Taps<acc_t, index_t> t;
-      const bool lands = make_taps<acc_t, index_t>(static_cast<index_t>(x_begin + i), static_cast<index_t>(y), flow_x[i],
-                                                   flow_y[i], H, W, t);
-      corner[i] = static_cast<int64_t>(t.y0) * src.W + t.x0;
+      landed[i] = make_taps<acc_t, index_t>(static_cast<index_t>(x_begin) + i, static_cast<index_t>(y), flow_x[i],
+                                            flow_y[i], H, W, t);
+      column[i] = t.x0;
+      row[i] = t.y0;
       for (int k = 0; k < 4; ++k) weight[k][i] = t.weight[k];
-      keep[i] = lands ? static_cast<unsigned char>(t.keep[0] | t.keep[1] << 1 | t.keep[2] << 2 | t.keep[3] << 3) : 0;
       if (Coordinates) {
-        x0[i] = t.x0;
-        y0[i] = t.y0;
         const TapFactors<acc_t> f = tap_factors(t);
         east[i] = f.east;
         west[i] = f.west;
@@ -75,6 +78,15 @@ struct TapChunk {
         north[i] = f.north;
       }
     }
+    // make_taps's keep, 0 where the pixel lands nowhere (its taps are those of (0, 0)).
+    for (index_t i = 0; i < n_pixels; ++i)
+      keep[i] = static_cast<unsigned char>(kept_taps(column[i], row[i], H, W) & -landed[i]);
+    for (int64_t i = 0; i < count; ++i) corner[i] = static_cast<int64_t>(row[i]) * src.W + column[i];
+    if (Coordinates)
+      for (int64_t i = 0; i < count; ++i) {
+        x0[i] = column[i];
+        y0[i] = row[i];
+      }
   }
 
   // tap_factors of pixel i (filled with coordinates), for factor_derivatives.
