@@ -110,3 +110,48 @@ def test_the_cuda_scatter_max_lets_every_nan_win(backend_name) -> None:
         expected = oracle.splat_maximum(metric.to(dtype), flow.to(dtype))
         assert torch.equal(got.isnan(), expected.isnan()), (got, expected)
         assert torch.equal(got.nan_to_num(), expected.nan_to_num()), (got, expected)
+
+
+def _constant_flow_case(channels: int, H: int = 6, W: int = 7) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Every pixel moved by (0.25, 0.25): the last column and row keep two taps, the corner one,
+    the rest four, so (2W - 1)(2H - 1) kept taps in all."""
+    generator = torch.Generator().manual_seed(0)
+    input = torch.randn(1, channels, H, W, generator=generator)
+    flow = torch.full((1, 2, H, W), 0.25)
+    metric = torch.randn(1, 1, H, W, generator=generator)
+    return input, flow, metric, (2 * W - 1) * (2 * H - 1)
+
+
+@pytest.mark.parametrize("backend_name", ["cuda-host", "cupy-host"])
+@pytest.mark.parametrize("channels", [3, 64])
+@pytest.mark.parametrize(
+    "mode, stable, launches, planes_added, maxima",
+    [
+        # soft: the scatter (C channels and the normaliser per kept tap), then the division
+        ("soft-addeps", False, 2, "C+1", 0),
+        ("sum", False, 1, "C", 0),  # no normaliser, no division
+        # stable: the scatter-max first (one reduction per kept tap), then as soft
+        ("soft-addeps", True, 3, "C+1", 1),
+    ],
+)
+def test_what_the_gpu_forward_issues_per_call(backend_name, channels, mode, stable, launches, planes_added, maxima) -> None:
+    """The GPU forward's work, counted where its code runs on the CPU (shim.h's work counter):
+    one atomic add per kept tap and plane, one reduction per kept tap for stable's maximum, and
+    the launches per call. docs/performance.md states these counts."""
+    input, flow, metric, kept = _constant_flow_case(channels)
+    with host.WorkCounter(backend_name) as counted:
+        softsplat.splat(input, flow, None if mode == "sum" else metric, mode=mode, stable=stable, backend=backend_name)
+    planes = channels + 1 if planes_added == "C+1" else channels
+    assert (counted.launches, counted.adds, counted.maxima) == (launches, kept * planes, kept * maxima)
+
+
+@pytest.mark.parametrize("backend_name", ["cuda-host", "cupy-host"])
+def test_the_gpu_backward_issues_no_atomics(backend_name) -> None:
+    """The backward gathers: it prepares the targets' gradients and each source pixel reads its
+    taps (two launches, no atomic operation: deterministic as it is)."""
+    input, flow, metric, _ = _constant_flow_case(64)
+    tensors = [t.requires_grad_() for t in (input, flow, metric)]
+    out = softsplat.splat(*tensors, mode="soft-addeps", backend=backend_name)
+    with host.WorkCounter(backend_name) as counted:
+        out.backward(torch.randn_like(out))
+    assert (counted.launches, counted.adds, counted.maxima) == (2, 0, 0)

@@ -149,6 +149,31 @@ class ThreadProbe:
         self.longest, self.total = self._read(False)
 
 
+class WorkCounter:
+    """The launches, atomic adds and atomic maxima/minima that the kernels of backend ``name``'s
+    host library issue inside a ``with`` block (shim.h's work counter): what the device code
+    does per call, counted where it runs on the CPU."""
+
+    def __init__(self, name: str) -> None:
+        built = library() if name == "cuda-host" else kernel_library()
+        built.ops()  # built and loaded once
+        self._counts = ctypes.CDLL(str(built.library_path())).softsplat_host_work_counts
+        self._counts.restype = None
+        self.launches = self.adds = self.maxima = 0
+
+    def _read(self, on: bool) -> tuple[int, int, int]:
+        values = [ctypes.c_longlong() for _ in range(3)]
+        self._counts(ctypes.c_int(on), *(ctypes.byref(v) for v in values))
+        return tuple(v.value for v in values)
+
+    def __enter__(self) -> WorkCounter:
+        self._read(True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.launches, self.adds, self.maxima = self._read(False)
+
+
 #: The backends this package adds, by name.
 BACKENDS = (CudaHostBackend, CupyHostBackend)
 

@@ -38,12 +38,31 @@ struct dim3 {
 
 inline thread_local dim3 blockIdx, threadIdx, blockDim, gridDim;
 
+// The work counter: while on, the launches and the atomic operations the kernels issue are
+// counted (one atomic add, or max or min, per call of atomicAdd, atomicMax, atomicMin), so a test
+// can pin what the device code does per call and per pixel (docs/performance.md).
+struct WorkCounter {
+  std::atomic<bool> on{false};
+  std::atomic<long long> launches{0}, adds{0}, maxima{0};
+};
+
+inline WorkCounter& work_counter() {
+  static WorkCounter counter;
+  return counter;
+}
+
+inline void count_work(std::atomic<long long> WorkCounter::*field) {
+  WorkCounter& counter = work_counter();
+  if (counter.on.load(std::memory_order_relaxed)) (counter.*field).fetch_add(1, std::memory_order_relaxed);
+}
+
 // A subnormal float32 flushed to zero (of its sign), as the GPU's float32 atomic add does
 // with its operands and its result (SASS RED.E.ADD.F32.FTZ.RN).
 inline float flush_subnormal(float v) { return std::fpclassify(v) == FP_SUBNORMAL ? std::copysign(0.0f, v) : v; }
 
 template <typename T>
 inline T atomicAdd(T* address, T value) {
+  count_work(&WorkCounter::adds);
   if constexpr (std::is_same_v<T, float>) {  // as the device: flush to zero (FTZ)
     std::atomic_ref<float> target(*address);
     float seen = target.load(std::memory_order_relaxed);
@@ -59,6 +78,7 @@ inline T atomicAdd(T* address, T value) {
 // Integer atomic max and min (the scatter-max's), returning the value seen, as CUDA's do.
 template <typename T>
 inline T atomicMax(T* address, T value) {
+  count_work(&WorkCounter::maxima);
   std::atomic_ref<T> target(*address);
   T seen = target.load(std::memory_order_relaxed);
   while (seen < value && !target.compare_exchange_weak(seen, value, std::memory_order_relaxed)) {
@@ -68,6 +88,7 @@ inline T atomicMax(T* address, T value) {
 
 template <typename T>
 inline T atomicMin(T* address, T value) {
+  count_work(&WorkCounter::maxima);
   std::atomic_ref<T> target(*address);
   T seen = target.load(std::memory_order_relaxed);
   while (value < seen && !target.compare_exchange_weak(seen, value, std::memory_order_relaxed)) {
@@ -160,19 +181,29 @@ void launch_blocks(void (*kernel)(Parameters...), dim3 grid, dim3 block, unsigne
 
 template <typename... Parameters, typename... Arguments>
 void launch(void (*kernel)(Parameters...), dim3 grid, dim3 block, Arguments... arguments) {
+  count_work(&WorkCounter::launches);
   launch_blocks(kernel, grid, block, 0, grid.x, arguments...);
 }
 
 }  // namespace softsplat_host
 
 // The thread probe of this library: switched on (or off) by `on`; returns the longest and the
-// total run of one GPU thread (ns) since the last call, and starts both afresh.
+// total run of one GPU thread (ns) since the last call, and starts both afresh. Also defines the
+// work counter's entry, softsplat_host_work_counts.
 #define SOFTSPLAT_HOST_THREAD_PROBE                                                                  \
   extern "C" void softsplat_host_thread_probe(int on, long long* longest, long long* total) {      \
     softsplat_host::ThreadProbe& probe = softsplat_host::thread_probe();                           \
     *longest = probe.longest.exchange(0);                                                         \
     *total = probe.total.exchange(0);                                                             \
     probe.on.store(on != 0);                                                                      \
+  }                                                                                               \
+  /* The work counter likewise: launches, atomic adds, atomic maxima and minima. */               \
+  extern "C" void softsplat_host_work_counts(int on, long long* launches, long long* adds, long long* maxima) { \
+    softsplat_host::WorkCounter& counter = softsplat_host::work_counter();                         \
+    *launches = counter.launches.exchange(0);                                                     \
+    *adds = counter.adds.exchange(0);                                                             \
+    *maxima = counter.maxima.exchange(0);                                                         \
+    counter.on.store(on != 0);                                                                    \
   }
 
 using softsplat_host::__double_as_longlong;
