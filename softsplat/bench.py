@@ -270,6 +270,20 @@ def forward_bytes(size, channels=3, batch=1, dtype=torch.float32, mode="soft") -
     return pixels * (channels * itemsize + 2 * 4 + metric + channels * 4 + normaliser)
 
 
+def backward_bytes(size, channels=3, batch=1, dtype=torch.float32, mode="soft") -> int:
+    """Bytes a fused backward must move at least, given the forward's saved tensors: read the
+    result's gradient and the input (their dtype), flow and metric, the result and the normaliser
+    (float32), write the input's gradient (its dtype), the flow's and the metric's."""
+    height, width = size
+    pixels = batch * height * width
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    metric = 4 if Mode.parse(mode.removesuffix(STABLE_SUFFIX)).needs_metric else 0
+    normalised = mode != "sum"
+    reads = 2 * channels * itemsize + 2 * 4 + metric + (channels * 4 + 4 if normalised else 0)
+    writes = channels * itemsize + 2 * 4 + metric
+    return pixels * (reads + writes)
+
+
 def _runnable(args, modes, console):
     """The backends to time (named by --backends, else every registered one) that can run
     the first mode on --device in --dtype; the others are reported as skipped, with why."""
@@ -407,24 +421,29 @@ def run(args) -> int:
                 progress.advance(task)
             for mode in modes:
                 measured = {name: times[size, mode, name] for name, _ in contenders}
-                rows.append((size, mode, measured, forward_bytes(size, args.channels, dtype=dtype, mode=mode) / bandwidth))
+                moved = forward_bytes(size, args.channels, dtype=dtype, mode=mode)
+                both_moved = moved + backward_bytes(size, args.channels, dtype=dtype, mode=mode)
+                rows.append((size, mode, measured, moved / bandwidth, both_moved / bandwidth))
     table = Table(title=f"softsplat bench on {device}, {args.channels} channels, {args.dtype}, median of {args.repeats} "
                   "(ratios: how many times faster)")
-    for column in ("size", "mode", "backend", "forward ms", "fwd+bwd ms", "vs torch oracle fwd / fwd+bwd", "vs naive port fwd / fwd+bwd", "forward / bandwidth bound"):
+    for column in ("size", "mode", "backend", "forward ms", "fwd+bwd ms", "vs torch oracle fwd / fwd+bwd", "vs naive port fwd / fwd+bwd", "forward / bandwidth bound",
+                   "fwd+bwd / its bound"):
         table.add_column(column, justify="right")
-    for size, mode, measured, bound in rows:
+    for size, mode, measured, bound, both_bound in rows:
         oracle, naive = measured.get("torch"), measured["naive port"]
         for name, (forward, both) in measured.items():
             table.add_row(
                 f"{size[0]}x{size[1]}", mode, name, f"{forward * 1e3:.1f}", "-" if both != both else f"{both * 1e3:.1f}",
                 _speedups(oracle, forward, both) if oracle else "-", _speedups(naive, forward, both), f"{forward / bound:.1f}x",
+                "-" if both != both else f"{both / both_bound:.1f}x",
             )
     console.print(table)
-    console.print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; bound = bytes the fused forward must move / that bandwidth")
+    console.print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; bound = bytes the fused forward must move / that bandwidth; "
+                  "fwd+bwd's: with those a fused backward must move")
     for line in stable_ratios(rows):
         console.print(line)
-    forward = {(f"{size[0]}x{size[1]}", mode, name): t[0] for size, mode, measured, _ in rows for name, t in measured.items()}
-    both = {(f"{size[0]}x{size[1]}", mode, name): t[1] for size, mode, measured, _ in rows for name, t in measured.items()}
+    forward = {(f"{size[0]}x{size[1]}", mode, name): t[0] for size, mode, measured, *_ in rows for name, t in measured.items()}
+    both = {(f"{size[0]}x{size[1]}", mode, name): t[1] for size, mode, measured, *_ in rows for name, t in measured.items()}
     for line in deterministic_ratios(forward, both):
         console.print(line)
     if args.deterministic:
@@ -453,7 +472,7 @@ def onnxruntime_reason(device: str, dtype: torch.dtype) -> str | None:
 def stable_ratios(rows) -> list[str]:
     """For every mode measured both plain and ``+stable``: how many times the plain forward's
     time the stable forward takes, per backend (the scatter-max pass included)."""
-    forward = {(size, mode, name): times[0] for size, mode, measured, _ in rows for name, times in measured.items()}
+    forward = {(size, mode, name): times[0] for size, mode, measured, *_ in rows for name, times in measured.items()}
     lines = []
     for (size, mode, name), seconds in forward.items():
         plain = forward.get((size, mode.removesuffix(STABLE_SUFFIX), name))

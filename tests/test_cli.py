@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from softsplat import backends
 from softsplat.cli import main
@@ -58,6 +59,28 @@ def test_bench_times_the_deterministic_path_beside_the_atomic_one(capsys, monkey
     assert main(["bench", "--sizes", "16x24", "--repeats", "1", "--backends", "cpp", "--deterministic",
                  "--no-onnxruntime"]) == 0
     assert "no backend timed here has a deterministic path of its own on cpu" in capsys.readouterr().out
+
+
+def test_bench_bounds_count_the_bytes_a_fused_pass_moves() -> None:
+    """Per pixel, soft float32 with C = 3: the forward reads 3 channels, 2 flows and the metric
+    and writes 3 channels and the normaliser (40 bytes); the backward reads the gradient, the
+    input, flow, metric, the result and the normaliser and writes the three gradients (76)."""
+    from softsplat import bench
+
+    assert bench.forward_bytes((2, 5), channels=3) == 10 * 40
+    assert bench.backward_bytes((2, 5), channels=3) == 10 * (12 + 12 + 8 + 4 + 12 + 4 + 12 + 8 + 4)
+    # sum: no metric, no normaliser, nothing saved to read; float16 input and gradients in 2 bytes
+    assert bench.backward_bytes((2, 5), channels=64, mode="sum", dtype=torch.float16) == 10 * (128 + 128 + 8 + 128 + 8)
+
+
+def test_bench_shows_forward_and_backward_over_their_bound(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "250")
+    assert main(["bench", "--sizes", "16x24", "--modes", "soft", "--repeats", "1", "--backends", "cpp",
+                 "--no-onnxruntime"]) == 0
+    out = capsys.readouterr().out
+    assert "fwd+bwd / its bound" in out, out
+    row = next(line for line in out.splitlines() if "│" in line and " cpp " in line)
+    assert row.rstrip(" │").endswith("x"), row
 
 
 def test_bench_deterministic_times_only_ordered_forwards() -> None:
