@@ -85,6 +85,29 @@ inline void transpose_16(__m512 r[16]) {
 }
 #endif
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// The 8 x 8 transpose of r (rows become columns), in place: 24 shuffles (4 x 4 tiles take 32,
+// of half the width).
+inline void transpose_8(__m256 r[8]) {
+  __m256 t[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  __m256 u[8];
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int j = 0; j < 4; ++j) {
+    r[j] = _mm256_permute2f128_ps(u[j], u[j + 4], 0x20);
+    r[j + 4] = _mm256_permute2f128_ps(u[j], u[j + 4], 0x31);
+  }
+}
+#endif
+
 // values[i * stride + j] = x * w of channel j of the block (`pixel`: its first channel at the
 // first pixel; `view`: its strides) at pixel i < count, for j < lanes; lanes [lanes, L) zero. w
 // null: x. Planes (view.x 1) of float and double by 4 x 4 tiles, whole blocks of channels side
@@ -105,6 +128,24 @@ void pack_block(const scalar_t* __restrict pixel, const View4& view, const acc_t
       }
       transpose_16(r);
       for (int k = 0; k < 16; ++k) _mm512_storeu_ps(values + (i + k) * stride, r[k]);
+    }
+  }
+#endif
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  if constexpr (L == 16 && std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    for (; view.x == 1 && lanes == L && i + 8 <= count; i += 8) {  // whole blocks: 8 x 8 tiles
+      if (i % 16 == 0)
+        for (int64_t j = 0; j < L; ++j) __builtin_prefetch(pixel + j * view.c + i + kPrefetchAhead);
+      const __m256 scale = w ? _mm256_loadu_ps(w + i) : _mm256_set1_ps(1);
+      for (int64_t j = 0; j < L; j += 8) {
+        __m256 r[8];
+        for (int k = 0; k < 8; ++k) {
+          r[k] = _mm256_loadu_ps(pixel + (j + k) * view.c + i);
+          if (w) r[k] = _mm256_mul_ps(r[k], scale);
+        }
+        transpose_8(r);
+        for (int k = 0; k < 8; ++k) _mm256_storeu_ps(values + (i + k) * stride + j, r[k]);
+      }
     }
   }
 #endif
@@ -158,8 +199,10 @@ void pack_block(const scalar_t* __restrict pixel, const View4& view, const acc_t
 
 // The first `count` lanes of W targets (target x's at lanes + x * stride) moved into planes:
 // plane(c)[x] = lanes[x * stride + c], stored or added (Add); times `factor` (W values, the
-// finishing factors of common.h) unless null. The inverse of pack_block.
-template <bool Add, typename acc_t, typename Plane>
+// finishing factors of common.h) unless null. The inverse of pack_block. Tiles: the forward's
+// blocks (lanes side by side, stride == count), which AVX2 then moves by 8 x 8 tiles (a
+// compile-time choice: in the backward's gather the extra code measured slower).
+template <bool Add, bool Tiles = false, typename acc_t, typename Plane>
 void unpack_block_row(const acc_t* __restrict lanes, int64_t stride, const Plane& plane, int64_t count,
                       const acc_t* __restrict factor, int64_t W) {
   int64_t x = 0;
@@ -176,6 +219,26 @@ void unpack_block_row(const acc_t* __restrict lanes, int64_t stride, const Plane
         if (Add) r[c] = _mm512_add_ps(_mm512_loadu_ps(p), r[c]);
         if (factor) r[c] = _mm512_mul_ps(r[c], by);
         _mm512_storeu_ps(p, r[c]);
+      }
+    }
+  }
+#endif
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  if constexpr (Tiles && std::is_same_v<acc_t, float>) {
+    for (; count % 8 == 0 && stride == count && x + 8 <= W; x += 8) {  // whole blocks: 8 x 8 tiles
+      if (x % 16 == 0)
+        for (int64_t c = 0; c < count; ++c) __builtin_prefetch(plane(c) + x + kPrefetchAhead, 1);
+      const __m256 by = factor ? _mm256_loadu_ps(factor + x) : _mm256_set1_ps(1);
+      for (int64_t c0 = 0; c0 < count; c0 += 8) {
+        __m256 r[8];
+        for (int k = 0; k < 8; ++k) r[k] = _mm256_loadu_ps(lanes + (x + k) * stride + c0);
+        transpose_8(r);
+        for (int c = 0; c < 8; ++c) {
+          acc_t* p = plane(c0 + c) + x;
+          if (Add) r[c] = _mm256_add_ps(_mm256_loadu_ps(p), r[c]);
+          if (factor) r[c] = _mm256_mul_ps(r[c], by);
+          _mm256_storeu_ps(p, r[c]);
+        }
       }
     }
   }

@@ -533,9 +533,9 @@ void splat_block(const Band& band, int p, const std::vector<Band>& parts, const 
       const acc_t* times = product ? factor.data() : nullptr;
       const acc_t* lanes = rows + (y - band.lo) * W * L;
       if (p == 0)
-        unpack_block_row<false>(lanes, L, plane(y), count, times, W);
+        unpack_block_row<false, true>(lanes, L, plane(y), count, times, W);
       else
-        unpack_block_row<true>(lanes, L, plane(y), count, times, W);
+        unpack_block_row<true, true>(lanes, L, plane(y), count, times, W);
       if (finishes && !product)
         for (int64_t c = 0; c < count; ++c) {
           acc_t* target = plane(y)(c);
