@@ -24,6 +24,15 @@ namespace cpu {
 
 namespace {
 
+// The chunk of pixels [x_begin, x_begin + count) of row y filled, with its per-tap weights when
+// Stable (`w`: the row's weights from x_begin): what the scatters add.
+template <typename acc_t>
+void fill_chunk(TapChunk<acc_t>& chunk, const Sources<acc_t>& src, bool stable, int64_t n, int64_t y,
+                int64_t x_begin, int64_t count, const acc_t* w) {
+  chunk.fill(src, n, y, x_begin, count);
+  if (stable) chunk.fill_stable(src.maximum + n * src.H * src.W, w, src.W, count, src.kind);
+}
+
 // One band's contributions, added into out [N, C, H, W] and norm [N, 1, H, W] (null for sum),
 // both contiguous. CC is C when it is a compile-time constant (the common channel counts).
 template <int CC, bool Stable, typename scalar_t, typename acc_t>
@@ -42,8 +51,7 @@ void scatter_band(const Band& band, const scalar_t* in, const View4& in_view, co
     const scalar_t* in_row = in + in_view.at(n, 0, y, 0);
     for (int64_t x_begin = 0; x_begin < W; x_begin += kChunk) {
       const int64_t count = std::min(kChunk, W - x_begin);
-      chunk->fill(src, n, y, x_begin, count);
-      if (Stable) chunk->fill_stable(src.maximum + n * HW, w.data() + x_begin, W, count, src.kind);
+      fill_chunk(*chunk, src, Stable, n, y, x_begin, count, w.data() + x_begin);
       in_pixel_order(count, [&](int64_t i) {
         const unsigned keep = chunk->keep[i];
         if (!keep) return;
@@ -231,8 +239,7 @@ void scatter_band_packed(const Band& band, const Band& part, const scalar_t* in,
     const scalar_t* in_row = in + in_view.at(n, 0, y, 0);
     for (int64_t x_begin = 0; x_begin < W; x_begin += kChunk) {
       const int64_t count = std::min(kChunk, W - x_begin);
-      chunk->fill(src, n, y, x_begin, count);
-      if (Stable) chunk->fill_stable(src.maximum + n * src.H * W, w.data() + x_begin, W, count, src.kind);
+      fill_chunk(*chunk, src, Stable, n, y, x_begin, count, w.data() + x_begin);
       pack_values<CC, Stable>(in_row + x_begin * in_view.x, in_view, weighted ? w.data() + x_begin : nullptr,
                               values.data(), count);
       interleave(weight_planes, tap_weights.data(), count);
@@ -398,15 +405,6 @@ constexpr int64_t kBlockedBytes = int64_t(64) << 20;
 constexpr int64_t kKeptTapPixels = int64_t(1) << 16;
 
 inline int64_t chunks_per_row(int64_t W) { return (W + kChunk - 1) / kChunk; }
-
-// The chunk of pixels [x_begin, x_begin + count) of row y filled, with its per-tap weights when
-// Stable (`w`: the row's weights from x_begin): what a block scatters.
-template <typename acc_t>
-void fill_chunk(TapChunk<acc_t>& chunk, const Sources<acc_t>& src, bool stable, int64_t n, int64_t y,
-                int64_t x_begin, int64_t count, const acc_t* w) {
-  chunk.fill(src, n, y, x_begin, count);
-  if (stable) chunk.fill_stable(src.maximum + n * src.H * src.W, w, src.W, count, src.kind);
-}
 
 // The lanes of the block of channels starting at `c0` of C: 16 while more than 8 remain, else 8
 // or 4.
