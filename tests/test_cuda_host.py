@@ -125,23 +125,23 @@ def _constant_flow_case(channels: int, H: int = 6, W: int = 7) -> tuple[torch.Te
 @pytest.mark.parametrize("backend_name", ["cuda-host", "cupy-host"])
 @pytest.mark.parametrize("channels", [3, 64])
 @pytest.mark.parametrize(
-    "mode, stable, launches, planes_added, maxima",
+    "mode, stable, launches, normalised, maxima",
     [
         # soft: the scatter (C channels and the normaliser per kept tap), then the division
-        ("soft-addeps", False, 2, "C+1", 0),
-        ("sum", False, 1, "C", 0),  # no normaliser, no division
+        ("soft-addeps", False, 2, True, 0),
+        ("sum", False, 1, False, 0),  # no normaliser, no division
         # stable: the scatter-max first (one reduction per kept tap), then as soft
-        ("soft-addeps", True, 3, "C+1", 1),
+        ("soft-addeps", True, 3, True, 1),
     ],
 )
-def test_what_the_gpu_forward_issues_per_call(backend_name, channels, mode, stable, launches, planes_added, maxima) -> None:
+def test_what_the_gpu_forward_issues_per_call(backend_name, channels, mode, stable, launches, normalised, maxima) -> None:
     """The GPU forward's work, counted where its code runs on the CPU (shim.h's work counter):
     one atomic add per kept tap and plane, one reduction per kept tap for stable's maximum, and
     the launches per call. docs/performance.md states these counts."""
     input, flow, metric, kept = _constant_flow_case(channels)
     with host.WorkCounter(backend_name) as counted:
         softsplat.splat(input, flow, None if mode == "sum" else metric, mode=mode, stable=stable, backend=backend_name)
-    planes = channels + 1 if planes_added == "C+1" else channels
+    planes = channels + 1 if normalised else channels
     assert (counted.launches, counted.adds, counted.maxima) == (launches, kept * planes, kept * maxima)
 
 

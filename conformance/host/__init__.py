@@ -125,15 +125,21 @@ class CupyHostBackend(_HostBackend):
         return cupy_backend.define_ops("softsplat_cupy_host", "cpu", host_launch)
 
 
+def _shim_function(name: str, symbol: str):
+    """shim.h's C function `symbol` in backend ``name``'s host library (built and loaded once)."""
+    built = library() if name == "cuda-host" else kernel_library()
+    built.ops()
+    function = getattr(ctypes.CDLL(str(built.library_path())), symbol)
+    function.restype = None
+    return function
+
+
 class ThreadProbe:
     """The longest and the total run of one GPU thread (ns) of the launches made inside a
     ``with`` block by backend ``name``'s host library (shim.h's thread probe)."""
 
     def __init__(self, name: str) -> None:
-        built = library() if name == "cuda-host" else kernel_library()
-        built.ops()  # built and loaded once
-        self._probe = ctypes.CDLL(str(built.library_path())).softsplat_host_thread_probe
-        self._probe.restype = None
+        self._probe = _shim_function(name, "softsplat_host_thread_probe")
         self.longest = self.total = 0
 
     def _read(self, on: bool) -> tuple[int, int]:
@@ -155,10 +161,7 @@ class WorkCounter:
     does per call, counted where it runs on the CPU."""
 
     def __init__(self, name: str) -> None:
-        built = library() if name == "cuda-host" else kernel_library()
-        built.ops()  # built and loaded once
-        self._counts = ctypes.CDLL(str(built.library_path())).softsplat_host_work_counts
-        self._counts.restype = None
+        self._counts = _shim_function(name, "softsplat_host_work_counts")
         self.launches = self.adds = self.maxima = 0
 
     def _read(self, on: bool) -> tuple[int, int, int]:
