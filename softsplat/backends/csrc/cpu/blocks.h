@@ -25,6 +25,41 @@ inline View4 plane_strides(int64_t W) {
   return view;
 }
 
+// Whether scalar_t is a 16-bit float (Half, BFloat16), which the forward widens (widen_block)
+// before it packs its values.
+template <typename scalar_t>
+constexpr bool kNarrow = std::is_same_v<scalar_t, Half> || std::is_same_v<scalar_t, BFloat16>;
+
+// The block of `lanes` channels at `count` pixels of a 16-bit float input (`pixel`: its first
+// channel at the first pixel; `view`: its strides) widened to float into `wide` (lanes x count
+// values); returns the strides to read them with, for pack_block or pack_values: planes of count
+// values, or with channels side by side (channels_last) `lanes` values per pixel.
+template <typename scalar_t>
+View4 widen_block(const scalar_t* __restrict pixel, const View4& view, int64_t lanes, int64_t count,
+                  float* __restrict wide) {
+  View4 strides;
+  if (view.c == 1 && view.x != 1) {
+    if (view.x == lanes) {
+      widen(pixel, wide, lanes * count);  // the block is every channel: one run
+    } else {
+      for (int64_t i = 0; i < count; ++i) widen(pixel + i * view.x, wide + i * lanes, lanes);
+    }
+    strides.c = 1;
+    strides.x = lanes;
+    return strides;
+  }
+  for (int64_t j = 0; j < lanes; ++j) {
+    if (view.x == 1) {
+      widen(pixel + j * view.c, wide + j * count, count);
+    } else {
+      for (int64_t i = 0; i < count; ++i) wide[j * count + i] = static_cast<float>(pixel[j * view.c + i * view.x]);
+    }
+  }
+  strides.c = count;
+  strides.x = 1;
+  return strides;
+}
+
 #if defined(SOFTSPLAT_VECTOR_EXTENSION)
 template <typename acc_t>
 using Quad = typename Vector<acc_t, 4>::type;

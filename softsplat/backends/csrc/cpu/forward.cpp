@@ -231,6 +231,7 @@ void scatter_band_packed(const Band& band, const Band& part, const scalar_t* in,
   std::vector<acc_t> w(W);
   auto chunk = std::make_unique<TapChunk<acc_t>>();
   std::vector<acc_t> values(kChunk * kPacked);
+  std::vector<float> wide(kNarrow<scalar_t> ? kChunk * CC : 0);  // a 16-bit input's channels, widened
   // Per pixel, its four taps' weights side by side (one load where all four are kept).
   std::vector<acc_t> tap_weights(kChunk * kPacked);
   const acc_t* const weight_planes[kPacked] = {chunk->weight[0], chunk->weight[1], chunk->weight[2], chunk->weight[3]};
@@ -240,8 +241,13 @@ void scatter_band_packed(const Band& band, const Band& part, const scalar_t* in,
     for (int64_t x_begin = 0; x_begin < W; x_begin += kChunk) {
       const int64_t count = std::min(kChunk, W - x_begin);
       fill_chunk(*chunk, src, Stable, n, y, x_begin, count, w.data() + x_begin);
-      pack_values<CC, Stable>(in_row + x_begin * in_view.x, in_view, weighted ? w.data() + x_begin : nullptr,
-                              values.data(), count);
+      const acc_t* chunk_w = weighted ? w.data() + x_begin : nullptr;
+      if constexpr (kNarrow<scalar_t>) {
+        const View4 wide_view = widen_block(in_row + x_begin * in_view.x, in_view, CC, count, wide.data());
+        pack_values<CC, Stable>(wide.data(), wide_view, chunk_w, values.data(), count);
+      } else {
+        pack_values<CC, Stable>(in_row + x_begin * in_view.x, in_view, chunk_w, values.data(), count);
+      }
       interleave(weight_planes, tap_weights.data(), count);
       scatter_chunk<Stable>(*chunk, values.data(), tap_weights.data(), count, band.lo * W, W, scratch);
     }
@@ -488,6 +494,7 @@ void splat_block(const Band& band, int p, const std::vector<Band>& parts, const 
   const bool weighted = src.kind != SUM;
   acc_t* rows = scratch.rows(band, W, L);
   std::vector<acc_t> values(kChunk * L), divisor(W), factor(W);
+  std::vector<float> wide(kNarrow<scalar_t> ? kChunk * L : 0);  // a 16-bit input's block, widened
   auto chunk = taps ? nullptr : std::make_unique<TapChunk<acc_t>>();
   acc_t* norm_n = norm ? norm + n * H * W : nullptr;
   auto plane = [&](int64_t y) { return [=](int64_t c) { return out + ((n * C + c0 + c) * H + y) * W; }; };
@@ -508,7 +515,12 @@ void splat_block(const Band& band, int p, const std::vector<Band>& parts, const 
             fill_chunk(*chunk, src, Stable, n, y, x_begin, chunk_count, w + x_begin);
           }
           const acc_t* chunk_w = weighted && !Stable ? w + x_begin : nullptr;
-          pack_block<L>(in_row + x_begin * in_view.x, in_view, chunk_w, count, values.data(), L, chunk_count);
+          if constexpr (kNarrow<scalar_t>) {
+            const View4 wide_view = widen_block(in_row + x_begin * in_view.x, in_view, count, chunk_count, wide.data());
+            pack_block<L>(wide.data(), wide_view, chunk_w, count, values.data(), L, chunk_count);
+          } else {
+            pack_block<L>(in_row + x_begin * in_view.x, in_view, chunk_w, count, values.data(), L, chunk_count);
+          }
           scatter_block<L, Stable>(*filled, values.data(), chunk_w, chunk_count, band.lo * W, W, rows, norm_n);
         }
       }

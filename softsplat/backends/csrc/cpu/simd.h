@@ -5,7 +5,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
+
+#include "../tensor.h"
 
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <sleef.h>  // the vectorised math ATen's own CPU kernels use, shipped with torch
@@ -58,6 +61,29 @@ inline void exp_copy(const double* from, double* to, int64_t n) {
 template <typename T>
 inline void exp_inplace(T* a, int64_t n) {
   exp_copy(a, a, n);
+}
+
+// to[i] = float(from[i]) for i < n, for the 16-bit floats (exact): BFloat16 by a shift, Half by
+// F16C where the CPU has it (AVX2 and AVX-512 levels), else by torch's conversion; loops that
+// vectorise, where a conversion per value in a kernel's inner loop does not.
+inline void widen(const BFloat16* from, float* to, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t bits = static_cast<uint32_t>(from[i].x) << 16;
+    std::memcpy(to + i, &bits, sizeof bits);
+  }
+}
+
+inline void widen(const Half* from, float* to, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(to + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(from + i))));
+#endif
+#if defined(__F16C__)
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(to + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(from + i))));
+#endif
+  for (; i < n; ++i) to[i] = static_cast<float>(from[i]);
 }
 
 #if defined(__GNUC__)
