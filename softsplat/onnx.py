@@ -142,9 +142,16 @@ def _safe_normaliser(D, normalisation: int):
 
 
 def _forward(input, flow, metric=None, kind: int = Kind.SUM, normalisation: int = Normalisation.ADDEPS, maximum=None,
-             deterministic: bool = False):
-    """``splat_forward`` of csrc/schemas.h: (result or numerator, normaliser) in flow's dtype.
-    ``deterministic`` is the runtime's business: one scatter either way."""
+             deterministic: bool = False, cast: bool = False):
+    """``splat_forward`` of csrc/schemas.h: (result or numerator, normaliser) in flow's dtype
+    (with ``cast``, the result in input's). ``deterministic`` is the runtime's business: one
+    scatter either way."""
+    out, normaliser = _sums(input, flow, metric, kind, normalisation, maximum)
+    return (_op().CastLike(out, input) if cast else out), normaliser
+
+
+def _sums(input, flow, metric, kind: int, normalisation: int, maximum):
+    """``_forward``'s (result or numerator, normaliser), both in flow's dtype."""
     op = _op()
     index, weight, keep, (N, H, W) = _taps(flow)
     x = op.CastLike(input, flow)
@@ -178,10 +185,10 @@ def _forward(input, flow, metric=None, kind: int = Kind.SUM, normalisation: int 
     return op.Div(numerator, _safe_normaliser(D, normalisation)), D
 
 
-def _stable_forward(input, flow, metric, normalisation: int):
+def _stable_forward(input, flow, metric, normalisation: int, cast: bool = False):
     """``splat_stable_forward``: (result, normaliser, maximum)."""
     maximum = _maximum(flow, metric)
-    out, normaliser = _forward(input, flow, metric, Kind.STABLE, normalisation, maximum)
+    out, normaliser = _forward(input, flow, metric, Kind.STABLE, normalisation, maximum, cast=cast)
     return out, normaliser, maximum
 
 

@@ -89,6 +89,58 @@ def test_opcheck_stable(ops, normalisation, dtype) -> None:
     torch.library.opcheck(ops.splat_stable_forward.default, (*leaves, normalisation))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_opcheck_cast(ops, dtype) -> None:
+    """The result in input's dtype (``cast``), as the kernels write it for 16-bit inputs: the
+    fake tensors' dtype included (torch.compile plans with them)."""
+    input, flow, metric = _tensors(dtype)
+    for normalisation in (0, 3):
+        out, _ = ops.splat_forward(input, flow, metric, 3, normalisation, None, False, True)
+        assert out.dtype == dtype
+        torch.library.opcheck(ops.splat_forward.default, (input, flow, metric, 3, normalisation, None, False, True))
+        torch.library.opcheck(ops.splat_stable_forward.default, (input, flow, metric, normalisation, True))
+    assert ops.splat_stable_forward(input, flow, metric, 0, True)[0].dtype == dtype
+
+
+def test_a_cast_result_refuses_a_gradient(ops) -> None:
+    input, flow, metric = _tensors(torch.float16)
+    out, _ = ops.splat_forward(input.requires_grad_(), flow, metric, 3, 0, None, False, True)
+    with pytest.raises(ValueError, match=r"cast: a result rounded to input's dtype \(cast=True\) has no gradient"):
+        out.float().sum().backward()
+
+
+def test_the_kernels_write_16_bit_results_where_nothing_is_differentiated() -> None:
+    """``run_forward`` asks the op for the result in input's dtype (``cast``) exactly where
+    autograd will not differentiate it: a 16-bit input, not splat_many's numerator, and no
+    gradient recorded (inference or no_grad mode, or no argument requiring one)."""
+    from softsplat.backends import ops as ops_module
+    from softsplat.backends.base import Problem
+
+    asked = []
+
+    class Recorder:
+        def splat_forward(self, input, flow, metric, kind, normalisation, maximum, deterministic, cast):
+            asked.append(cast)
+            N, C, H, W = input.shape
+            return torch.zeros(N, C, H, W, dtype=input.dtype if cast else flow.dtype), torch.zeros(N, 1, H, W)
+
+    def cast_asked(dtype, requires_grad=False, raw=False):
+        input, flow, metric = _tensors(dtype)
+        problem = Problem(input.requires_grad_(requires_grad), flow, metric, Mode.SOFT, raw=raw)
+        out, _ = ops_module.run_forward(Recorder(), problem)
+        assert out.dtype == (flow.dtype if raw else dtype)
+        return asked.pop()
+
+    assert cast_asked(torch.float16) and cast_asked(torch.bfloat16)
+    assert not cast_asked(torch.float16, requires_grad=True)
+    assert not cast_asked(torch.float16, raw=True)
+    assert not cast_asked(torch.float32) and not cast_asked(torch.float64)
+    with torch.no_grad():
+        assert cast_asked(torch.float16, requires_grad=True)
+    with torch.inference_mode():
+        assert cast_asked(torch.bfloat16)
+
+
 def test_fused_stable_equals_the_two_ops(ops) -> None:
     """splat_stable_forward returns what splat_maximum then splat_forward (kind 4) return, and
     what splat(stable=True) uses on CPU."""
@@ -118,6 +170,23 @@ def test_compile_fullgraph(ops, stable) -> None:
     torch.testing.assert_close(out, expected)
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_compile_in_inference_mode_returns_the_16_bit_result(ops, dtype) -> None:
+    """Under torch.compile in inference mode (how models deploy) the op writes the 16-bit result
+    itself: the same bits as eager, in input's dtype."""
+    input, flow, metric = _tensors(dtype, shape=(1, 64, 9, 40))
+
+    def warp(input, flow, metric):
+        return softsplat.splat(input, flow, metric, mode="soft", backend="cpp")
+
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        out = torch.compile(warp, fullgraph=True, backend="aot_eager")(input, flow, metric)
+        expected = warp(input, flow, metric)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
 def test_auto_prefers_cpp_on_cpu(ops) -> None:

@@ -146,6 +146,21 @@ def test_what_the_gpu_forward_issues_per_call(backend_name, channels, mode, stab
 
 
 @pytest.mark.parametrize("backend_name", ["cuda-host", "cupy-host"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode, launches", [("soft-addeps", 2), ("sum", 2)])
+def test_a_16_bit_result_takes_no_pass_of_its_own(backend_name, dtype, mode, launches) -> None:
+    """In inference, the pass after the scatter writes a 16-bit input's result in its own dtype:
+    soft's division writes it (two launches, as for float32, and no cast after), sum's numerator
+    takes that one pass to be rounded (instead of torch's cast)."""
+    input, flow, metric, _ = _constant_flow_case(64)
+    with torch.inference_mode(), host.WorkCounter(backend_name) as counted:
+        out = softsplat.splat(input.to(dtype), flow, None if mode == "sum" else metric, mode=mode, backend=backend_name)
+    assert out.dtype == dtype and counted.launches == launches
+    expected = softsplat.splat(input.to(dtype), flow, None if mode == "sum" else metric, mode=mode, backend="torch")
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("backend_name", ["cuda-host", "cupy-host"])
 def test_the_gpu_backward_issues_no_atomics(backend_name) -> None:
     """The backward gathers: it prepares the targets' gradients and each source pixel reads its
     taps (two launches, no atomic operation: deterministic as it is)."""

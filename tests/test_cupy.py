@@ -149,7 +149,7 @@ def test_two_shapes_share_one_compiled_program(monkeypatch) -> None:
     assert list(cupy_backend._modules) == [(0, torch.float32)]
     launched = [name for name, *_ in _FakeModule.built[0].launches]
     assert launched == 2 * [
-        "softsplat::splat_forward_kernel<float, float, int>", "softsplat::splat_normalise_kernel<float, int>",
+        "softsplat::splat_forward_kernel<float, float, int>", "softsplat::splat_normalise_kernel<float, float, int>",
         "softsplat::splat_backward_prepare_kernel<float, int>", "softsplat::splat_backward_kernel<float, float, int>",
     ]
     impls.forward(input.half(), flow, metric, 3, 0)
@@ -237,7 +237,7 @@ def test_a_launch_runs_on_its_tensors_device_and_torchs_stream_there(monkeypatch
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     streams = []
     monkeypatch.setattr(_FakeModule, "get_function", lambda self, name: lambda grid, block, args, stream: streams.append(stream))
-    cupy_backend.cuda_launch(torch.device("cuda", 1), torch.float32, "normalise", "int", 10, None, None, ("index", 1),
+    cupy_backend.cuda_launch(torch.device("cuda", 1), torch.float32, "normalise", "int", 10, None, None, None, ("index", 1),
                              ("index", 1), ("index", 1), ("index", 10), ("int", 0))
     assert entered == [1] and list(cupy_backend._modules) == [(1, torch.float32)]
     assert streams == [("stream", 1001, 1)]

@@ -66,6 +66,8 @@ def record() -> None:
             m = metric if kind >= 2 else None
             maximum = maxima.get(kind)
             out, normaliser = backend.splat_forward(input, flow, m, kind, normalisation, maximum)
+            if dtype in (torch.float16, torch.bfloat16):  # the result written in its own dtype too
+                backend.splat_forward(input, flow, m, kind, normalisation, maximum, cast=True)
             grad = torch.randn(N, C, H, W, generator=generator).to(acc)
             # Every output mask and a normaliser's gradient for soft; the full gradient otherwise.
             masks = ([True, True, True], [True, False, False], [False, True, True]) if kind == 3 else ([True, True, True],)

@@ -54,7 +54,9 @@ def kernel_names(dtype: torch.dtype) -> dict[tuple[str, str], str]:
     names = {}
     for index in ("int", "long long"):
         names["forward", index] = f"softsplat::splat_forward_kernel<{scalar}, {acc}, {index}>"
-        names["normalise", index] = f"softsplat::splat_normalise_kernel<{acc}, {index}>"
+        names["normalise", index] = f"softsplat::splat_normalise_kernel<{acc}, {acc}, {index}>"  # in place
+        if scalar != acc:  # into input's 16-bit dtype
+            names["cast", index] = f"softsplat::splat_normalise_kernel<{scalar}, {acc}, {index}>"
         names["maximum", index] = f"softsplat::splat_maximum_kernel<{acc}, {index}>"
         # the ordered forward (deterministic)
         names["key", index] = f"softsplat::splat_key_kernel<{acc}, {index}>"
@@ -289,20 +291,34 @@ class Impls:
         normalisation: int,
         maximum: torch.Tensor | None = None,
         deterministic: bool = False,
+        cast: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         N, C, H, W = input.shape
         # The atomic forward adds into zeros; the ordered one writes every element.
         out, normaliser = forward_buffers(input, flow, kind, zeroed=not deterministic)
+        # `cast`: the result in input's dtype, which the normalising pass writes (16-bit inputs).
+        narrow = cast and input.dtype != flow.dtype
+        result = torch.empty_like(out, dtype=input.dtype) if narrow else out
         if N * H * W == 0:
-            return out, normaliser
+            return result, normaliser
         metric = metric if kind >= Kind.LINEAR else None
         # The ordered forward also numbers four taps per pixel in the index type.
         largest = max(N * (C + 1) * H * W, 4 * N * H * W if deterministic else 0)
         index = "int" if _fits_int32((input, flow, metric, out), largest) else "long long"
         sizes = tuple(("index", v) for v in (N, C, H, W))
-        if deterministic:
+
+        def finish(divides: bool) -> None:  # result = out / D' (or out), in place or rounded
+            if C and (divides or narrow):
+                self.launch(
+                    input.device, input.dtype, "cast" if narrow else "normalise", index,
+                    N * -(-C // NORMALISE_CHANNELS) * H * W,
+                    out, normaliser if divides else None, result, *sizes, ("int", normalisation),
+                )
+
+        if deterministic:  # the gather divides; a 16-bit result is rounded after
             self.ordered_forward(input, flow, metric, kind, normalisation, maximum, index, out, normaliser)
-            return out, normaliser
+            finish(False)
+            return result, normaliser
         self.launch(
             input.device,
             input.dtype,
@@ -316,19 +332,8 @@ class Impls:
             out,
             normaliser if kind != Kind.SUM else None,
         )
-        if kind != Kind.SUM and normalisation != Normalisation.RAW and C:  # raw: the numerator as it is
-            self.launch(
-                input.device,
-                input.dtype,
-                "normalise",
-                index,
-                N * -(-C // NORMALISE_CHANNELS) * H * W,
-                out,
-                normaliser,
-                *sizes,
-                ("int", normalisation),
-            )
-        return out, normaliser
+        finish(kind != Kind.SUM and normalisation != Normalisation.RAW)  # raw: the numerator as it is
+        return result, normaliser
 
     def ordered_forward(self, input, flow, metric, kind, normalisation, maximum, index, out, normaliser) -> None:
         """The ordered forward of cuda/kernels.cuh, as cuda/launch.h launches it: every target

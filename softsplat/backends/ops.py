@@ -59,13 +59,31 @@ def scatter_maximum(ops, problem: Problem) -> torch.Tensor:
 #: The op of a namespace that computes stable soft splatting's maximum and forward in one call.
 FUSED_STABLE = "splat_stable_forward"
 
+#: What a forward op says when autograd reaches a result it rounded to input's dtype (``cast``).
+CAST_HAS_NO_GRADIENT = (
+    "cast: a result rounded to input's dtype (cast=True) has no gradient; call the op with "
+    "cast=False (its result in the compute dtype, whose gradient the backward needs) to differentiate it"
+)
+
+
+def casts(problem: Problem) -> bool:
+    """Whether the forward op writes the result in input's dtype itself (``cast``): a 16-bit
+    input whose result autograd will not differentiate (the backward reads the result in the
+    compute dtype), and not splat_many's numerator."""
+    if problem.raw or problem.input.dtype == problem.compute_dtype:
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    return not any(t is not None and t.requires_grad for t in (problem.input, problem.flow, problem.metric))
+
 
 def run_forward(ops, problem: Problem, fused_stable: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``Backend.run`` through ``ops`` (``torch.ops.<namespace>``, the ops of schemas.h).
 
     ``flow`` and ``metric`` are read in the compute dtype (a no-op when they already are);
-    the op returns the compute dtype, cast here so that autograd casts gradients back;
-    ``problem.deterministic`` asks the op for its ordered forward (the CUDA kernels'). For
+    the op returns the compute dtype, cast here so that autograd casts gradients back, or the
+    input's own dtype where nothing is differentiated (``casts``: the kernels write it, no cast
+    pass after); ``problem.deterministic`` asks the op for its ordered forward (the CUDA kernels'). For
     stable soft splatting, the scatter-max pass runs first unless a (joint) maximum is given;
     with ``fused_stable`` (the backend implements ``splat_stable_forward`` on the input's device)
     that one call does both. Max splatting takes its maximum the same way (``splat_maximum``
@@ -74,8 +92,9 @@ def run_forward(ops, problem: Problem, fused_stable: bool = False) -> tuple[torc
     dtype = problem.compute_dtype
     flow = problem.flow.to(dtype)
     metric = None if problem.metric is None else problem.metric.to(dtype)
+    cast = casts(problem)
     if problem.stable and problem.maximum is None and fused_stable:
-        out, normaliser, _ = ops.splat_stable_forward(problem.input, flow, metric, int(problem.normalisation_code))
+        out, normaliser, _ = ops.splat_stable_forward(problem.input, flow, metric, int(problem.normalisation_code), cast)
         return (out if problem.raw else out.to(problem.input.dtype)), normaliser
     maximum = None
     if problem.per_tap:
@@ -83,7 +102,7 @@ def run_forward(ops, problem: Problem, fused_stable: bool = False) -> tuple[torc
         maximum = (given if given is not None else scatter_maximum(ops, problem)).to(dtype)
     out, normaliser = ops.splat_forward(
         problem.input, flow, metric, int(problem.kind_code), int(problem.normalisation_code), maximum,
-        problem.deterministic,
+        problem.deterministic, cast,
     )
     normaliser = None if problem.mode.kind == "sum" else normaliser
     return (out if problem.raw else out.to(problem.input.dtype)), normaliser
@@ -122,10 +141,10 @@ def autograd_formula(backward_op):
         input, flow, metric, kind, normalisation, *rest = inputs
         maximum = rest[0] if rest else None
         out, normaliser = output
-        save(ctx, kind, normalisation, (input, flow, metric, out, normaliser, maximum))
+        save(ctx, kind, normalisation, (input, flow, metric, out, normaliser, maximum), out.dtype != flow.dtype)
 
-    def backward(ctx, grad_out, grad_normaliser):  # none for kind, normalisation, maximum, deterministic
-        return gradients(ctx, backward_op, grad_out, grad_normaliser) + (None, None, None, None)
+    def backward(ctx, grad_out, grad_normaliser):  # none for kind, normalisation, maximum, deterministic, cast
+        return gradients(ctx, backward_op, grad_out, grad_normaliser) + (None, None, None, None, None)
 
     return backward, setup_context
 
@@ -136,20 +155,21 @@ def fused_stable_autograd_formula(backward_op):
     it computed, which passes no gradient."""
 
     def setup_context(ctx, inputs, output):
-        input, flow, metric, normalisation = inputs
+        input, flow, metric, normalisation, *_ = inputs
         out, normaliser, maximum = output
         ctx.mark_non_differentiable(maximum)
-        save(ctx, Kind.STABLE, normalisation, (input, flow, metric, out, normaliser, maximum))
+        save(ctx, Kind.STABLE, normalisation, (input, flow, metric, out, normaliser, maximum), out.dtype != flow.dtype)
 
-    def backward(ctx, grad_out, grad_normaliser, grad_maximum):
-        return gradients(ctx, backward_op, grad_out, grad_normaliser) + (None,)
+    def backward(ctx, grad_out, grad_normaliser, grad_maximum):  # none for normalisation, cast
+        return gradients(ctx, backward_op, grad_out, grad_normaliser) + (None, None)
 
     return backward, setup_context
 
 
-def save(ctx, kind: int, normalisation: int, tensors) -> None:
-    """What ``gradients`` needs: the mode codes and (input, flow, metric, out, normaliser, maximum)."""
-    ctx.kind, ctx.normalisation = int(kind), int(normalisation)
+def save(ctx, kind: int, normalisation: int, tensors, cast: bool) -> None:
+    """What ``gradients`` needs: the mode codes and (input, flow, metric, out, normaliser,
+    maximum); ``cast``: whether the result is in input's dtype (which has no gradient)."""
+    ctx.kind, ctx.normalisation, ctx.cast = int(kind), int(normalisation), cast
     ctx.save_for_backward(*tensors)
     # An output the loss does not use gets None, not a materialised tensor of zeros (the
     # normaliser's, usually: a full [N, 1, H, W] fill per backward).
@@ -158,6 +178,8 @@ def save(ctx, kind: int, normalisation: int, tensors) -> None:
 
 def gradients(ctx, backward_op, grad_out, grad_normaliser) -> tuple:
     """The gradients of (input, flow, metric) through ``backward_op``, None where not needed."""
+    if ctx.cast:
+        raise ValueError(CAST_HAS_NO_GRADIENT)
     input, flow, metric, out, normaliser, maximum = ctx.saved_tensors
     mask = [
         ctx.needs_input_grad[0],
@@ -193,8 +215,8 @@ def register_python_side(namespace: str, fused_stable: bool = False) -> None:
         return flow.new_empty((flow.shape[0], 1, *flow.shape[2:]))
 
     @torch.library.register_fake(forward_name)
-    def _(input, flow, metric, kind, normalisation, maximum=None, deterministic=False):
-        out = flow.new_empty((input.shape[0], input.shape[1], *input.shape[2:]))
+    def _(input, flow, metric, kind, normalisation, maximum=None, deterministic=False, cast=False):
+        out = flow.new_empty(input.shape, dtype=input.dtype if cast else flow.dtype)
         normaliser = flow.new_empty((input.shape[0], 1, *input.shape[2:]) if kind != Kind.SUM else (0,))
         return out, normaliser
 
@@ -209,9 +231,10 @@ def register_python_side(namespace: str, fused_stable: bool = False) -> None:
     fused_name = f"{namespace}::{FUSED_STABLE}"
 
     @torch.library.register_fake(fused_name)
-    def _(input, flow, metric, normalisation):
+    def _(input, flow, metric, normalisation, cast=False):
         per_target = (input.shape[0], 1, *input.shape[2:])
-        return flow.new_empty(input.shape), flow.new_empty(per_target), flow.new_empty(per_target)
+        out = flow.new_empty(input.shape, dtype=input.dtype if cast else flow.dtype)
+        return out, flow.new_empty(per_target), flow.new_empty(per_target)
 
     backward, setup_context = fused_stable_autograd_formula(backward_op)
     torch.library.register_autograd(fused_name, backward, setup_context=setup_context)

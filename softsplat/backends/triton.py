@@ -77,7 +77,7 @@ def splat_maximum(flow: torch.Tensor, metric: torch.Tensor, kind: int = int(Kind
 
 def splat_forward(
     input: torch.Tensor, flow: torch.Tensor, metric: torch.Tensor | None, kind: int, normalisation: int,
-    maximum: torch.Tensor | None = None, deterministic: bool = False,
+    maximum: torch.Tensor | None = None, deterministic: bool = False, cast: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from torch.library import wrap_triton
 
@@ -88,9 +88,12 @@ def splat_forward(
                          "(expected False), got True; the cpp and cupy backends have one on CUDA")
     N, C, H, W = input.shape
     out, normaliser = forward_buffers(input, flow, kind)
+    # `cast`: the result in input's dtype, which the normalising pass writes (16-bit inputs).
+    narrow = cast and input.dtype != flow.dtype
+    result = torch.empty_like(out, dtype=input.dtype) if narrow else out
     pixels = N * H * W
     if pixels == 0:
-        return out, normaliser
+        return result, normaliser
     normalised = kind != Kind.SUM
     metric_arg = metric if metric is not None else flow  # never read below Kind.LINEAR
     maximum_arg = maximum.contiguous() if kind in (Kind.STABLE, Kind.MAX) else out  # read only then
@@ -100,11 +103,13 @@ def splat_forward(
             maximum_arg, out, normaliser if normalised else out, N, C, H, W,
             KIND=kind, ACC=_acc(flow.dtype), BLOCK=_block(), **LAUNCH_OPTIONS,
         )
-        if normalised and C and normalisation != Normalisation.RAW:  # raw: the numerator as it is
+        divides = normalised and normalisation != Normalisation.RAW  # raw: the numerator as it is
+        if C and (divides or narrow):
             wrap_triton(k._splat_normalise_kernel)[_grid(pixels * C)](
-                out, normaliser, N, C, H, W, NORM=normalisation, BLOCK=_block(), **LAUNCH_OPTIONS,
+                out, normaliser if divides else out, result, N, C, H, W, NORM=normalisation, DIVIDE=divides,
+                BLOCK=_block(), **LAUNCH_OPTIONS,
             )
-    return out, normaliser
+    return result, normaliser
 
 
 def splat_backward(

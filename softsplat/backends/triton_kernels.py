@@ -211,14 +211,28 @@ def _safe(D, NORM: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["N", "C", "H", "W"])
-def _splat_normalise_kernel(out_ptr, norm_ptr, N, C, H, W, NORM: tl.constexpr, BLOCK: tl.constexpr):
+def _splat_normalise_kernel(out_ptr, norm_ptr, result_ptr, N, C, H, W, NORM: tl.constexpr, DIVIDE: tl.constexpr,
+                            BLOCK: tl.constexpr):
+    """result = out / D' (DIVIDE; else out), in result's dtype: out itself, or the input's
+    16-bit dtype (rounded to nearest, ties to even), so that no cast pass follows."""
     N, C, H, W = _wide(N), _wide(C), _wide(H), _wide(W)
     element = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     valid = element < N * C * H * W
     HW = H * W
-    D = tl.load(norm_ptr + (element // (C * HW)) * HW + element % HW, mask=valid, other=1.0)
     value = tl.load(out_ptr + element, mask=valid, other=0.0)
-    tl.store(out_ptr + element, value / _safe(D, NORM), mask=valid)
+    if DIVIDE:
+        D = tl.load(norm_ptr + (element // (C * HW)) * HW + element % HW, mask=valid, other=1.0)
+        value = value / _safe(D, NORM)
+    if result_ptr.dtype.element_ty == tl.bfloat16:
+        # Rounded to nearest, ties to even, by integer arithmetic as torch's cast rounds: the same
+        # bits compiled and interpreted (the interpreter's own float32-to-bfloat16 conversion
+        # truncates, and its "rtne" rounds ties away from zero).
+        bits = value.to(tl.uint32, bitcast=True)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16)
+        rounded = tl.where(value != value, 0x7FC0, rounded).to(tl.uint16)
+        tl.store(result_ptr + element, rounded.to(tl.bfloat16, bitcast=True), mask=valid)
+    else:
+        tl.store(result_ptr + element, value.to(result_ptr.dtype.element_ty), mask=valid)
 
 
 @triton.jit(do_not_specialize=["N", "C", "H", "W"])

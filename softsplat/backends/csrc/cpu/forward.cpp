@@ -362,10 +362,10 @@ void unpack_row_divided(const acc_t* __restrict lanes, acc_t* __restrict p0, acc
 // Rows [from, to) of a packed band's scratch (which starts at row band.lo) moved into the NCHW
 // outputs (out, norm contiguous; norm null for sum). Phase 0 stores (no other band has written
 // these rows), phase 1 adds. A row for which final(y) holds (no band of a later phase reaches
-// it) is finished at once, while in cache.
-template <int CC, typename acc_t, typename Final>
+// it) is finished at once, while in cache, and then given to cast(n, y, first channel, count).
+template <int CC, typename acc_t, typename Final, typename Cast>
 void flush_rows(const Band& band, int p, int64_t from, int64_t to, const acc_t* scratch, acc_t* out, acc_t* norm,
-                int64_t H, int64_t W, const Finish<acc_t>& finish, const Final& final) {
+                int64_t H, int64_t W, const Finish<acc_t>& finish, const Final& final, const Cast& cast) {
   std::vector<acc_t> finishing(finish.needed() ? 2 * W : 0);
   for (int64_t y = from; y < to; ++y) {
     const acc_t* lanes = scratch + (y - band.lo) * W * kPacked;
@@ -392,6 +392,7 @@ void flush_rows(const Band& band, int p, int64_t from, int64_t to, const acc_t* 
     else
       unpack(std::true_type());
     if (last && !divided) finish.row(band.n, y, finishing.data());
+    if (last) cast(band.n, y, 0, CC);
   }
 }
 
@@ -480,16 +481,17 @@ void scatter_block(const TapChunk<acc_t>& chunk, const acc_t* __restrict values,
 
 // One band's contributions of channels [c0, c0 + count) (count <= L) on the blocked layout,
 // written into out [N, C, H, W]; with `norm`, the normaliser's too (added into norm). `last(y)`:
-// whether row y is final once this band is done with it (then divided, when `divides`).
+// whether row y is final once this band is done with it (then divided, when `divides`, and given
+// to cast(n, y, c0, count) when `casts`: rows that nothing rescales after).
 // Stable: weights per tap (stable soft without its shortcut, max), as scatter_band<_, true>.
 // scratch.weights: src.row_weights of the band's source rows, W per row from band.y_begin (made
 // once for all of a band's blocks); `taps`: their filled chunks likewise (chunks_per_row per
 // row), or null (then filled here).
-template <int L, bool Stable, typename scalar_t, typename acc_t, typename Last>
+template <int L, bool Stable, typename scalar_t, typename acc_t, typename Last, typename Cast>
 void splat_block(const Band& band, int p, const std::vector<Band>& parts, const scalar_t* in, const View4& in_view,
                  const Sources<acc_t>& src, int64_t C, int64_t c0, int64_t count, acc_t* out, acc_t* norm,
                  const acc_t* divisor_plane, int normalisation, Scratch<acc_t>& scratch,
-                 const TapChunk<acc_t>* taps, const Last& last) {
+                 const TapChunk<acc_t>* taps, const Last& last, const Cast& cast, bool casts) {
   const int64_t W = src.W, H = src.H, n = band.n;
   const bool weighted = src.kind != SUM;
   acc_t* rows = scratch.rows(band, W, L);
@@ -551,6 +553,7 @@ void splat_block(const Band& band, int p, const std::vector<Band>& parts, const 
           acc_t* target = plane(y)(c);
           for (int64_t x = 0; x < W; ++x) target[x] = finished(target[x], divisor[x], factor[x]);
         }
+      if (casts && last(y)) cast(n, y, c0, count);
     }
     flushed = limit;
   }
@@ -560,7 +563,7 @@ void splat_block(const Band& band, int p, const std::vector<Band>& parts, const 
 
 template <typename scalar_t, typename acc_t>
 void forward_kernel(const Tensor& input, const Sources<acc_t>& src, int normalisation, Tensor& out,
-                    Tensor& normaliser, const Schedule* planned,
+                    Tensor& normaliser, scalar_t* result, const Schedule* planned,
                     std::unique_ptr<StableShortcut<acc_t>> shortcut) {
   const int64_t N = input.size(0), C = input.size(1), H = src.H, W = src.W;
   const scalar_t* in = ptr<scalar_t>(input);
@@ -584,11 +587,23 @@ void forward_kernel(const Tensor& input, const Sources<acc_t>& src, int normalis
   // finished after the phases.
   const std::vector<char> zeroed = schedule.reached(0, N, H), reached_later = schedule.reached(1, N, H);
   std::vector<char> finished(static_cast<size_t>(N * H), 0);  // each row set by one band at most
-  // Whether row y, which a band of phase p has just done, is to be finished now (marked so).
+  // Whether row y, which a band of phase p has just done, is final now (marked so): then
+  // finished, and its planes rounded into `result`.
   auto finishes = [&](int p, int64_t n, int64_t y) {
     if (p == 0 && reached_later[n * H + y]) return false;
     finished[n * H + y] = 1;
-    return finish.needed();
+    return true;
+  };
+  // Channels [c0, c0 + count) of a final row of image n rounded into `result` (a 16-bit input's
+  // own dtype, when asked), while in cache: no pass of its own.
+  auto cast = [&](int64_t n, int64_t y, int64_t c0, int64_t count) {
+    if constexpr (kNarrow<scalar_t>) {
+      if (!result) return;
+      for (int64_t c = c0; c < c0 + count; ++c) {
+        const int64_t at = ((n * C + c) * H + y) * W;
+        narrow(out_data + at, result + at, W);
+      }
+    }
   };
   const int64_t planes = C + (norm_data ? 1 : 0);
   auto zero_rows = [&](int64_t n, int64_t lo, int64_t hi) {
@@ -626,7 +641,7 @@ void forward_kernel(const Tensor& input, const Sources<acc_t>& src, int normalis
             if (!schedule.parts[later].empty()) limit = std::min(limit, schedule.parts[later].lo);
           if (limit <= flushed) continue;
           scratch.zero(flushed, limit);  // rows no part reached
-          flush_rows<packed>(band, p, flushed, limit, rows, out_data, norm_data, H, W, finish, final);
+          flush_rows<packed>(band, p, flushed, limit, rows, out_data, norm_data, H, W, finish, final, cast);
           flushed = limit;
         }
         return;
@@ -636,6 +651,7 @@ void forward_kernel(const Tensor& input, const Sources<acc_t>& src, int normalis
         // divided as each block moves them out, unless the stable shortcut rescales them after.
         if (p == 0 && norm_data) std::fill(norm_data + (band.n * H + band.lo) * W, norm_data + (band.n * H + band.hi) * W, acc_t(0));
         const bool divides = finish.divides && !finish.scales(band.n);
+        const bool casts = !finish.scales(band.n);  // else each row once rescaled, below
         auto last = [&](int64_t y) { return p == 1 || !reached_later[band.n * H + y]; };
         // The source rows' weights once, for every block (exp of the metric for soft).
         scratch.weights.resize(static_cast<size_t>((band.y_end - band.y_begin) * W));
@@ -662,9 +678,9 @@ void forward_kernel(const Tensor& input, const Sources<acc_t>& src, int normalis
           auto block = [&](auto stable) {
             constexpr bool Stable = decltype(stable)::value;
             switch (lanes) {
-              case 4: splat_block<4, Stable>(band, p, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, taps, last); break;
-              case 8: splat_block<8, Stable>(band, p, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, taps, last); break;
-              default: splat_block<16, Stable>(band, p, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, taps, last);
+              case 4: splat_block<4, Stable>(band, p, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, taps, last, cast, casts); break;
+              case 8: splat_block<8, Stable>(band, p, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, taps, last, cast, casts); break;
+              default: splat_block<16, Stable>(band, p, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, taps, last, cast, casts);
             }
           };
           if (per_tap)
@@ -674,7 +690,10 @@ void forward_kernel(const Tensor& input, const Sources<acc_t>& src, int normalis
         }
         std::vector<acc_t> finishing(finish.needed() ? 2 * W : 0);
         for (int64_t y = band.lo; y < band.hi; ++y)
-          if (finishes(p, band.n, y) && !divides) finish.row(band.n, y, finishing.data());
+          if (finishes(p, band.n, y) && !casts) {
+            finish.row(band.n, y, finishing.data());
+            cast(band.n, y, 0, C);
+          }
         return;
       }
       if (p == 0) zero_rows(band.n, band.lo, band.hi);
@@ -684,7 +703,10 @@ void forward_kernel(const Tensor& input, const Sources<acc_t>& src, int normalis
         scatter_band<CC, false>(band, in, in_view, band_src, C, out_data, norm_data);
       std::vector<acc_t> finishing(finish.needed() ? 2 * W : 0);
       for (int64_t y = band.lo; y < band.hi; ++y)
-        if (finishes(p, band.n, y)) finish.row(band.n, y, finishing.data());
+        if (finishes(p, band.n, y)) {
+          finish.row(band.n, y, finishing.data());
+          cast(band.n, y, 0, C);
+        }
     });
   };
   switch (C) {
@@ -694,17 +716,20 @@ void forward_kernel(const Tensor& input, const Sources<acc_t>& src, int normalis
     case 4: scatter(std::integral_constant<int, 4>()); break;
     default: scatter(std::integral_constant<int, 0>());
   }
-  if (!finish.needed()) return;
+  if (!finish.needed() && !result) return;
   torch::stable::parallel_for(0, N * H, 16, [&](int64_t begin, int64_t end) {
     for (int64_t index = begin; index < end; ++index)
-      if (!finished[index]) finish.rows(index / H, index % H, index % H + 1);
+      if (!finished[index]) {
+        finish.rows(index / H, index % H, index % H + 1);
+        cast(index / H, index % H, 0, C);
+      }
   });
 }
 
-template void forward_kernel<float, float>(const Tensor&, const Sources<float>&, int, Tensor&, Tensor&, const Schedule*, std::unique_ptr<StableShortcut<float>>);
-template void forward_kernel<double, double>(const Tensor&, const Sources<double>&, int, Tensor&, Tensor&, const Schedule*, std::unique_ptr<StableShortcut<double>>);
-template void forward_kernel<Half, float>(const Tensor&, const Sources<float>&, int, Tensor&, Tensor&, const Schedule*, std::unique_ptr<StableShortcut<float>>);
-template void forward_kernel<BFloat16, float>(const Tensor&, const Sources<float>&, int, Tensor&, Tensor&, const Schedule*, std::unique_ptr<StableShortcut<float>>);
+template void forward_kernel<float, float>(const Tensor&, const Sources<float>&, int, Tensor&, Tensor&, float*, const Schedule*, std::unique_ptr<StableShortcut<float>>);
+template void forward_kernel<double, double>(const Tensor&, const Sources<double>&, int, Tensor&, Tensor&, double*, const Schedule*, std::unique_ptr<StableShortcut<double>>);
+template void forward_kernel<Half, float>(const Tensor&, const Sources<float>&, int, Tensor&, Tensor&, Half*, const Schedule*, std::unique_ptr<StableShortcut<float>>);
+template void forward_kernel<BFloat16, float>(const Tensor&, const Sources<float>&, int, Tensor&, Tensor&, BFloat16*, const Schedule*, std::unique_ptr<StableShortcut<float>>);
 
 }  // namespace cpu
 }  // namespace softsplat

@@ -22,11 +22,13 @@ inline Sources<acc_t> sources(const Tensor& flow, const Tensor& metric, int64_t 
 }
 
 // The forward (out, normaliser: [N, C, H, W] and [N, 1, H, W] in acc_t, contiguous, written
-// whole). `planned`: a schedule already made for src (the fused stable forward shares one);
-// `shortcut`: StableShortcut decided elsewhere (else decided here for the stable kind).
+// whole). `result` (16-bit inputs, or null): out rounded to scalar_t, [N, C, H, W] contiguous,
+// written row by row as rows are final. `planned`: a schedule already made for src (the fused
+// stable forward shares one); `shortcut`: StableShortcut decided elsewhere (else decided here
+// for the stable kind).
 template <typename scalar_t, typename acc_t>
 void forward_kernel(const Tensor& input, const Sources<acc_t>& src, int normalisation, Tensor& out,
-                    Tensor& normaliser, const Schedule* planned = nullptr,
+                    Tensor& normaliser, scalar_t* result = nullptr, const Schedule* planned = nullptr,
                     std::unique_ptr<StableShortcut<acc_t>> shortcut = nullptr);
 
 // The backward: the gradients asked for (defined tensors) of input, flow and metric.

@@ -12,6 +12,15 @@ namespace softsplat {
 namespace cpu {
 namespace {
 
+// The result in input's dtype that `cast` asks for, where that is not the compute dtype of
+// `out` (16-bit inputs); else undefined (out is the result).
+Tensor narrowed(const Tensor& out, const Tensor& input, bool cast) {
+  if (!cast || input.scalar_type() == out.scalar_type()) return Tensor();
+  Tensor result = empty(out.sizes(), input.scalar_type(), input);
+  advise_huge_pages(result);
+  return result;
+}
+
 Tensor splat_maximum_cpu(const Tensor& flow, const Tensor& metric, int64_t kind) {
   checks::check_maximum_arguments("softsplat::splat_maximum", flow, metric, kind);
   Tensor maximum = empty({flow.size(0), 1, flow.size(2), flow.size(3)}, flow.scalar_type(), flow);
@@ -25,11 +34,14 @@ Tensor splat_maximum_cpu(const Tensor& flow, const Tensor& metric, int64_t kind)
   return maximum;
 }
 
+// `cast`: the result in input's dtype (a 16-bit input's rows rounded as they are final; out
+// in the compute dtype is then scratch), else in the compute dtype.
 std::tuple<Tensor, Tensor> splat_forward_cpu(const Tensor& input, const Tensor& flow,
                                                      const std::optional<Tensor>& metric,
                                                      int64_t kind, int64_t normalisation,
                                                      const std::optional<Tensor>& maximum_arg,
-                                                     bool /*deterministic: always, whatever the thread count*/) {
+                                                     bool /*deterministic: always, whatever the thread count*/,
+                                                     bool cast) {
   checks::check_arguments("softsplat::splat_forward", input, flow, metric, kind, normalisation);
   const Tensor maximum = checks::checked_maximum("softsplat::splat_forward", flow, maximum_arg, kind);
   const ScalarType compute = flow.scalar_type();
@@ -40,20 +52,23 @@ std::tuple<Tensor, Tensor> splat_forward_cpu(const Tensor& input, const Tensor& 
   advise_huge_pages(normaliser);
   const Tensor metric_tensor = metric.has_value() && metric->defined() ? as_contiguous(*metric) : Tensor();
   const Tensor flow_tensor = as_contiguous(flow);
+  Tensor result = narrowed(out, input, cast);
   dispatch_floating<true>(input.scalar_type(), "softsplat::splat_forward: input", [&](auto scalar) {
     using scalar_t = decltype(scalar);
     using acc_t = acc_type<scalar_t>;
     forward_kernel<scalar_t, acc_t>(input, sources<acc_t>(flow_tensor, metric_tensor, kind, maximum),
-                                    static_cast<int>(normalisation), out, normaliser);
+                                    static_cast<int>(normalisation), out, normaliser,
+                                    result.defined() ? ptr<scalar_t>(result) : nullptr);
   });
-  return {out, normaliser};
+  return {result.defined() ? result : out, normaliser};
 }
 
 // Stable soft splatting in one call: splat_maximum's M and splat_forward's (out, D) with kind
 // STABLE, sharing the band plan, and the metric's ranges measured while the scatter-max reads
 // the rows (no pass of their own). Returns (out, D, M); M is what splat_backward takes.
 std::tuple<Tensor, Tensor, Tensor> splat_stable_forward_cpu(const Tensor& input, const Tensor& flow,
-                                                                        const Tensor& metric, int64_t normalisation) {
+                                                                        const Tensor& metric, int64_t normalisation,
+                                                                        bool cast) {
   checks::check_arguments("softsplat::splat_stable_forward", input, flow, metric, STABLE, normalisation);
   const ScalarType compute = flow.scalar_type();
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
@@ -64,6 +79,7 @@ std::tuple<Tensor, Tensor, Tensor> splat_stable_forward_cpu(const Tensor& input,
   advise_huge_pages(normaliser);
   const Tensor metric_tensor = as_contiguous(metric);
   const Tensor flow_tensor = as_contiguous(flow);
+  Tensor result = narrowed(out, input, cast);
   dispatch_floating<true>(input.scalar_type(), "softsplat::splat_stable_forward: input", [&](auto scalar) {
     using scalar_t = decltype(scalar);
     using acc_t = acc_type<scalar_t>;
@@ -71,10 +87,11 @@ std::tuple<Tensor, Tensor, Tensor> splat_stable_forward_cpu(const Tensor& input,
     const Schedule schedule = plan(src, N);
     MetricRanges<acc_t> ranges(N * H, W);
     maximum_kernel<acc_t>(src, N, ptr<acc_t>(maximum), schedule, &ranges);
-    forward_kernel<scalar_t, acc_t>(input, src, static_cast<int>(normalisation), out, normaliser, &schedule,
+    forward_kernel<scalar_t, acc_t>(input, src, static_cast<int>(normalisation), out, normaliser,
+                                    result.defined() ? ptr<scalar_t>(result) : nullptr, &schedule,
                                     std::make_unique<StableShortcut<acc_t>>(ranges, N, H));
   });
-  return {out, normaliser, maximum};
+  return {result.defined() ? result : out, normaliser, maximum};
 }
 
 std::tuple<Tensor, Tensor, Tensor> splat_backward_cpu(

@@ -86,6 +86,33 @@ inline void widen(const Half* from, float* to, int64_t n) {
   for (; i < n; ++i) to[i] = static_cast<float>(from[i]);
 }
 
+// to[i] = from[i] rounded to the nearest 16-bit float, ties to even, as torch's casts round:
+// Half by F16C where the CPU has it, else by torch's conversion; BFloat16 by torch's rounding
+// (NaN stays NaN) in a loop that vectorises.
+inline void narrow(const float* from, Half* to, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(to + i),
+                        _mm512_cvtps_ph(_mm512_loadu_ps(from + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+#if defined(__F16C__)
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(to + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(from + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+  for (; i < n; ++i) to[i] = static_cast<Half>(from[i]);
+}
+
+inline void narrow(const float* from, BFloat16* to, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, from + i, sizeof bits);
+    const uint32_t rounded = (bits + UINT32_C(0x7FFF) + ((bits >> 16) & 1)) >> 16;
+    to[i].x = from[i] != from[i] ? uint16_t(0x7FC0) : static_cast<uint16_t>(rounded);
+  }
+}
+
 #if defined(__GNUC__)
 // GCC's (and clang's) vector extension: Lanes values of T, with element-wise arithmetic.
 // Compilers without it (MSVC) take the scalar paths that use none.

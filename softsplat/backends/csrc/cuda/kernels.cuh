@@ -119,22 +119,25 @@ __global__ void splat_maximum_kernel(
   }
 }
 
-// out /= D' per target and block of kNormaliseChannels channels: each thread reads its target's
-// D once and divides the block's channels (stores coalesced across threads, as in a plane).
+// out = sums / D' (normaliser null: out = sums), rounded to out_t, per target and block of
+// kNormaliseChannels channels: each thread reads its target's D once and finishes the block's
+// channels (stores coalesced across threads, as in a plane). One pass writes the result: in
+// place (out == sums, out_t == acc_t), or into the input's 16-bit dtype (no cast pass after).
 constexpr int kNormaliseChannels = 8;
 
-template <typename acc_t, typename index_t>
-__global__ void splat_normalise_kernel(acc_t* __restrict__ out, const acc_t* __restrict__ normaliser,
+template <typename out_t, typename acc_t, typename index_t>
+__global__ void splat_normalise_kernel(const acc_t* sums, const acc_t* __restrict__ normaliser, out_t* out,
                                        index_t N, index_t C, index_t H, index_t W, int normalisation) {
   const index_t plane = H * W, blocks = (C + kNormaliseChannels - 1) / kNormaliseChannels;
   SOFTSPLAT_KERNEL_LOOP(index, N * blocks * plane) {
     const index_t pixel = index % plane, block = index / plane % blocks, n = index / (plane * blocks);
-    const acc_t divisor = safe_normaliser(normaliser[n * plane + pixel], normalisation);
+    const bool divides = normaliser != nullptr;
+    const acc_t divisor = divides ? safe_normaliser(normaliser[n * plane + pixel], normalisation) : acc_t(1);
     const index_t first = block * kNormaliseChannels;
     const index_t last = C - first < kNormaliseChannels ? C : first + kNormaliseChannels;
     for (index_t c = first; c < last; ++c) {
-      acc_t* at = out + (n * C + c) * plane + pixel;
-      *at = *at / divisor;
+      const index_t at = (n * C + c) * plane + pixel;
+      out[at] = static_cast<out_t>(divides ? sums[at] / divisor : sums[at]);
     }
   }
 }

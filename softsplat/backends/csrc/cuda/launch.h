@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
@@ -164,11 +165,13 @@ void ordered_forward(const Tensor& input, const Tensor& flow, const Tensor& metr
 }
 
 // `deterministic`: the ordered forward (docs/spec.md, determinism) instead of the atomic one.
+// `cast`: the result in input's dtype, written by the normalising pass (16-bit inputs: their
+// sums are then scratch in the compute dtype).
 inline std::tuple<Tensor, Tensor> splat_forward(const Tensor& input, const Tensor& flow,
                                                         const std::optional<Tensor>& metric_arg,
                                                         int64_t kind, int64_t normalisation,
                                                         const std::optional<Tensor>& maximum_arg,
-                                                        bool deterministic) {
+                                                        bool deterministic, bool cast) {
   checks::check_arguments("splat_forward", input, flow, metric_arg, kind, normalisation);
   const Tensor maximum = checks::checked_maximum("splat_forward", flow, maximum_arg, kind);
   SOFTSPLAT_DEVICE_GUARD(input);
@@ -181,7 +184,9 @@ inline std::tuple<Tensor, Tensor> splat_forward(const Tensor& input, const Tenso
                                       : zeros({N, 1, H, W}, compute, input);
   const bool with_metric = kind >= LINEAR;
   const Tensor metric = with_metric ? *metric_arg : Tensor();
-  if (N * H * W == 0) return {out, normaliser};
+  const bool narrow = cast && input.scalar_type() != compute;
+  Tensor result = narrow ? empty({N, C, H, W}, input.scalar_type(), input) : out;
+  if (N * H * W == 0) return {result, normaliser};
   // The ordered forward also numbers four taps per pixel in index_t.
   const bool small =
       fits_int32({input, flow, metric, out}, std::max(N * (C + 1) * H * W, deterministic ? 4 * N * H * W : 0));
@@ -190,9 +195,27 @@ inline std::tuple<Tensor, Tensor> splat_forward(const Tensor& input, const Tenso
     using acc_t = acc_type<scalar_t>;
     auto run = [&](auto index_zero) {
       using index_t = decltype(index_zero);
-      if (deterministic)
-        return ordered_forward<scalar_t, acc_t, index_t>(input, flow, metric, maximum, kind, normalisation, out,
-                                                         normaliser);
+      // out = sums / D' (or sums, when `divides` is false) into `result`: in place, or rounded
+      // to input's dtype.
+      auto finish = [&](bool divides) {
+        if (C == 0 || (!divides && !narrow)) return;
+        const int64_t blocks = (C + kNormaliseChannels - 1) / kNormaliseChannels;
+        auto launch = [&](auto* target) {
+          using out_t = std::remove_pointer_t<decltype(target)>;
+          auto normalise = &splat_normalise_kernel<out_t, acc_t, index_t>;
+          SOFTSPLAT_LAUNCH(normalise, blocks_for(N * blocks * H * W), kThreads,
+              (const acc_t*)ptr<acc_t>(out), divides ? (const acc_t*)ptr<acc_t>(normaliser) : nullptr, target,
+              (index_t)N, (index_t)C, (index_t)H, (index_t)W, (int)normalisation);
+        };
+        if (narrow)
+          launch(ptr<scalar_t>(result));
+        else
+          launch(ptr<acc_t>(out));
+      };
+      if (deterministic) {  // the gather divides; a 16-bit result is rounded after
+        ordered_forward<scalar_t, acc_t, index_t>(input, flow, metric, maximum, kind, normalisation, out, normaliser);
+        return finish(false);
+      }
       auto forward = &splat_forward_kernel<scalar_t, acc_t, index_t>;
       SOFTSPLAT_LAUNCH(forward, blocks_for(N * H * W), kThreads,
           ptr<scalar_t>(input), input.stride(0), input.stride(1), input.stride(2), input.stride(3),
@@ -202,17 +225,11 @@ inline std::tuple<Tensor, Tensor> splat_forward(const Tensor& input, const Tenso
           (index_t)N, (index_t)C, (index_t)H, (index_t)W, (int)kind,
           weighs_per_tap((int)kind) ? (const acc_t*)ptr<acc_t>(maximum) : nullptr,
           ptr<acc_t>(out), kind == SUM ? nullptr : ptr<acc_t>(normaliser));
-      if (kind != SUM && normalisation != RAW && C > 0) {  // raw: the numerator as it is
-        auto normalise = &splat_normalise_kernel<acc_t, index_t>;
-        const int64_t blocks = (C + kNormaliseChannels - 1) / kNormaliseChannels;
-        SOFTSPLAT_LAUNCH(normalise, blocks_for(N * blocks * H * W), kThreads,
-            ptr<acc_t>(out), (const acc_t*)ptr<acc_t>(normaliser),
-            (index_t)N, (index_t)C, (index_t)H, (index_t)W, (int)normalisation);
-      }
+      finish(kind != SUM && normalisation != RAW);  // raw: the numerator as it is
     };
     if (small) run(int(0)); else run((long long)0);
   });
-  return {out, normaliser};
+  return {result, normaliser};
 }
 
 inline std::tuple<Tensor, Tensor, Tensor> splat_backward(
