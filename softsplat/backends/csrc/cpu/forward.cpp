@@ -360,12 +360,13 @@ void unpack_row_divided(const acc_t* __restrict lanes, acc_t* __restrict p0, acc
 }
 
 // Rows [from, to) of a packed band's scratch (which starts at row band.lo) moved into the NCHW
-// outputs (out, norm contiguous; norm null for sum). Phase 0 stores (no other band has written
-// these rows), phase 1 adds. A row for which final(y) holds (no band of a later phase reaches
-// it) is finished at once, while in cache, and then given to cast(n, y, first channel, count).
-template <int CC, typename acc_t, typename Final, typename Cast>
-void flush_rows(const Band& band, int p, int64_t from, int64_t to, const acc_t* scratch, acc_t* out, acc_t* norm,
-                int64_t H, int64_t W, const Finish<acc_t>& finish, const Final& final, const Cast& cast) {
+// outputs (out, norm contiguous; norm null for sum): added where adds(y) (a band of phase 0 wrote
+// the row before), else stored (the first band to write it). A row for which final(y) holds (no
+// band of a later phase reaches it) is finished at once, while in cache, and then given to
+// cast(n, y, first channel, count).
+template <int CC, typename acc_t, typename Adds, typename Final, typename Cast>
+void flush_rows(const Band& band, const Adds& adds, int64_t from, int64_t to, const acc_t* scratch, acc_t* out,
+                acc_t* norm, int64_t H, int64_t W, const Finish<acc_t>& finish, const Final& final, const Cast& cast) {
   std::vector<acc_t> finishing(finish.needed() ? 2 * W : 0);
   for (int64_t y = from; y < to; ++y) {
     const acc_t* lanes = scratch + (y - band.lo) * W * kPacked;
@@ -387,10 +388,10 @@ void flush_rows(const Band& band, int p, int64_t from, int64_t to, const acc_t* 
       else
         unpack_row<CC, Add>(lanes, plane[0], plane[1], plane[2], plane[3], W);
     };
-    if (p == 0)
-      unpack(std::false_type());
-    else
+    if (adds(y))
       unpack(std::true_type());
+    else
+      unpack(std::false_type());
     if (last && !divided) finish.row(band.n, y, finishing.data());
     if (last) cast(band.n, y, 0, CC);
   }
@@ -480,15 +481,16 @@ void scatter_block(const TapChunk<acc_t>& chunk, const acc_t* __restrict values,
 }
 
 // One band's contributions of channels [c0, c0 + count) (count <= L) on the blocked layout,
-// written into out [N, C, H, W]; with `norm`, the normaliser's too (added into norm). `last(y)`:
+// written into out [N, C, H, W] (added to a row where adds(y), else stored); with `norm`, the
+// normaliser's too (added into norm). `last(y)`:
 // whether row y is final once this band is done with it (then divided, when `divides`, and given
 // to cast(n, y, c0, count) when `casts`: rows that nothing rescales after).
 // Stable: weights per tap (stable soft without its shortcut, max), as scatter_band<_, true>.
 // scratch.weights: src.row_weights of the band's source rows, W per row from band.y_begin (made
 // once for all of a band's blocks); `taps`: their filled chunks likewise (chunks_per_row per
 // row), or null (then filled here).
-template <int L, bool Stable, typename scalar_t, typename acc_t, typename Last, typename Cast>
-void splat_block(const Band& band, int p, const std::vector<Band>& parts, const scalar_t* in, const View4& in_view,
+template <int L, bool Stable, typename scalar_t, typename acc_t, typename Adds, typename Last, typename Cast>
+void splat_block(const Band& band, const Adds& adds, const std::vector<Band>& parts, const scalar_t* in, const View4& in_view,
                  const Sources<acc_t>& src, int64_t C, int64_t c0, int64_t count, acc_t* out, acc_t* norm,
                  const acc_t* divisor_plane, int normalisation, Scratch<acc_t>& scratch,
                  const TapChunk<acc_t>* taps, const Last& last, const Cast& cast, bool casts) {
@@ -544,10 +546,10 @@ void splat_block(const Band& band, int p, const std::vector<Band>& parts, const 
       // Rows with a target that does not finish by the product: moved, then finished here.
       const acc_t* times = product ? factor.data() : nullptr;
       const acc_t* lanes = rows + (y - band.lo) * W * L;
-      if (p == 0)
-        unpack_block_row<false, true>(lanes, L, plane(y), count, times, W);
-      else
+      if (adds(y))
         unpack_block_row<true, true>(lanes, L, plane(y), count, times, W);
+      else
+        unpack_block_row<false, true>(lanes, L, plane(y), count, times, W);
       if (finishes && !product)
         for (int64_t c = 0; c < count; ++c) {
           acc_t* target = plane(y)(c);
@@ -579,9 +581,10 @@ void forward_kernel(const Tensor& input, const Sources<acc_t>& src, int normalis
   const Finish<acc_t> finish{out_data, norm_data, C, H, W, normalisation, src.kind != SUM && normalisation != RAW,
                              src.maximum, shortcut.get()};
   const Schedule schedule = planned ? *planned : plan(src, N);
-  // No separate pass zeroes the outputs: a phase-0 band zeroes the rows it reaches (no other
-  // band has written them yet) just before adding into them, while they are in cache; rows no
-  // phase-0 band reaches are zeroed first. Likewise a band's rows that no phase-1 band reaches
+  // No separate pass zeroes the outputs: the first band to write a row (of phase 0, else of
+  // phase 1) stores it, or zeroes it just before adding into it, while in cache; a band of
+  // phase 1 adds into the rows a band of phase 0 wrote. Rows no band reaches are zeroed first.
+  // Likewise a band's rows that no phase-1 band reaches
   // after it are final once it is done with them (a phase-1 band's all, as phase 0 is done and
   // no other phase-1 band writes them): it finishes them at once. Rows no band reaches are
   // finished after the phases.
@@ -614,7 +617,7 @@ void forward_kernel(const Tensor& input, const Sources<acc_t>& src, int normalis
   };
   torch::stable::parallel_for(0, N * H, 16, [&](int64_t begin, int64_t end) {
     for (int64_t index = begin; index < end; ++index)
-      if (!zeroed[index]) zero_rows(index / H, index % H, index % H + 1);
+      if (!zeroed[index] && !reached_later[index]) zero_rows(index / H, index % H, index % H + 1);
   });
   auto scatter = [&](auto channels) {
     constexpr int CC = decltype(channels)::value;
@@ -622,6 +625,8 @@ void forward_kernel(const Tensor& input, const Sources<acc_t>& src, int normalis
       if (band.empty()) return;  // none of its pixels lands
       const Sources<acc_t>& band_src = sources(band.n);
       const bool per_tap = weighs_per_tap(band_src.kind);  // stable and max
+      // Whether a band of phase 0 wrote row y before this band (then added to).
+      auto adds = [&](int64_t y) { return p == 1 && zeroed[band.n * H + y]; };
       if (CC > 0 && packs<acc_t>(band, C, W)) {
         acc_t* rows = scratch.rows(band, W);
         constexpr int packed = packed_layout(CC) ? CC : 1;  // C when packs() holds
@@ -641,15 +646,18 @@ void forward_kernel(const Tensor& input, const Sources<acc_t>& src, int normalis
             if (!schedule.parts[later].empty()) limit = std::min(limit, schedule.parts[later].lo);
           if (limit <= flushed) continue;
           scratch.zero(flushed, limit);  // rows no part reached
-          flush_rows<packed>(band, p, flushed, limit, rows, out_data, norm_data, H, W, finish, final, cast);
+          flush_rows<packed>(band, adds, flushed, limit, rows, out_data, norm_data, H, W, finish, final, cast);
           flushed = limit;
         }
         return;
       }
       if (blocks_fit<acc_t>(band, C, W)) {
-        // The normaliser first (phase 0: zeroed), as the first block adds into it; rows are
-        // divided as each block moves them out, unless the stable shortcut rescales them after.
-        if (p == 0 && norm_data) std::fill(norm_data + (band.n * H + band.lo) * W, norm_data + (band.n * H + band.hi) * W, acc_t(0));
+        // The normaliser first (zeroed where this band is the first to write a row), as the first
+        // block adds into it; rows are divided as each block moves them out, unless the stable
+        // shortcut rescales them after.
+        if (norm_data)
+          for (int64_t y = band.lo; y < band.hi; ++y)
+            if (!adds(y)) std::fill(norm_data + (band.n * H + y) * W, norm_data + (band.n * H + y + 1) * W, acc_t(0));
         const bool divides = finish.divides && !finish.scales(band.n);
         const bool casts = !finish.scales(band.n);  // else each row once rescaled, below
         auto last = [&](int64_t y) { return p == 1 || !reached_later[band.n * H + y]; };
@@ -678,9 +686,9 @@ void forward_kernel(const Tensor& input, const Sources<acc_t>& src, int normalis
           auto block = [&](auto stable) {
             constexpr bool Stable = decltype(stable)::value;
             switch (lanes) {
-              case 4: splat_block<4, Stable>(band, p, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, taps, last, cast, casts); break;
-              case 8: splat_block<8, Stable>(band, p, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, taps, last, cast, casts); break;
-              default: splat_block<16, Stable>(band, p, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, taps, last, cast, casts);
+              case 4: splat_block<4, Stable>(band, adds, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, taps, last, cast, casts); break;
+              case 8: splat_block<8, Stable>(band, adds, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, taps, last, cast, casts); break;
+              default: splat_block<16, Stable>(band, adds, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, taps, last, cast, casts);
             }
           };
           if (per_tap)
@@ -696,7 +704,8 @@ void forward_kernel(const Tensor& input, const Sources<acc_t>& src, int normalis
           }
         return;
       }
-      if (p == 0) zero_rows(band.n, band.lo, band.hi);
+      for (int64_t y = band.lo; y < band.hi; ++y)
+        if (!adds(y)) zero_rows(band.n, y, y + 1);
       if (per_tap)
         scatter_band<CC, true>(band, in, in_view, band_src, C, out_data, norm_data);
       else
