@@ -52,9 +52,12 @@ def naive_port(input, flow, metric, mode: str = "soft") -> torch.Tensor:
         weight = metric.exp() if mode == "soft" else (metric if mode == "linear" else torch.ones_like(metric))
         values = torch.cat([input * weight, weight], 1)
     K = values.shape[1]
-    ys, xs = torch.meshgrid(torch.arange(H, device=input.device, dtype=input.dtype),
-                            torch.arange(W, device=input.device, dtype=input.dtype), indexing="ij")
-    fx, fy = xs + flow[:, 0], ys + flow[:, 1]
+    # Coordinates in float32 (float64 for float64 flow): a 16-bit pixel index y * W + x passes
+    # 2048 (float16 and bfloat16 integers are exact up to there) and float16's largest value.
+    coordinates = torch.float64 if flow.dtype == torch.float64 else torch.float32
+    ys, xs = torch.meshgrid(torch.arange(H, device=input.device, dtype=coordinates),
+                            torch.arange(W, device=input.device, dtype=coordinates), indexing="ij")
+    fx, fy = xs + flow[:, 0].to(coordinates), ys + flow[:, 1].to(coordinates)
     x0, y0 = fx.floor(), fy.floor()
     out = values.new_zeros(N, K, H * W)
     flat = values.reshape(N, K, H * W)
@@ -63,7 +66,7 @@ def naive_port(input, flow, metric, mode: str = "soft") -> torch.Tensor:
         weight = (1 - (fx - tx).abs()) * (1 - (fy - ty).abs())
         inside = (tx >= 0) & (tx < W) & (ty >= 0) & (ty < H)
         index = (ty.clamp(0, H - 1) * W + tx.clamp(0, W - 1)).long().reshape(N, H * W)
-        contribution = flat * (weight * inside).reshape(N, 1, H * W)
+        contribution = flat * (weight * inside).reshape(N, 1, H * W).to(flat.dtype)
         for n in range(N):
             out[n].index_add_(1, index[n], contribution[n])
     out = out.view(N, K, H, W)

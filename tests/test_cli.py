@@ -73,6 +73,19 @@ def test_bench_bounds_count_the_bytes_a_fused_pass_moves() -> None:
     assert bench.backward_bytes((2, 5), channels=64, mode="sum", dtype=torch.float16) == 10 * (128 + 128 + 8 + 128 + 8)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_naive_port_runs_16_bit_inputs_at_frame_sizes(dtype) -> None:
+    """`softsplat bench --dtype float16` times the naive port too: its pixel indices pass 2048
+    (and float16's largest value) at every frame size, so they are computed in float32."""
+    from softsplat import bench
+
+    input, flow, metric = bench.inputs((256, 448), channels=3)
+    out = bench.naive_port(input.to(dtype), flow.to(dtype), metric.to(dtype))
+    expected = bench.naive_port(input.to(dtype).float(), flow.to(dtype).float(), metric.to(dtype).float())
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), expected, rtol=0.05, atol=0.05)
+
+
 def test_bench_shows_forward_and_backward_over_their_bound(capsys, monkeypatch) -> None:
     monkeypatch.setenv("COLUMNS", "250")
     assert main(["bench", "--sizes", "16x24", "--modes", "soft", "--repeats", "1", "--backends", "cpp",
