@@ -106,6 +106,12 @@ struct Scratch {
   std::vector<acc_t> weights;  // splat_block's row weights, of the band's source rows
   std::unique_ptr<TapChunk<acc_t>[]> taps;  // and their taps, when kept for every block
   int64_t tap_chunks = 0;                   // allocated
+  std::vector<acc_t> straight;              // a final row's planes on their way to a 16-bit result
+
+  acc_t* straight_rows(int64_t size) {
+    if (straight.size() < static_cast<size_t>(size)) straight.resize(static_cast<size_t>(size));
+    return straight.data();
+  }
 
   TapChunk<acc_t>* chunks(int64_t count) {
     if (tap_chunks < count) {  // default-initialised: nothing written until filled
@@ -363,10 +369,13 @@ void unpack_row_divided(const acc_t* __restrict lanes, acc_t* __restrict p0, acc
 // outputs (out, norm contiguous; norm null for sum): added where adds(y) (a band of phase 0 wrote
 // the row before), else stored (the first band to write it). A row for which final(y) holds (no
 // band of a later phase reaches it) is finished at once, while in cache, and then given to
-// cast(n, y, first channel, count).
+// cast(n, y, first channel, count, planes, stride). With `straight` (CC x W values, when the
+// result is a 16-bit one), a final row no band adds to and nothing rescales goes through it to
+// the result: its planes in out are never written.
 template <int CC, typename acc_t, typename Adds, typename Final, typename Cast>
 void flush_rows(const Band& band, const Adds& adds, int64_t from, int64_t to, const acc_t* scratch, acc_t* out,
-                acc_t* norm, int64_t H, int64_t W, const Finish<acc_t>& finish, const Final& final, const Cast& cast) {
+                acc_t* norm, int64_t H, int64_t W, const Finish<acc_t>& finish, const Final& final, const Cast& cast,
+                acc_t* straight) {
   std::vector<acc_t> finishing(finish.needed() ? 2 * W : 0);
   for (int64_t y = from; y < to; ++y) {
     const acc_t* lanes = scratch + (y - band.lo) * W * kPacked;
@@ -376,6 +385,9 @@ void flush_rows(const Band& band, const Adds& adds, int64_t from, int64_t to, co
     plane[CC] = D;
     const bool last = final(y);
     const bool divided = last && finish.divides && !finish.scales(band.n);  // then D is not null
+    const bool through = straight && last && !adds(y) && !finish.scales(band.n);
+    if (through)
+      for (int c = 0; c < CC; ++c) plane[c] = straight + c * W;
     auto unpack = [&](auto add) {
       constexpr bool Add = decltype(add)::value;
       auto divide = [&](auto code) {
@@ -392,8 +404,8 @@ void flush_rows(const Band& band, const Adds& adds, int64_t from, int64_t to, co
       unpack(std::true_type());
     else
       unpack(std::false_type());
-    if (last && !divided) finish.row(band.n, y, finishing.data());
-    if (last) cast(band.n, y, 0, CC);
+    if (last && !divided) finish.row(band.n, y, finishing.data());  // nothing to do when `through`
+    if (last) cast(band.n, y, 0, CC, through ? straight : nullptr, W);
   }
 }
 
@@ -484,7 +496,9 @@ void scatter_block(const TapChunk<acc_t>& chunk, const acc_t* __restrict values,
 // written into out [N, C, H, W] (added to a row where adds(y), else stored); with `norm`, the
 // normaliser's too (added into norm). `last(y)`:
 // whether row y is final once this band is done with it (then divided, when `divides`, and given
-// to cast(n, y, c0, count) when `casts`: rows that nothing rescales after).
+// to cast(n, y, c0, count, planes, stride) when `casts`: rows that nothing rescales after; with
+// `straight` (L x W values, when the result is a 16-bit one), such a row that no band adds to
+// goes through it to the result, and its planes in out are never written).
 // Stable: weights per tap (stable soft without its shortcut, max), as scatter_band<_, true>.
 // scratch.weights: src.row_weights of the band's source rows, W per row from band.y_begin (made
 // once for all of a band's blocks); `taps`: their filled chunks likewise (chunks_per_row per
@@ -493,7 +507,7 @@ template <int L, bool Stable, typename scalar_t, typename acc_t, typename Adds, 
 void splat_block(const Band& band, const Adds& adds, const std::vector<Band>& parts, const scalar_t* in, const View4& in_view,
                  const Sources<acc_t>& src, int64_t C, int64_t c0, int64_t count, acc_t* out, acc_t* norm,
                  const acc_t* divisor_plane, int normalisation, Scratch<acc_t>& scratch,
-                 const TapChunk<acc_t>* taps, const Last& last, const Cast& cast, bool casts) {
+                 const TapChunk<acc_t>* taps, const Last& last, const Cast& cast, bool casts, acc_t* straight) {
   const int64_t W = src.W, H = src.H, n = band.n;
   const bool weighted = src.kind != SUM;
   acc_t* rows = scratch.rows(band, W, L);
@@ -546,16 +560,26 @@ void splat_block(const Band& band, const Adds& adds, const std::vector<Band>& pa
       // Rows with a target that does not finish by the product: moved, then finished here.
       const acc_t* times = product ? factor.data() : nullptr;
       const acc_t* lanes = rows + (y - band.lo) * W * L;
+      auto finish_planes = [&](const auto& target_plane) {
+        if (finishes && !product)
+          for (int64_t c = 0; c < count; ++c) {
+            acc_t* target = target_plane(c);
+            for (int64_t x = 0; x < W; ++x) target[x] = finished(target[x], divisor[x], factor[x]);
+          }
+      };
+      if (straight && casts && last(y) && !adds(y)) {
+        auto through = [straight, W](int64_t c) { return straight + c * W; };
+        unpack_block_row<false, true>(lanes, L, through, count, times, W);
+        finish_planes(through);
+        cast(n, y, c0, count, straight, W);
+        continue;
+      }
       if (adds(y))
         unpack_block_row<true, true>(lanes, L, plane(y), count, times, W);
       else
         unpack_block_row<false, true>(lanes, L, plane(y), count, times, W);
-      if (finishes && !product)
-        for (int64_t c = 0; c < count; ++c) {
-          acc_t* target = plane(y)(c);
-          for (int64_t x = 0; x < W; ++x) target[x] = finished(target[x], divisor[x], factor[x]);
-        }
-      if (casts && last(y)) cast(n, y, c0, count);
+      finish_planes(plane(y));
+      if (casts && last(y)) cast(n, y, c0, count, nullptr, W);
     }
     flushed = limit;
   }
@@ -598,16 +622,18 @@ void forward_kernel(const Tensor& input, const Sources<acc_t>& src, int normalis
     return true;
   };
   // Channels [c0, c0 + count) of a final row of image n rounded into `result` (a 16-bit input's
-  // own dtype, when asked), while in cache: no pass of its own.
-  auto cast = [&](int64_t n, int64_t y, int64_t c0, int64_t count) {
+  // own dtype, when asked), while in cache: no pass of its own. From `planes` (channel c0's row,
+  // the next channel's `stride` values on) where a scatter kept them aside, else from out.
+  auto cast = [&](int64_t n, int64_t y, int64_t c0, int64_t count, const acc_t* planes, int64_t stride) {
     if constexpr (kNarrow<scalar_t>) {
       if (!result) return;
-      for (int64_t c = c0; c < c0 + count; ++c) {
-        const int64_t at = ((n * C + c) * H + y) * W;
-        narrow(out_data + at, result + at, W);
+      for (int64_t c = 0; c < count; ++c) {
+        const int64_t at = ((n * C + c0 + c) * H + y) * W;
+        narrow(planes ? planes + c * stride : out_data + at, result + at, W);
       }
     }
   };
+  const bool narrows = kNarrow<scalar_t> && result;
   const int64_t planes = C + (norm_data ? 1 : 0);
   auto zero_rows = [&](int64_t n, int64_t lo, int64_t hi) {
     for (int64_t p = 0; p < planes; ++p) {
@@ -646,7 +672,8 @@ void forward_kernel(const Tensor& input, const Sources<acc_t>& src, int normalis
             if (!schedule.parts[later].empty()) limit = std::min(limit, schedule.parts[later].lo);
           if (limit <= flushed) continue;
           scratch.zero(flushed, limit);  // rows no part reached
-          flush_rows<packed>(band, adds, flushed, limit, rows, out_data, norm_data, H, W, finish, final, cast);
+          flush_rows<packed>(band, adds, flushed, limit, rows, out_data, norm_data, H, W, finish, final, cast,
+                             narrows ? scratch.straight_rows(packed * W) : nullptr);
           flushed = limit;
         }
         return;
@@ -660,6 +687,7 @@ void forward_kernel(const Tensor& input, const Sources<acc_t>& src, int normalis
             if (!adds(y)) std::fill(norm_data + (band.n * H + y) * W, norm_data + (band.n * H + y + 1) * W, acc_t(0));
         const bool divides = finish.divides && !finish.scales(band.n);
         const bool casts = !finish.scales(band.n);  // else each row once rescaled, below
+        acc_t* straight = narrows && casts ? scratch.straight_rows(16 * W) : nullptr;
         auto last = [&](int64_t y) { return p == 1 || !reached_later[band.n * H + y]; };
         // The source rows' weights once, for every block (exp of the metric for soft).
         scratch.weights.resize(static_cast<size_t>((band.y_end - band.y_begin) * W));
@@ -686,9 +714,9 @@ void forward_kernel(const Tensor& input, const Sources<acc_t>& src, int normalis
           auto block = [&](auto stable) {
             constexpr bool Stable = decltype(stable)::value;
             switch (lanes) {
-              case 4: splat_block<4, Stable>(band, adds, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, taps, last, cast, casts); break;
-              case 8: splat_block<8, Stable>(band, adds, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, taps, last, cast, casts); break;
-              default: splat_block<16, Stable>(band, adds, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, taps, last, cast, casts);
+              case 4: splat_block<4, Stable>(band, adds, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, taps, last, cast, casts, straight); break;
+              case 8: splat_block<8, Stable>(band, adds, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, taps, last, cast, casts, straight); break;
+              default: splat_block<16, Stable>(band, adds, schedule.parts, in, in_view, band_src, C, c0, count, out_data, norm, divisor, normalisation, scratch, taps, last, cast, casts, straight);
             }
           };
           if (per_tap)
@@ -700,7 +728,7 @@ void forward_kernel(const Tensor& input, const Sources<acc_t>& src, int normalis
         for (int64_t y = band.lo; y < band.hi; ++y)
           if (finishes(p, band.n, y) && !casts) {
             finish.row(band.n, y, finishing.data());
-            cast(band.n, y, 0, C);
+            cast(band.n, y, 0, C, nullptr, W);
           }
         return;
       }
@@ -714,7 +742,7 @@ void forward_kernel(const Tensor& input, const Sources<acc_t>& src, int normalis
       for (int64_t y = band.lo; y < band.hi; ++y)
         if (finishes(p, band.n, y)) {
           finish.row(band.n, y, finishing.data());
-          cast(band.n, y, 0, C);
+          cast(band.n, y, 0, C, nullptr, W);
         }
     });
   };
@@ -730,7 +758,7 @@ void forward_kernel(const Tensor& input, const Sources<acc_t>& src, int normalis
     for (int64_t index = begin; index < end; ++index)
       if (!finished[index]) {
         finish.rows(index / H, index % H, index % H + 1);
-        cast(index / H, index % H, 0, C);
+        cast(index / H, index % H, 0, C, nullptr, W);
       }
   });
 }
