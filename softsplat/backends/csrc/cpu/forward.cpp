@@ -494,11 +494,11 @@ void scatter_block(const TapChunk<acc_t>& chunk, const acc_t* __restrict values,
 
 // One band's contributions of channels [c0, c0 + count) (count <= L) on the blocked layout,
 // written into out [N, C, H, W] (added to a row where adds(y), else stored); with `norm`, the
-// normaliser's too (added into norm). `last(y)`:
-// whether row y is final once this band is done with it (then divided, when `divides`, and given
-// to cast(n, y, c0, count, planes, stride) when `casts`: rows that nothing rescales after; with
-// `straight` (L x W values, when the result is a 16-bit one), such a row that no band adds to
-// goes through it to the result, and its planes in out are never written).
+// normaliser's too (added into norm). `last(y)`: whether row y is final once this band is done
+// with it (then divided, when `divides`, and given to cast(n, y, c0, count, planes, stride) when
+// `casts`: rows that nothing rescales after; with `straight` (L x W values, when the result is a
+// 16-bit one), such a row that no band adds to goes through it to the result, and its planes in
+// out are never written).
 // Stable: weights per tap (stable soft without its shortcut, max), as scatter_band<_, true>.
 // scratch.weights: src.row_weights of the band's source rows, W per row from band.y_begin (made
 // once for all of a band's blocks); `taps`: their filled chunks likewise (chunks_per_row per
@@ -608,10 +608,9 @@ void forward_kernel(const Tensor& input, const Sources<acc_t>& src, int normalis
   // No separate pass zeroes the outputs: the first band to write a row (of phase 0, else of
   // phase 1) stores it, or zeroes it just before adding into it, while in cache; a band of
   // phase 1 adds into the rows a band of phase 0 wrote. Rows no band reaches are zeroed first.
-  // Likewise a band's rows that no phase-1 band reaches
-  // after it are final once it is done with them (a phase-1 band's all, as phase 0 is done and
-  // no other phase-1 band writes them): it finishes them at once. Rows no band reaches are
-  // finished after the phases.
+  // Likewise a band's rows that no phase-1 band reaches after it are final once it is done with
+  // them (a phase-1 band's all, as phase 0 is done and no other phase-1 band writes them): it
+  // finishes them at once. Rows no band reaches are finished after the phases.
   const std::vector<char> zeroed = schedule.reached(0, N, H), reached_later = schedule.reached(1, N, H);
   std::vector<char> finished(static_cast<size_t>(N * H), 0);  // each row set by one band at most
   // Whether row y, which a band of phase p has just done, is final now (marked so): then
