@@ -36,7 +36,7 @@ def test_the_dry_run_passes_up_to_the_first_part_that_needs_a_gpu(tmp_path) -> N
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ") and "---" not in line}
     for part in ("install", "info", "collect"):
         assert "| passed" in rows[part], rows[part]
-    for part in ("build", "tests", "bench", "bench-rgb"):
+    for part in ("build", "tests", "bench", "bench-rgb", "bench-half"):
         assert "not run (needs a GPU)" in rows[part], rows[part]
     assert "conformance/test_against_oracle.py" in text or "tests collected" in text or "collected" in text
 
@@ -79,8 +79,8 @@ def test_each_part_gets_at_most_what_is_left_of_the_budget(tmp_path, monkeypatch
 
 
 def test_the_bench_parts_time_the_ordered_forward_beside_the_atomic_one() -> None:
-    """GPU CI measures the deterministic path's cost: both bench parts run --deterministic."""
+    """GPU CI measures the deterministic path's cost: every bench part runs --deterministic."""
     module = _module()
     benches = [part for part in module.parts() if part.name.startswith("bench")]
-    assert [part.name for part in benches] == ["bench", "bench-rgb"]
+    assert [part.name for part in benches] == ["bench", "bench-rgb", "bench-half"]
     assert all("--deterministic" in part.command for part in benches)
