@@ -23,6 +23,7 @@ from ..modes import Kind, Normalisation
 from .extension import CSRC
 from .ops import (
     OpsBackend,
+    cast_result,
     forward_buffers,
     gradient_buffers,
     per_pixel_strides,
@@ -296,9 +297,8 @@ class Impls:
         N, C, H, W = input.shape
         # The atomic forward adds into zeros; the ordered one writes every element.
         out, normaliser = forward_buffers(input, flow, kind, zeroed=not deterministic)
-        # `cast`: the result in input's dtype, which the normalising pass writes (16-bit inputs).
-        narrow = cast and input.dtype != flow.dtype
-        result = torch.empty_like(out, dtype=input.dtype) if narrow else out
+        result = cast_result(out, input, cast)
+        narrow = result is not out
         if N * H * W == 0:
             return result, normaliser
         metric = metric if kind >= Kind.LINEAR else None

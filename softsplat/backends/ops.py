@@ -28,6 +28,12 @@ def forward_buffers(input: torch.Tensor, flow: torch.Tensor, kind: int,
     return out, normaliser
 
 
+def cast_result(out: torch.Tensor, input: torch.Tensor, cast: bool) -> torch.Tensor:
+    """Where the forward writes its result with ``cast``: a new tensor in a 16-bit input's
+    dtype (the kernels' normalising pass rounds into it), else ``out`` itself."""
+    return torch.empty_like(out, dtype=input.dtype) if cast and input.dtype != out.dtype else out
+
+
 def prepared_gradients(input: torch.Tensor, flow: torch.Tensor, kind: int) -> torch.Tensor:
     """The GPU backward's scratch ``g`` ``[N, K, H, W]``: per target, gN of the C channels, then
     gD for the normalised kinds (docs/spec.md, gradients). Planar, so that the threads of

@@ -19,6 +19,7 @@ import torch
 from ..modes import Kind, Normalisation
 from .ops import (
     OpsBackend,
+    cast_result,
     forward_buffers,
     gradient_buffers,
     per_pixel_strides,
@@ -88,9 +89,8 @@ def splat_forward(
                          "(expected False), got True; the cpp and cupy backends have one on CUDA")
     N, C, H, W = input.shape
     out, normaliser = forward_buffers(input, flow, kind)
-    # `cast`: the result in input's dtype, which the normalising pass writes (16-bit inputs).
-    narrow = cast and input.dtype != flow.dtype
-    result = torch.empty_like(out, dtype=input.dtype) if narrow else out
+    result = cast_result(out, input, cast)
+    narrow = result is not out
     pixels = N * H * W
     if pixels == 0:
         return result, normaliser

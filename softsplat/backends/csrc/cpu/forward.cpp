@@ -370,8 +370,8 @@ void unpack_row_divided(const acc_t* __restrict lanes, acc_t* __restrict p0, acc
 // the row before), else stored (the first band to write it). A row for which final(y) holds (no
 // band of a later phase reaches it) is finished at once, while in cache, and then given to
 // cast(n, y, first channel, count, planes, stride). With `straight` (CC x W values, when the
-// result is a 16-bit one), a final row no band adds to and nothing rescales goes through it to
-// the result: its planes in out are never written.
+// result is a 16-bit one and nothing rescales the band's rows), a final row no band adds to goes
+// through it to the result: its planes in out are never written.
 template <int CC, typename acc_t, typename Adds, typename Final, typename Cast>
 void flush_rows(const Band& band, const Adds& adds, int64_t from, int64_t to, const acc_t* scratch, acc_t* out,
                 acc_t* norm, int64_t H, int64_t W, const Finish<acc_t>& finish, const Final& final, const Cast& cast,
@@ -385,7 +385,7 @@ void flush_rows(const Band& band, const Adds& adds, int64_t from, int64_t to, co
     plane[CC] = D;
     const bool last = final(y);
     const bool divided = last && finish.divides && !finish.scales(band.n);  // then D is not null
-    const bool through = straight && last && !adds(y) && !finish.scales(band.n);
+    const bool through = straight && last && !adds(y);
     if (through)
       for (int c = 0; c < CC; ++c) plane[c] = straight + c * W;
     auto unpack = [&](auto add) {
@@ -497,8 +497,8 @@ void scatter_block(const TapChunk<acc_t>& chunk, const acc_t* __restrict values,
 // normaliser's too (added into norm). `last(y)`: whether row y is final once this band is done
 // with it (then divided, when `divides`, and given to cast(n, y, c0, count, planes, stride) when
 // `casts`: rows that nothing rescales after; with `straight` (L x W values, when the result is a
-// 16-bit one), such a row that no band adds to goes through it to the result, and its planes in
-// out are never written).
+// 16-bit one and `casts`), such a row that no band adds to goes through it to the result, and its
+// planes in out are never written).
 // Stable: weights per tap (stable soft without its shortcut, max), as scatter_band<_, true>.
 // scratch.weights: src.row_weights of the band's source rows, W per row from band.y_begin (made
 // once for all of a band's blocks); `taps`: their filled chunks likewise (chunks_per_row per
@@ -567,7 +567,7 @@ void splat_block(const Band& band, const Adds& adds, const std::vector<Band>& pa
             for (int64_t x = 0; x < W; ++x) target[x] = finished(target[x], divisor[x], factor[x]);
           }
       };
-      if (straight && casts && last(y) && !adds(y)) {
+      if (straight && last(y) && !adds(y)) {
         auto through = [straight, W](int64_t c) { return straight + c * W; };
         unpack_block_row<false, true>(lanes, L, through, count, times, W);
         finish_planes(through);
@@ -672,7 +672,7 @@ void forward_kernel(const Tensor& input, const Sources<acc_t>& src, int normalis
           if (limit <= flushed) continue;
           scratch.zero(flushed, limit);  // rows no part reached
           flush_rows<packed>(band, adds, flushed, limit, rows, out_data, norm_data, H, W, finish, final, cast,
-                             narrows ? scratch.straight_rows(packed * W) : nullptr);
+                             narrows && !finish.scales(band.n) ? scratch.straight_rows(packed * W) : nullptr);
           flushed = limit;
         }
         return;

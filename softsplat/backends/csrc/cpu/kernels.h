@@ -24,9 +24,9 @@ inline Sources<acc_t> sources(const Tensor& flow, const Tensor& metric, int64_t 
 // The forward (out, normaliser: [N, C, H, W] and [N, 1, H, W] in acc_t, contiguous, written
 // whole). `result` (16-bit inputs, or null): the result rounded to scalar_t, [N, C, H, W]
 // contiguous, written row by row as rows are final; out is then scratch, and the final rows no
-// band adds to go straight to `result` without being written there. `planned`: a schedule already made for src (the fused
-// stable forward shares one); `shortcut`: StableShortcut decided elsewhere (else decided here
-// for the stable kind).
+// band adds to go straight to `result` without being written there. `planned`: a schedule
+// already made for src (the fused stable forward shares one); `shortcut`: StableShortcut decided
+// elsewhere (else decided here for the stable kind).
 template <typename scalar_t, typename acc_t>
 void forward_kernel(const Tensor& input, const Sources<acc_t>& src, int normalisation, Tensor& out,
                     Tensor& normaliser, scalar_t* result = nullptr, const Schedule* planned = nullptr,
