@@ -146,6 +146,21 @@ def test_what_the_gpu_forward_issues_per_call(backend_name, channels, mode, stab
 
 
 @pytest.mark.parametrize("backend_name", ["cuda-host", "cupy-host"])
+@pytest.mark.parametrize("channels", [3, 16, 17, 192])
+@pytest.mark.parametrize("mode, planes", [("soft-addeps", 1), ("sum", 0)])
+def test_a_gpu_forward_thread_adds_one_block_of_channels(backend_name, channels, mode, planes) -> None:
+    """A thread of the GPU forward takes one pixel and a block of at most 16 channels (and, in
+    the first block, the normaliser): its four taps times those planes, so that an image of few
+    pixels and many channels (C = 192 at 135x240) is spread over 12 threads per pixel, not one
+    thread looping over 192 channels."""
+    input, flow, metric, kept = _constant_flow_case(channels)
+    with host.WorkCounter(backend_name) as counted:
+        softsplat.splat(input, flow, None if mode == "sum" else metric, mode=mode, backend=backend_name)
+    assert counted.busiest == 4 * (min(channels, 16) + planes)
+    assert counted.adds == kept * (channels + planes)
+
+
+@pytest.mark.parametrize("backend_name", ["cuda-host", "cupy-host"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode, launches", [("soft-addeps", 2), ("sum", 2)])
 def test_a_16_bit_result_takes_no_pass_of_its_own(backend_name, dtype, mode, launches) -> None:

@@ -279,11 +279,13 @@ def test_a_machine_binary_for_known_architectures_and_ptx_past_them() -> None:
 
 
 def test_launch_sizes_match_the_kernels_channel_blocks() -> None:
-    """The CuPy launches size their grids by the channels a thread of the gather and of the
-    normalise kernel takes: the constants of kernels.cuh, read from its source."""
+    """The CuPy launches size their grids by the channels a thread of the forward, the gather
+    and the normalise kernel takes: the constants of kernels.cuh, read from its source."""
     import re
 
     source = (pathlib.Path(cupy_backend.__file__).parent / "csrc" / "cuda" / "kernels.cuh").read_text()
-    for name, value in (("kSplatChannelBlock", cupy_backend.CHANNEL_BLOCK), ("kNormaliseChannels", cupy_backend.NORMALISE_CHANNELS)):
+    for name, value in (("kSplatChannelBlock", cupy_backend.CHANNEL_BLOCK),
+                        ("kNormaliseChannels", cupy_backend.NORMALISE_CHANNELS),
+                        ("kForwardChannels", cupy_backend.FORWARD_CHANNELS)):
         found = re.search(rf"constexpr int {name} = (\d+);", source)
         assert found and int(found.group(1)) == value, (name, found and found.group(1), value)

@@ -3,6 +3,7 @@ sm_90, and the torch.library registration (opcheck, fullgraph torch.compile) whe
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import pathlib
@@ -134,8 +135,6 @@ def test_every_launch_happens_on_the_inputs_device(monkeypatch) -> None:
     """Triton launches on the current CUDA device and its current stream: each of the backend's
     launches must run inside ``torch.cuda.device(<the input's device>)``. Checked with fake
     cuda:1 tensors (no GPU needed), the device context and the launcher replaced by recorders."""
-    import contextlib
-
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     current, launches = [None], []
@@ -163,6 +162,37 @@ def test_every_launch_happens_on_the_inputs_device(monkeypatch) -> None:
         triton_backend.splat_backward(out, None, input, flow, metric, out, normaliser, 4, 0, [True, True, True], maximum)
     assert {name for name, _ in launches} >= {"_splat_max_kernel", "_splat_fwd_kernel", "_splat_bwd_kernel"}
     assert all(where == torch.device("cuda:1") for _, where in launches), launches
+
+
+@needs_triton
+@pytest.mark.parametrize("channels, per_program", [(0, 1), (1, 1), (3, 4), (9, 16), (16, 16), (17, 16), (192, 16)])
+def test_a_forward_program_takes_one_block_of_channels(monkeypatch, channels, per_program) -> None:
+    """The forward's grid has a second axis over blocks of at most 16 channels (C's power of two
+    below that), so an image of few pixels and many channels (C = 192 at 135x240) runs 12
+    programs per block of pixels, not one program looping over 192 channels; every channel is
+    in one block. Read from the launch, with fake CUDA tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    launches = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.kernel.__name__, grid, kwargs))
+
+    monkeypatch.setattr(torch.library, "wrap_triton", Recorder)
+    monkeypatch.setattr(torch.cuda, "device", lambda which: contextlib.nullcontext())
+    N, H, W = 1, 135, 240
+    with FakeTensorMode():
+        input = torch.empty(N, channels, H, W, device="cuda")
+        flow, metric = torch.empty(N, 2, H, W, device="cuda"), torch.empty(N, 1, H, W, device="cuda")
+        triton_backend.splat_forward(input, flow, metric, 3, 0)
+    (grid, options), = [(grid, kwargs) for name, grid, kwargs in launches if name == "_splat_fwd_kernel"]
+    block = triton_backend._block()
+    assert options["CHANNELS"] == per_program
+    assert grid == (-(-N * H * W // block), max(1, -(-channels // per_program)))
 
 
 @needs_triton

@@ -157,15 +157,16 @@ class ThreadProbe:
 
 class WorkCounter:
     """The launches, atomic adds and atomic maxima/minima that the kernels of backend ``name``'s
-    host library issue inside a ``with`` block (shim.h's work counter): what the device code
-    does per call, counted where it runs on the CPU."""
+    host library issue inside a ``with`` block, and the most atomic adds one GPU thread issued
+    (``busiest``; shim.h's work counter): what the device code does per call and per thread,
+    counted where it runs on the CPU."""
 
     def __init__(self, name: str) -> None:
         self._counts = _shim_function(name, "softsplat_host_work_counts")
-        self.launches = self.adds = self.maxima = 0
+        self.launches = self.adds = self.maxima = self.busiest = 0
 
-    def _read(self, on: bool) -> tuple[int, int, int]:
-        values = [ctypes.c_longlong() for _ in range(3)]
+    def _read(self, on: bool) -> tuple[int, int, int, int]:
+        values = [ctypes.c_longlong() for _ in range(4)]
         self._counts(ctypes.c_int(on), *(ctypes.byref(v) for v in values))
         return tuple(v.value for v in values)
 
@@ -174,7 +175,7 @@ class WorkCounter:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.launches, self.adds, self.maxima = self._read(False)
+        self.launches, self.adds, self.maxima, self.busiest = self._read(False)
 
 
 #: The backends this package adds, by name.

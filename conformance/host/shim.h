@@ -39,11 +39,12 @@ struct dim3 {
 inline thread_local dim3 blockIdx, threadIdx, blockDim, gridDim;
 
 // The work counter: while on, the launches and the atomic operations the kernels issue are
-// counted (one atomic add, or max or min, per call of atomicAdd, atomicMax, atomicMin), so a test
-// can pin what the device code does per call and per pixel (docs/performance.md).
+// counted (one atomic add, or max or min, per call of atomicAdd, atomicMax, atomicMin), and the
+// most atomic adds one GPU thread issued, so a test can pin what the device code does per call,
+// per pixel and per thread (docs/performance.md).
 struct WorkCounter {
   std::atomic<bool> on{false};
-  std::atomic<long long> launches{0}, adds{0}, maxima{0};
+  std::atomic<long long> launches{0}, adds{0}, maxima{0}, busiest{0};
 };
 
 inline WorkCounter& work_counter() {
@@ -51,9 +52,22 @@ inline WorkCounter& work_counter() {
   return counter;
 }
 
+inline thread_local long long thread_adds = 0;  // the atomic adds of the GPU thread running here
+
 inline void count_work(std::atomic<long long> WorkCounter::*field) {
   WorkCounter& counter = work_counter();
-  if (counter.on.load(std::memory_order_relaxed)) (counter.*field).fetch_add(1, std::memory_order_relaxed);
+  if (!counter.on.load(std::memory_order_relaxed)) return;
+  (counter.*field).fetch_add(1, std::memory_order_relaxed);
+  if (field == &WorkCounter::adds) ++thread_adds;
+}
+
+// The adds of the GPU thread that just ran (thread_adds), kept if the most yet.
+inline void count_thread() {
+  WorkCounter& counter = work_counter();
+  long long seen = counter.busiest.load(std::memory_order_relaxed);
+  while (seen < thread_adds && !counter.busiest.compare_exchange_weak(seen, thread_adds, std::memory_order_relaxed)) {
+  }
+  thread_adds = 0;
 }
 
 // A subnormal float32 flushed to zero (of its sign), as the GPU's float32 atomic add does
@@ -164,11 +178,13 @@ void launch_blocks(void (*kernel)(Parameters...), dim3 grid, dim3 block, unsigne
         threadIdx = dim3((start + (backwards ? block.x - 1 - step : step)) % block.x);
         if (!timed) {
           kernel(static_cast<Parameters>(arguments)...);
+          count_thread();
           continue;
         }
         const long long begin = thread_time();
         kernel(static_cast<Parameters>(arguments)...);
         const long long took = thread_time() - begin;
+        count_thread();
         ThreadProbe& probe = thread_probe();
         probe.total.fetch_add(took, std::memory_order_relaxed);
         long long seen = probe.longest.load(std::memory_order_relaxed);
@@ -197,12 +213,15 @@ void launch(void (*kernel)(Parameters...), dim3 grid, dim3 block, Arguments... a
     *total = probe.total.exchange(0);                                                             \
     probe.on.store(on != 0);                                                                      \
   }                                                                                               \
-  /* The work counter likewise: launches, atomic adds, atomic maxima and minima. */               \
-  extern "C" void softsplat_host_work_counts(int on, long long* launches, long long* adds, long long* maxima) { \
+  /* The work counter likewise: launches, atomic adds, atomic maxima and minima, the most atomic  \
+     adds of one GPU thread. */                                                                   \
+  extern "C" void softsplat_host_work_counts(int on, long long* launches, long long* adds, long long* maxima, \
+                                             long long* busiest) {                                \
     softsplat_host::WorkCounter& counter = softsplat_host::work_counter();                         \
     *launches = counter.launches.exchange(0);                                                     \
     *adds = counter.adds.exchange(0);                                                             \
     *maxima = counter.maxima.exchange(0);                                                         \
+    *busiest = counter.busiest.exchange(0);                                                       \
     counter.on.store(on != 0);                                                                    \
   }
 

@@ -45,6 +45,7 @@ THREADS = 256
 MAX_BLOCKS = 1 << 20  # blocks of a launch at most; grid-stride loops cover the rest
 CHANNEL_BLOCK = 8  # channels a thread of splat_gather_kernel sums (kSplatChannelBlock)
 NORMALISE_CHANNELS = 8  # channels a thread of splat_normalise_kernel divides (kNormaliseChannels)
+FORWARD_CHANNELS = 16  # channels a thread of splat_forward_kernel adds (kForwardChannels)
 
 
 def kernel_names(dtype: torch.dtype) -> dict[tuple[str, str], str]:
@@ -324,7 +325,7 @@ class Impls:
             input.dtype,
             "forward",
             index,
-            N * H * W,
+            N * (-(-C // FORWARD_CHANNELS) if C else 1) * H * W,
             *_source_arguments(input, flow, metric),
             *sizes,
             ("int", kind),

@@ -59,6 +59,16 @@ def _grid(count: int) -> tuple[int]:
     return ((count + _block() - 1) // _block(),)
 
 
+#: Channels a program of the forward adds at most (its second grid axis takes the blocks).
+FORWARD_CHANNELS = 16
+
+
+def _channel_block(channels: int) -> int:
+    """The forward's channels per program: C's power of two up to FORWARD_CHANNELS (a tile's
+    side is a power of two; padding lanes are masked off)."""
+    return min(FORWARD_CHANNELS, 1 << (max(channels, 1) - 1).bit_length())
+
+
 def splat_maximum(flow: torch.Tensor, metric: torch.Tensor, kind: int = int(Kind.STABLE)) -> torch.Tensor:
     from torch.library import wrap_triton
 
@@ -98,10 +108,11 @@ def splat_forward(
     metric_arg = metric if metric is not None else flow  # never read below Kind.LINEAR
     maximum_arg = maximum.contiguous() if kind in (Kind.STABLE, Kind.MAX) else out  # read only then
     with _on(input.device):
-        wrap_triton(k._splat_fwd_kernel)[_grid(pixels)](
+        channels = _channel_block(C)
+        wrap_triton(k._splat_fwd_kernel)[_grid(pixels) + (max(1, -(-C // channels)),)](
             input, *input.stride(), flow, *flow.stride(), metric_arg, *per_pixel_strides(metric),
             maximum_arg, out, normaliser if normalised else out, N, C, H, W,
-            KIND=kind, ACC=_acc(flow.dtype), BLOCK=_block(), **LAUNCH_OPTIONS,
+            KIND=kind, ACC=_acc(flow.dtype), BLOCK=_block(), CHANNELS=channels, **LAUNCH_OPTIONS,
         )
         divides = normalised and normalisation != Normalisation.RAW  # raw: the numerator as it is
         if C and (divides or narrow):

@@ -139,10 +139,15 @@ def _splat_fwd_kernel(
     max_ptr,  # STABLE, MAX: M [N, 1, H, W] contiguous
     out_ptr, norm_ptr,  # [N, C, H, W] and [N, 1, H, W], contiguous, zeroed
     N, C, H, W,
-    KIND: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    KIND: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, CHANNELS: tl.constexpr,
 ):
+    """A program: BLOCK source pixels (axis 0) and a block of CHANNELS channels (axis 1: an image
+    of few pixels and many channels still fills the device). Its channels' values are loaded as
+    one [CHANNELS, BLOCK] tile (the loads in flight together) and added to the four taps; the
+    programs of the first channel block also add the weights into the normaliser."""
     N, C, H, W = _wide(N), _wide(C), _wide(H), _wide(W)
     pixel = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    first = tl.program_id(1).to(tl.int64) * CHANNELS
     valid = pixel < N * H * W
     pixel = tl.where(valid, pixel, 0)
     n, x, y, lands, x0, y0, east, west, south, north = _taps(pixel, flow_ptr, sfn, sfc, sfy, sfx, H, W, ACC)
@@ -176,25 +181,31 @@ def _splat_fwd_kernel(
         w_ne = w
         w_sw = w
         w_se = w
-    source = input_ptr + n * sin_n + y * sin_y + x * sin_x
-    for c in range(0, C):
-        v = tl.load(source + c * sin_c, mask=lands, other=0.0).to(ACC)
-        plane = out_ptr + c * HW
-        if KIND == SUM:
-            tl.atomic_add(plane + t_nw, b_nw * v, mask=keep_nw, sem="relaxed")
-            tl.atomic_add(plane + t_ne, b_ne * v, mask=keep_ne, sem="relaxed")
-            tl.atomic_add(plane + t_sw, b_sw * v, mask=keep_sw, sem="relaxed")
-            tl.atomic_add(plane + t_se, b_se * v, mask=keep_se, sem="relaxed")
-        else:  # b * (v * w): the oracle's order
-            tl.atomic_add(plane + t_nw, b_nw * (v * w_nw), mask=keep_nw, sem="relaxed")
-            tl.atomic_add(plane + t_ne, b_ne * (v * w_ne), mask=keep_ne, sem="relaxed")
-            tl.atomic_add(plane + t_sw, b_sw * (v * w_sw), mask=keep_sw, sem="relaxed")
-            tl.atomic_add(plane + t_se, b_se * (v * w_se), mask=keep_se, sem="relaxed")
+    channel = first + tl.arange(0, CHANNELS).to(tl.int64)[:, None]  # [CHANNELS, 1]
+    in_block = channel < C
+    v = tl.load(input_ptr + (n * sin_n + y * sin_y + x * sin_x)[None, :] + channel * sin_c,
+                mask=lands[None, :] & in_block, other=0.0).to(ACC)
+    planes = out_ptr + channel * HW
+    if KIND == SUM:
+        tl.atomic_add(planes + t_nw[None, :], b_nw[None, :] * v, mask=keep_nw[None, :] & in_block, sem="relaxed")
+        tl.atomic_add(planes + t_ne[None, :], b_ne[None, :] * v, mask=keep_ne[None, :] & in_block, sem="relaxed")
+        tl.atomic_add(planes + t_sw[None, :], b_sw[None, :] * v, mask=keep_sw[None, :] & in_block, sem="relaxed")
+        tl.atomic_add(planes + t_se[None, :], b_se[None, :] * v, mask=keep_se[None, :] & in_block, sem="relaxed")
+    else:  # b * (v * w): the oracle's order
+        tl.atomic_add(planes + t_nw[None, :], b_nw[None, :] * (v * w_nw[None, :]), mask=keep_nw[None, :] & in_block,
+                      sem="relaxed")
+        tl.atomic_add(planes + t_ne[None, :], b_ne[None, :] * (v * w_ne[None, :]), mask=keep_ne[None, :] & in_block,
+                      sem="relaxed")
+        tl.atomic_add(planes + t_sw[None, :], b_sw[None, :] * (v * w_sw[None, :]), mask=keep_sw[None, :] & in_block,
+                      sem="relaxed")
+        tl.atomic_add(planes + t_se[None, :], b_se[None, :] * (v * w_se[None, :]), mask=keep_se[None, :] & in_block,
+                      sem="relaxed")
     if KIND != SUM:
-        tl.atomic_add(norm_ptr + d_nw, b_nw * w_nw, mask=keep_nw, sem="relaxed")
-        tl.atomic_add(norm_ptr + d_nw + 1, b_ne * w_ne, mask=keep_ne, sem="relaxed")
-        tl.atomic_add(norm_ptr + d_nw + W, b_sw * w_sw, mask=keep_sw, sem="relaxed")
-        tl.atomic_add(norm_ptr + d_nw + W + 1, b_se * w_se, mask=keep_se, sem="relaxed")
+        if tl.program_id(1) == 0:
+            tl.atomic_add(norm_ptr + d_nw, b_nw * w_nw, mask=keep_nw, sem="relaxed")
+            tl.atomic_add(norm_ptr + d_nw + 1, b_ne * w_ne, mask=keep_ne, sem="relaxed")
+            tl.atomic_add(norm_ptr + d_nw + W, b_sw * w_sw, mask=keep_sw, sem="relaxed")
+            tl.atomic_add(norm_ptr + d_nw + W + 1, b_se * w_se, mask=keep_se, sem="relaxed")
 
 
 @triton.jit

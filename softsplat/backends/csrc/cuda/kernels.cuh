@@ -4,12 +4,13 @@
 // nvcc for the cpp backend, by NVRTC for the CuPy backend, and by g++ through the test suite's
 // host shim (conformance/host/shim.h) so the tests execute it on the CPU.
 //
-// Forward: one thread per source pixel atomically adds its weighted channels and its weight to
-// the four taps (atomics: the order of additions, hence the last bits, vary run to run), then
-// one thread per output element divides. The ordered forward (taken when determinism is asked
-// for) sums every target's contributions in one fixed order instead: by source pixel index
-// (key, a stable sort, ends, weigh, gather below); its float adds are plain, not atomic, so
-// the same inputs give the same bits on every run. Backward: one thread per target pixel
+// Forward: one thread per source pixel and block of channels atomically adds the block's
+// weighted channels (and, for the first block, its weight) to the four taps (atomics: the order
+// of additions, hence the last bits, vary run to run), then one thread per target and block of
+// channels divides. The ordered forward (taken when determinism is asked for) sums every
+// target's contributions in one fixed order instead: by source pixel index (key, a stable sort,
+// ends, weigh, gather below); its float adds are plain, not atomic, so the same inputs give the
+// same bits on every run. Backward: one thread per target pixel
 // prepares gN = grad / D' and gD, then one thread per source pixel gathers from its taps and
 // writes only its own gradients: no atomics, so it is deterministic as it is.
 #pragma once
@@ -39,6 +40,14 @@ __device__ __forceinline__ bool source_taps(index_t pixel, const acc_t* flow, lo
   return make_taps<acc_t, index_t>(x, y, source[0], source[(index_t)fl_sc], H, W, taps);
 }
 
+// One thread per (n, block of kForwardChannels channels, source pixel): element e is pixel
+// e % (H * W) of block (e / (H * W)) % blocks of batch n (blocks = max(1, ceil(C /
+// kForwardChannels))), so neighbouring threads take neighbouring pixels (coalesced loads, and
+// adds into neighbouring targets), and an image of few pixels and many channels still fills the
+// device. Each thread computes its pixel's taps, then adds its block's channels into the four
+// taps; the threads of block 0 also add the weights into the normaliser.
+constexpr int kForwardChannels = 16;
+
 template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void splat_forward_kernel(
     const scalar_t* __restrict__ input, long long in_sn, long long in_sc, long long in_sy, long long in_sx,
@@ -48,12 +57,15 @@ __global__ void splat_forward_kernel(
     const acc_t* __restrict__ maximum,  // stable, max: M [N, 1, H, W] contiguous; else null
     acc_t* __restrict__ out,          // [N, C, H, W] contiguous, zeroed
     acc_t* __restrict__ normaliser) { // [N, 1, H, W] contiguous, zeroed; null for sum
-  SOFTSPLAT_KERNEL_LOOP(pixel, N * H * W) {
+  const index_t plane = H * W;
+  const index_t blocks = C > 0 ? (C + kForwardChannels - 1) / kForwardChannels : index_t(1);
+  SOFTSPLAT_KERNEL_LOOP(element, N * blocks * plane) {
+    const index_t block = element / plane % blocks;
+    const index_t pixel = element / (plane * blocks) * plane + element % plane;  // into [N, H, W]
     index_t n, y, x;
     Taps<acc_t, index_t> taps;
     if (!source_taps(pixel, flow, fl_sn, fl_sc, fl_sy, fl_sx, H, W, n, y, x, taps)) continue;
     const acc_t m = metric ? metric[n * (index_t)me_sn + y * (index_t)me_sy + x * (index_t)me_sx] : acc_t(0);
-    const index_t plane = H * W;
     index_t at[4];  // ty * W + tx of each tap, within a plane
     acc_t w[4];
 #pragma unroll
@@ -62,16 +74,27 @@ __global__ void splat_forward_kernel(
       // stable, max: each tap's weight is exp(metric - M(tap)), or 1 or 0; otherwise one per pixel
       w[k] = !taps.keep[k] ? acc_t(0)
              : weighs_per_tap(kind) ? tap_weight(kind, m, maximum[n * plane + at[k]]) : pixel_weight<acc_t>(kind, m);
-      if (kind != SUM && taps.keep[k]) atomicAdd(normaliser + n * plane + at[k], taps.weight[k] * w[k]);
+      if (kind != SUM && block == 0 && taps.keep[k]) atomicAdd(normaliser + n * plane + at[k], taps.weight[k] * w[k]);
     }
-    // Each input value is read once and added to the four taps.
-    for (index_t c = 0; c < C; ++c) {
-      const acc_t v = static_cast<acc_t>(input[n * (index_t)in_sn + c * (index_t)in_sc + y * (index_t)in_sy + x * (index_t)in_sx]);
-      acc_t* out_plane = out + (n * C + c) * plane;
+    // Each input value of the block is read once, all of them before the first add (the loads
+    // in flight together, not one load's latency per channel), and added to the four taps.
+    const index_t first = block * kForwardChannels;
+    const index_t channels = C - first < kForwardChannels ? C - first : index_t(kForwardChannels);
+    const scalar_t* values = input + n * (index_t)in_sn + first * (index_t)in_sc + y * (index_t)in_sy + x * (index_t)in_sx;
+    acc_t v[kForwardChannels];
+#pragma unroll
+    for (int j = 0; j < kForwardChannels; ++j)
+      v[j] = j < channels ? static_cast<acc_t>(values[j * (index_t)in_sc]) : acc_t(0);
+    acc_t* planes = out + (n * C + first) * plane;
+#pragma unroll
+    for (int j = 0; j < kForwardChannels; ++j) {
+      if (j >= channels) break;
+      acc_t* out_plane = planes + j * plane;
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         // b * (v * w): the oracle's order of operations
-        if (taps.keep[k]) atomicAdd(out_plane + at[k], kind == SUM ? taps.weight[k] * v : taps.weight[k] * (v * w[k]));
+        if (taps.keep[k])
+          atomicAdd(out_plane + at[k], kind == SUM ? taps.weight[k] * v[j] : taps.weight[k] * (v[j] * w[k]));
       }
     }
   }

@@ -217,7 +217,8 @@ inline std::tuple<Tensor, Tensor> splat_forward(const Tensor& input, const Tenso
         return finish(false);
       }
       auto forward = &splat_forward_kernel<scalar_t, acc_t, index_t>;
-      SOFTSPLAT_LAUNCH(forward, blocks_for(N * H * W), kThreads,
+      const int64_t blocks = C > 0 ? (C + kForwardChannels - 1) / kForwardChannels : 1;
+      SOFTSPLAT_LAUNCH(forward, blocks_for(N * blocks * H * W), kThreads,
           ptr<scalar_t>(input), input.stride(0), input.stride(1), input.stride(2), input.stride(3),
           ptr<acc_t>(flow), flow.stride(0), flow.stride(1), flow.stride(2), flow.stride(3),
           with_metric ? ptr<acc_t>(metric) : nullptr,
