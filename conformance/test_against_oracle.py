@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 import softsplat
+from softsplat.modes import Mode
 
 from .compare import compare, flushed, gradient_magnitudes, run
-from .strategies import CHANNEL_BOUNDARIES, cases, seeds
+from .strategies import CHANNEL_BOUNDARIES, Case, cases, seeds
 
 
 def check_case(backend, case, generator) -> None:
@@ -66,3 +68,34 @@ def test_many_channels_match_oracle(backend, device, data) -> None:
         cases(dtypes=backend.dtypes, device=device, channels=CHANNEL_BOUNDARIES, max_side=5), label="case"
     )
     check_case(backend, case, data.draw(seeds(), label="cotangent seed"))
+
+
+def jumping_reaches_case(channels: int, mode: str, stable: bool, device) -> Case:
+    """A 64 x 12 image, in bands of 8 rows (the CPU kernels' smallest): most pixels move by a
+    quarter pixel, but band b's first column lands on row 32 - 4b and its second on row 38 + 4b
+    (at most 62), so that from the fifth band on each band's reach starts above the previous
+    one's and is wider: the CPU backward's ring of prepared rows would prepare them again and
+    again, and it prepares the image once, whole, instead."""
+    generator = torch.Generator().manual_seed(channels)
+    H, W = 64, 12
+    flow = torch.full((1, 2, H, W), 0.25, dtype=torch.float64)
+    rows = torch.arange(H, dtype=torch.float64)
+    band = rows // 8
+    flow[0, 1, :, 0] = 32 - 4 * band - rows + 0.5
+    flow[0, 1, :, 1] = torch.clamp(38 + 4 * band, max=62) - rows + 0.5
+    input = torch.randn(1, channels, H, W, generator=generator, dtype=torch.float64)
+    metric = torch.randn(1, 1, H, W, generator=generator, dtype=torch.float64)
+    mode = Mode(mode)
+    uses_metric = mode.kind in ("linear", "soft", "max")
+    return Case(input.float().to(device), flow.float().to(device), metric.float().to(device) if uses_metric else None,
+                mode, (True, True, uses_metric), stable)
+
+
+@pytest.mark.parametrize("channels", [3, 16, 64])
+@pytest.mark.parametrize("mode, stable", [("soft-addeps", False), ("sum", False), ("soft-addeps", True)])
+def test_bands_whose_reaches_jump_about_match_oracle(backend, device, channels, mode, stable) -> None:
+    """Forward and gradients of jumping_reaches_case against the oracle (the conformance suite's
+    images are too small to have more than two bands)."""
+    if torch.float32 not in backend.dtypes:
+        pytest.skip(f"{backend.name} does not take float32")
+    check_case(backend, jumping_reaches_case(channels, mode, stable, device), torch.Generator().manual_seed(1))

@@ -483,12 +483,42 @@ struct Gather {
 #endif
 };
 
+// The rows of image n that a thread's ring holds, [lo, hi). A band that starts inside them, at
+// or below their first row, keeps the rows it shares with them and prepares the rest; any
+// other band prepares all of its rows. The ring then holds [band.lo, max(hi, band.hi)): never
+// more rows than the largest reach of the thread's bands, the ring's capacity (the rows held
+// before, from a first row at or above band.lo, fit it, and so do the band's).
+struct Held {
+  int64_t n = -1, lo = 0, hi = 0;
+
+  // The first of `band`'s rows to prepare (then the rows up to band.hi); the band's rows are
+  // held after.
+  int64_t next(const Band& band) {
+    if (band.n != n || band.lo < lo || band.lo >= hi) hi = band.lo;  // none reusable
+    n = band.n;
+    lo = band.lo;
+    const int64_t first = hi;
+    hi = std::max(hi, band.hi);
+    return first;
+  }
+};
+
+// How many rows the ring prepares for `all`, run in order on one thread (with more threads,
+// each also prepares again what its first band shares with the previous thread's last).
+inline int64_t ring_prepares(const std::vector<Band>& all) {
+  Held held;
+  int64_t rows = 0;
+  for (const Band& band : all) rows += std::max<int64_t>(0, band.hi - held.next(band));
+  return rows;
+}
+
 }  // namespace
 
 // Backward: per band of source rows, gN and gD of the target rows it reaches are prepared in a
 // ring of rows of the thread (kept for its next band, which reaches most of them too), then the
-// band's pixels gather from it. Where flows reach so far that the bands' rows would add up to
-// more than twice the image, each image is prepared once, whole, and gathered from.
+// band's pixels gather from it. Where the bands' reaches jump about so that the ring would
+// prepare more than twice the image's rows, each image is prepared once, whole, and gathered
+// from (a buffer of the image's size, written and read back: slower where the ring is not).
 template <typename scalar_t, typename acc_t>
 void backward_kernel(const Tensor& grad_out, const Tensor& grad_normaliser,
                      const Tensor& input, const Sources<acc_t>& src, const Tensor& out,
@@ -518,9 +548,7 @@ void backward_kernel(const Tensor& grad_out, const Tensor& grad_normaliser,
         gather.template rows<CC, false, false>(n, y_begin, y_end, row, lo);
     };
     const std::vector<Band> all = bands(src, N);
-    int64_t reach = 0;
-    for (const Band& band : all) reach += band.hi - band.lo;
-    if (reach <= 2 * N * H) {
+    if (ring_prepares(all) <= 2 * N * H) {
       torch::stable::parallel_for(0, static_cast<int64_t>(all.size()), 1, [&](int64_t begin, int64_t end) {
         // The thread's bands are neighbours, and so are their reaches: the rows a band shares
         // with the previous one stay prepared, in a ring of rows (row r in slot r % capacity).
@@ -532,19 +560,15 @@ void backward_kernel(const Tensor& grad_out, const Tensor& grad_normaliser,
         const PreparedRows<acc_t> ring(capacity, pitch, K, grad_out);
         const acc_t* zeros = ring.data + capacity * pitch + K;
         auto slot = [&](int64_t r) { return ring.data + (r % capacity) * pitch; };
-        int64_t held_n = -1, held_lo = 0, held_hi = 0;  // rows [held_lo, held_hi) of image held_n
+        Held held;
         std::vector<const acc_t*> row;
         for (int64_t i = begin; i < end; ++i) {
           const Band& band = all[i];
-          if (band.n != held_n || band.lo < held_lo || band.lo >= held_hi) held_hi = band.lo;  // none reusable
-          held_n = band.n;
-          held_lo = band.lo;
-          for (int64_t r = held_hi; r < band.hi;) {  // prepare the missing rows, a run of slots at a time
+          for (int64_t r = held.next(band); r < band.hi;) {  // the missing rows, a run of slots at a time
             const int64_t run = std::min(band.hi - r, capacity - r % capacity);
             prepare.rows(band.n, r, r + run, slot(r));
             r += run;
           }
-          held_hi = std::max(held_hi, band.hi);
           row.assign(static_cast<size_t>(band.hi - band.lo + 2), zeros);
           for (int64_t r = band.lo; r < band.hi; ++r) row[r - band.lo + 1] = slot(r) + K;
           rows(band.n, band.y_begin, band.y_end, row.data(), band.lo);
