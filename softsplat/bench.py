@@ -252,6 +252,32 @@ def collapsing_times(contenders, size, channels: int, dtype, device: str, repeat
     return lines
 
 
+#: Allocators that keep freed memory for the process, named by their library in LD_PRELOAD.
+KEEPING_ALLOCATORS = ("tcmalloc",)
+
+
+def allocator_note(device="cpu", environ=None, libc=None) -> str | None:
+    """A line on how CPU outputs get their memory, where it matters to the times: glibc's
+    ``malloc`` as it comes gives a large block back to the system when it is freed, so each
+    call's outputs are fresh pages the system zeroes (README, Performance). None elsewhere."""
+    import os
+    import platform
+
+    environ = os.environ if environ is None else environ
+    libc = platform.libc_ver()[0] if libc is None else libc
+    if str(device) != "cpu" or libc != "glibc":
+        return None
+    preloaded = environ.get("LD_PRELOAD", "")
+    for name in KEEPING_ALLOCATORS:
+        if name in preloaded:
+            return f"memory: {name} preloaded, which keeps freed memory: outputs reuse it"
+    if environ.get("MALLOC_MMAP_MAX_") == "0":
+        return "memory: glibc malloc with MALLOC_MMAP_MAX_=0, which serves outputs from its heap, reused once freed"
+    return ("memory: glibc malloc as it comes: each call's large outputs are fresh pages the system zeroes, counted "
+            "in the times (MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736, or TCMalloc preloaded, keeps freed "
+            "memory: README, Performance)")
+
+
 def copy_bandwidth(device="cpu") -> float:
     """Measured bytes per second of a large tensor copy (read + write). The source is written
     first: an untouched ``empty`` tensor's pages all map the kernel's one zero page, whose reads
@@ -368,6 +394,9 @@ def run_workload(args, console) -> int:
     console.print(table)
     console.print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; bound = bytes the fused forward must move / that bandwidth "
                   f"(the set: {total_bound * 1e3:.1f} ms)")
+    note = allocator_note(device)
+    if note:
+        console.print(note)
     for name, _ in contenders[:-1]:
         console.print(f"{name}: the set at {totals['naive port'] / totals[name]:.1f}x the naive port's speed")
     for line in deterministic_ratios({("the set", name): seconds for name, seconds in totals.items()}):
@@ -443,6 +472,9 @@ def run(args) -> int:
     console.print(table)
     console.print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; bound = bytes the fused forward must move / that bandwidth; "
                   "fwd+bwd's: with those a fused backward must move")
+    note = allocator_note(device)
+    if note:
+        console.print(note)
     for line in stable_ratios(rows):
         console.print(line)
     forward = {(f"{size[0]}x{size[1]}", mode, name): t[0] for size, mode, measured, *_ in rows for name, t in measured.items()}

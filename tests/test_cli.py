@@ -112,6 +112,35 @@ def test_bench_deterministic_times_only_ordered_forwards() -> None:
 
 
 @pytest.mark.parametrize(
+    "environ, libc, device, says",
+    [
+        ({}, "glibc", "cpu", "fresh pages the system zeroes"),
+        ({"MALLOC_MMAP_MAX_": "0"}, "glibc", "cpu", "MALLOC_MMAP_MAX_=0"),
+        ({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"}, "glibc", "cpu", "tcmalloc preloaded"),
+        ({}, "", "cpu", None),  # not glibc: nothing known to say
+        ({}, "glibc", "cuda", None),
+    ],
+)
+def test_bench_says_how_outputs_get_their_memory(environ, libc, device, says) -> None:
+    """The CPU times count the system's zeroing of fresh output pages where glibc's malloc gives
+    large blocks back (a third of the workload's time): bench says which case it ran in."""
+    from softsplat.bench import allocator_note
+
+    note = allocator_note(device, environ, libc)
+    assert (note is None) if says is None else (says in note), note
+
+
+def test_bench_prints_the_memory_line(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "250")
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")  # read by bench, not by this running process's malloc
+    assert main(["bench", "--workload", "gmfss", "--frame", "16x32", "--repeats", "1", "--backends", "cpp"]) == 0
+    out = capsys.readouterr().out
+    import platform
+
+    assert ("MALLOC_MMAP_MAX_=0" in out) == (platform.libc_ver()[0] == "glibc"), out
+
+
+@pytest.mark.parametrize(
     "argv, option, given",
     [
         (["demo", "--backend", "nope"], "--backend", "'nope'"),
