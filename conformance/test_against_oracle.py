@@ -71,20 +71,20 @@ def test_many_channels_match_oracle(backend, device, data) -> None:
 
 
 def jumping_reaches_case(channels: int, mode: str, stable: bool, device) -> Case:
-    """A 64 x 12 image, in bands of 8 rows (the CPU kernels' smallest): most pixels move by a
+    """Two 64 x 12 images, in bands of 8 rows (the CPU kernels' smallest): most pixels move by a
     quarter pixel, but band b's first column lands on row 32 - 4b and its second on row 38 + 4b
     (at most 62), so that from the fifth band on each band's reach starts above the previous
-    one's and is wider: the CPU backward's ring of prepared rows would prepare them again and
-    again, and it prepares the image once, whole, instead."""
+    one's and is wider: the CPU backward's rings of prepared rows would prepare them again and
+    again, and it prepares each image once, whole, instead (one buffer, used by both)."""
     generator = torch.Generator().manual_seed(channels)
-    H, W = 64, 12
-    flow = torch.full((1, 2, H, W), 0.25, dtype=torch.float64)
+    N, H, W = 2, 64, 12
+    flow = torch.full((N, 2, H, W), 0.25, dtype=torch.float64)
     rows = torch.arange(H, dtype=torch.float64)
     band = rows // 8
-    flow[0, 1, :, 0] = 32 - 4 * band - rows + 0.5
-    flow[0, 1, :, 1] = torch.clamp(38 + 4 * band, max=62) - rows + 0.5
-    input = torch.randn(1, channels, H, W, generator=generator, dtype=torch.float64)
-    metric = torch.randn(1, 1, H, W, generator=generator, dtype=torch.float64)
+    flow[:, 1, :, 0] = 32 - 4 * band - rows + 0.5
+    flow[:, 1, :, 1] = torch.clamp(38 + 4 * band, max=62) - rows + 0.5
+    input = torch.randn(N, channels, H, W, generator=generator, dtype=torch.float64)
+    metric = torch.randn(N, 1, H, W, generator=generator, dtype=torch.float64)
     mode = Mode(mode)
     uses_metric = mode.kind in ("linear", "soft", "max")
     return Case(input.float().to(device), flow.float().to(device), metric.float().to(device) if uses_metric else None,

@@ -271,8 +271,12 @@ def allocator_note(device="cpu", environ=None, libc=None) -> str | None:
     for name in KEEPING_ALLOCATORS:
         if name in preloaded:
             return f"memory: {name} preloaded, which keeps freed memory: outputs reuse it"
-    if environ.get("MALLOC_MMAP_MAX_") == "0":
-        return "memory: glibc malloc with MALLOC_MMAP_MAX_=0, which serves outputs from its heap, reused once freed"
+    if "malloc" in preloaded:
+        return f"memory: the allocator preloaded ({preloaded}) provides the outputs' memory"
+    if environ.get("MALLOC_MMAP_MAX_") == "0" and environ.get("MALLOC_TRIM_THRESHOLD_", "").isdigit() and \
+            int(environ["MALLOC_TRIM_THRESHOLD_"]) >= 1 << 30:
+        return ("memory: glibc malloc with MALLOC_MMAP_MAX_=0 and MALLOC_TRIM_THRESHOLD_ of a GB or more: outputs "
+                "from its heap, kept once freed")
     return ("memory: glibc malloc as it comes: each call's large outputs are fresh pages the system zeroes, counted "
             "in the times (MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736, or TCMalloc preloaded, keeps freed "
             "memory: README, Performance)")

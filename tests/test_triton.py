@@ -190,9 +190,26 @@ def test_a_forward_program_takes_one_block_of_channels(monkeypatch, channels, pe
         flow, metric = torch.empty(N, 2, H, W, device="cuda"), torch.empty(N, 1, H, W, device="cuda")
         triton_backend.splat_forward(input, flow, metric, 3, 0)
     (grid, options), = [(grid, kwargs) for name, grid, kwargs in launches if name == "_splat_fwd_kernel"]
-    block = triton_backend._block()
     assert options["CHANNELS"] == per_program
-    assert grid == (-(-N * H * W // block), max(1, -(-channels // per_program)))
+    assert grid == (-(-N * H * W // options["BLOCK"]), max(1, -(-channels // per_program)))
+
+
+@needs_triton
+def test_a_forward_program_takes_every_block_its_axis_gives_it(monkeypatch) -> None:
+    """Where C has more blocks of 16 channels than the grid's second axis takes (65,535), each
+    program takes every 65,535th block: checked in the interpreter with that axis cut to 3
+    programs, C = 64 and 100 (4 and 7 blocks), against the oracle."""
+    if not triton_backend.interpreted():
+        pytest.skip("runs the kernels in Triton's interpreter (TRITON_INTERPRET=1, as the test session sets it without CUDA)")
+    monkeypatch.setattr(triton_backend, "CHANNEL_PROGRAMS", 3)
+    generator = torch.Generator().manual_seed(0)
+    for channels in (64, 100):
+        input = torch.randn(2, channels, 5, 6, generator=generator)
+        flow = torch.randn(2, 2, 5, 6, generator=generator) * 2
+        metric = torch.randn(2, 1, 5, 6, generator=generator)
+        got = softsplat.splat(input, flow, metric, mode="soft", backend="triton")
+        expected = softsplat.splat(input, flow, metric, mode="soft", backend="torch")
+        torch.testing.assert_close(got, expected)
 
 
 @needs_triton

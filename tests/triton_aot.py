@@ -5,7 +5,7 @@ them), and once more as torch.compile's Inductor would specialise it (every inte
 to 1 a constant): ``python tests/triton_aot.py 80 90``. The launches are recorded by running the backend's
 op functions on CPU tensors with ``wrap_triton`` replaced by a recorder, over shapes that
 include 1x1, 1xW, Hx1, odd sizes, strided and channels_last inputs, every dtype and mode, and
-17 channels (the forward's full and partial channel blocks).
+6 and 17 channels (the forward's blocks of 8 and 16 channels, full and partial).
 
 Each compiled kernel is then read: launched without FMA contraction (and no ``fma.rn`` in the
 kernels without exp, whose library code has FMAs of its own), no instruction that flushes
@@ -48,15 +48,15 @@ def record() -> None:
     from softsplat.backends import triton as backend
 
     generator = torch.Generator().manual_seed(0)
-    # C = 17: the forward's full channel block (16 per program) and a partial one
-    shapes = [(1, 1, 1, 1), (1, 3, 1, 7), (2, 2, 5, 1), (2, 4, 9, 16), (1, 17, 3, 5)]
+    # C = 6: the forward's block of 8 channels; C = 17: its full block of 16 and a partial one
+    shapes = [(1, 1, 1, 1), (1, 3, 1, 7), (2, 2, 5, 1), (2, 4, 9, 16), (1, 6, 3, 5), (1, 17, 3, 5)]
     layouts = ["contiguous", "channels_last", "strided"]
     dtypes = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
     for (N, C, H, W), layout, dtype in itertools.product(shapes, layouts, dtypes):
         if layout != "contiguous" and dtype != torch.float32:
             continue  # every layout in float32; the other dtypes contiguous
-        if C > 4 and (layout, dtype) != ("contiguous", torch.float32):
-            continue  # the channel block's sizes, once
+        if C > 4 and layout != "contiguous":
+            continue  # the channel blocks' sizes in every dtype, contiguous
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         input = torch.randn(N, C, H, W, generator=generator).to(dtype)
         if layout == "channels_last":

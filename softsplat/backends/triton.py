@@ -59,8 +59,21 @@ def _grid(count: int) -> tuple[int]:
     return ((count + _block() - 1) // _block(),)
 
 
-#: Channels a program of the forward adds at most (its second grid axis takes the blocks).
+#: Channels a program of the forward adds at once (its second grid axis takes the blocks).
 FORWARD_CHANNELS = 16
+#: Programs along the forward's second grid axis at most (CUDA's limit for it): a program then
+#: takes every CHANNEL_PROGRAMS-th block.
+CHANNEL_PROGRAMS = 65535
+
+
+def _forward_block(channels: int, dtype: torch.dtype) -> int:
+    """Pixels per forward program: its [channels, pixels] tile at most 1024 values (512 in
+    float64), so that a thread's share of the tile, its pointers and taps stay in registers
+    (larger tiles spill, read from the SASS by tests/triton_aot.py)."""
+    if interpreted():
+        return _block()
+    tile = 512 if dtype == torch.float64 else 1024
+    return max(16, min(_block(), tile // channels))
 
 
 def _channel_block(channels: int) -> int:
@@ -109,10 +122,12 @@ def splat_forward(
     maximum_arg = maximum.contiguous() if kind in (Kind.STABLE, Kind.MAX) else out  # read only then
     with _on(input.device):
         channels = _channel_block(C)
-        wrap_triton(k._splat_fwd_kernel)[_grid(pixels) + (max(1, -(-C // channels)),)](
+        block = _forward_block(channels, flow.dtype)
+        blocks = min(CHANNEL_PROGRAMS, max(1, -(-C // channels)))
+        wrap_triton(k._splat_fwd_kernel)[(-(-pixels // block), blocks)](
             input, *input.stride(), flow, *flow.stride(), metric_arg, *per_pixel_strides(metric),
             maximum_arg, out, normaliser if normalised else out, N, C, H, W,
-            KIND=kind, ACC=_acc(flow.dtype), BLOCK=_block(), CHANNELS=channels, **LAUNCH_OPTIONS,
+            KIND=kind, ACC=_acc(flow.dtype), BLOCK=block, CHANNELS=channels, **LAUNCH_OPTIONS,
         )
         divides = normalised and normalisation != Normalisation.RAW  # raw: the numerator as it is
         if C and (divides or narrow):

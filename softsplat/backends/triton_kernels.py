@@ -2,8 +2,9 @@
 (``csrc/cuda/kernels.cuh``, ``csrc/taps.h``); this module imports Triton, so only the Triton
 backend imports it, lazily.
 
-Forward: one lane per source pixel adds its weighted channels and weight to its four taps with
-``tl.atomic_add``, then one lane per output element divides. Backward: one lane per target pixel
+Forward: one lane per source pixel and block of channels adds the block's weighted channels (the
+first block also the weight) to its four taps with ``tl.atomic_add``, then one lane per output
+element divides. Backward: one lane per target pixel
 prepares ``gN = grad / D'`` and ``gD``, then one lane per source pixel gathers from its taps and
 writes only its own gradients: no atomics. Sizes are widened to 64 bits on entry, so every
 index and product of sizes is 64-bit; sizes are never specialised (a size of 1 stays a runtime
@@ -147,7 +148,6 @@ def _splat_fwd_kernel(
     programs of the first channel block also add the weights into the normaliser."""
     N, C, H, W = _wide(N), _wide(C), _wide(H), _wide(W)
     pixel = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    first = tl.program_id(1).to(tl.int64) * CHANNELS
     valid = pixel < N * H * W
     pixel = tl.where(valid, pixel, 0)
     n, x, y, lands, x0, y0, east, west, south, north = _taps(pixel, flow_ptr, sfn, sfc, sfy, sfx, H, W, ACC)
@@ -181,25 +181,28 @@ def _splat_fwd_kernel(
         w_ne = w
         w_sw = w
         w_se = w
-    channel = first + tl.arange(0, CHANNELS).to(tl.int64)[:, None]  # [CHANNELS, 1]
-    in_block = channel < C
-    v = tl.load(input_ptr + (n * sin_n + y * sin_y + x * sin_x)[None, :] + channel * sin_c,
-                mask=lands[None, :] & in_block, other=0.0).to(ACC)
-    planes = out_ptr + channel * HW
-    if KIND == SUM:
-        tl.atomic_add(planes + t_nw[None, :], b_nw[None, :] * v, mask=keep_nw[None, :] & in_block, sem="relaxed")
-        tl.atomic_add(planes + t_ne[None, :], b_ne[None, :] * v, mask=keep_ne[None, :] & in_block, sem="relaxed")
-        tl.atomic_add(planes + t_sw[None, :], b_sw[None, :] * v, mask=keep_sw[None, :] & in_block, sem="relaxed")
-        tl.atomic_add(planes + t_se[None, :], b_se[None, :] * v, mask=keep_se[None, :] & in_block, sem="relaxed")
-    else:  # b * (v * w): the oracle's order
-        tl.atomic_add(planes + t_nw[None, :], b_nw[None, :] * (v * w_nw[None, :]), mask=keep_nw[None, :] & in_block,
-                      sem="relaxed")
-        tl.atomic_add(planes + t_ne[None, :], b_ne[None, :] * (v * w_ne[None, :]), mask=keep_ne[None, :] & in_block,
-                      sem="relaxed")
-        tl.atomic_add(planes + t_sw[None, :], b_sw[None, :] * (v * w_sw[None, :]), mask=keep_sw[None, :] & in_block,
-                      sem="relaxed")
-        tl.atomic_add(planes + t_se[None, :], b_se[None, :] * (v * w_se[None, :]), mask=keep_se[None, :] & in_block,
-                      sem="relaxed")
+    # The channel blocks from this program's, every (programs of axis 1) blocks: one block per
+    # program, unless C has more blocks than the launcher gives that axis (CHANNEL_PROGRAMS).
+    for first in range(tl.program_id(1).to(tl.int64) * CHANNELS, C, tl.num_programs(1).to(tl.int64) * CHANNELS):
+        channel = first + tl.arange(0, CHANNELS).to(tl.int64)[:, None]  # [CHANNELS, 1]
+        in_block = channel < C
+        v = tl.load(input_ptr + (n * sin_n + y * sin_y + x * sin_x)[None, :] + channel * sin_c,
+                    mask=lands[None, :] & in_block, other=0.0).to(ACC)
+        planes = out_ptr + channel * HW
+        if KIND == SUM:
+            tl.atomic_add(planes + t_nw[None, :], b_nw[None, :] * v, mask=keep_nw[None, :] & in_block, sem="relaxed")
+            tl.atomic_add(planes + t_ne[None, :], b_ne[None, :] * v, mask=keep_ne[None, :] & in_block, sem="relaxed")
+            tl.atomic_add(planes + t_sw[None, :], b_sw[None, :] * v, mask=keep_sw[None, :] & in_block, sem="relaxed")
+            tl.atomic_add(planes + t_se[None, :], b_se[None, :] * v, mask=keep_se[None, :] & in_block, sem="relaxed")
+        else:  # b * (v * w): the oracle's order
+            tl.atomic_add(planes + t_nw[None, :], b_nw[None, :] * (v * w_nw[None, :]), mask=keep_nw[None, :] & in_block,
+                          sem="relaxed")
+            tl.atomic_add(planes + t_ne[None, :], b_ne[None, :] * (v * w_ne[None, :]), mask=keep_ne[None, :] & in_block,
+                          sem="relaxed")
+            tl.atomic_add(planes + t_sw[None, :], b_sw[None, :] * (v * w_sw[None, :]), mask=keep_sw[None, :] & in_block,
+                          sem="relaxed")
+            tl.atomic_add(planes + t_se[None, :], b_se[None, :] * (v * w_se[None, :]), mask=keep_se[None, :] & in_block,
+                          sem="relaxed")
     if KIND != SUM:
         if tl.program_id(1) == 0:
             tl.atomic_add(norm_ptr + d_nw, b_nw * w_nw, mask=keep_nw, sem="relaxed")

@@ -1,7 +1,8 @@
 // The backward of the CPU kernels. Per band of source rows (schedule.h's bands), gN = grad / D'
-// and gD of the rows it reaches are prepared in a ring of rows of the thread (rows its previous
-// band also reached are kept); every source pixel gathers from its four taps and writes only
-// its own gradients: no atomics, and results independent of the thread count.
+// and gD of the rows it reaches are prepared in a ring of rows of its run of bands, one run per
+// thread (rows its previous band also reached are kept); every source pixel gathers from its
+// four taps and writes only its own gradients: no atomics, and results independent of the
+// thread count.
 #include "../tensor.h"
 
 #include <algorithm>
@@ -483,10 +484,10 @@ struct Gather {
 #endif
 };
 
-// The rows of image n that a thread's ring holds, [lo, hi). A band that starts inside them, at
-// or below their first row, keeps the rows it shares with them and prepares the rest; any
-// other band prepares all of its rows. The ring then holds [band.lo, max(hi, band.hi)): never
-// more rows than the largest reach of the thread's bands, the ring's capacity (the rows held
+// The rows of image n that a run's ring holds, [lo, hi). A band that starts inside them, at or
+// below their first row, keeps the rows it shares with them and prepares the rest; any other
+// band prepares all of its rows. The ring then holds [band.lo, max(hi, band.hi)): never more
+// rows than the largest reach of the run's bands, the ring's capacity (the rows held
 // before, from a first row at or above band.lo, fit it, and so do the band's).
 struct Held {
   int64_t n = -1, lo = 0, hi = 0;
@@ -503,22 +504,41 @@ struct Held {
   }
 };
 
-// How many rows the ring prepares for `all`, run in order on one thread (with more threads,
-// each also prepares again what its first band shares with the previous thread's last).
-inline int64_t ring_prepares(const std::vector<Band>& all) {
-  Held held;
-  int64_t rows = 0;
-  for (const Band& band : all) rows += std::max<int64_t>(0, band.hi - held.next(band));
-  return rows;
+// The bands in `runs` runs of neighbours, one per task and ring: run t is bands [t * size,
+// (t + 1) * size) (the last one shorter).
+inline int64_t run_size(int64_t bands, int64_t runs) { return (bands + runs - 1) / runs; }
+
+// What the rings cost for `all` in `runs` runs: the rows they prepare (each run's first band all
+// of its rows, each next one those it does not share with the rows held) and the rows they hold
+// (each ring's capacity, the largest reach of its run's bands).
+struct RingCost {
+  int64_t prepared = 0, held = 0;
+};
+
+inline RingCost ring_cost(const std::vector<Band>& all, int64_t runs) {
+  const int64_t count = static_cast<int64_t>(all.size()), size = run_size(count, runs);
+  RingCost cost;
+  for (int64_t begin = 0; begin < count; begin += size) {
+    Held held;
+    int64_t capacity = 1;
+    for (int64_t i = begin; i < std::min(count, begin + size); ++i) {
+      cost.prepared += std::max<int64_t>(0, all[i].hi - held.next(all[i]));
+      capacity = std::max(capacity, all[i].hi - all[i].lo);
+    }
+    cost.held += capacity;
+  }
+  return cost;
 }
 
 }  // namespace
 
-// Backward: per band of source rows, gN and gD of the target rows it reaches are prepared in a
-// ring of rows of the thread (kept for its next band, which reaches most of them too), then the
-// band's pixels gather from it. Where the bands' reaches jump about so that the ring would
-// prepare more than twice the image's rows, each image is prepared once, whole, and gathered
-// from (a buffer of the image's size, written and read back: slower where the ring is not).
+// Backward: the bands in one run per thread; per band of source rows, gN and gD of the target
+// rows it reaches are prepared in a ring of rows of its run (kept for the next band, which
+// reaches most of them too), then the band's pixels gather from it. Where the rings would
+// prepare more than 1.5 times the images' rows (reaches that jump about, or each run's reaching
+// the whole image) or hold as many rows as an image, each image is prepared once, whole, and
+// gathered from (a buffer of the image's size, written and read back: slower where the rings
+// are not).
 template <typename scalar_t, typename acc_t>
 void backward_kernel(const Tensor& grad_out, const Tensor& grad_normaliser,
                      const Tensor& input, const Sources<acc_t>& src, const Tensor& out,
@@ -548,30 +568,39 @@ void backward_kernel(const Tensor& grad_out, const Tensor& grad_normaliser,
         gather.template rows<CC, false, false>(n, y_begin, y_end, row, lo);
     };
     const std::vector<Band> all = bands(src, N);
-    if (ring_prepares(all) <= 2 * N * H) {
-      torch::stable::parallel_for(0, static_cast<int64_t>(all.size()), 1, [&](int64_t begin, int64_t end) {
-        // The thread's bands are neighbours, and so are their reaches: the rows a band shares
-        // with the previous one stay prepared, in a ring of rows (row r in slot r % capacity).
-        int64_t capacity = 1;
-        for (int64_t i = begin; i < end; ++i) capacity = std::max(capacity, all[i].hi - all[i].lo);
-        // Zeros: the padding of each row (Prepare), and a row for the taps above and below the
-        // image, which only the AVX-512 gather reads.
-        const int64_t pitch = prepare.pitch();
-        const PreparedRows<acc_t> ring(capacity, pitch, K, grad_out);
-        const acc_t* zeros = ring.data + capacity * pitch + K;
-        auto slot = [&](int64_t r) { return ring.data + (r % capacity) * pitch; };
-        Held held;
-        std::vector<const acc_t*> row;
-        for (int64_t i = begin; i < end; ++i) {
-          const Band& band = all[i];
-          for (int64_t r = held.next(band); r < band.hi;) {  // the missing rows, a run of slots at a time
-            const int64_t run = std::min(band.hi - r, capacity - r % capacity);
-            prepare.rows(band.n, r, r + run, slot(r));
-            r += run;
+    const int64_t count = static_cast<int64_t>(all.size());
+    const int64_t runs = std::max<int64_t>(1, std::min<int64_t>(torch::stable::get_num_threads(), count));
+    // The rings: where they prepare at most 1.5 times the images' rows and hold fewer rows than
+    // an image (else one image at a time, whole).
+    const RingCost cost = ring_cost(all, runs);
+    if (2 * cost.prepared <= 3 * N * H && cost.held < H) {
+      const int64_t size = run_size(count, runs);
+      torch::stable::parallel_for(0, runs, 1, [&](int64_t first_run, int64_t last_run) {
+        for (int64_t begin = first_run * size; begin < std::min(count, last_run * size); begin += size) {
+          const int64_t end = std::min(count, begin + size);
+          // The run's bands are neighbours, and so are their reaches: the rows a band shares
+          // with the previous one stay prepared, in a ring of rows (row r in slot r % capacity).
+          int64_t capacity = 1;
+          for (int64_t i = begin; i < end; ++i) capacity = std::max(capacity, all[i].hi - all[i].lo);
+          // Zeros: the padding of each row (Prepare), and a row for the taps above and below the
+          // image, which only the AVX-512 gather reads.
+          const int64_t pitch = prepare.pitch();
+          const PreparedRows<acc_t> ring(capacity, pitch, K, grad_out);
+          const acc_t* zeros = ring.data + capacity * pitch + K;
+          auto slot = [&](int64_t r) { return ring.data + (r % capacity) * pitch; };
+          Held held;
+          std::vector<const acc_t*> row;
+          for (int64_t i = begin; i < end; ++i) {
+            const Band& band = all[i];
+            for (int64_t r = held.next(band); r < band.hi;) {  // the missing rows, a run of slots at a time
+              const int64_t run = std::min(band.hi - r, capacity - r % capacity);
+              prepare.rows(band.n, r, r + run, slot(r));
+              r += run;
+            }
+            row.assign(static_cast<size_t>(band.hi - band.lo + 2), zeros);
+            for (int64_t r = band.lo; r < band.hi; ++r) row[r - band.lo + 1] = slot(r) + K;
+            rows(band.n, band.y_begin, band.y_end, row.data(), band.lo);
           }
-          row.assign(static_cast<size_t>(band.hi - band.lo + 2), zeros);
-          for (int64_t r = band.lo; r < band.hi; ++r) row[r - band.lo + 1] = slot(r) + K;
-          rows(band.n, band.y_begin, band.y_end, row.data(), band.lo);
         }
       });
       return;
