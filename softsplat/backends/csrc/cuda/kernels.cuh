@@ -10,9 +10,9 @@
 // channels divides. The ordered forward (taken when determinism is asked for) sums every
 // target's contributions in one fixed order instead: by source pixel index (key, a stable sort,
 // ends, weigh, gather below); its float adds are plain, not atomic, so the same inputs give the
-// same bits on every run. Backward: one thread per target pixel
-// prepares gN = grad / D' and gD, then one thread per source pixel gathers from its taps and
-// writes only its own gradients: no atomics, so it is deterministic as it is.
+// same bits on every run. Backward: one thread per target pixel prepares gN = grad / D' and gD,
+// then one thread per source pixel gathers from its taps and writes only its own gradients: no
+// atomics, so it is deterministic as it is.
 #pragma once
 
 #include "../taps.h"
