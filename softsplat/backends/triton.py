@@ -55,8 +55,10 @@ def _on(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _grid(count: int) -> tuple[int]:
-    return ((count + _block() - 1) // _block(),)
+def _grid(count: int, block: int | None = None) -> tuple[int]:
+    """Programs of ``block`` (default ``_block()``) elements covering ``count``."""
+    block = block or _block()
+    return ((count + block - 1) // block,)
 
 
 #: Channels a program of the forward adds at once (its second grid axis takes the blocks).
@@ -124,7 +126,7 @@ def splat_forward(
         channels = _channel_block(C)
         block = _forward_block(channels, flow.dtype)
         blocks = min(CHANNEL_PROGRAMS, max(1, -(-C // channels)))
-        wrap_triton(k._splat_fwd_kernel)[(-(-pixels // block), blocks)](
+        wrap_triton(k._splat_fwd_kernel)[_grid(pixels, block) + (blocks,)](
             input, *input.stride(), flow, *flow.stride(), metric_arg, *per_pixel_strides(metric),
             maximum_arg, out, normaliser if normalised else out, N, C, H, W,
             KIND=kind, ACC=_acc(flow.dtype), BLOCK=block, CHANNELS=channels, **LAUNCH_OPTIONS,
