@@ -62,63 +62,145 @@ struct Prepare {
 
   int64_t pitch() const { return (W + 2) * K; }
 
+  // gN of channel c of row y into `channel` (W values): grad / D' (`by`: D' of the row; null
+  // for sum); with `sum` (the row's gD so far), sum -= gN * out, channel by channel.
+  void channel_row(int64_t n, int64_t c, int64_t y, const acc_t* by, acc_t* __restrict sum, acc_t* __restrict channel) const {
+    // A broadcast gradient (stride 0, as sum().backward() gives) and a contiguous one each have
+    // their loop.
+    const acc_t* gc = grad + grad_view.at(n, c, y, 0);
+    const int64_t step = grad_view.x;
+    const acc_t one = acc_t(1);
+    if (step == 0)
+      for (int64_t x = 0; x < W; ++x) channel[x] = gc[0] / (by ? by[x] : one);
+    else if (step == 1)
+      for (int64_t x = 0; x < W; ++x) channel[x] = gc[x] / (by ? by[x] : one);
+    else
+      for (int64_t x = 0; x < W; ++x) channel[x] = gc[x * step] / (by ? by[x] : one);
+    if (!sum) return;
+    const acc_t* r = result + result_view.at(n, c, y, 0);
+    if (result_view.x == 1)
+      for (int64_t x = 0; x < W; ++x) sum[x] -= channel[x] * r[x];
+    else
+      for (int64_t x = 0; x < W; ++x) sum[x] -= channel[x] * r[x * result_view.x];
+  }
+
+  // gD of row y from its sum over the channels (in place): 0 where D' does not pass D's
+  // gradient, plus the normaliser's own gradient.
+  void normaliser_row(int64_t n, int64_t y, acc_t* __restrict sum) const {
+    const acc_t* D = norm + (n * H + y) * W;
+    const acc_t* extra = grad_norm ? grad_norm + grad_norm_view.at(n, 0, y, 0) : nullptr;
+    // The normalisation a compile-time constant, so that the loop vectorises (with it a
+    // variable, it did not).
+    auto pass = [&](auto code) {
+      constexpr int kNormalisation = decltype(code)::value;
+      for (int64_t x = 0; x < W; ++x) sum[x] = normaliser_passes_gradient(D[x], kNormalisation) ? sum[x] : acc_t(0);
+    };
+    with_normalisation(normalisation, pass);
+    if (extra)
+      for (int64_t x = 0; x < W; ++x) sum[x] += extra[x * grad_norm_view.x];
+  }
+
+  void divisors(int64_t n, int64_t y, acc_t* __restrict divisor) const {
+    const acc_t* D = norm + (n * H + y) * W;
+    for (int64_t x = 0; x < W; ++x) divisor[x] = safe_normaliser(D[x], normalisation);
+  }
+
   void rows(int64_t n, int64_t lo, int64_t hi, acc_t* g) const {
+    if (blocked_gather(C)) {
+      rows_by_blocks(n, lo, hi, g);
+      return;
+    }
     // Each row as planes first (the channels' gN, then gD, then zeros), in loops that vectorise,
     // then interleaved into g.
     const int64_t used = C + (norm ? 1 : 0);
     std::vector<acc_t> divisor(W), planes(std::max(used, K) * W, acc_t(0));
     auto plane = [&](int64_t c) { return planes.data() + c * W; };
     for (int64_t y = lo; y < hi; ++y) {
-      const acc_t* D = norm ? norm + (n * H + y) * W : nullptr;
-      if (D)
-        for (int64_t x = 0; x < W; ++x) divisor[x] = safe_normaliser(D[x], normalisation);
-      acc_t* sum = D ? plane(C) : nullptr;
-      if (D) std::fill(sum, sum + W, acc_t(0));
-      for (int64_t c = 0; c < C; ++c) {
-        // A broadcast gradient (stride 0, as sum().backward() gives) and a contiguous one each
-        // have their loop.
-        const acc_t* gc = grad + grad_view.at(n, c, y, 0);
-        const int64_t step = grad_view.x;
-        acc_t* channel = plane(c);
-        const acc_t one = acc_t(1);
-        const acc_t* by = D ? divisor.data() : nullptr;
-        if (step == 0)
-          for (int64_t x = 0; x < W; ++x) channel[x] = gc[0] / (by ? by[x] : one);
-        else if (step == 1)
-          for (int64_t x = 0; x < W; ++x) channel[x] = gc[x] / (by ? by[x] : one);
-        else
-          for (int64_t x = 0; x < W; ++x) channel[x] = gc[x * step] / (by ? by[x] : one);
-        if (!D) continue;
-        const acc_t* r = result + result_view.at(n, c, y, 0);
-        if (result_view.x == 1)
-          for (int64_t x = 0; x < W; ++x) sum[x] -= channel[x] * r[x];
-        else
-          for (int64_t x = 0; x < W; ++x) sum[x] -= channel[x] * r[x * result_view.x];
+      acc_t* sum = norm ? plane(C) : nullptr;
+      if (norm) {
+        divisors(n, y, divisor.data());
+        std::fill(sum, sum + W, acc_t(0));
       }
-      if (D) {
-        const acc_t* extra = grad_norm ? grad_norm + grad_norm_view.at(n, 0, y, 0) : nullptr;
-        // gD is 0 where D' does not pass D's gradient; the normalisation a compile-time
-        // constant, so that the loop vectorises (with it a variable, it did not).
-        auto pass = [&](auto code) {
-          constexpr int kNormalisation = decltype(code)::value;
-          for (int64_t x = 0; x < W; ++x) sum[x] = normaliser_passes_gradient(D[x], kNormalisation) ? sum[x] : acc_t(0);
-        };
-        with_normalisation(normalisation, pass);
-        if (extra)
-          for (int64_t x = 0; x < W; ++x) sum[x] += extra[x * grad_norm_view.x];
-      }
+      for (int64_t c = 0; c < C; ++c) channel_row(n, c, y, norm ? divisor.data() : nullptr, sum, plane(c));
+      if (norm) normaliser_row(n, y, sum);
       acc_t* row = g + (y - lo) * pitch() + K;
       if (K == kPacked) {
         const acc_t* const lanes[kPacked] = {plane(0), plane(1), plane(2), plane(3)};
         interleave(lanes, row, W);
-      } else if (blocked_gather(C)) {  // K: whole blocks
-        const View4 planes_view = plane_strides(W);
-        for (int64_t c = 0; c < used; c += kGatherBlock)
-          pack_block<kGatherBlock>(plane(c), planes_view, static_cast<const acc_t*>(nullptr), std::min(kGatherBlock, used - c),
-                                   row + c, K, W);
       } else {
         for (int64_t c = 0; c < used; ++c)
           for (int64_t x = 0; x < W; ++x) row[x * K + c] = plane(c)[x];
+      }
+    }
+  }
+
+#if defined(__AVX2__)
+  // Channels [c0, c0 + 8) of row y (float; the gradient's and the result's rows contiguous) as
+  // channel_row computes them, 8 targets at a time, transposed straight into Prepare's layout
+  // (`row`: target 0's values; target x's lanes c0.. at row + x * K + c0), with no planes in
+  // between. The same values and sums, in the same order per target.
+  void block_row(int64_t n, int64_t c0, int64_t y, const float* by, float* sum, float* row) const {
+    constexpr int kLanes = 8;
+    const float* gc[kLanes];
+    const float* r[kLanes] = {};
+    for (int j = 0; j < kLanes; ++j) {
+      gc[j] = grad + grad_view.at(n, c0 + j, y, 0);
+      if (sum) r[j] = result + result_view.at(n, c0 + j, y, 0);
+    }
+    int64_t x = 0;
+    for (; x + kLanes <= W; x += kLanes) {
+      const __m256 d = by ? _mm256_loadu_ps(by + x) : _mm256_set1_ps(1.0f);
+      __m256 v[kLanes];
+      for (int j = 0; j < kLanes; ++j) v[j] = _mm256_div_ps(_mm256_loadu_ps(gc[j] + x), d);
+      if (sum) {
+        __m256 s = _mm256_loadu_ps(sum + x);
+        for (int j = 0; j < kLanes; ++j) s = _mm256_sub_ps(s, _mm256_mul_ps(v[j], _mm256_loadu_ps(r[j] + x)));
+        _mm256_storeu_ps(sum + x, s);
+      }
+      transpose_8(v);
+      for (int k = 0; k < kLanes; ++k) _mm256_storeu_ps(row + (x + k) * K + c0, v[k]);
+    }
+    for (; x < W; ++x)
+      for (int j = 0; j < kLanes; ++j) {
+        const float value = gc[j][x] / (by ? by[x] : 1.0f);
+        row[x * K + c0 + j] = value;
+        if (sum) sum[x] -= value * r[j][x];
+      }
+  }
+#endif
+
+  // rows() in Prepare's blocked layout (K: whole blocks of kGatherBlock lanes): a block of
+  // channels at a time over all the rows, so that the gradient and the result are read as a
+  // block's planes, each along the rows one after the other (where all channels of one row
+  // at a time were twice C short runs, and waited for memory). gD sums over the channels in
+  // their order as rows() does: the same values.
+  void rows_by_blocks(int64_t n, int64_t lo, int64_t hi, acc_t* g) const {
+    const int64_t count = hi - lo, used = C + (norm ? 1 : 0);
+    std::vector<acc_t> divisor(norm ? count * W : 0), sums(norm ? count * W : 0, acc_t(0));
+    std::vector<acc_t> planes(kGatherBlock * W);
+    if (norm)
+      for (int64_t y = lo; y < hi; ++y) divisors(n, y, divisor.data() + (y - lo) * W);
+    const View4 planes_view = plane_strides(W);
+    for (int64_t c0 = 0; c0 < used; c0 += kGatherBlock) {
+      const int64_t lanes = std::min(kGatherBlock, used - c0);
+      for (int64_t y = lo; y < hi; ++y) {
+        const acc_t* by = norm ? divisor.data() + (y - lo) * W : nullptr;
+        acc_t* sum = norm ? sums.data() + (y - lo) * W : nullptr;
+#if defined(__AVX2__)
+        if constexpr (std::is_same_v<acc_t, float> && kGatherBlock == 8) {
+          if (c0 + kGatherBlock <= C && grad_view.x == 1 && (!norm || result_view.x == 1)) {
+            block_row(n, c0, y, by, sum, g + (y - lo) * pitch() + K);
+            continue;
+          }
+        }
+#endif
+        for (int64_t c = c0; c < std::min(c0 + lanes, C); ++c) channel_row(n, c, y, by, sum, planes.data() + (c - c0) * W);
+        if (norm && c0 + lanes > C) {  // the block of gD: every channel is in its sum
+          normaliser_row(n, y, sum);
+          std::copy(sum, sum + W, planes.data() + (C - c0) * W);
+        }
+        pack_block<kGatherBlock>(planes.data(), planes_view, static_cast<const acc_t*>(nullptr), lanes,
+                                 g + (y - lo) * pitch() + K + c0, K, W);
       }
     }
   }
@@ -287,44 +369,77 @@ struct Gather {
           const int64_t x = x_begin + i;
           const acc_t* xs = x_values.data() + i * stride;
           // Computed for every pixel, landed or not, as rows() does.
-          for (auto& sum : sums) sum = Lanes{};
           const acc_t pixel_w = Normalised ? w[x] : acc_t(1);
           acc_t grad_fx = 0, grad_fy = 0;
           const unsigned keep = chunk->keep[i];
           if (keep && gf) factor_derivatives(chunk->factors(i), dx, dy);
           const acc_t* north = keep ? row[chunk->y0[i] - lo + 1] + chunk->x0[i] * stride : nullptr;
           const acc_t* south = keep ? row[chunk->y0[i] - lo + 2] + chunk->x0[i] * stride : nullptr;
-          for (int k = 0; k < 4; ++k) {
-            if (!(keep >> k & 1)) continue;
-            const acc_t* values = (k < 2 ? north : south) + (k & 1) * stride;
-            const acc_t tap_w = Stable ? chunk->stable[k][i] : pixel_w;
-            const acc_t b = Stable ? chunk->weight[k][i] * tap_w : chunk->weight[k][i];
-            Lanes dot{};
-            for (int64_t j = 0; j < blocks; ++j) {
-              Lanes v, x_lanes;
-              load_lanes(v, values + j * kGatherBlock);
-              load_lanes(x_lanes, xs + j * kGatherBlock);
-              sums[j] += b * v;
-              dot += v * (x_lanes * tap_w);
-            }
-            const acc_t d = total(dot);
-            grad_fx += dx[k] * d;
-            grad_fy += dy[k] * d;
-          }
           acc_t* g = gathered.data() + i * stride;
-          for (int64_t j = 0; j < blocks; ++j) store_lanes(g + j * kGatherBlock, sums[j]);
+          Lanes weight_dot{};  // for gm: the gathered values times x (gD's times 1)
+          if (keep == TapChunk<acc_t>::kAll) {
+            // The four taps a block at a time: the block's sums, the pixel's x (times the tap
+            // weight) and the four dots stay in registers. The same terms in the same order as
+            // the loop over taps below.
+            const acc_t* values[4] = {north, north + stride, south, south + stride};
+            acc_t tap_w[4], b[4];
+            for (int k = 0; k < 4; ++k) {
+              tap_w[k] = Stable ? chunk->stable[k][i] : pixel_w;
+              b[k] = Stable ? chunk->weight[k][i] * tap_w[k] : chunk->weight[k][i];
+            }
+            Lanes dot[4] = {};
+            for (int64_t j = 0; j < blocks; ++j) {
+              Lanes x_lanes, sum{};
+              load_lanes(x_lanes, xs + j * kGatherBlock);
+              const Lanes splat = x_lanes * pixel_w;  // not stable: every tap's
+              for (int k = 0; k < 4; ++k) {
+                Lanes v;
+                load_lanes(v, values[k] + j * kGatherBlock);
+                sum += b[k] * v;
+                dot[k] += v * (Stable ? x_lanes * tap_w[k] : splat);
+              }
+              store_lanes(g + j * kGatherBlock, sum);
+              if (gm) weight_dot += sum * x_lanes;
+            }
+            for (int k = 0; k < 4; ++k) {
+              const acc_t d = total(dot[k]);
+              grad_fx += dx[k] * d;
+              grad_fy += dy[k] * d;
+            }
+          } else {
+            for (auto& sum : sums) sum = Lanes{};
+            for (int k = 0; k < 4; ++k) {
+              if (!(keep >> k & 1)) continue;
+              const acc_t* values = (k < 2 ? north : south) + (k & 1) * stride;
+              const acc_t tap_w = Stable ? chunk->stable[k][i] : pixel_w;
+              const acc_t b = Stable ? chunk->weight[k][i] * tap_w : chunk->weight[k][i];
+              Lanes dot{};
+              for (int64_t j = 0; j < blocks; ++j) {
+                Lanes v, x_lanes;
+                load_lanes(v, values + j * kGatherBlock);
+                load_lanes(x_lanes, xs + j * kGatherBlock);
+                sums[j] += b * v;
+                dot += v * (x_lanes * tap_w);
+              }
+              const acc_t d = total(dot);
+              grad_fx += dx[k] * d;
+              grad_fy += dy[k] * d;
+            }
+            for (int64_t j = 0; j < blocks; ++j) {
+              store_lanes(g + j * kGatherBlock, sums[j]);
+              if (gm) {
+                Lanes x_lanes;
+                load_lanes(x_lanes, xs + j * kGatherBlock);
+                weight_dot += sums[j] * x_lanes;
+              }
+            }
+          }
           if (gf) {
             gf[((n * 2 + 0) * H + y) * W + x] = grad_fx;
             gf[((n * 2 + 1) * H + y) * W + x] = grad_fy;
           }
           if (gm) {
-            Lanes dot{};
-            for (int64_t j = 0; j < blocks; ++j) {
-              Lanes x_lanes;
-              load_lanes(x_lanes, xs + j * kGatherBlock);
-              dot += sums[j] * x_lanes;  // the channels' gathered * x, then gD's gathered * 1
-            }
-            const acc_t grad_w = total(dot);
+            const acc_t grad_w = total(weight_dot);  // the channels' gathered * x, then gD's gathered * 1
             // stable: d exp(m - M) / dm is the tap weight, already in gathered; max: none
             gm[(n * H + y) * W + x] = src.kind == MAX ? acc_t(0) : Stable ? grad_w : grad_w * weight_derivative(src.kind, w[x]);
           }
@@ -588,18 +703,32 @@ void backward_kernel(const Tensor& grad_out, const Tensor& grad_normaliser,
           const PreparedRows<acc_t> ring(capacity, pitch, K, grad_out);
           const acc_t* zeros = ring.data + capacity * pitch + K;
           auto slot = [&](int64_t r) { return ring.data + (r % capacity) * pitch; };
-          Held held;
+          // The row each slot holds (n * H + r), -1 for none; a source row's reach is prepared
+          // just before it gathers, as far as the ring does not hold it yet, so that the rows it
+          // reads were written last (where a band's whole reach, prepared first, was read back
+          // from farther than the core's caches).
+          std::vector<int64_t> held(static_cast<size_t>(capacity), -1);
+          auto holds = [&](int64_t n, int64_t r) { return held[static_cast<size_t>(r % capacity)] == n * H + r; };
           std::vector<const acc_t*> row;
           for (int64_t i = begin; i < end; ++i) {
             const Band& band = all[i];
-            for (int64_t r = held.next(band); r < band.hi;) {  // the missing rows, a run of slots at a time
-              const int64_t run = std::min(band.hi - r, capacity - r % capacity);
-              prepare.rows(band.n, r, r + run, slot(r));
-              r += run;
-            }
             row.assign(static_cast<size_t>(band.hi - band.lo + 2), zeros);
             for (int64_t r = band.lo; r < band.hi; ++r) row[r - band.lo + 1] = slot(r) + K;
-            rows(band.n, band.y_begin, band.y_end, row.data(), band.lo);
+            for (int64_t y = band.y_begin; y < band.y_end; ++y) {
+              Band source{band.n, y, y + 1, y, y, 0, 0};
+              find_reach(src, source);  // within the band's reach
+              for (int64_t r = source.lo; r < source.hi;) {  // the rows not held, a run at a time
+                if (holds(band.n, r)) {
+                  ++r;
+                  continue;
+                }
+                int64_t last = r + 1;
+                while (last < source.hi && last % capacity != 0 && !holds(band.n, last)) ++last;
+                prepare.rows(band.n, r, last, slot(r));
+                for (; r < last; ++r) held[static_cast<size_t>(r % capacity)] = band.n * H + r;
+              }
+              rows(band.n, y, y + 1, row.data(), band.lo);
+            }
           }
         }
       });

@@ -120,7 +120,7 @@ inline void transpose_16(__m512 r[16]) {
 }
 #endif
 
-#if defined(__AVX2__) && !defined(__AVX512F__)
+#if defined(__AVX2__)
 // The 8 x 8 transpose of r (rows become columns), in place: 24 shuffles (4 x 4 tiles take 32,
 // of half the width).
 inline void transpose_8(__m256 r[8]) {
@@ -243,17 +243,29 @@ void unpack_block_row(const acc_t* __restrict lanes, int64_t stride, const Plane
   int64_t x = 0;
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<acc_t, float>) {
-    for (; count == 16 && x + 16 <= W; x += 16) {  // whole blocks: 16 x 16 tiles
-      for (int64_t c = 0; c < 16; ++c) __builtin_prefetch(plane(c) + x + kPrefetchAhead, 1);
-      __m512 r[16];
-      for (int k = 0; k < 16; ++k) r[k] = _mm512_loadu_ps(lanes + (x + k) * stride);
-      transpose_16(r);
+    // 16 x 16 tiles: 16 targets of each of the first count / 16 * 16 planes a store each (a
+    // cache line where the planes are aligned), then those of the other planes one by one.
+    const int64_t tiled = count / 16 * 16;
+    for (; tiled > 0 && x + 16 <= W; x += 16) {
+      for (int64_t c = 0; c < count; ++c) __builtin_prefetch(plane(c) + x + kPrefetchAhead, 1);
       const __m512 by = factor ? _mm512_loadu_ps(factor + x) : _mm512_set1_ps(1);
-      for (int c = 0; c < 16; ++c) {
-        acc_t* p = plane(c) + x;
-        if (Add) r[c] = _mm512_add_ps(_mm512_loadu_ps(p), r[c]);
-        if (factor) r[c] = _mm512_mul_ps(r[c], by);
-        _mm512_storeu_ps(p, r[c]);
+      for (int64_t c0 = 0; c0 < tiled; c0 += 16) {
+        __m512 r[16];
+        for (int k = 0; k < 16; ++k) r[k] = _mm512_loadu_ps(lanes + (x + k) * stride + c0);
+        transpose_16(r);
+        for (int c = 0; c < 16; ++c) {
+          acc_t* p = plane(c0 + c) + x;
+          if (Add) r[c] = _mm512_add_ps(_mm512_loadu_ps(p), r[c]);
+          if (factor) r[c] = _mm512_mul_ps(r[c], by);
+          _mm512_storeu_ps(p, r[c]);
+        }
+      }
+      for (int64_t c = tiled; c < count; ++c) {
+        acc_t* p = plane(c);
+        for (int64_t k = x; k < x + 16; ++k) {
+          const acc_t value = Add ? p[k] + lanes[k * stride + c] : lanes[k * stride + c];
+          p[k] = factor ? value * factor[k] : value;
+        }
       }
     }
   }
