@@ -63,14 +63,15 @@ class Case:
 
 
 @st.composite
-def shapes(draw, max_batch: int = 2, max_channels: int = 4, max_side: int = 9, channels=None):
+def shapes(draw, max_batch: int = 2, max_channels: int = 4, max_side: int = 9, channels=None, widths=None):
     """``(N, C, H, W)``: 1x1 and odd sizes are common; one of the sizes is 0 in ~1 case of 12.
-    ``channels``: the channel counts to draw from (else 1 to ``max_channels``)."""
+    ``channels``: the channel counts to draw from (else 1 to ``max_channels``); ``widths``: the
+    least and the most W (else 1 to ``max_side``, as H)."""
     shape = [
         draw(st.integers(1, max_batch)),
         draw(st.integers(1, max_channels) if channels is None else st.sampled_from(channels)),
         draw(st.integers(1, max_side)),
-        draw(st.integers(1, max_side)),
+        draw(st.integers(*(widths or (1, max_side)))),
     ]
     if draw(st.integers(0, 11)) == 0:
         shape[draw(st.integers(0, 3))] = 0
@@ -151,10 +152,10 @@ def laid_out(draw, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 @st.composite
-def cases(draw, dtypes=DTYPES, modes=tuple(Mode), max_side: int = 9, device: str = "cpu", channels=None):
+def cases(draw, dtypes=DTYPES, modes=tuple(Mode), max_side: int = 9, device: str = "cpu", channels=None, widths=None):
     """A full call of ``splat``: shape, mode, dtypes, values, layouts and requires_grad flags.
-    ``channels``: the channel counts to draw from (default: 1 to 4)."""
-    shape = draw(shapes(max_side=max_side, channels=channels))
+    ``channels``: the channel counts to draw from (default: 1 to 4); ``widths``: as shapes()."""
+    shape = draw(shapes(max_side=max_side, channels=channels, widths=widths))
     mode = draw(st.sampled_from(modes))
     dtype = draw(st.sampled_from(dtypes))
     # flow/metric in input's dtype, or in another floating dtype that is read in compute dtype

@@ -70,6 +70,23 @@ def test_many_channels_match_oracle(backend, device, data) -> None:
     check_case(backend, case, data.draw(seeds(), label="cotangent seed"))
 
 
+@pytest.mark.parametrize("channels", [9, 16, 17, 31, 33, 64, 65, 192, 193])
+@given(data=st.data())
+def test_many_channels_on_wide_rows_match_oracle(backend, device, channels, data) -> None:
+    """Feature maps on rows of 33 to 40 pixels, up to 3 rows: the vector kernels move a row's
+    targets 8 or 16 at a time (tiles of channels by pixels) and the rest one by one, which no
+    row of the small images above reaches. Channel counts on both sides of 8- and 16-channel
+    blocks, each one every run (drawn from many, the simplest come first)."""
+    if backend.name == "triton" and device == "cpu":
+        pytest.skip("Triton's kernels take pixels in flat blocks, not rows (their channel blocks: the "
+                    "test above); its interpreter takes minutes on these sizes")
+    case = data.draw(
+        cases(dtypes=backend.dtypes, device=device, channels=(channels,), max_side=3, widths=(33, 40)),
+        label="case",
+    )
+    check_case(backend, case, data.draw(seeds(), label="cotangent seed"))
+
+
 def jumping_reaches_case(channels: int, mode: str, stable: bool, device) -> Case:
     """Two 64 x 12 images, in bands of 8 rows (the CPU kernels' smallest): most pixels move by a
     quarter pixel, but band b's first column lands on row 32 - 4b and its second on row 38 + 4b

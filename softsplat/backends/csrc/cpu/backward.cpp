@@ -703,32 +703,18 @@ void backward_kernel(const Tensor& grad_out, const Tensor& grad_normaliser,
           const PreparedRows<acc_t> ring(capacity, pitch, K, grad_out);
           const acc_t* zeros = ring.data + capacity * pitch + K;
           auto slot = [&](int64_t r) { return ring.data + (r % capacity) * pitch; };
-          // The row each slot holds (n * H + r), -1 for none; a source row's reach is prepared
-          // just before it gathers, as far as the ring does not hold it yet, so that the rows it
-          // reads were written last (where a band's whole reach, prepared first, was read back
-          // from farther than the core's caches).
-          std::vector<int64_t> held(static_cast<size_t>(capacity), -1);
-          auto holds = [&](int64_t n, int64_t r) { return held[static_cast<size_t>(r % capacity)] == n * H + r; };
+          Held held;
           std::vector<const acc_t*> row;
           for (int64_t i = begin; i < end; ++i) {
             const Band& band = all[i];
+            for (int64_t r = held.next(band); r < band.hi;) {  // the missing rows, a run of slots at a time
+              const int64_t run = std::min(band.hi - r, capacity - r % capacity);
+              prepare.rows(band.n, r, r + run, slot(r));
+              r += run;
+            }
             row.assign(static_cast<size_t>(band.hi - band.lo + 2), zeros);
             for (int64_t r = band.lo; r < band.hi; ++r) row[r - band.lo + 1] = slot(r) + K;
-            for (int64_t y = band.y_begin; y < band.y_end; ++y) {
-              Band source{band.n, y, y + 1, y, y, 0, 0};
-              find_reach(src, source);  // within the band's reach
-              for (int64_t r = source.lo; r < source.hi;) {  // the rows not held, a run at a time
-                if (holds(band.n, r)) {
-                  ++r;
-                  continue;
-                }
-                int64_t last = r + 1;
-                while (last < source.hi && last % capacity != 0 && !holds(band.n, last)) ++last;
-                prepare.rows(band.n, r, last, slot(r));
-                for (; r < last; ++r) held[static_cast<size_t>(r % capacity)] = band.n * H + r;
-              }
-              rows(band.n, y, y + 1, row.data(), band.lo);
-            }
+            rows(band.n, band.y_begin, band.y_end, row.data(), band.lo);
           }
         }
       });

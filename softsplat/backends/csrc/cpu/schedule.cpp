@@ -8,6 +8,39 @@ namespace cpu {
 
 namespace {
 
+// Rows floor(y + flow_y) and the one below, over the band's pixels whose target row is in
+// [-1, H) (no other pixel lands), clamped to the image. Kept per lane, so the loop vectorises.
+template <typename acc_t>
+void find_reach(const Sources<acc_t>& src, Band& band) {
+  constexpr int kLanes = 16;
+  const acc_t H = static_cast<acc_t>(src.H);
+  acc_t lowest[kLanes], highest[kLanes];
+  std::fill(lowest, lowest + kLanes, std::numeric_limits<acc_t>::infinity());
+  std::fill(highest, highest + kLanes, -std::numeric_limits<acc_t>::infinity());
+  // Selects of values, then min and max: the vectoriser keeps the lanes in registers (a
+  // conditional update of lowest[lane] became masked stores, each read back).
+  auto update = [&](int lane, acc_t fy) {
+    const bool lands = (fy >= acc_t(-1)) & (fy < H);  // false for NaN and infinities
+    const acc_t low = lands ? fy : std::numeric_limits<acc_t>::infinity();
+    const acc_t high = lands ? fy : -std::numeric_limits<acc_t>::infinity();
+    lowest[lane] = low < lowest[lane] ? low : lowest[lane];
+    highest[lane] = high > highest[lane] ? high : highest[lane];
+  };
+  for (int64_t y = band.y_begin; y < band.y_end; ++y) {
+    const acc_t* row = src.flow_row(band.n, 1, y);
+    const acc_t row_y = static_cast<acc_t>(y);
+    int64_t x = 0;
+    for (; x + kLanes <= src.W; x += kLanes)
+      for (int lane = 0; lane < kLanes; ++lane) update(lane, row_y + row[x + lane]);
+    for (; x < src.W; ++x) update(0, row_y + row[x]);
+  }
+  const acc_t low = *std::min_element(lowest, lowest + kLanes), high = *std::max_element(highest, highest + kLanes);
+  band.lo = band.hi = band.y_begin;
+  if (low > high) return;  // nothing lands
+  band.lo = std::max<int64_t>(0, static_cast<int64_t>(floor_of(low)));
+  band.hi = std::min<int64_t>(src.H, static_cast<int64_t>(floor_of(high)) + 2);
+}
+
 // Whether two bands of one phase (every other band of one image) reach a common row.
 bool phases_overlap(const std::vector<Band>& image) {
   for (size_t parity = 0; parity < 2; ++parity) {
@@ -41,38 +74,6 @@ std::vector<Band> merged(const std::vector<Band>& image) {
 }
 
 }  // namespace
-
-// (schedule.h) The bounds kept per lane, so that the loop vectorises.
-template <typename acc_t>
-void find_reach(const Sources<acc_t>& src, Band& band) {
-  constexpr int kLanes = 16;
-  const acc_t H = static_cast<acc_t>(src.H);
-  acc_t lowest[kLanes], highest[kLanes];
-  std::fill(lowest, lowest + kLanes, std::numeric_limits<acc_t>::infinity());
-  std::fill(highest, highest + kLanes, -std::numeric_limits<acc_t>::infinity());
-  // Selects of values, then min and max: the vectoriser keeps the lanes in registers (a
-  // conditional update of lowest[lane] became masked stores, each read back).
-  auto update = [&](int lane, acc_t fy) {
-    const bool lands = (fy >= acc_t(-1)) & (fy < H);  // false for NaN and infinities
-    const acc_t low = lands ? fy : std::numeric_limits<acc_t>::infinity();
-    const acc_t high = lands ? fy : -std::numeric_limits<acc_t>::infinity();
-    lowest[lane] = low < lowest[lane] ? low : lowest[lane];
-    highest[lane] = high > highest[lane] ? high : highest[lane];
-  };
-  for (int64_t y = band.y_begin; y < band.y_end; ++y) {
-    const acc_t* row = src.flow_row(band.n, 1, y);
-    const acc_t row_y = static_cast<acc_t>(y);
-    int64_t x = 0;
-    for (; x + kLanes <= src.W; x += kLanes)
-      for (int lane = 0; lane < kLanes; ++lane) update(lane, row_y + row[x + lane]);
-    for (; x < src.W; ++x) update(0, row_y + row[x]);
-  }
-  const acc_t low = *std::min_element(lowest, lowest + kLanes), high = *std::max_element(highest, highest + kLanes);
-  band.lo = band.hi = band.y_begin;
-  if (low > high) return;  // nothing lands
-  band.lo = std::max<int64_t>(0, static_cast<int64_t>(floor_of(low)));
-  band.hi = std::min<int64_t>(src.H, static_cast<int64_t>(floor_of(high)) + 2);
-}
 
 // Phase 0's bands in order, each band of phase 1 (in order) inserted `lag` bands after the
 // last band of phase 0 it depends on (when there are that many): with `lag` threads, that one
@@ -141,8 +142,6 @@ Schedule plan(const Sources<acc_t>& src, int64_t N) {
   return schedule;
 }
 
-template void find_reach<float>(const Sources<float>&, Band&);
-template void find_reach<double>(const Sources<double>&, Band&);
 template std::vector<Band> bands<float>(const Sources<float>&, int64_t);
 template std::vector<Band> bands<double>(const Sources<double>&, int64_t);
 template Schedule plan<float>(const Sources<float>&, int64_t);

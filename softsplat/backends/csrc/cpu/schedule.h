@@ -88,12 +88,6 @@ struct Schedule {
   std::vector<char> reached(int p, int64_t N, int64_t H) const;
 };
 
-// The band's reach ([lo, hi)) from the flow of its source rows: the rows floor(y + flow_y) and
-// the one below, over its pixels whose target row is in [-1, H) (no other pixel lands), clamped
-// to the image; lo = hi = y_begin where no pixel lands.
-template <typename acc_t>
-void find_reach(const Sources<acc_t>& src, Band& band);
-
 // The images' rows cut into bands, ~32 per image of 8 to 64 rows each (a function of the image
 // size alone), with their reach (the target rows their taps can land on, read from the flow).
 template <typename acc_t>
