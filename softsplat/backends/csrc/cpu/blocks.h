@@ -234,9 +234,10 @@ void pack_block(const scalar_t* __restrict pixel, const View4& view, const acc_t
 
 // The first `count` lanes of W targets (target x's at lanes + x * stride) moved into planes:
 // plane(c)[x] = lanes[x * stride + c], stored or added (Add); times `factor` (W values, the
-// finishing factors of common.h) unless null. The inverse of pack_block. Tiles: the forward's
-// blocks (lanes side by side, stride == count), which AVX2 then moves by 8 x 8 tiles (a
-// compile-time choice: in the backward's gather the extra code measured slower).
+// finishing factors of common.h) unless null. The inverse of pack_block. AVX-512 moves 16 x 16
+// tiles from 16 planes on; AVX2 8 x 8 tiles from 16 planes on, and with Tiles (the forward's
+// blocks: lanes side by side, stride == count) whole blocks of 8 (partial blocks measured
+// slower so).
 template <bool Add, bool Tiles = false, typename acc_t, typename Plane>
 void unpack_block_row(const acc_t* __restrict lanes, int64_t stride, const Plane& plane, int64_t count,
                       const acc_t* __restrict factor, int64_t W) {
@@ -271,12 +272,22 @@ void unpack_block_row(const acc_t* __restrict lanes, int64_t stride, const Plane
   }
 #endif
 #if defined(__AVX2__) && !defined(__AVX512F__)
-  if constexpr (Tiles && std::is_same_v<acc_t, float>) {
-    for (; count % 8 == 0 && stride == count && x + 8 <= W; x += 8) {  // whole blocks: 8 x 8 tiles
+  if constexpr (std::is_same_v<acc_t, float>) {
+    // 8 x 8 tiles of the first count / 8 * 8 planes, the other planes one by one.
+    const int64_t tiled = count / 8 * 8;
+    const bool tiles = Tiles ? count % 8 == 0 && stride == count : count >= 16;
+    for (; tiles && x + 8 <= W; x += 8) {
       if (x % 16 == 0)
         for (int64_t c = 0; c < count; ++c) __builtin_prefetch(plane(c) + x + kPrefetchAhead, 1);
       const __m256 by = factor ? _mm256_loadu_ps(factor + x) : _mm256_set1_ps(1);
-      for (int64_t c0 = 0; c0 < count; c0 += 8) {
+      for (int64_t c = tiled; c < count; ++c) {
+        acc_t* p = plane(c);
+        for (int64_t k = x; k < x + 8; ++k) {
+          const acc_t value = Add ? p[k] + lanes[k * stride + c] : lanes[k * stride + c];
+          p[k] = factor ? value * factor[k] : value;
+        }
+      }
+      for (int64_t c0 = 0; c0 < tiled; c0 += 8) {
         __m256 r[8];
         for (int k = 0; k < 8; ++k) r[k] = _mm256_loadu_ps(lanes + (x + k) * stride + c0);
         transpose_8(r);
