@@ -13,8 +13,9 @@ namespace softsplat {
 namespace cpu {
 
 // How far ahead along a plane, in values, pack_block and unpack_block_row ask for the next cache
-// lines: a block reads or writes 16 planes side by side, more streams than the hardware
-// prefetchers follow (512 bytes ahead measured best for a 64-channel forward at 540x960).
+// lines: a block reads or writes its planes side by side (16, or the backward's C planes of the
+// input gradient), more streams than the hardware prefetchers follow (512 bytes ahead measured
+// best for a 64-channel forward at 540x960).
 constexpr int64_t kPrefetchAhead = 128;
 
 // The strides of planes of W values side by side (pack_block's view of them).
