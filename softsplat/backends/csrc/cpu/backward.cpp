@@ -170,10 +170,9 @@ struct Prepare {
 #endif
 
   // rows() in Prepare's blocked layout (K: whole blocks of kGatherBlock lanes): a block of
-  // channels at a time over all the rows, so that the gradient and the result are read as a
-  // block's planes, each along the rows one after the other (where all channels of one row
-  // at a time were twice C short runs, and waited for memory). gD sums over the channels in
-  // their order as rows() does: the same values.
+  // channels at a time over all the rows, a block of whole channels straight into place
+  // (block_row, with AVX2), the others, and gD's, through planes as rows() makes them. gD sums
+  // over the channels in their order as rows() does: the same values.
   void rows_by_blocks(int64_t n, int64_t lo, int64_t hi, acc_t* g) const {
     const int64_t count = hi - lo, used = C + (norm ? 1 : 0);
     std::vector<acc_t> divisor(norm ? count * W : 0), sums(norm ? count * W : 0, acc_t(0));
