@@ -70,13 +70,13 @@ def test_many_channels_match_oracle(backend, device, data) -> None:
     check_case(backend, case, data.draw(seeds(), label="cotangent seed"))
 
 
-@pytest.mark.parametrize("channels", [9, 16, 17, 31, 33, 64, 65, 192, 193])
+@pytest.mark.parametrize("channels", [9, 17, 33, 65, 193])
 @given(data=st.data())
 def test_many_channels_on_wide_rows_match_oracle(backend, device, channels, data) -> None:
     """Feature maps on rows of 33 to 40 pixels, up to 3 rows: the vector kernels move a row's
     targets 8 or 16 at a time (tiles of channels by pixels) and the rest one by one, which no
-    row of the small images above reaches. Channel counts on both sides of 8- and 16-channel
-    blocks, each one every run (drawn from many, the simplest come first)."""
+    row of the small images above reaches. Channel counts one past whole 8- and 16-channel
+    blocks (tiles and a rest), each one every run (drawn from many, the simplest come first)."""
     if backend.name == "triton" and device == "cpu":
         pytest.skip("Triton's kernels take pixels in flat blocks, not rows (their channel blocks: the "
                     "test above); its interpreter takes minutes on these sizes")
