@@ -233,6 +233,20 @@ void pack_block(const scalar_t* __restrict pixel, const View4& view, const acc_t
   }
 }
 
+// Planes [c_begin, c_end) of targets [x_begin, x_end) moved one value at a time, as
+// unpack_block_row moves them: the planes and targets its tiles leave.
+template <bool Add, typename acc_t, typename Plane>
+inline void unpack_values(const acc_t* __restrict lanes, int64_t stride, const Plane& plane, int64_t c_begin,
+                          int64_t c_end, const acc_t* __restrict factor, int64_t x_begin, int64_t x_end) {
+  for (int64_t c = c_begin; c < c_end; ++c) {
+    acc_t* p = plane(c);
+    for (int64_t x = x_begin; x < x_end; ++x) {
+      const acc_t value = Add ? p[x] + lanes[x * stride + c] : lanes[x * stride + c];
+      p[x] = factor ? value * factor[x] : value;
+    }
+  }
+}
+
 // The first `count` lanes of W targets (target x's at lanes + x * stride) moved into planes:
 // plane(c)[x] = lanes[x * stride + c], stored or added (Add); times `factor` (W values, the
 // finishing factors of common.h) unless null. The inverse of pack_block. AVX-512 moves 16 x 16
@@ -262,13 +276,7 @@ void unpack_block_row(const acc_t* __restrict lanes, int64_t stride, const Plane
           _mm512_storeu_ps(p, r[c]);
         }
       }
-      for (int64_t c = tiled; c < count; ++c) {
-        acc_t* p = plane(c);
-        for (int64_t k = x; k < x + 16; ++k) {
-          const acc_t value = Add ? p[k] + lanes[k * stride + c] : lanes[k * stride + c];
-          p[k] = factor ? value * factor[k] : value;
-        }
-      }
+      unpack_values<Add>(lanes, stride, plane, tiled, count, factor, x, x + 16);
     }
   }
 #endif
@@ -281,13 +289,7 @@ void unpack_block_row(const acc_t* __restrict lanes, int64_t stride, const Plane
       if (x % 16 == 0)
         for (int64_t c = 0; c < count; ++c) __builtin_prefetch(plane(c) + x + kPrefetchAhead, 1);
       const __m256 by = factor ? _mm256_loadu_ps(factor + x) : _mm256_set1_ps(1);
-      for (int64_t c = tiled; c < count; ++c) {
-        acc_t* p = plane(c);
-        for (int64_t k = x; k < x + 8; ++k) {
-          const acc_t value = Add ? p[k] + lanes[k * stride + c] : lanes[k * stride + c];
-          p[k] = factor ? value * factor[k] : value;
-        }
-      }
+      unpack_values<Add>(lanes, stride, plane, tiled, count, factor, x, x + 8);
       for (int64_t c0 = 0; c0 < tiled; c0 += 8) {
         __m256 r[8];
         for (int k = 0; k < 8; ++k) r[k] = _mm256_loadu_ps(lanes + (x + k) * stride + c0);
@@ -324,20 +326,10 @@ void unpack_block_row(const acc_t* __restrict lanes, int64_t stride, const Plane
         store_lanes(p, r[k]);
       }
     }
-    for (int64_t c = tiled; c < count; ++c)
-      for (int64_t k = x; k < x + 4; ++k) {
-        acc_t* p = plane(c) + k;
-        const acc_t value = Add ? *p + lanes[k * stride + c] : lanes[k * stride + c];
-        *p = factor ? value * factor[k] : value;
-      }
+    unpack_values<Add>(lanes, stride, plane, tiled, count, factor, x, x + 4);
   }
 #endif
-  for (; x < W; ++x)
-    for (int64_t c = 0; c < count; ++c) {
-      acc_t* p = plane(c) + x;
-      const acc_t value = Add ? *p + lanes[x * stride + c] : lanes[x * stride + c];
-      *p = factor ? value * factor[x] : value;
-    }
+  unpack_values<Add>(lanes, stride, plane, 0, count, factor, x, W);
 }
 
 }  // namespace cpu
