@@ -132,6 +132,16 @@ def _splat_max_kernel(flow_ptr, sfn, sfc, sfy, sfx, metric_ptr, smn, smy, smx, m
     _atomic_float_max(max_ptr + t_nw + W + 1, m, lands & on_se & (x0 + 1 <= W - 1) & (y0 + 1 <= H - 1), ACC)
 
 
+@triton.jit
+def _add_to_tap(target, v, b, w, keep, KIND: tl.constexpr):
+    """One tap's share of the values v added at `target` where `keep`: b * v for sum, else
+    b * (v * w), the oracle's order."""
+    if KIND == SUM:
+        tl.atomic_add(target, b * v, mask=keep, sem="relaxed")
+    else:
+        tl.atomic_add(target, b * (v * w), mask=keep, sem="relaxed")
+
+
 @triton.jit(do_not_specialize=["N", "C", "H", "W"])
 def _splat_fwd_kernel(
     input_ptr, sin_n, sin_c, sin_y, sin_x,
@@ -189,20 +199,10 @@ def _splat_fwd_kernel(
         v = tl.load(input_ptr + (n * sin_n + y * sin_y + x * sin_x)[None, :] + channel * sin_c,
                     mask=lands[None, :] & in_block, other=0.0).to(ACC)
         planes = out_ptr + channel * HW
-        if KIND == SUM:
-            tl.atomic_add(planes + t_nw[None, :], b_nw[None, :] * v, mask=keep_nw[None, :] & in_block, sem="relaxed")
-            tl.atomic_add(planes + t_ne[None, :], b_ne[None, :] * v, mask=keep_ne[None, :] & in_block, sem="relaxed")
-            tl.atomic_add(planes + t_sw[None, :], b_sw[None, :] * v, mask=keep_sw[None, :] & in_block, sem="relaxed")
-            tl.atomic_add(planes + t_se[None, :], b_se[None, :] * v, mask=keep_se[None, :] & in_block, sem="relaxed")
-        else:  # b * (v * w): the oracle's order
-            tl.atomic_add(planes + t_nw[None, :], b_nw[None, :] * (v * w_nw[None, :]), mask=keep_nw[None, :] & in_block,
-                          sem="relaxed")
-            tl.atomic_add(planes + t_ne[None, :], b_ne[None, :] * (v * w_ne[None, :]), mask=keep_ne[None, :] & in_block,
-                          sem="relaxed")
-            tl.atomic_add(planes + t_sw[None, :], b_sw[None, :] * (v * w_sw[None, :]), mask=keep_sw[None, :] & in_block,
-                          sem="relaxed")
-            tl.atomic_add(planes + t_se[None, :], b_se[None, :] * (v * w_se[None, :]), mask=keep_se[None, :] & in_block,
-                          sem="relaxed")
+        _add_to_tap(planes + t_nw[None, :], v, b_nw[None, :], w_nw[None, :], keep_nw[None, :] & in_block, KIND)
+        _add_to_tap(planes + t_ne[None, :], v, b_ne[None, :], w_ne[None, :], keep_ne[None, :] & in_block, KIND)
+        _add_to_tap(planes + t_sw[None, :], v, b_sw[None, :], w_sw[None, :], keep_sw[None, :] & in_block, KIND)
+        _add_to_tap(planes + t_se[None, :], v, b_se[None, :], w_se[None, :], keep_se[None, :] & in_block, KIND)
     if KIND != SUM:
         if tl.program_id(1) == 0:
             tl.atomic_add(norm_ptr + d_nw, b_nw * w_nw, mask=keep_nw, sem="relaxed")
