@@ -149,15 +149,16 @@ def test_two_shapes_share_one_compiled_program(monkeypatch) -> None:
     assert list(cupy_backend._modules) == [(0, torch.float32)]
     launched = [name for name, *_ in _FakeModule.built[0].launches]
     assert launched == 2 * [
-        "softsplat::splat_forward_kernel<float, float, int>", "softsplat::splat_normalise_kernel<float, float, int>",
+        "softsplat::splat_forward_kernel<float, float, int>", "softsplat::splat_finish_kernel<float, float, int>",
         "softsplat::splat_backward_prepare_kernel<float, int>", "softsplat::splat_backward_kernel<float, float, int>",
     ]
     impls.forward(input.half(), flow, metric, 3, 0)
     assert len(_FakeModule.built) == 2 and (0, torch.float16) in cupy_backend._modules
-    # Raw normalisation (splat_many's numerators): no normalise pass, which would divide by 1.
+    # Raw normalisation (splat_many's numerators): the finishing pass writes the planes, undivided.
     _FakeModule.built[0].launches.clear()
     impls.forward(input, flow, metric, 3, 3)
-    assert [name for name, *_ in _FakeModule.built[0].launches] == ["softsplat::splat_forward_kernel<float, float, int>"]
+    assert [name for name, *_ in _FakeModule.built[0].launches] == [
+        "softsplat::splat_forward_kernel<float, float, int>", "softsplat::splat_finish_kernel<float, float, int>"]
 
 
 @needs_cupy
@@ -237,8 +238,8 @@ def test_a_launch_runs_on_its_tensors_device_and_torchs_stream_there(monkeypatch
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     streams = []
     monkeypatch.setattr(_FakeModule, "get_function", lambda self, name: lambda grid, block, args, stream: streams.append(stream))
-    cupy_backend.cuda_launch(torch.device("cuda", 1), torch.float32, "normalise", "int", 10, None, None, None, ("index", 1),
-                             ("index", 1), ("index", 1), ("index", 10), ("int", 0))
+    cupy_backend.cuda_launch(torch.device("cuda", 1), torch.float32, "finish", "int", 10, None, ("index", 4), None, None,
+                             ("index", 1), ("index", 1), ("index", 1), ("index", 10), ("int", 0), ("int", 1))
     assert entered == [1] and list(cupy_backend._modules) == [(1, torch.float32)]
     assert streams == [("stream", 1001, 1)]
 
@@ -279,13 +280,24 @@ def test_a_machine_binary_for_known_architectures_and_ptx_past_them() -> None:
 
 
 def test_launch_sizes_match_the_kernels_channel_blocks() -> None:
-    """The CuPy launches size their grids by the channels a thread of the forward, the gather
-    and the normalise kernel takes: the constants of kernels.cuh, read from its source."""
+    """The CuPy launches size their grids by the lanes or channels a thread of the forward, the
+    gather and the finishing kernel takes: the constants of kernels.cuh, read from its source."""
     import re
 
     source = (pathlib.Path(cupy_backend.__file__).parent / "csrc" / "cuda" / "kernels.cuh").read_text()
     for name, value in (("kSplatChannelBlock", cupy_backend.CHANNEL_BLOCK),
                         ("kNormaliseChannels", cupy_backend.NORMALISE_CHANNELS),
-                        ("kForwardChannels", cupy_backend.FORWARD_CHANNELS)):
+                        ("kForwardLanes", cupy_backend.FORWARD_LANES)):
         found = re.search(rf"constexpr int {name} = (\d+);", source)
         assert found and int(found.group(1)) == value, (name, found and found.group(1), value)
+
+
+@needs_cupy
+@pytest.mark.parametrize("arch, adds", [(80, {"atom.global.add.f32"}), (90, {"atom.global.add.v4.f32"})])
+def test_nvrtc_takes_the_vector_atomics_on_sm90(arch, adds) -> None:
+    """The forward's adds as NVRTC compiles them: on sm_90 every float add a vector of four
+    lanes (one reduction per tap and quad, docs/performance.md), on sm_80 scalar ones."""
+    import re
+
+    ptx, _ = cupy_backend.compile_program(torch.float32, arch, ptx=True)
+    assert set(re.findall(r"\b(?:red|atom)\.global\.add\.[\w.]+", ptx.decode())) == adds

@@ -44,11 +44,14 @@ void add(std::map<std::string, Launcher>& table, const std::string& scalar, cons
   const std::string sai = "<" + scalar + ", " + acc + ", " + index + ">", ai = "<" + acc + ", " + index + ">";
   table["softsplat::splat_forward_kernel" + sai] = &launcher<&splat_forward_kernel<scalar_t, acc_t, index_t>>;
   table["softsplat::splat_backward_kernel" + sai] = &launcher<&splat_backward_kernel<scalar_t, acc_t, index_t>>;
-  // in place, and (16-bit inputs) rounded to input's dtype
-  table["softsplat::splat_normalise_kernel<" + acc + ", " + acc + ", " + index + ">"] =
-      &launcher<&splat_normalise_kernel<acc_t, acc_t, index_t>>;
-  if constexpr (!std::is_same_v<scalar_t, acc_t>)
+  // the atomic forward's result, and (16-bit inputs) rounded to input's dtype; the ordered
+  // forward's 16-bit result rounded
+  table["softsplat::splat_finish_kernel<" + acc + ", " + acc + ", " + index + ">"] =
+      &launcher<&splat_finish_kernel<acc_t, acc_t, index_t>>;
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+    table["softsplat::splat_finish_kernel" + sai] = &launcher<&splat_finish_kernel<scalar_t, acc_t, index_t>>;
     table["softsplat::splat_normalise_kernel" + sai] = &launcher<&splat_normalise_kernel<scalar_t, acc_t, index_t>>;
+  }
   table["softsplat::splat_maximum_kernel" + ai] = &launcher<&splat_maximum_kernel<acc_t, index_t>>;
   table["softsplat::splat_backward_prepare_kernel" + ai] = &launcher<&splat_backward_prepare_kernel<acc_t, index_t>>;
   // the ordered forward

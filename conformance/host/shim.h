@@ -18,6 +18,7 @@
 #include <ctime>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <numeric>
 #include <type_traits>
@@ -74,19 +75,46 @@ inline void count_thread() {
 // with its operands and its result (SASS RED.E.ADD.F32.FTZ.RN).
 inline float flush_subnormal(float v) { return std::fpclassify(v) == FP_SUBNORMAL ? std::copysign(0.0f, v) : v; }
 
+// target += value, flushed as the device's float32 atomic add (FTZ); returns the value seen.
+inline float add_flushed(float* address, float value) {
+  std::atomic_ref<float> target(*address);
+  float seen = target.load(std::memory_order_relaxed);
+  while (!target.compare_exchange_weak(seen, flush_subnormal(flush_subnormal(seen) + flush_subnormal(value)),
+                                       std::memory_order_relaxed)) {
+  }
+  return seen;
+}
+
 template <typename T>
 inline T atomicAdd(T* address, T value) {
   count_work(&WorkCounter::adds);
   if constexpr (std::is_same_v<T, float>) {  // as the device: flush to zero (FTZ)
-    std::atomic_ref<float> target(*address);
-    float seen = target.load(std::memory_order_relaxed);
-    while (!target.compare_exchange_weak(seen, flush_subnormal(flush_subnormal(seen) + flush_subnormal(value)),
-                                         std::memory_order_relaxed)) {
-    }
-    return seen;
+    return add_flushed(address, value);
   } else {  // float64 atomics keep subnormals on the device too
     return std::atomic_ref<T>(*address).fetch_add(value, std::memory_order_relaxed);
   }
+}
+
+// sm_90's vector reduction: four float lanes added by one atomic operation (counted once, as
+// the device issues one REDG.E.ADD.F32x4), each lane a float32 atomic add as above. The
+// kernels take it here as nvcc compiles them for sm_90 (kernels.cuh, add_quad).
+#define SOFTSPLAT_VECTOR_ATOMICS 1
+
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+
+inline float4 atomicAdd(float4* address, float4 value) {
+  if (reinterpret_cast<std::uintptr_t>(address) % 16 != 0) {  // a fault on the device
+    std::fprintf(stderr, "softsplat host shim: float4 atomicAdd at %p, not 16-byte aligned\n", static_cast<void*>(address));
+    std::abort();
+  }
+  count_work(&WorkCounter::adds);
+  float* lane = &address->x;
+  return float4{add_flushed(lane, value.x), add_flushed(lane + 1, value.y), add_flushed(lane + 2, value.z),
+                add_flushed(lane + 3, value.w)};
 }
 
 // Integer atomic max and min (the scatter-max's), returning the value seen, as CUDA's do.
@@ -233,6 +261,8 @@ using softsplat_host::__uint_as_float;
 using softsplat_host::atomicAdd;
 using softsplat_host::atomicMax;
 using softsplat_host::atomicMin;
+using softsplat_host::float4;
+using softsplat_host::make_float4;
 using softsplat_host::blockDim;
 using softsplat_host::blockIdx;
 using softsplat_host::gridDim;

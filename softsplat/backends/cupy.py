@@ -44,8 +44,14 @@ INT32_MAX = 2**31 - 1
 THREADS = 256
 MAX_BLOCKS = 1 << 20  # blocks of a launch at most; grid-stride loops cover the rest
 CHANNEL_BLOCK = 8  # channels a thread of splat_gather_kernel sums (kSplatChannelBlock)
-NORMALISE_CHANNELS = 8  # channels a thread of splat_normalise_kernel divides (kNormaliseChannels)
-FORWARD_CHANNELS = 16  # channels a thread of splat_forward_kernel adds (kForwardChannels)
+NORMALISE_CHANNELS = 8  # channels a thread of splat_finish_kernel writes (kNormaliseChannels)
+FORWARD_LANES = 16  # accumulator lanes a thread of splat_forward_kernel adds (kForwardLanes)
+
+
+def forward_lanes(C: int, kind: int) -> int:
+    """The atomic forward's accumulator lanes per target (kernels.cuh, forward_lanes): the C
+    channels, the normaliser (but for sum), zeros up to a multiple of 4."""
+    return (C + (1 if kind != Kind.SUM else 0) + 3) // 4 * 4
 
 
 def kernel_names(dtype: torch.dtype) -> dict[tuple[str, str], str]:
@@ -56,9 +62,10 @@ def kernel_names(dtype: torch.dtype) -> dict[tuple[str, str], str]:
     names = {}
     for index in ("int", "long long"):
         names["forward", index] = f"softsplat::splat_forward_kernel<{scalar}, {acc}, {index}>"
-        names["normalise", index] = f"softsplat::splat_normalise_kernel<{acc}, {acc}, {index}>"  # in place
+        names["finish", index] = f"softsplat::splat_finish_kernel<{acc}, {acc}, {index}>"
         if scalar != acc:  # into input's 16-bit dtype
-            names["cast", index] = f"softsplat::splat_normalise_kernel<{scalar}, {acc}, {index}>"
+            names["finish_cast", index] = f"softsplat::splat_finish_kernel<{scalar}, {acc}, {index}>"
+            names["cast", index] = f"softsplat::splat_normalise_kernel<{scalar}, {acc}, {index}>"  # the ordered one's
         names["maximum", index] = f"softsplat::splat_maximum_kernel<{acc}, {index}>"
         # the ordered forward (deterministic)
         names["key", index] = f"softsplat::splat_key_kernel<{acc}, {index}>"
@@ -296,44 +303,48 @@ class Impls:
         cast: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         N, C, H, W = input.shape
-        # The atomic forward adds into zeros; the ordered one writes every element.
-        out, normaliser = forward_buffers(input, flow, kind, zeroed=not deterministic)
-        result = cast_result(out, input, cast)
-        narrow = result is not out
+        narrow = cast and input.dtype != flow.dtype
+        metric = metric if kind >= Kind.LINEAR else None
+        sizes = tuple(("index", v) for v in (N, C, H, W))
+        if deterministic:  # the ordered forward writes out and D; a 16-bit result is rounded after
+            out, normaliser = forward_buffers(input, flow, kind, zeroed=False)
+            result = cast_result(out, input, cast)
+            if N * H * W == 0:
+                return result, normaliser
+            index = "int" if _fits_int32((input, flow, metric, out), max(N * (C + 1) * H * W, 4 * N * H * W)) else "long long"
+            self.ordered_forward(input, flow, metric, kind, normalisation, maximum, index, out, normaliser)
+            if narrow and C:
+                self.launch(input.device, input.dtype, "cast", index, N * -(-C // NORMALISE_CHANNELS) * H * W,
+                            out, None, result, *sizes, ("int", normalisation))
+            return result, normaliser
+        # The atomic forward adds into a zeroed accumulator of `lanes` values per target, then
+        # one pass writes the result (divided, rounded) and D from it (cuda/launch.h).
+        lanes = forward_lanes(C, kind)
+        sums = torch.zeros((N, H, W, lanes), dtype=flow.dtype, device=input.device)
+        result = torch.empty((N, C, H, W), dtype=input.dtype if narrow else flow.dtype, device=input.device)
+        normaliser = torch.empty((N, 1, H, W) if kind != Kind.SUM else (0,), dtype=flow.dtype, device=input.device)
         if N * H * W == 0:
             return result, normaliser
-        metric = metric if kind >= Kind.LINEAR else None
-        # The ordered forward also numbers four taps per pixel in the index type.
-        largest = max(N * (C + 1) * H * W, 4 * N * H * W if deterministic else 0)
-        index = "int" if _fits_int32((input, flow, metric, out), largest) else "long long"
-        sizes = tuple(("index", v) for v in (N, C, H, W))
-
-        def finish(divides: bool) -> None:  # result = out / D' (or out), in place or rounded
-            if C and (divides or narrow):
-                self.launch(
-                    input.device, input.dtype, "cast" if narrow else "normalise", index,
-                    N * -(-C // NORMALISE_CHANNELS) * H * W,
-                    out, normaliser if divides else None, result, *sizes, ("int", normalisation),
-                )
-
-        if deterministic:  # the gather divides; a 16-bit result is rounded after
-            self.ordered_forward(input, flow, metric, kind, normalisation, maximum, index, out, normaliser)
-            finish(False)
-            return result, normaliser
+        index = "int" if _fits_int32((input, flow, metric, result, sums), N * max(C + 1, lanes) * H * W) else "long long"
         self.launch(
             input.device,
             input.dtype,
             "forward",
             index,
-            N * (-(-C // FORWARD_CHANNELS) if C else 1) * H * W,
+            N * -(-lanes // FORWARD_LANES) * H * W,
             *_source_arguments(input, flow, metric),
             *sizes,
             ("int", kind),
             maximum.contiguous() if kind in (Kind.STABLE, Kind.MAX) else None,
-            out,
-            normaliser if kind != Kind.SUM else None,
+            sums,
         )
-        finish(kind != Kind.SUM and normalisation != Normalisation.RAW)  # raw: the numerator as it is
+        divides = kind != Kind.SUM and normalisation != Normalisation.RAW  # raw: the numerator as it is
+        self.launch(
+            input.device, input.dtype, "finish_cast" if narrow else "finish", index,
+            N * max(1, -(-C // NORMALISE_CHANNELS)) * H * W,
+            sums, ("index", lanes), result, normaliser if kind != Kind.SUM else None, *sizes,
+            ("int", normalisation), ("int", int(divides)),
+        )
         return result, normaliser
 
     def ordered_forward(self, input, flow, metric, kind, normalisation, maximum, index, out, normaliser) -> None:

@@ -4,10 +4,11 @@
 // nvcc for the cpp backend, by NVRTC for the CuPy backend, and by g++ through the test suite's
 // host shim (conformance/host/shim.h) so the tests execute it on the CPU.
 //
-// Forward: one thread per source pixel and block of channels atomically adds the block's
-// weighted channels (and, for the first block, its weight) to the four taps (atomics: the order
-// of additions, hence the last bits, vary run to run), then one thread per target and block of
-// channels divides. The ordered forward (taken when determinism is asked for) sums every
+// Forward: one thread per source pixel and block of lanes atomically adds the block's weighted
+// channels (and the weight, the normaliser's lane) to the four taps of a pixel-major
+// accumulator, a 16-byte quad of lanes per atomic operation (atomics: the order of additions,
+// hence the last bits, vary run to run), then one thread per target and block of channels
+// writes the result planes, divided, and D. The ordered forward (taken when determinism is asked for) sums every
 // target's contributions in one fixed order instead: by source pixel index (key, a stable sort,
 // ends, weigh, gather below); its float adds are plain, not atomic, so the same inputs give the
 // same bits on every run. Backward: one thread per target pixel prepares gN = grad / D' and gD,
@@ -40,13 +41,42 @@ __device__ __forceinline__ bool source_taps(index_t pixel, const acc_t* flow, lo
   return make_taps<acc_t, index_t>(x, y, source[0], source[(index_t)fl_sc], H, W, taps);
 }
 
-// One thread per (n, block of kForwardChannels channels, source pixel): element e is pixel
-// e % (H * W) of block (e / (H * W)) % blocks of batch n (blocks = max(1, ceil(C /
-// kForwardChannels))), so neighbouring threads take neighbouring pixels (coalesced loads, and
-// adds into neighbouring targets), and an image of few pixels and many channels still fills the
-// device. Each thread computes its pixel's taps, then adds its block's channels into the four
-// taps; the threads of block 0 also add the weights into the normaliser.
-constexpr int kForwardChannels = 16;
+// The atomic forward adds into an accumulator of forward_lanes(C, kind) lanes per target,
+// pixel-major ([N, H, W, lanes]): the C channels side by side, then (but for sum) the
+// normaliser, then zeros up to a multiple of 4. A pixel's adds into one tap are then 16-byte
+// quads of neighbouring lanes: on sm_90 one vector reduction each (REDG.E.ADD.F32x4), four
+// times fewer than one per channel and plane; elsewhere (sm_80, float64) four scalar ones.
+template <typename index_t>
+__host__ __device__ __forceinline__ index_t forward_lanes(index_t C, int kind) {
+  return (C + (kind != SUM ? 1 : 0) + 3) / 4 * 4;
+}
+
+// target[0..3] += (a, b, c, d), atomically per lane.
+__device__ __forceinline__ void add_quad(float* target, float a, float b, float c, float d) {
+#if defined(SOFTSPLAT_VECTOR_ATOMICS) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
+  atomicAdd(reinterpret_cast<float4*>(target), make_float4(a, b, c, d));
+#else
+  atomicAdd(target, a);
+  atomicAdd(target + 1, b);
+  atomicAdd(target + 2, c);
+  atomicAdd(target + 3, d);
+#endif
+}
+
+__device__ __forceinline__ void add_quad(double* target, double a, double b, double c, double d) {
+  atomicAdd(target, a);
+  atomicAdd(target + 1, b);
+  atomicAdd(target + 2, c);
+  atomicAdd(target + 3, d);
+}
+
+// One thread per (n, block of kForwardLanes lanes, source pixel): element e is pixel e % (H * W)
+// of block (e / (H * W)) % blocks of batch n (blocks = ceil(lanes / kForwardLanes)), so
+// neighbouring threads take neighbouring pixels (coalesced loads), and an image of few pixels
+// and many channels still fills the device. Each thread computes its pixel's taps, then adds its
+// block's lanes into the four taps, a quad at a time: b * (v * w) per channel (sum: b * v), b * w
+// into the normaliser's lane (b * (1 * w), the same bits), zeros into the padding.
+constexpr int kForwardLanes = 16;
 
 template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void splat_forward_kernel(
@@ -55,10 +85,9 @@ __global__ void splat_forward_kernel(
     const acc_t* __restrict__ metric, long long me_sn, long long me_sy, long long me_sx,
     index_t N, index_t C, index_t H, index_t W, int kind,
     const acc_t* __restrict__ maximum,  // stable, max: M [N, 1, H, W] contiguous; else null
-    acc_t* __restrict__ out,          // [N, C, H, W] contiguous, zeroed
-    acc_t* __restrict__ normaliser) { // [N, 1, H, W] contiguous, zeroed; null for sum
-  const index_t plane = H * W;
-  const index_t blocks = C > 0 ? (C + kForwardChannels - 1) / kForwardChannels : index_t(1);
+    acc_t* __restrict__ sums) {         // [N, H, W, forward_lanes(C, kind)], zeroed
+  const index_t plane = H * W, lanes = forward_lanes(C, kind);
+  const index_t blocks = (lanes + kForwardLanes - 1) / kForwardLanes;
   SOFTSPLAT_KERNEL_LOOP(element, N * blocks * plane) {
     const index_t block = element / plane % blocks;
     const index_t pixel = element / (plane * blocks) * plane + element % plane;  // into [N, H, W]
@@ -66,36 +95,32 @@ __global__ void splat_forward_kernel(
     Taps<acc_t, index_t> taps;
     if (!source_taps(pixel, flow, fl_sn, fl_sc, fl_sy, fl_sx, H, W, n, y, x, taps)) continue;
     const acc_t m = metric ? metric[n * (index_t)me_sn + y * (index_t)me_sy + x * (index_t)me_sx] : acc_t(0);
-    index_t at[4];  // ty * W + tx of each tap, within a plane
-    acc_t w[4];
+    // The block's values, each input value read once, all of them before the first add (the
+    // loads in flight together): channel, normaliser (1) or padding (0), by lane.
+    const index_t first = block * kForwardLanes;
+    const index_t count = lanes - first < kForwardLanes ? lanes - first : index_t(kForwardLanes);
+    const scalar_t* values = input + n * (index_t)in_sn + y * (index_t)in_sy + x * (index_t)in_sx;
+    acc_t v[kForwardLanes];
+#pragma unroll
+    for (int j = 0; j < kForwardLanes; ++j) {
+      const index_t c = first + j;
+      v[j] = c < C ? static_cast<acc_t>(values[c * (index_t)in_sc]) : acc_t(c == C && kind != SUM ? 1 : 0);
+    }
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      at[k] = tap_y(taps, k) * W + tap_x(taps, k);
-      // stable, max: each tap's weight is exp(metric - M(tap)), or 1 or 0; otherwise one per pixel
-      w[k] = !taps.keep[k] ? acc_t(0)
-             : weighs_per_tap(kind) ? tap_weight(kind, m, maximum[n * plane + at[k]]) : pixel_weight<acc_t>(kind, m);
-      if (kind != SUM && block == 0 && taps.keep[k]) atomicAdd(normaliser + n * plane + at[k], taps.weight[k] * w[k]);
-    }
-    // Each input value of the block is read once, all of them before the first add (the loads
-    // in flight together, not one load's latency per channel), and added to the four taps.
-    const index_t first = block * kForwardChannels;
-    const index_t channels = C - first < kForwardChannels ? C - first : index_t(kForwardChannels);
-    const scalar_t* values = input + n * (index_t)in_sn + first * (index_t)in_sc + y * (index_t)in_sy + x * (index_t)in_sx;
-    acc_t v[kForwardChannels];
+      if (!taps.keep[k]) continue;
+      const index_t at = (n * H + tap_y(taps, k)) * W + tap_x(taps, k);
+      // stable, max: the tap's weight is exp(metric - M(tap)), or 1 or 0; otherwise one per
+      // pixel; sum: 1 (b * (v * 1) is b * v, the same bits)
+      const acc_t w = kind == SUM ? acc_t(1)
+                      : weighs_per_tap(kind) ? tap_weight(kind, m, maximum[at]) : pixel_weight<acc_t>(kind, m);
+      const acc_t b = taps.weight[k];
+      acc_t* target = sums + at * lanes + first;
+      // b * (v * w): the oracle's order of operations (padding: 0 times w, never read)
 #pragma unroll
-    for (int j = 0; j < kForwardChannels; ++j)
-      v[j] = j < channels ? static_cast<acc_t>(values[j * (index_t)in_sc]) : acc_t(0);
-    acc_t* planes = out + (n * C + first) * plane;
-#pragma unroll
-    for (int j = 0; j < kForwardChannels; ++j) {
-      if (j >= channels) break;
-      acc_t* out_plane = planes + j * plane;
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        // b * (v * w): the oracle's order of operations
-        if (taps.keep[k])
-          atomicAdd(out_plane + at[k], kind == SUM ? taps.weight[k] * v[j] : taps.weight[k] * (v[j] * w[k]));
-      }
+      for (int q = 0; q < kForwardLanes / 4; ++q)
+        if (4 * q < count)
+          add_quad(target + 4 * q, b * (v[4 * q] * w), b * (v[4 * q + 1] * w), b * (v[4 * q + 2] * w), b * (v[4 * q + 3] * w));
     }
   }
 }
@@ -142,10 +167,10 @@ __global__ void splat_maximum_kernel(
   }
 }
 
-// out = sums / D' (normaliser null: out = sums), rounded to out_t, per target and block of
-// kNormaliseChannels channels: each thread reads its target's D once and finishes the block's
-// channels (stores coalesced across threads, as in a plane). One pass writes the result: in
-// place (out == sums, out_t == acc_t), or into the input's 16-bit dtype (no cast pass after).
+// out = sums / D' (normaliser null: out = sums), both [N, C, H, W], rounded to out_t, per
+// target and block of kNormaliseChannels channels: each thread reads its target's D once and
+// finishes the block's channels (stores coalesced across threads, as in a plane). The ordered
+// forward's result rounded into a 16-bit input's dtype (its gather divides).
 constexpr int kNormaliseChannels = 8;
 
 template <typename out_t, typename acc_t, typename index_t>
@@ -162,6 +187,31 @@ __global__ void splat_normalise_kernel(const acc_t* sums, const acc_t* __restric
       const index_t at = (n * C + c) * plane + pixel;
       out[at] = static_cast<out_t>(divides ? sums[at] / divisor : sums[at]);
     }
+  }
+}
+
+// The atomic forward's result from its accumulator `sums` ([N, H, W, lanes], lanes =
+// forward_lanes(C, kind)), in one pass: out [N, C, H, W] = sums / D' (or sums, when `divides`
+// is false), rounded to out_t (a 16-bit input's dtype, or acc_t), and the normaliser's lane
+// into `normaliser` [N, 1, H, W] (null for sum). One thread per target and block of
+// kNormaliseChannels channels: it reads its channels' lanes (32 neighbouring bytes) and its
+// target's D, and writes its channels' planes (coalesced across threads); block 0 writes D.
+template <typename out_t, typename acc_t, typename index_t>
+__global__ void splat_finish_kernel(const acc_t* __restrict__ sums, index_t lanes, out_t* __restrict__ out,
+                                    acc_t* __restrict__ normaliser, index_t N, index_t C, index_t H, index_t W,
+                                    int normalisation, int divides) {
+  const index_t plane = H * W;
+  const index_t blocks = C > 0 ? (C + kNormaliseChannels - 1) / kNormaliseChannels : index_t(1);
+  SOFTSPLAT_KERNEL_LOOP(index, N * blocks * plane) {
+    const index_t pixel = index % plane, block = index / plane % blocks, n = index / (plane * blocks);
+    const acc_t* target = sums + (n * plane + pixel) * lanes;
+    const acc_t D = normaliser ? target[C] : acc_t(0);
+    if (normaliser && block == 0) normaliser[n * plane + pixel] = D;
+    const acc_t divisor = divides ? safe_normaliser(D, normalisation) : acc_t(1);
+    const index_t first = block * kNormaliseChannels;
+    const index_t last = C - first < kNormaliseChannels ? C : first + kNormaliseChannels;
+    for (index_t c = first; c < last; ++c)
+      out[(n * C + c) * plane + pixel] = static_cast<out_t>(divides ? target[c] / divisor : target[c]);
   }
 }
 

@@ -177,56 +177,59 @@ inline std::tuple<Tensor, Tensor> splat_forward(const Tensor& input, const Tenso
   SOFTSPLAT_DEVICE_GUARD(input);
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
   const ScalarType compute = flow.scalar_type();
-  // The atomic forward adds into zeros; the ordered one writes every element.
-  Tensor out = deterministic ? empty({N, C, H, W}, compute, input) : zeros({N, C, H, W}, compute, input);
-  Tensor normaliser = kind == SUM       ? empty({0}, compute, input)
-                      : deterministic ? empty({N, 1, H, W}, compute, input)
-                                      : zeros({N, 1, H, W}, compute, input);
+  const bool narrow = cast && input.scalar_type() != compute;
   const bool with_metric = kind >= LINEAR;
   const Tensor metric = with_metric ? *metric_arg : Tensor();
-  const bool narrow = cast && input.scalar_type() != compute;
+  // The atomic forward adds into a zeroed accumulator of `lanes` values per target
+  // (kernels.cuh) and writes the result and D from it in one pass; the ordered one writes out
+  // and D itself (a 16-bit result rounded from out after).
+  const int64_t lanes = forward_lanes(C, static_cast<int>(kind));
+  Tensor sums = deterministic ? Tensor() : zeros({N, H, W, lanes}, compute, input);
+  Tensor out = deterministic || !narrow ? empty({N, C, H, W}, compute, input) : Tensor();
+  Tensor normaliser = kind == SUM ? empty({0}, compute, input) : empty({N, 1, H, W}, compute, input);
   Tensor result = narrow ? empty({N, C, H, W}, input.scalar_type(), input) : out;
   if (N * H * W == 0) return {result, normaliser};
   // The ordered forward also numbers four taps per pixel in index_t.
-  const bool small =
-      fits_int32({input, flow, metric, out}, std::max(N * (C + 1) * H * W, deterministic ? 4 * N * H * W : 0));
+  const bool small = fits_int32({input, flow, metric, out, sums},
+                                std::max(N * std::max(C + 1, lanes) * H * W, deterministic ? 4 * N * H * W : 0));
   dispatch_floating<true>(input.scalar_type(), "splat_forward: input", [&](auto scalar) {
     using scalar_t = decltype(scalar);
     using acc_t = acc_type<scalar_t>;
     auto run = [&](auto index_zero) {
       using index_t = decltype(index_zero);
-      // out = sums / D' (or sums, when `divides` is false) into `result`: in place, or rounded
-      // to input's dtype.
-      auto finish = [&](bool divides) {
-        if (C == 0 || (!divides && !narrow)) return;
-        const int64_t blocks = (C + kNormaliseChannels - 1) / kNormaliseChannels;
-        auto launch = [&](auto* target) {
-          using out_t = std::remove_pointer_t<decltype(target)>;
-          auto normalise = &splat_normalise_kernel<out_t, acc_t, index_t>;
-          SOFTSPLAT_LAUNCH(normalise, blocks_for(N * blocks * H * W), kThreads,
-              (const acc_t*)ptr<acc_t>(out), divides ? (const acc_t*)ptr<acc_t>(normaliser) : nullptr, target,
-              (index_t)N, (index_t)C, (index_t)H, (index_t)W, (int)normalisation);
-        };
-        if (narrow)
-          launch(ptr<scalar_t>(result));
-        else
-          launch(ptr<acc_t>(out));
-      };
       if (deterministic) {  // the gather divides; a 16-bit result is rounded after
         ordered_forward<scalar_t, acc_t, index_t>(input, flow, metric, maximum, kind, normalisation, out, normaliser);
-        return finish(false);
+        if (!narrow || C == 0) return;
+        const int64_t blocks = (C + kNormaliseChannels - 1) / kNormaliseChannels;
+        auto round = &splat_normalise_kernel<scalar_t, acc_t, index_t>;
+        SOFTSPLAT_LAUNCH(round, blocks_for(N * blocks * H * W), kThreads,
+            (const acc_t*)ptr<acc_t>(out), (const acc_t*)nullptr, ptr<scalar_t>(result),
+            (index_t)N, (index_t)C, (index_t)H, (index_t)W, (int)normalisation);
+        return;
       }
       auto forward = &splat_forward_kernel<scalar_t, acc_t, index_t>;
-      const int64_t blocks = C > 0 ? (C + kForwardChannels - 1) / kForwardChannels : 1;
+      const int64_t blocks = (lanes + kForwardLanes - 1) / kForwardLanes;
       SOFTSPLAT_LAUNCH(forward, blocks_for(N * blocks * H * W), kThreads,
           ptr<scalar_t>(input), input.stride(0), input.stride(1), input.stride(2), input.stride(3),
           ptr<acc_t>(flow), flow.stride(0), flow.stride(1), flow.stride(2), flow.stride(3),
           with_metric ? ptr<acc_t>(metric) : nullptr,
           with_metric ? metric.stride(0) : 0, with_metric ? metric.stride(2) : 0, with_metric ? metric.stride(3) : 0,
           (index_t)N, (index_t)C, (index_t)H, (index_t)W, (int)kind,
-          weighs_per_tap((int)kind) ? (const acc_t*)ptr<acc_t>(maximum) : nullptr,
-          ptr<acc_t>(out), kind == SUM ? nullptr : ptr<acc_t>(normaliser));
-      finish(kind != SUM && normalisation != RAW);  // raw: the numerator as it is
+          weighs_per_tap((int)kind) ? (const acc_t*)ptr<acc_t>(maximum) : nullptr, ptr<acc_t>(sums));
+      // The result and D in one pass; raw: the numerator as it is.
+      const bool divides = kind != SUM && normalisation != RAW;
+      const int64_t finish_blocks = C > 0 ? (C + kNormaliseChannels - 1) / kNormaliseChannels : 1;
+      auto launch = [&](auto* target) {
+        using out_t = std::remove_pointer_t<decltype(target)>;
+        auto finish = &splat_finish_kernel<out_t, acc_t, index_t>;
+        SOFTSPLAT_LAUNCH(finish, blocks_for(N * finish_blocks * H * W), kThreads,
+            (const acc_t*)ptr<acc_t>(sums), (index_t)lanes, target, kind == SUM ? nullptr : ptr<acc_t>(normaliser),
+            (index_t)N, (index_t)C, (index_t)H, (index_t)W, (int)normalisation, (int)divides);
+      };
+      if (narrow)
+        launch(ptr<scalar_t>(result));
+      else
+        launch(ptr<acc_t>(out));
     };
     if (small) run(int(0)); else run((long long)0);
   });
