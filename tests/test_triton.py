@@ -119,7 +119,7 @@ def test_compiled_launches_keep_the_launch_options() -> None:
         out.backward(torch.ones_like(out))
     torch.cuda.synchronize()
     problems, read = [], 0
-    for kernel in (k._splat_max_kernel, k._splat_fwd_kernel, k._splat_normalise_kernel, k._splat_bwd_prepare_kernel,
+    for kernel in (k._splat_max_kernel, k._splat_fwd_kernel, k._splat_finish_kernel, k._splat_bwd_prepare_kernel,
                    k._splat_bwd_kernel):
         for caches in kernel.device_caches.values():
             for binary in caches[0].values():
@@ -165,12 +165,14 @@ def test_every_launch_happens_on_the_inputs_device(monkeypatch) -> None:
 
 
 @needs_triton
-@pytest.mark.parametrize("channels, per_program", [(0, 1), (1, 1), (3, 4), (9, 16), (16, 16), (17, 16), (192, 16)])
-def test_a_forward_program_takes_one_block_of_channels(monkeypatch, channels, per_program) -> None:
-    """The forward's grid has a second axis over blocks of at most 16 channels (C's power of two
-    below that), so an image of few pixels and many channels (C = 192 at 135x240) runs 12
-    programs per block of pixels, not one program looping over 192 channels; every channel is
-    in one block. Read from the launch, with fake CUDA tensors."""
+@pytest.mark.parametrize("channels, per_program, programs",
+                         [(0, 4, 1), (1, 4, 1), (3, 4, 1), (9, 16, 1), (16, 16, 2), (17, 16, 2), (192, 16, 13)])
+def test_a_forward_program_takes_one_block_of_lanes(monkeypatch, channels, per_program, programs) -> None:
+    """The forward's grid has a second axis over blocks of at most 16 accumulator lanes (the
+    channels and soft's normaliser, rounded up to quads of four; the lane count's power of two
+    below 16), so an image of few pixels and many channels (C = 192 at 135x240) runs 13
+    programs per block of pixels, not one program looping over 192 channels; every lane is in
+    one block. Read from the launch, with fake CUDA tensors."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     launches = []
@@ -191,14 +193,15 @@ def test_a_forward_program_takes_one_block_of_channels(monkeypatch, channels, pe
         triton_backend.splat_forward(input, flow, metric, 3, 0)
     (grid, options), = [(grid, kwargs) for name, grid, kwargs in launches if name == "_splat_fwd_kernel"]
     assert options["CHANNELS"] == per_program
-    assert grid == (-(-N * H * W // options["BLOCK"]), max(1, -(-channels // per_program)))
+    assert grid == (-(-N * H * W // options["BLOCK"]), programs)
 
 
 @needs_triton
 def test_a_forward_program_takes_every_block_its_axis_gives_it(monkeypatch) -> None:
-    """Where C has more blocks of 16 channels than the grid's second axis takes (65,535), each
-    program takes every 65,535th block: checked in the interpreter with that axis cut to 3
-    programs, C = 64 and 100 (4 and 7 blocks), against the oracle."""
+    """Where the accumulator has more blocks of 16 lanes than the grid's second axis takes
+    (65,535), each program takes every 65,535th block (the forward's and the finishing pass's):
+    checked in the interpreter with that axis cut to 3 programs, C = 64 and 100 (5 and 7
+    blocks of lanes, 4 and 7 of channels), against the oracle."""
     if not triton_backend.interpreted():
         pytest.skip("runs the kernels in Triton's interpreter (TRITON_INTERPRET=1, as the test session sets it without CUDA)")
     monkeypatch.setattr(triton_backend, "CHANNEL_PROGRAMS", 3)

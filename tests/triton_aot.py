@@ -11,7 +11,8 @@ Each compiled kernel is then read: launched without FMA contraction (and no ``fm
 kernels without exp, whose library code has FMAs of its own), no instruction that flushes
 subnormals (``.ftz``) outside the atomics, no 32-bit product in the TTIR
 (sizes are widened to 64 bits), no ordering (``acq_rel``, ``fence``, ``membar``) around the
-forward's and the scatter-max's atomics, no local memory (``.local`` in the PTX, STACK or LOCAL in
+forward's and the scatter-max's atomics, on sm_90 every float32 add of the forward a vector
+one of four lanes, no local memory (``.local`` in the PTX, STACK or LOCAL in
 the SASS's resource usage: spills). Exits non-zero, naming the kernel, on any failure. Run by
 tests/test_triton.py in a subprocess, since TRITON_INTERPRET must not be set here."""
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -162,6 +164,14 @@ def read(binary, name: str, kernel: str, kind: int | None, fp_fusion: bool) -> l
         for ordering in ("acq_rel", "fence.", "membar"):
             if ordering in ptx:
                 problems.append(f"{name}: {ordering} around the atomics (they must be relaxed)")
+    # sm_90 adds a quad of float32 lanes in one vector atomic (docs/performance.md): the
+    # forward's float32 adds are all .v4.f32, none scalar.
+    target = binary.metadata.target
+    arch = target.arch if hasattr(target, "arch") else target[1]
+    if kernel == "_splat_fwd_kernel" and int(arch) >= 90:
+        adds = set(re.findall(r"\b(?:red|atom)\.global\.[\w.]*?add\.((?:v\d+\.)?f32)\b", ptx))
+        if adds - {"v4.f32"}:
+            problems.append(f"{name}: float32 atomic adds {sorted(adds)}, expected v4.f32 only")
     return problems
 
 

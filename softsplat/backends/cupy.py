@@ -25,6 +25,7 @@ from .ops import (
     OpsBackend,
     cast_result,
     forward_buffers,
+    forward_lanes,
     gradient_buffers,
     per_pixel_strides,
     prepared_gradients,
@@ -47,11 +48,6 @@ CHANNEL_BLOCK = 8  # channels a thread of splat_gather_kernel sums (kSplatChanne
 NORMALISE_CHANNELS = 8  # channels a thread of splat_finish_kernel writes (kNormaliseChannels)
 FORWARD_LANES = 16  # accumulator lanes a thread of splat_forward_kernel adds (kForwardLanes)
 
-
-def forward_lanes(C: int, kind: int) -> int:
-    """The atomic forward's accumulator lanes per target (kernels.cuh, forward_lanes): the C
-    channels, the normaliser (but for sum), zeros up to a multiple of 4."""
-    return (C + (1 if kind != Kind.SUM else 0) + 3) // 4 * 4
 
 
 def kernel_names(dtype: torch.dtype) -> dict[tuple[str, str], str]:

@@ -28,6 +28,14 @@ def forward_buffers(input: torch.Tensor, flow: torch.Tensor, kind: int,
     return out, normaliser
 
 
+def forward_lanes(C: int, kind: int) -> int:
+    """The GPU forward's accumulator lanes per target (cuda/kernels.cuh, forward_lanes; the
+    Triton forward's too): the C channels, the normaliser (but for sum), zeros up to a multiple
+    of 4, so that a pixel's adds into one tap are 16-byte quads (one vector atomic each on
+    sm_90)."""
+    return (C + (1 if kind != Kind.SUM else 0) + 3) // 4 * 4
+
+
 def cast_result(out: torch.Tensor, input: torch.Tensor, cast: bool) -> torch.Tensor:
     """Where the forward writes its result with ``cast``: a new tensor in a 16-bit input's
     dtype (the kernels' normalising pass rounds into it), else ``out`` itself."""

@@ -19,8 +19,7 @@ import torch
 from ..modes import Kind, Normalisation
 from .ops import (
     OpsBackend,
-    cast_result,
-    forward_buffers,
+    forward_lanes,
     gradient_buffers,
     per_pixel_strides,
     prepared_gradients,
@@ -61,7 +60,8 @@ def _grid(count: int, block: int | None = None) -> tuple[int]:
     return ((count + block - 1) // block,)
 
 
-#: Channels a program of the forward adds at once (its second grid axis takes the blocks).
+#: Accumulator lanes a program of the forward adds at once (its second grid axis takes the
+#: blocks), and channels a program of the finishing pass writes at once.
 FORWARD_CHANNELS = 16
 #: Programs along the forward's second grid axis at most (CUDA's limit for it): a program then
 #: takes every CHANNEL_PROGRAMS-th block.
@@ -69,7 +69,7 @@ CHANNEL_PROGRAMS = 65535
 
 
 def _forward_block(channels: int, dtype: torch.dtype) -> int:
-    """Pixels per forward program: its [channels, pixels] tile at most 1024 values (512 in
+    """Pixels per forward program: its [pixels, lanes] tile at most 1024 values (512 in
     float64), so that a thread's share of the tile, its pointers and taps stay in registers
     (larger tiles spill, read from the SASS by tests/triton_aot.py)."""
     if interpreted():
@@ -79,8 +79,9 @@ def _forward_block(channels: int, dtype: torch.dtype) -> int:
 
 
 def _channel_block(channels: int) -> int:
-    """The forward's channels per program: C's power of two up to FORWARD_CHANNELS (a tile's
-    side is a power of two; padding lanes are masked off)."""
+    """The forward's lanes (and the finishing pass's channels) per program: the count's power
+    of two up to FORWARD_CHANNELS (a tile's side is a power of two; padding lanes are masked
+    off)."""
     return min(FORWARD_CHANNELS, 1 << (max(channels, 1) - 1).bit_length())
 
 
@@ -113,30 +114,35 @@ def splat_forward(
         raise ValueError("deterministic: the triton kernels add with atomics and have no ordered forward "
                          "(expected False), got True; the cpp and cupy backends have one on CUDA")
     N, C, H, W = input.shape
-    out, normaliser = forward_buffers(input, flow, kind)
-    result = cast_result(out, input, cast)
-    narrow = result is not out
+    # The forward adds into a zeroed accumulator of `lanes` values per target; the finishing
+    # pass writes the result (divided, in a 16-bit input's dtype with `cast`) and D from it.
+    lanes = forward_lanes(C, kind)
+    accumulator = torch.zeros((N, H, W, lanes), dtype=flow.dtype, device=input.device)
+    result = torch.empty((N, C, H, W), dtype=input.dtype if cast else flow.dtype, device=input.device)
+    normalised = kind != Kind.SUM
+    normaliser = torch.empty((N, 1, H, W) if normalised else (0,), dtype=flow.dtype, device=input.device)
     pixels = N * H * W
     if pixels == 0:
         return result, normaliser
-    normalised = kind != Kind.SUM
     metric_arg = metric if metric is not None else flow  # never read below Kind.LINEAR
-    maximum_arg = maximum.contiguous() if kind in (Kind.STABLE, Kind.MAX) else out  # read only then
+    maximum_arg = maximum.contiguous() if kind in (Kind.STABLE, Kind.MAX) else flow  # read only then
     with _on(input.device):
-        channels = _channel_block(C)
+        channels = _channel_block(lanes)
         block = _forward_block(channels, flow.dtype)
-        blocks = min(CHANNEL_PROGRAMS, max(1, -(-C // channels)))
+        blocks = min(CHANNEL_PROGRAMS, max(1, -(-lanes // channels)))
         wrap_triton(k._splat_fwd_kernel)[_grid(pixels, block) + (blocks,)](
             input, *input.stride(), flow, *flow.stride(), metric_arg, *per_pixel_strides(metric),
-            maximum_arg, out, normaliser if normalised else out, N, C, H, W,
+            maximum_arg, accumulator, N, C, H, W, lanes,
             KIND=kind, ACC=_acc(flow.dtype), BLOCK=block, CHANNELS=channels, **LAUNCH_OPTIONS,
         )
         divides = normalised and normalisation != Normalisation.RAW  # raw: the numerator as it is
-        if C and (divides or narrow):
-            wrap_triton(k._splat_normalise_kernel)[_grid(pixels * C)](
-                out, normaliser if divides else out, result, N, C, H, W, NORM=normalisation, DIVIDE=divides,
-                BLOCK=_block(), **LAUNCH_OPTIONS,
-            )
+        channels = _channel_block(C)
+        block = _forward_block(channels, flow.dtype)
+        blocks = min(CHANNEL_PROGRAMS, max(1, -(-C // channels)))
+        wrap_triton(k._splat_finish_kernel)[_grid(pixels, block) + (blocks,)](
+            accumulator, result, normaliser if normalised else accumulator, N, C, H, W, lanes, NORM=normalisation,
+            DIVIDE=divides, HAS_NORM=normalised, BLOCK=block, CHANNELS=channels, **LAUNCH_OPTIONS,
+        )
     return result, normaliser
 
 

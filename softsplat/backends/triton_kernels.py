@@ -2,9 +2,10 @@
 (``csrc/cuda/kernels.cuh``, ``csrc/taps.h``); this module imports Triton, so only the Triton
 backend imports it, lazily.
 
-Forward: one lane per source pixel and block of channels adds the block's weighted channels (the
-first block also the weight) to its four taps with ``tl.atomic_add``, then one lane per output
-element divides. Backward: one lane per target pixel
+Forward: one lane per source pixel and block of lanes adds the block's weighted channels (and
+the weight, the normaliser's lane) to its four taps of a pixel-major accumulator with
+``tl.atomic_add``, a target's lanes side by side in quads (vector atomics on sm_90), then a
+second kernel writes the result planes from it, divided, and the normaliser. Backward: one lane per target pixel
 prepares ``gN = grad / D'`` and ``gD``, then one lane per source pixel gathers from its taps and
 writes only its own gradients: no atomics. Sizes are widened to 64 bits on entry, so every
 index and product of sizes is 64-bit; sizes are never specialised (a size of 1 stays a runtime
@@ -142,21 +143,23 @@ def _add_to_tap(target, v, b, w, keep, KIND: tl.constexpr):
         tl.atomic_add(target, b * (v * w), mask=keep, sem="relaxed")
 
 
-@triton.jit(do_not_specialize=["N", "C", "H", "W"])
+@triton.jit(do_not_specialize=["N", "C", "H", "W", "LANES"])
 def _splat_fwd_kernel(
     input_ptr, sin_n, sin_c, sin_y, sin_x,
     flow_ptr, sfn, sfc, sfy, sfx,
     metric_ptr, smn, smy, smx,
     max_ptr,  # STABLE, MAX: M [N, 1, H, W] contiguous
-    out_ptr, norm_ptr,  # [N, C, H, W] and [N, 1, H, W], contiguous, zeroed
-    N, C, H, W,
+    acc_ptr,  # [N, H, W, LANES], contiguous, zeroed: the channels, the normaliser, padding
+    N, C, H, W, LANES,
     KIND: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, CHANNELS: tl.constexpr,
 ):
-    """A program: BLOCK source pixels (axis 0) and a block of CHANNELS channels (axis 1: an image
-    of few pixels and many channels still fills the device). Its channels' values are loaded as
-    one [CHANNELS, BLOCK] tile (the loads in flight together) and added to the four taps; the
-    programs of the first channel block also add the weights into the normaliser."""
-    N, C, H, W = _wide(N), _wide(C), _wide(H), _wide(W)
+    """A program: BLOCK source pixels (axis 0) and a block of CHANNELS accumulator lanes (axis
+    1: an image of few pixels and many channels still fills the device). Its lanes' values are
+    loaded as one [BLOCK, CHANNELS] tile (the loads in flight together): the channels, 1 in the
+    normaliser's lane (b * (1 * w) is b * w), 0 in the padding; and added to the four taps, the
+    lanes of a target side by side in quads of four (LANES is a multiple of 4), so that sm_90
+    takes a quad in one vector atomic add."""
+    N, C, H, W, LANES = _wide(N), _wide(C), _wide(H), _wide(W), _wide(LANES)
     pixel = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     valid = pixel < N * H * W
     pixel = tl.where(valid, pixel, 0)
@@ -171,44 +174,40 @@ def _splat_fwd_kernel(
     keep_ne = lands & in_e & in_n
     keep_sw = lands & in_w & in_s
     keep_se = lands & in_e & in_s
-    HW = H * W
-    t_nw = n * C * HW + y0 * W + x0  # channel-0 offsets of the taps; masked where not kept
-    t_ne = t_nw + 1
-    t_sw = t_nw + W
-    t_se = t_sw + 1
-    b_nw = west * north
-    b_ne = east * north
-    b_sw = west * south
-    b_se = east * south
-    d_nw = n * HW + y0 * W + x0  # tap offsets in [N, H, W]
+    d_nw = n * H * W + y0 * W + x0  # tap offsets in [N, H, W]; masked where not kept
+    b_nw = (west * north)[:, None]
+    b_ne = (east * north)[:, None]
+    b_sw = (west * south)[:, None]
+    b_se = (east * south)[:, None]
     if KIND == STABLE or KIND == MAX:  # a weight per tap
-        w_nw = _tap_weight(w, max_ptr, d_nw, keep_nw, KIND)
-        w_ne = _tap_weight(w, max_ptr, d_nw + 1, keep_ne, KIND)
-        w_sw = _tap_weight(w, max_ptr, d_nw + W, keep_sw, KIND)
-        w_se = _tap_weight(w, max_ptr, d_nw + W + 1, keep_se, KIND)
+        w_nw = _tap_weight(w, max_ptr, d_nw, keep_nw, KIND)[:, None]
+        w_ne = _tap_weight(w, max_ptr, d_nw + 1, keep_ne, KIND)[:, None]
+        w_sw = _tap_weight(w, max_ptr, d_nw + W, keep_sw, KIND)[:, None]
+        w_se = _tap_weight(w, max_ptr, d_nw + W + 1, keep_se, KIND)[:, None]
     else:
-        w_nw = w
-        w_ne = w
-        w_sw = w
-        w_se = w
-    # The channel blocks from this program's, every (programs of axis 1) blocks: one block per
-    # program, unless C has more blocks than the launcher gives that axis (CHANNEL_PROGRAMS).
-    for first in range(tl.program_id(1).to(tl.int64) * CHANNELS, C, tl.num_programs(1).to(tl.int64) * CHANNELS):
-        channel = first + tl.arange(0, CHANNELS).to(tl.int64)[:, None]  # [CHANNELS, 1]
-        in_block = channel < C
-        v = tl.load(input_ptr + (n * sin_n + y * sin_y + x * sin_x)[None, :] + channel * sin_c,
-                    mask=lands[None, :] & in_block, other=0.0).to(ACC)
-        planes = out_ptr + channel * HW
-        _add_to_tap(planes + t_nw[None, :], v, b_nw[None, :], w_nw[None, :], keep_nw[None, :] & in_block, KIND)
-        _add_to_tap(planes + t_ne[None, :], v, b_ne[None, :], w_ne[None, :], keep_ne[None, :] & in_block, KIND)
-        _add_to_tap(planes + t_sw[None, :], v, b_sw[None, :], w_sw[None, :], keep_sw[None, :] & in_block, KIND)
-        _add_to_tap(planes + t_se[None, :], v, b_se[None, :], w_se[None, :], keep_se[None, :] & in_block, KIND)
-    if KIND != SUM:
-        if tl.program_id(1) == 0:
-            tl.atomic_add(norm_ptr + d_nw, b_nw * w_nw, mask=keep_nw, sem="relaxed")
-            tl.atomic_add(norm_ptr + d_nw + 1, b_ne * w_ne, mask=keep_ne, sem="relaxed")
-            tl.atomic_add(norm_ptr + d_nw + W, b_sw * w_sw, mask=keep_sw, sem="relaxed")
-            tl.atomic_add(norm_ptr + d_nw + W + 1, b_se * w_se, mask=keep_se, sem="relaxed")
+        w_nw = w[:, None]
+        w_ne = w[:, None]
+        w_sw = w[:, None]
+        w_se = w[:, None]
+    # Each tap's first lane: a multiple of 4 (hinted, so that the adds can be vector ones).
+    a_nw = tl.multiple_of(d_nw * LANES, 4)[:, None]
+    a_ne = tl.multiple_of((d_nw + 1) * LANES, 4)[:, None]
+    a_sw = tl.multiple_of((d_nw + W) * LANES, 4)[:, None]
+    a_se = tl.multiple_of((d_nw + W + 1) * LANES, 4)[:, None]
+    source = (n * sin_n + y * sin_y + x * sin_x)[:, None]
+    # The lane blocks from this program's, every (programs of axis 1) blocks: one block per
+    # program, unless LANES has more blocks than the launcher gives that axis (CHANNEL_PROGRAMS).
+    for first in range(tl.program_id(1).to(tl.int64) * CHANNELS, LANES, tl.num_programs(1).to(tl.int64) * CHANNELS):
+        lane = tl.max_contiguous(tl.multiple_of(first + tl.arange(0, CHANNELS).to(tl.int64), 4), 4)[None, :]
+        # Whole quads in or out (the mask constant over each, as a vector add needs it).
+        in_block = (first + (tl.arange(0, CHANNELS) // 4 * 4).to(tl.int64))[None, :] < LANES
+        v = tl.load(input_ptr + source + lane * sin_c, mask=lands[:, None] & (lane < C), other=0.0).to(ACC)
+        if KIND != SUM:
+            v = tl.where(lane == C, 1.0, v)
+        _add_to_tap(acc_ptr + a_nw + lane, v, b_nw, w_nw, keep_nw[:, None] & in_block, KIND)
+        _add_to_tap(acc_ptr + a_ne + lane, v, b_ne, w_ne, keep_ne[:, None] & in_block, KIND)
+        _add_to_tap(acc_ptr + a_sw + lane, v, b_sw, w_sw, keep_sw[:, None] & in_block, KIND)
+        _add_to_tap(acc_ptr + a_se + lane, v, b_se, w_se, keep_se[:, None] & in_block, KIND)
 
 
 @triton.jit
@@ -224,29 +223,49 @@ def _safe(D, NORM: tl.constexpr):
         return tl.where(D < EPS, EPS, D)
 
 
-@triton.jit(do_not_specialize=["N", "C", "H", "W"])
-def _splat_normalise_kernel(out_ptr, norm_ptr, result_ptr, N, C, H, W, NORM: tl.constexpr, DIVIDE: tl.constexpr,
-                            BLOCK: tl.constexpr):
-    """result = out / D' (DIVIDE; else out), in result's dtype: out itself, or the input's
-    16-bit dtype (rounded to nearest, ties to even), so that no cast pass follows."""
-    N, C, H, W = _wide(N), _wide(C), _wide(H), _wide(W)
-    element = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    valid = element < N * C * H * W
-    HW = H * W
-    value = tl.load(out_ptr + element, mask=valid, other=0.0)
-    if DIVIDE:
-        D = tl.load(norm_ptr + (element // (C * HW)) * HW + element % HW, mask=valid, other=1.0)
-        value = value / _safe(D, NORM)
-    if result_ptr.dtype.element_ty == tl.bfloat16:
-        # Rounded to nearest, ties to even, by integer arithmetic as torch's cast rounds: the same
-        # bits compiled and interpreted (the interpreter's own float32-to-bfloat16 conversion
-        # truncates, and its "rtne" rounds ties away from zero).
+@triton.jit
+def _store_rounded(ptr, value, mask):
+    """value stored at ptr in ptr's dtype, rounded to nearest, ties to even."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        # By integer arithmetic as torch's cast rounds: the same bits compiled and interpreted
+        # (the interpreter's own float32-to-bfloat16 conversion truncates, and its "rtne" rounds
+        # ties away from zero).
         bits = value.to(tl.uint32, bitcast=True)
         rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16)
         rounded = tl.where(value != value, 0x7FC0, rounded).to(tl.uint16)
-        tl.store(result_ptr + element, rounded.to(tl.bfloat16, bitcast=True), mask=valid)
+        tl.store(ptr, rounded.to(tl.bfloat16, bitcast=True), mask=mask)
     else:
-        tl.store(result_ptr + element, value.to(result_ptr.dtype.element_ty), mask=valid)
+        tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["N", "C", "H", "W", "LANES"])
+def _splat_finish_kernel(acc_ptr, result_ptr, norm_ptr, N, C, H, W, LANES, NORM: tl.constexpr, DIVIDE: tl.constexpr,
+                         HAS_NORM: tl.constexpr, BLOCK: tl.constexpr, CHANNELS: tl.constexpr):
+    """From the forward's accumulator [N, H, W, LANES]: result [N, C, H, W] = sums / D' (DIVIDE;
+    else sums) in result's dtype (the compute dtype, or the input's 16-bit one: no cast pass
+    follows), and D [N, 1, H, W] (HAS_NORM) by the programs of the first channel block. A
+    program: BLOCK targets (axis 0), its lanes read as [BLOCK, CHANNELS] tiles (a target's lanes
+    side by side) and written to CHANNELS planes."""
+    N, C, H, W, LANES = _wide(N), _wide(C), _wide(H), _wide(W), _wide(LANES)
+    HW = H * W
+    target = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    valid = target < N * HW
+    target = tl.where(valid, target, 0)
+    n = target // HW
+    pixel = target % HW
+    lanes = acc_ptr + (target * LANES)[:, None]
+    if HAS_NORM:
+        D = tl.load(acc_ptr + target * LANES + C, mask=valid, other=1.0)
+        if tl.program_id(1) == 0:
+            tl.store(norm_ptr + target, D, mask=valid)
+        divisor = _safe(D, NORM)[:, None]
+    for first in range(tl.program_id(1).to(tl.int64) * CHANNELS, C, tl.num_programs(1).to(tl.int64) * CHANNELS):
+        channel = first + tl.arange(0, CHANNELS).to(tl.int64)[None, :]
+        mask = valid[:, None] & (channel < C)
+        value = tl.load(lanes + channel, mask=mask, other=0.0)
+        if DIVIDE:
+            value = value / divisor
+        _store_rounded(result_ptr + (n * C * HW + pixel)[:, None] + channel * HW, value, mask)
 
 
 @triton.jit(do_not_specialize=["N", "C", "H", "W"])
