@@ -49,7 +49,6 @@ NORMALISE_CHANNELS = 8  # channels a thread of splat_finish_kernel writes (kNorm
 FORWARD_LANES = 16  # accumulator lanes a thread of splat_forward_kernel adds (kForwardLanes)
 
 
-
 def kernel_names(dtype: torch.dtype) -> dict[tuple[str, str], str]:
     """NVRTC name expressions of every kernel instantiation for input ``dtype``, by
     (kernel, index type)."""

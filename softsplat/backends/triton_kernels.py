@@ -5,12 +5,13 @@ backend imports it, lazily.
 Forward: one lane per source pixel and block of lanes adds the block's weighted channels (and
 the weight, the normaliser's lane) to its four taps of a pixel-major accumulator with
 ``tl.atomic_add``, a target's lanes side by side in quads (vector atomics on sm_90), then a
-second kernel writes the result planes from it, divided, and the normaliser. Backward: one lane per target pixel
-prepares ``gN = grad / D'`` and ``gD``, then one lane per source pixel gathers from its taps and
-writes only its own gradients: no atomics. Sizes are widened to 64 bits on entry, so every
-index and product of sizes is 64-bit; sizes are never specialised (a size of 1 stays a runtime
-value, as it does for every other size). Atomics are relaxed: splatting needs no ordering
-between them. The launcher disables FMA contraction (docs/spec.md, floating point).
+second kernel writes the result planes from it, divided, and the normaliser. Backward: one
+lane per target pixel prepares ``gN = grad / D'`` and ``gD``, then one lane per source pixel
+gathers from its taps and writes only its own gradients: no atomics. Sizes are widened to 64
+bits on entry, so every index and product of sizes is 64-bit; sizes are never specialised (a
+size of 1 stays a runtime value, as it does for every other size). Atomics are relaxed:
+splatting needs no ordering between them. The launcher disables FMA contraction (docs/spec.md,
+floating point).
 """
 
 from __future__ import annotations

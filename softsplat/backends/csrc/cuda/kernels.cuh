@@ -8,10 +8,10 @@
 // channels (and the weight, the normaliser's lane) to the four taps of a pixel-major
 // accumulator, a 16-byte quad of lanes per atomic operation (atomics: the order of additions,
 // hence the last bits, vary run to run), then one thread per target and block of channels
-// writes the result planes, divided, and D. The ordered forward (taken when determinism is asked for) sums every
-// target's contributions in one fixed order instead: by source pixel index (key, a stable sort,
-// ends, weigh, gather below); its float adds are plain, not atomic, so the same inputs give the
-// same bits on every run. Backward: one thread per target pixel prepares gN = grad / D' and gD,
+// writes the result planes, divided, and D. The ordered forward (taken when determinism is
+// asked for) sums every target's contributions in one fixed order instead: by source pixel
+// index (key, a stable sort, ends, weigh, gather below); its float adds are plain, not atomic,
+// so the same inputs give the same bits on every run. Backward: one thread per target pixel prepares gN = grad / D' and gD,
 // then one thread per source pixel gathers from its taps and writes only its own gradients: no
 // atomics, so it is deterministic as it is.
 #pragma once
@@ -75,7 +75,8 @@ __device__ __forceinline__ void add_quad(double* target, double a, double b, dou
 // neighbouring threads take neighbouring pixels (coalesced loads), and an image of few pixels
 // and many channels still fills the device. Each thread computes its pixel's taps, then adds its
 // block's lanes into the four taps, a quad at a time: b * (v * w) per channel (sum: b * v), b * w
-// into the normaliser's lane (b * (1 * w), the same bits), zeros into the padding.
+// into the normaliser's lane (b * (1 * w), the same bits), b * (0 * w) into the padding (never
+// read).
 constexpr int kForwardLanes = 16;
 
 template <typename scalar_t, typename acc_t, typename index_t>
