@@ -51,24 +51,21 @@ __host__ __device__ __forceinline__ index_t forward_lanes(index_t C, int kind) {
   return (C + (kind != SUM ? 1 : 0) + 3) / 4 * 4;
 }
 
-// target[0..3] += (a, b, c, d), atomically per lane.
-__device__ __forceinline__ void add_quad(float* target, float a, float b, float c, float d) {
-#if defined(SOFTSPLAT_VECTOR_ATOMICS) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
-  atomicAdd(reinterpret_cast<float4*>(target), make_float4(a, b, c, d));
-#else
+// target[0..3] += (a, b, c, d), atomically per lane: four scalar atomic adds, or for float
+// where sm_90's vector reduction is there, one.
+template <typename acc_t>
+__device__ __forceinline__ void add_quad(acc_t* target, acc_t a, acc_t b, acc_t c, acc_t d) {
   atomicAdd(target, a);
   atomicAdd(target + 1, b);
   atomicAdd(target + 2, c);
   atomicAdd(target + 3, d);
-#endif
 }
 
-__device__ __forceinline__ void add_quad(double* target, double a, double b, double c, double d) {
-  atomicAdd(target, a);
-  atomicAdd(target + 1, b);
-  atomicAdd(target + 2, c);
-  atomicAdd(target + 3, d);
+#if defined(SOFTSPLAT_VECTOR_ATOMICS) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
+__device__ __forceinline__ void add_quad(float* target, float a, float b, float c, float d) {
+  atomicAdd(reinterpret_cast<float4*>(target), make_float4(a, b, c, d));
 }
+#endif
 
 // One thread per (n, block of kForwardLanes lanes, source pixel): element e is pixel e % (H * W)
 // of block (e / (H * W)) % blocks of batch n (blocks = ceil(lanes / kForwardLanes)), so
