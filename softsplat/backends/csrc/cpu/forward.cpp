@@ -652,32 +652,32 @@ void forward_kernel(const Tensor& input, const Sources<acc_t>& src, int normalis
       const bool per_tap = weighs_per_tap(band_src.kind);  // stable and max
       // Whether a band of phase 0 wrote row y before this band (then added to).
       auto adds = [&](int64_t y) { return p == 1 && zeroed[band.n * H + y]; };
-      if (CC > 0 && packs<acc_t>(band, C, W)) {
-        acc_t* rows = scratch.rows(band, W);
-        constexpr int packed = packed_layout(CC) ? CC : 1;  // C when packs() holds
-        auto final = [&](int64_t y) { return finishes(p, band.n, y); };
-        int64_t flushed = band.lo;  // rows [band.lo, flushed) are in the outputs
-        for (int64_t k = band.first; k < band.last; ++k) {
-          const Band& part = schedule.parts[k];
-          if (!part.empty()) {
-            scratch.zero(part.lo, part.hi);
-            if (per_tap)
-              scatter_band_packed<packed, true>(band, part, in, in_view, band_src, rows);
-            else
-              scatter_band_packed<packed, false>(band, part, in, in_view, band_src, rows);
+      if constexpr (CC > 0) {  // packs() needs at most three channels
+        if (packs<acc_t>(band, C, W)) {
+          acc_t* rows = scratch.rows(band, W);
+          auto final = [&](int64_t y) { return finishes(p, band.n, y); };
+          int64_t flushed = band.lo;  // rows [band.lo, flushed) are in the outputs
+          for (int64_t k = band.first; k < band.last; ++k) {
+            const Band& part = schedule.parts[k];
+            if (!part.empty()) {
+              scratch.zero(part.lo, part.hi);
+              if (per_tap)
+                scatter_band_packed<CC, true>(band, part, in, in_view, band_src, rows);
+              else
+                scatter_band_packed<CC, false>(band, part, in, in_view, band_src, rows);
+            }
+            int64_t limit = band.hi;  // rows below the first that a later part reaches are done
+            for (int64_t later = k + 1; later < band.last; ++later)
+              if (!schedule.parts[later].empty()) limit = std::min(limit, schedule.parts[later].lo);
+            if (limit <= flushed) continue;
+            scratch.zero(flushed, limit);  // rows no part reached
+            flush_rows<CC>(band, adds, flushed, limit, rows, out_data, norm_data, H, W, finish, final, cast,
+                               narrows && !finish.scales(band.n) ? scratch.straight_rows(CC * W) : nullptr);
+            flushed = limit;
           }
-          int64_t limit = band.hi;  // rows below the first that a later part reaches are done
-          for (int64_t later = k + 1; later < band.last; ++later)
-            if (!schedule.parts[later].empty()) limit = std::min(limit, schedule.parts[later].lo);
-          if (limit <= flushed) continue;
-          scratch.zero(flushed, limit);  // rows no part reached
-          flush_rows<packed>(band, adds, flushed, limit, rows, out_data, norm_data, H, W, finish, final, cast,
-                             narrows && !finish.scales(band.n) ? scratch.straight_rows(packed * W) : nullptr);
-          flushed = limit;
+          return;
         }
-        return;
-      }
-      if (blocks_fit<acc_t>(band, C, W)) {
+      } else if (blocks_fit<acc_t>(band, C, W)) {  // blocks_fit() needs four channels or more
         // The normaliser first (zeroed where this band is the first to write a row), as the first
         // block adds into it; rows are divided as each block moves them out, unless the stable
         // shortcut rescales them after.
@@ -745,11 +745,12 @@ void forward_kernel(const Tensor& input, const Sources<acc_t>& src, int normalis
         }
     });
   };
+  // Up to three channels pack (a compile-time count); more run in channel blocks, whose code
+  // is made once (every path of `scatter` is instantiated for each count it is given).
   switch (C) {
     case 1: scatter(std::integral_constant<int, 1>()); break;
     case 2: scatter(std::integral_constant<int, 2>()); break;
     case 3: scatter(std::integral_constant<int, 3>()); break;
-    case 4: scatter(std::integral_constant<int, 4>()); break;
     default: scatter(std::integral_constant<int, 0>());
   }
   if (!finish.needed() && !result) return;
