@@ -2,7 +2,7 @@
 the signature and specialisation Triton's own launcher derives from the real arguments
 (``create_function_from_signature`` and ``JITFunction._pack_args``, as ``JITFunction.run`` calls
 them), and once more as torch.compile's Inductor would specialise it (every integer argument equal
-to 1 a constant): ``python tests/triton_aot.py 80 90``. The launches are recorded by running the backend's
+to 1 a constant): ``python tests/triton_aot.py [--shards N] 80 90`` (N processes side by side). The launches are recorded by running the backend's
 op functions on CPU tensors with ``wrap_triton`` replaced by a recorder, over shapes that
 include 1x1, 1xW, Hx1, odd sizes, strided and channels_last inputs, every dtype and mode, and
 6 and 17 channels (the forward's blocks of 8 and 16 channels, full and partial).
@@ -89,8 +89,10 @@ def constexprs_of(fn, constexprs) -> dict:
     return {names[path[0]]: value for path, value in constexprs.items()}
 
 
-def compile_all(architectures) -> list[str]:
-    problems, compiled = [], {}
+def jobs_for(architectures) -> list[tuple]:
+    """Every distinct compile the launches ask for: (architecture, launcher, kernel, signature,
+    constexprs, attrs, options), in a fixed order, so that each shard takes the same list."""
+    jobs, seen = [], set()
     for architecture in architectures:
         target = GPUTarget("cuda", int(architecture), 32)
         backend = make_backend(target)
@@ -99,26 +101,35 @@ def compile_all(architectures) -> list[str]:
             binder = create_function_from_signature(fn.signature, fn.params, backend)
             bound_args, specialization, options = binder(*args, **kwargs)
             key = (architecture, fn.__name__, str(specialization), str(options))
-            if key in compiled:
+            if key in seen:
                 continue
+            seen.add(key)
             options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
-            for launcher in ("triton", "inductor"):
-                if launcher == "inductor":
-                    signature, constexprs, attrs = as_inductor_specialises(fn, bound_args, signature, constexprs, attrs)
-                    key = (architecture, fn.__name__, "inductor", str(signature))
-                    if key in compiled:
-                        continue
-                source = triton.compiler.ASTSource(fn, signature, constexprs, attrs)
-                try:
-                    binary = triton.compile(source, target=target, options=options.__dict__)
-                except Exception as error:  # a launch the launcher would make and that does not compile
-                    problems.append(f"{fn.__name__} sm_{architecture} ({launcher}) {signature} {constexprs}: "
-                                    f"{type(error).__name__}: {error}")
-                    continue
-                compiled[key] = binary
-                problems += read(binary, f"{fn.__name__} sm_{architecture} {launcher} {specialization}", fn.__name__,
-                                 constexprs_of(fn, constexprs).get("KIND"), options.enable_fp_fusion)
-    print(f"compiled {len(compiled)} kernel specialisations from {len(LAUNCHES)} launches for sm_{', sm_'.join(architectures)}")
+            jobs.append((architecture, "triton", fn, signature, constexprs, attrs, options, specialization))
+            signature, constexprs, attrs = as_inductor_specialises(fn, bound_args, signature, constexprs, attrs)
+            key = (architecture, fn.__name__, "inductor", str(signature))
+            if key not in seen:
+                seen.add(key)
+                jobs.append((architecture, "inductor", fn, signature, constexprs, attrs, options, specialization))
+    return jobs
+
+
+def compile_all(architectures, shard: int = 0, shards: int = 1) -> list[str]:
+    """Compile and read every job of ``jobs_for`` whose index is ``shard`` modulo ``shards``."""
+    problems, compiled = [], 0
+    for architecture, launcher, fn, signature, constexprs, attrs, options, specialization in jobs_for(architectures)[shard::shards]:
+        target = GPUTarget("cuda", int(architecture), 32)
+        source = triton.compiler.ASTSource(fn, signature, constexprs, attrs)
+        try:
+            binary = triton.compile(source, target=target, options=options.__dict__)
+        except Exception as error:  # a launch the launcher would make and that does not compile
+            problems.append(f"{fn.__name__} sm_{architecture} ({launcher}) {signature} {constexprs}: "
+                            f"{type(error).__name__}: {error}")
+            continue
+        compiled += 1
+        problems += read(binary, f"{fn.__name__} sm_{architecture} {launcher} {specialization}", fn.__name__,
+                         constexprs_of(fn, constexprs).get("KIND"), options.enable_fp_fusion)
+    print(f"compiled {compiled} kernel specialisations from {len(LAUNCHES)} launches for sm_{', sm_'.join(architectures)}")
     return problems
 
 
@@ -190,13 +201,26 @@ def local_memory(cubin: bytes) -> str | None:
     return f"local memory in the SASS (a spill): {spills[0]}" if spills else None
 
 
-def main(architectures) -> int:
+def main(arguments) -> int:
+    """``triton_aot.py [--shards N] ARCH...``: with N > 1, N processes of this script compile a
+    share each (``--shard I/N``), side by side."""
+    shards, shard = 1, None
+    if arguments[:1] == ["--shards"]:
+        shards, arguments = int(arguments[1]), arguments[2:]
+    elif arguments[:1] == ["--shard"]:
+        shard, shards = (int(part) for part in arguments[1].split("/"))
+        arguments = arguments[2:]
+    architectures = arguments or ["80", "90"]
+    if shards > 1 and shard is None:
+        workers = [subprocess.Popen([sys.executable, __file__, "--shard", f"{i}/{shards}", *architectures])
+                   for i in range(shards)]
+        return max(worker.wait() for worker in workers)
     record()
-    problems = compile_all(architectures)
+    problems = compile_all(architectures, shard or 0, shards)
     for problem in problems:
         print(problem, file=sys.stderr)
     return 1 if problems else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:] or ["80", "90"]))
+    sys.exit(main(sys.argv[1:]))
