@@ -138,6 +138,19 @@ def test_the_compiled_library_uses_torchs_stable_abi_only() -> None:
     assert any(s.startswith("aoti_torch_") for s in symbols)  # what it uses instead
 
 
+@pytest.mark.skipif(shutil.which("nm") is None, reason="nm (binutils) is needed to read the library's symbols")
+@pytest.mark.skipif(compiler_reason() is not None and cpp.library().prebuilt is None, reason=f"cannot build here: {compiler_reason()}")
+def test_the_forwards_channel_blocks_are_compiled_once_per_width_weighting_and_dtype() -> None:
+    """The blocked forward (splat_block) exists once per block width (4, 8, 16), weighting (per
+    pixel, per tap) and input dtype: at most 24 functions. Compiled again for each compile-time
+    channel count of the forward's dispatch it made 119, and forward.cpp took four times as long
+    to compile (the library is built at first use and again per CPU level and sanitizer run)."""
+    result = subprocess.run(["nm", "-C", "--defined-only", str(_built_library())], capture_output=True, text=True,
+                            check=True)
+    blocks = {line.split(None, 2)[-1] for line in result.stdout.splitlines() if "::splat_block<" in line}
+    assert 0 < len(blocks) <= 3 * 2 * 4, f"{len(blocks)} splat_block functions: {sorted(blocks)[:3]}"
+
+
 LOAD = """
 import pathlib, shutil, sys, torch
 from softsplat.backends import prebuilt
