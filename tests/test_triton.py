@@ -33,7 +33,7 @@ SHAPES = [(2, 3, 5, 7), (1, 3, 5, 7), (1, 1, 1, 1), (1, 2, 1, 6), (1, 4, 6, 1), 
 @needs_triton
 def test_every_kernel_compiles_ahead_of_time_for_sm80_and_sm90() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    # About 1,450 specialisations, a process per core: with Triton's cache empty (a fresh CI
+    # About 1,400 specialisations, a process per core: with Triton's cache empty (a fresh CI
     # machine) about 8 minutes on 2 cores; the limit only stops a hang.
     shards = str(min(os.cpu_count() or 2, 8))
     result = subprocess.run([sys.executable, str(HERE / "triton_aot.py"), "--shards", shards, "80", "90"],
