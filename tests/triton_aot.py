@@ -2,7 +2,8 @@
 the signature and specialisation Triton's own launcher derives from the real arguments
 (``create_function_from_signature`` and ``JITFunction._pack_args``, as ``JITFunction.run`` calls
 them), and once more as torch.compile's Inductor would specialise it (every integer argument equal
-to 1 a constant): ``python tests/triton_aot.py [--shards N] 80 90`` (N processes side by side). The launches are recorded by running the backend's
+to 1 a constant): ``python tests/triton_aot.py [--shards N] 80 90`` (N processes side by side).
+The launches are recorded by running the backend's
 op functions on CPU tensors with ``wrap_triton`` replaced by a recorder, over shapes that
 include 1x1, 1xW, Hx1, odd sizes, strided and channels_last inputs, every dtype and mode, and
 6 and 17 channels (the forward's blocks of 8 and 16 channels, full and partial).
@@ -91,7 +92,8 @@ def constexprs_of(fn, constexprs) -> dict:
 
 def jobs_for(architectures) -> list[tuple]:
     """Every distinct compile the launches ask for: (architecture, launcher, kernel, signature,
-    constexprs, attrs, options), in a fixed order, so that each shard takes the same list."""
+    constexprs, attrs, options, the launcher's specialisation), in a fixed order, so that each
+    shard takes the same list."""
     jobs, seen = [], set()
     for architecture in architectures:
         target = GPUTarget("cuda", int(architecture), 32)

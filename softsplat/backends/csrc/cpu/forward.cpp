@@ -672,7 +672,7 @@ void forward_kernel(const Tensor& input, const Sources<acc_t>& src, int normalis
             if (limit <= flushed) continue;
             scratch.zero(flushed, limit);  // rows no part reached
             flush_rows<CC>(band, adds, flushed, limit, rows, out_data, norm_data, H, W, finish, final, cast,
-                               narrows && !finish.scales(band.n) ? scratch.straight_rows(CC * W) : nullptr);
+                           narrows && !finish.scales(band.n) ? scratch.straight_rows(CC * W) : nullptr);
             flushed = limit;
           }
           return;
