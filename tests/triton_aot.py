@@ -19,6 +19,7 @@ tests/test_triton.py in a subprocess, since TRITON_INTERPRET must not be set her
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import os
 import re
@@ -108,10 +109,11 @@ def jobs_for(architectures) -> list[tuple]:
             seen.add(key)
             options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
             jobs.append((architecture, "triton", fn, signature, constexprs, attrs, options, specialization))
-            made_constant = as_inductor_specialises(fn, bound_args, signature, constexprs, attrs)
-            if made_constant[1] == constexprs:
+            inductor_signature, inductor_constexprs, inductor_attrs = as_inductor_specialises(
+                fn, bound_args, signature, constexprs, attrs)
+            if inductor_constexprs == constexprs:
                 continue  # no integer argument is 1: Inductor compiles what the launcher does
-            signature, constexprs, attrs = made_constant
+            signature, constexprs, attrs = inductor_signature, inductor_constexprs, inductor_attrs
             key = (architecture, fn.__name__, "inductor", str(signature))
             if key not in seen:
                 seen.add(key)
@@ -209,19 +211,18 @@ def local_memory(cubin: bytes) -> str | None:
 def main(arguments) -> int:
     """``triton_aot.py [--shards N] ARCH...``: with N > 1, N processes of this script compile a
     share each (``--shard I/N``), side by side."""
-    shards, shard = 1, None
-    if arguments[:1] == ["--shards"]:
-        shards, arguments = int(arguments[1]), arguments[2:]
-    elif arguments[:1] == ["--shard"]:
-        shard, shards = (int(part) for part in arguments[1].split("/"))
-        arguments = arguments[2:]
-    architectures = arguments or ["80", "90"]
-    if shards > 1 and shard is None:
-        workers = [subprocess.Popen([sys.executable, __file__, "--shard", f"{i}/{shards}", *architectures])
-                   for i in range(shards)]
+    parser = argparse.ArgumentParser(description="Compile and check every Triton launch for CUDA targets.")
+    parser.add_argument("architectures", nargs="*", default=["80", "90"], help="compute capabilities (80 90)")
+    parser.add_argument("--shards", type=int, default=1, help="processes that compile a share each")
+    parser.add_argument("--shard", help="I/N: compile share I of N here (what --shards starts)")
+    args = parser.parse_args(arguments)
+    if args.shard is None and args.shards > 1:
+        workers = [subprocess.Popen([sys.executable, __file__, "--shard", f"{i}/{args.shards}", *args.architectures])
+                   for i in range(args.shards)]
         return max(worker.wait() for worker in workers)
+    shard, shards = (int(part) for part in args.shard.split("/")) if args.shard else (0, 1)
     record()
-    problems = compile_all(architectures, shard or 0, shards)
+    problems = compile_all(args.architectures, shard, shards)
     for problem in problems:
         print(problem, file=sys.stderr)
     return 1 if problems else 0
