@@ -9,10 +9,12 @@ rows longer than a chunk of taps. Small: it is what ``nox -s arm`` runs under em
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
 
+import softsplat
 from softsplat import Mode
 
 from .strategies import Case
@@ -90,3 +92,31 @@ def test_cpu_long_rows(backend, device, channels, mode) -> None:
     with 17 channels, chunks a band keeps for its blocks."""
     case = _splat_case((1, channels, 2, 261), 2.0, mode, backend, device)
     check_case(backend, case, torch.Generator().manual_seed(1))
+
+
+def test_soft_weights_are_exp_within_an_ulp(backend, device) -> None:
+    """A soft splat's weight is exp(metric) within 1 ulp of the exact value (the bound of Sleef's
+    exp, which the AVX2 and AVX-512 levels call, and of the CPU kernels' own at the levels
+    without it), over float32's range of finite, non-zero weights, subnormal ones included: with
+    zero flow each pixel lands on its own target alone, so D holds its weight as computed. Rows of
+    37: vectors of 4, 8 and 16 and their tails."""
+    if device != "cpu":
+        pytest.skip("a GPU's exp has a bound of its own (CUDA's expf: 2 ulp), which the comparisons "
+                    "with the oracle allow for")
+    if torch.float32 not in backend.dtypes:
+        pytest.skip(f"{backend.name} does not take float32")
+    generator = torch.Generator().manual_seed(5)
+    values = torch.cat([torch.linspace(-103.9, 88.7, 40 * 37, dtype=torch.float64),
+                        torch.empty(40 * 37, dtype=torch.float64).uniform_(-103.9, 88.7, generator=generator),
+                        torch.empty(40 * 37, dtype=torch.float64).uniform_(-1, 1, generator=generator)])
+    metric = values.to(torch.float32).view(1, 1, -1, 37)
+    input = torch.ones(1, 1, metric.shape[2], 37)
+    flow = torch.zeros(1, 2, metric.shape[2], 37)
+    _, weights = softsplat.splat(input, flow, metric, mode="soft", backend=backend.name, return_normaliser=True)
+    exact = metric.double().exp()
+    rounded = exact.float()
+    ulp = torch.nextafter(rounded, torch.tensor(math.inf)).double() - rounded.double()
+    error = (weights.double() - exact).abs() / ulp
+    worst = int(error.argmax())
+    assert error.max() <= 1.0, (f"exp({metric.flatten()[worst].item()!r}) = {weights.flatten()[worst].item()!r}, "
+                                f"{error.max().item():.2f} ulp from {exact.flatten()[worst].item()!r}")

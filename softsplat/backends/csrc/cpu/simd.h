@@ -20,9 +20,52 @@
 namespace softsplat {
 namespace cpu {
 
+#if defined(__GNUC__)
+// GCC's (and clang's) vector extension: Lanes values of T, with element-wise arithmetic.
+// Compilers without it (MSVC) take the scalar paths that use none.
+#define SOFTSPLAT_VECTOR_EXTENSION 1
+template <typename T, int Lanes>
+struct Vector {
+  typedef T type __attribute__((vector_size(Lanes * sizeof(T))));
+};
+#endif
+
+#if defined(SOFTSPLAT_VECTOR_EXTENSION) && !defined(__AVX2__)
+// exp of four floats for the levels without Sleef (torch ships Sleef's AVX2 and AVX-512
+// functions only): x86-64's baseline (SSE2) and aarch64 (NEON), where a scalar std::exp per pixel
+// was a fifth of an image's splat. Cephes's expf: x = q ln 2 + r with q = round(x / ln 2) and ln 2
+// in two parts (q * kHigh exact), |r| <= ln 2 / 2; exp(r) by its minimax polynomial (within 1 ulp
+// of exp over every float, as Sleef's); then times 2^q as two powers of two, so that results in
+// the subnormal range are rounded once. x is clamped to [-104, 89] first: exp(-104) rounds to 0
+// and exp(89) overflows to inf, as exp does below and above them; NaN stays NaN (it fails both
+// compares, and every step after keeps it; its power of two is 2^0).
+inline Vector<float, 4>::type exp4(Vector<float, 4>::type x) {
+  using Floats = Vector<float, 4>::type;
+  using Ints = Vector<int32_t, 4>::type;
+  const Floats low = {-104.0f, -104.0f, -104.0f, -104.0f}, high = {89.0f, 89.0f, 89.0f, 89.0f};
+  x = x > high ? high : x;
+  x = x < low ? low : x;
+  // Round to nearest by adding and subtracting 1.5 * 2^23 (|x / ln 2| < 2^22; SSE2 has no round).
+  const Floats magic = {12582912.0f, 12582912.0f, 12582912.0f, 12582912.0f};
+  const Floats q = (x * 1.44269504088896341f + magic) - magic;
+  constexpr float kHigh = 0.693359375f, kLow = -2.12194440e-4f;  // ln 2 = kHigh + kLow
+  const Floats r = (x - q * kHigh) - q * kLow;
+  Floats p = 1.9875691500e-4f * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const Floats y = (p * (r * r) + r) + 1.0f;
+  const Floats zero = {0.0f, 0.0f, 0.0f, 0.0f};
+  const Ints n = __builtin_convertvector(q == q ? q : zero, Ints), half = n >> 1;  // NaN: 0, converted
+  const Floats first = (Floats)((half + 127) << 23), second = (Floats)((n - half + 127) << 23);
+  return (y * first) * second;
+}
+#endif
+
 // to[i] = exp(from[i]) for i < n (from == to: in place) with Sleef's vectorised exp (1 ulp) where
-// the CPU has AVX2 or AVX-512, else std::exp. The tail goes through the same vector function, so
-// every value does.
+// the CPU has AVX2 or AVX-512, exp4 where it has 128-bit vectors only (SSE2, NEON), else std::exp.
+// The tail goes through the same vector function, so every value does.
 template <typename T, int Lanes, typename Load, typename Exp, typename Store>
 inline void exp_lanes(const T* from, T* to, int64_t n, Load load, Exp exp, Store store) {
   int64_t i = 0;
@@ -41,6 +84,10 @@ inline void exp_copy(const float* from, float* to, int64_t n) {
 #elif defined(__AVX2__)
   exp_lanes<float, 8>(from, to, n, [](const float* p) { return _mm256_loadu_ps(p); }, Sleef_expf8_u10,
                       [](float* p, __m256 v) { _mm256_storeu_ps(p, v); });
+#elif defined(SOFTSPLAT_VECTOR_EXTENSION)
+  using Floats = Vector<float, 4>::type;
+  exp_lanes<float, 4>(from, to, n, [](const float* p) { Floats v; std::memcpy(&v, p, sizeof v); return v; }, exp4,
+                      [](float* p, Floats v) { std::memcpy(p, &v, sizeof v); });
 #else
   for (int64_t i = 0; i < n; ++i) to[i] = std::exp(from[i]);
 #endif
@@ -112,16 +159,6 @@ inline void narrow(const float* from, BFloat16* to, int64_t n) {
     to[i].x = from[i] != from[i] ? uint16_t(0x7FC0) : static_cast<uint16_t>(rounded);
   }
 }
-
-#if defined(__GNUC__)
-// GCC's (and clang's) vector extension: Lanes values of T, with element-wise arithmetic.
-// Compilers without it (MSVC) take the scalar paths that use none.
-#define SOFTSPLAT_VECTOR_EXTENSION 1
-template <typename T, int Lanes>
-struct Vector {
-  typedef T type __attribute__((vector_size(Lanes * sizeof(T))));
-};
-#endif
 
 // max(current, value) as replaces_maximum takes it, NaN winning: current < value ? value :
 // current keeps a NaN current, then a NaN value is taken. Two selects, which loops vectorise
