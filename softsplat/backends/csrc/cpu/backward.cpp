@@ -253,6 +253,11 @@ struct Gather {
         return;
       }
     }
+#elif defined(SOFTSPLAT_VECTOR_EXTENSION)
+    if constexpr (std::is_same_v<acc_t, float> && packed_layout(CC)) {
+      rows_quads<CC, Stable, Normalised>(n, y_begin, y_end, row, lo);
+      return;
+    }
 #endif
 #if defined(SOFTSPLAT_VECTOR_EXTENSION)
     if (CC == 0 && blocked_gather(C)) {
@@ -461,6 +466,89 @@ struct Gather {
                 target[i] = static_cast<scalar_t>(per_pixel ? g * w[x_begin + i] : g);
               }
             }
+          }
+        }
+      }
+    }
+  }
+#endif
+#if defined(SOFTSPLAT_VECTOR_EXTENSION) && !(defined(__AVX512F__) && defined(__AVX512VL__))
+  // rows() for float and up to three channels (Prepare's packed layout: four lanes per target)
+  // below AVX-512, one pixel at a time in 4-lane vectors (SSE2, NEON; AVX2 pairs them): a tap's
+  // values are one vector (a dropped tap reads the rows' zeros, as rows_packed does). The same
+  // terms and the same trees as rows_packed: gathered = (b_0 v_0 + b_2 v_2) + (b_1 v_1 + b_3 v_3);
+  // dot_k = (p_0 + p_2) + (p_1 + p_3) over the lanes p of v_k times the splatted lanes, the four
+  // taps' at once by a 4 x 4 transpose; grad_fx = (f_0 + f_2) + (f_1 + f_3) with f_k = dx_k dot_k
+  // for kept taps, 0 for dropped ones (and grad_fy likewise).
+  template <int CC, bool Stable, bool Normalised>
+  void rows_quads(int64_t n, int64_t y_begin, int64_t y_end, const float* const* row, int64_t lo) const {
+    static_assert(packed_layout(CC), "one to three channels");
+    using Q = Quad<float>;
+    const int64_t H = src.H, W = src.W, HW = H * W;
+    std::vector<float> w(W);
+    auto chunk = std::make_unique<TapChunk<float>>();
+    alignas(64) float splatted[kChunk * kPacked], gathered[kPacked][kChunk];
+    for (int64_t y = y_begin; y < y_end; ++y) {
+      src.row_weights(n, y, w.data());
+      for (int64_t x_begin = 0; x_begin < W; x_begin += kChunk) {
+        const int64_t count = std::min(kChunk, W - x_begin);
+        const float* wx = w.data() + x_begin;
+        chunk->template fill<true>(src, n, y, x_begin, count);
+        if (Stable) chunk->fill_stable(src.maximum + n * HW, wx, W, count, src.kind);
+        const scalar_t* pixels = in + in_view.at(n, 0, y, x_begin);
+        pack_values<CC, Stable>(pixels, in_view, Normalised ? wx : nullptr, splatted, count);
+        float* grad_x = gf ? gf + (n * 2 * H + y) * W + x_begin : nullptr;
+        for (int64_t i = 0; i < count; ++i) {
+          const unsigned keep = chunk->keep[i];
+          const int64_t r = chunk->y0[i] - lo + 1, column = chunk->x0[i] * kPacked;
+          const float* top = keep ? row[r] + column : row[0];
+          const float* bottom = keep ? row[r + 1] + column : row[0];
+          Q v[4], splat;
+          load_lanes(v[0], top);
+          load_lanes(v[1], top + kPacked);
+          load_lanes(v[2], bottom);
+          load_lanes(v[3], bottom + kPacked);
+          load_lanes(splat, splatted + i * kPacked);
+          float b[4];
+          Q products[4];
+          for (int k = 0; k < 4; ++k) {
+            const float s = Stable ? chunk->stable[k][i] : 1.0f;
+            b[k] = Stable ? chunk->weight[k][i] * s : chunk->weight[k][i];
+            products[k] = v[k] * (Stable ? splat * s : splat);
+          }
+          const Q sum = (b[0] * v[0] + b[2] * v[2]) + (b[1] * v[1] + b[3] * v[3]);
+          for (int c = 0; c < kPacked; ++c) gathered[c][i] = sum[c];
+          if (!grad_x) continue;
+          transpose_quads(products);  // lane k of products[p]: lane p of tap k's products
+          const Q dot = (products[0] + products[2]) + (products[1] + products[3]);
+          const float north = chunk->north[i], south = chunk->south[i], west = chunk->west[i], east = chunk->east[i];
+          const Q dx = {-north, north, -south, south}, dy = {-west, -east, west, east};
+          const Q zero = {0.0f, 0.0f, 0.0f, 0.0f};
+          const Vector<int32_t, 4>::type bit = {1, 2, 4, 8};
+          const auto kept = (static_cast<int32_t>(keep) & bit) != 0;
+          const Q fx = kept ? dot * dx : zero, fy = kept ? dot * dy : zero;
+          grad_x[i] = (fx[0] + fx[2]) + (fx[1] + fx[3]);
+          grad_x[HW + i] = (fy[0] + fy[2]) + (fy[1] + fy[3]);
+        }
+        if (gi) {
+          const bool per_pixel = Normalised && !Stable;  // w multiplies once, here
+          for (int c = 0; c < CC; ++c) {
+            scalar_t* target = gi + (n * CC + c) * HW + y * W + x_begin;
+            const float* g = gathered[c];
+            if (per_pixel)
+              for (int64_t i = 0; i < count; ++i) target[i] = static_cast<scalar_t>(g[i] * wx[i]);
+            else
+              for (int64_t i = 0; i < count; ++i) target[i] = static_cast<scalar_t>(g[i]);
+          }
+        }
+        if (gm) {
+          float* target = gm + (n * H + y) * W + x_begin;
+          for (int64_t i = 0; i < count; ++i) {
+            float grad_w = 0;
+            for (int c = 0; c < CC; ++c) grad_w += gathered[c][i] * static_cast<float>(pixels[i * in_view.x + c * in_view.c]);
+            grad_w += gathered[CC][i];
+            // stable: d exp(m - M) / dm is the tap weight, already in gathered
+            target[i] = src.kind == MAX ? acc_t(0) : Stable ? grad_w : grad_w * weight_derivative(src.kind, wx[i]);
           }
         }
       }
