@@ -23,8 +23,9 @@ from .test_edge_cases import _case
 
 #: 1-3: the packed layout (forward scratch, backward rows); 4: its own compile-time count, the
 #: forward's channel blocks of 4 lanes; 5: the generic count, a block of 8; 9: a 16-lane block with
-#: a tail, and the backward's blocked gather (two blocks of 8); 17: a full 16-lane block, then
-#: one of 4 with a single channel, and three blocks of the gather.
+#: a tail, and the backward's blocked gather (two blocks of 8; of 4 lanes, three, with 128-bit
+#: vectors only); 17: a full 16-lane block, then one of 4 with a single channel, and three blocks
+#: of the gather (five of 4 lanes).
 CHANNELS = (1, 2, 3, 4, 5, 9, 17)
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 LAYOUTS = (None, "channels_last")

@@ -23,8 +23,14 @@ namespace {
 
 // Lanes of the blocked gather (Gather::rows_blocked, eight channels and more): the prepared
 // values of a target, and a pixel's, in blocks of kGatherBlock, zero-padded. (Measured against
-// 16: less padding, and faster from 8 to 64 channels.)
+// 16: less padding, and faster from 8 to 64 channels.) With 128-bit vectors only (SSE2, NEON)
+// blocks of 4: a tap's four dots of 8 lanes and their operands took more registers than there
+// are, and were kept on the stack.
+#if defined(__AVX__)
 constexpr int64_t kGatherBlock = 8;
+#else
+constexpr int64_t kGatherBlock = 4;
+#endif
 
 inline bool blocked_gather(int64_t C) {
 #if defined(SOFTSPLAT_VECTOR_EXTENSION)
