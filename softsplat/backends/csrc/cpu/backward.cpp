@@ -175,10 +175,53 @@ struct Prepare {
   }
 #endif
 
+#if defined(SOFTSPLAT_VECTOR_EXTENSION) && !defined(__AVX__)
+  // block_row with 128-bit vectors (SSE2, NEON): channels [c0, c0 + 4) of row y, 4 targets at a
+  // time, transposed by 4 x 4 tiles straight into Prepare's layout. The same values and sums, in
+  // the same order per target, as channel_row.
+  void block_row(int64_t n, int64_t c0, int64_t y, const float* by, float* sum, float* row) const {
+    using Q = Quad<float>;
+    constexpr int kLanes = 4;
+    const float* gc[kLanes];
+    const float* r[kLanes] = {};
+    for (int j = 0; j < kLanes; ++j) {
+      gc[j] = grad + grad_view.at(n, c0 + j, y, 0);
+      if (sum) r[j] = result + result_view.at(n, c0 + j, y, 0);
+    }
+    int64_t x = 0;
+    for (; x + kLanes <= W; x += kLanes) {
+      Q d = {1.0f, 1.0f, 1.0f, 1.0f}, v[kLanes];
+      if (by) load_lanes(d, by + x);
+      for (int j = 0; j < kLanes; ++j) {
+        load_lanes(v[j], gc[j] + x);
+        v[j] /= d;
+      }
+      if (sum) {
+        Q total;
+        load_lanes(total, sum + x);
+        for (int j = 0; j < kLanes; ++j) {
+          Q result_lanes;
+          load_lanes(result_lanes, r[j] + x);
+          total -= v[j] * result_lanes;
+        }
+        store_lanes(sum + x, total);
+      }
+      transpose_quads(v);
+      for (int k = 0; k < kLanes; ++k) store_lanes(row + (x + k) * K + c0, v[k]);
+    }
+    for (; x < W; ++x)
+      for (int j = 0; j < kLanes; ++j) {
+        const float value = gc[j][x] / (by ? by[x] : 1.0f);
+        row[x * K + c0 + j] = value;
+        if (sum) sum[x] -= value * r[j][x];
+      }
+  }
+#endif
+
   // rows() in Prepare's blocked layout (K: whole blocks of kGatherBlock lanes): a block of
   // channels at a time over all the rows, a block of whole channels straight into place
-  // (block_row, with AVX2), the others, and gD's, through planes as rows() makes them. gD sums
-  // over the channels in their order as rows() does: the same values.
+  // (block_row, with AVX2 or 128-bit vectors), the others, and gD's, through planes as rows()
+  // makes them. gD sums over the channels in their order as rows() does: the same values.
   void rows_by_blocks(int64_t n, int64_t lo, int64_t hi, acc_t* g) const {
     const int64_t count = hi - lo, used = C + (norm ? 1 : 0);
     std::vector<acc_t> divisor(norm ? count * W : 0), sums(norm ? count * W : 0, acc_t(0));
@@ -191,8 +234,8 @@ struct Prepare {
       for (int64_t y = lo; y < hi; ++y) {
         const acc_t* by = norm ? divisor.data() + (y - lo) * W : nullptr;
         acc_t* sum = norm ? sums.data() + (y - lo) * W : nullptr;
-#if defined(__AVX2__)
-        if constexpr (std::is_same_v<acc_t, float> && kGatherBlock == 8) {
+#if defined(__AVX2__) || (defined(SOFTSPLAT_VECTOR_EXTENSION) && !defined(__AVX__))
+        if constexpr (std::is_same_v<acc_t, float>) {  // block_row's lanes: kGatherBlock
           if (c0 + kGatherBlock <= C && grad_view.x == 1 && (!norm || result_view.x == 1)) {
             block_row(n, c0, y, by, sum, g + (y - lo) * pitch() + K);
             continue;
