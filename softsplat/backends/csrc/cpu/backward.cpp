@@ -523,9 +523,9 @@ struct Gather {
 #endif
 #if defined(SOFTSPLAT_VECTOR_EXTENSION) && !(defined(__AVX512F__) && defined(__AVX512VL__))
   // rows() for float and up to three channels (Prepare's packed layout: four lanes per target)
-  // below AVX-512, one pixel at a time in 4-lane vectors (SSE2, NEON; AVX2 pairs them): a tap's
-  // values are one vector (a dropped tap reads the rows' zeros, as rows_packed does). The same
-  // terms and the same trees as rows_packed: gathered = (b_0 v_0 + b_2 v_2) + (b_1 v_1 + b_3 v_3);
+  // below AVX-512 (AVX2, SSE2, NEON), one pixel at a time in 4-lane vectors: a tap's values are
+  // one vector (a dropped tap reads the rows' zeros, as rows_packed does). The same terms and
+  // the same trees as rows_packed: gathered = (b_0 v_0 + b_2 v_2) + (b_1 v_1 + b_3 v_3);
   // dot_k = (p_0 + p_2) + (p_1 + p_3) over the lanes p of v_k times the splatted lanes, the four
   // taps' at once by a 4 x 4 transpose; grad_fx = (f_0 + f_2) + (f_1 + f_3) with f_k = dx_k dot_k
   // for kept taps, 0 for dropped ones (and grad_fy likewise).
