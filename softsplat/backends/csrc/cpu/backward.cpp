@@ -521,6 +521,36 @@ struct Gather {
     }
   }
 #endif
+  // The input and metric gradients of a chunk of row y (pixels [x_begin, x_begin + count)) from
+  // its gathered lanes as planes (the CC channels, then gD's), for the packed gathers
+  // (rows_quads, rows_packed); `pixels`: the chunk's input, `wx`: its weights.
+  template <int CC, bool Stable, bool Normalised>
+  void packed_gradients(int64_t n, int64_t y, int64_t x_begin, int64_t count, const scalar_t* pixels, const float* wx,
+                        const float (*gathered)[kChunk]) const {
+    const int64_t H = src.H, W = src.W, HW = H * W;
+    if (gi) {
+      const bool per_pixel = Normalised && !Stable;  // w multiplies once, here
+      for (int c = 0; c < CC; ++c) {
+        scalar_t* target = gi + (n * CC + c) * HW + y * W + x_begin;
+        const float* g = gathered[c];
+        if (per_pixel)
+          for (int64_t i = 0; i < count; ++i) target[i] = static_cast<scalar_t>(g[i] * wx[i]);
+        else
+          for (int64_t i = 0; i < count; ++i) target[i] = static_cast<scalar_t>(g[i]);
+      }
+    }
+    if (gm) {
+      float* target = gm + (n * H + y) * W + x_begin;
+      for (int64_t i = 0; i < count; ++i) {
+        float grad_w = 0;
+        for (int c = 0; c < CC; ++c) grad_w += gathered[c][i] * static_cast<float>(pixels[i * in_view.x + c * in_view.c]);
+        grad_w += gathered[CC][i];
+        // stable: d exp(m - M) / dm is the tap weight, already in gathered
+        target[i] = src.kind == MAX ? acc_t(0) : Stable ? grad_w : grad_w * weight_derivative(src.kind, wx[i]);
+      }
+    }
+  }
+
 #if defined(SOFTSPLAT_VECTOR_EXTENSION) && !(defined(__AVX512F__) && defined(__AVX512VL__))
   // rows() for float and up to three channels (Prepare's packed layout: four lanes per target)
   // below AVX-512 (AVX2, SSE2, NEON), one pixel at a time in 4-lane vectors: a tap's values are
@@ -579,27 +609,7 @@ struct Gather {
           grad_x[i] = (fx[0] + fx[2]) + (fx[1] + fx[3]);
           grad_x[HW + i] = (fy[0] + fy[2]) + (fy[1] + fy[3]);
         }
-        if (gi) {
-          const bool per_pixel = Normalised && !Stable;  // w multiplies once, here
-          for (int c = 0; c < CC; ++c) {
-            scalar_t* target = gi + (n * CC + c) * HW + y * W + x_begin;
-            const float* g = gathered[c];
-            if (per_pixel)
-              for (int64_t i = 0; i < count; ++i) target[i] = static_cast<scalar_t>(g[i] * wx[i]);
-            else
-              for (int64_t i = 0; i < count; ++i) target[i] = static_cast<scalar_t>(g[i]);
-          }
-        }
-        if (gm) {
-          float* target = gm + (n * H + y) * W + x_begin;
-          for (int64_t i = 0; i < count; ++i) {
-            float grad_w = 0;
-            for (int c = 0; c < CC; ++c) grad_w += gathered[c][i] * static_cast<float>(pixels[i * in_view.x + c * in_view.c]);
-            grad_w += gathered[CC][i];
-            // stable: d exp(m - M) / dm is the tap weight, already in gathered
-            target[i] = src.kind == MAX ? acc_t(0) : Stable ? grad_w : grad_w * weight_derivative(src.kind, wx[i]);
-          }
-        }
+        packed_gradients<CC, Stable, Normalised>(n, y, x_begin, count, pixels, wx, gathered);
       }
     }
   }
@@ -708,27 +718,7 @@ struct Gather {
           if (CC > 2 || (CC == 2 && gm)) _mm_store_ps(gathered[2] + i, _mm512_extractf32x4_ps(by_lane, 2));
           if (CC == 3 && gm) _mm_store_ps(gathered[3] + i, _mm512_extractf32x4_ps(by_lane, 3));
         }
-        if (gi) {
-          const bool per_pixel = Normalised && !Stable;  // w multiplies once, here
-          for (int c = 0; c < CC; ++c) {
-            scalar_t* target = gi + (n * CC + c) * HW + y * W + x_begin;
-            const float* g = gathered[c];
-            if (per_pixel)
-              for (int64_t i = 0; i < count; ++i) target[i] = static_cast<scalar_t>(g[i] * wx[i]);
-            else
-              for (int64_t i = 0; i < count; ++i) target[i] = static_cast<scalar_t>(g[i]);
-          }
-        }
-        if (gm) {
-          float* target = gm + (n * H + y) * W + x_begin;
-          for (int64_t i = 0; i < count; ++i) {
-            float grad_w = 0;
-            for (int c = 0; c < CC; ++c) grad_w += gathered[c][i] * static_cast<float>(pixels[i * in_view.x + c * in_view.c]);
-            grad_w += gathered[CC][i];
-            // stable: d exp(m - M) / dm is the tap weight, already in gathered
-            target[i] = src.kind == MAX ? acc_t(0) : Stable ? grad_w : grad_w * weight_derivative(src.kind, wx[i]);
-          }
-        }
+        packed_gradients<CC, Stable, Normalised>(n, y, x_begin, count, pixels, wx, gathered);
       }
     }
   }
